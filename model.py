@@ -1,0 +1,437 @@
+"""
+Nano's model: a Llama-style decoder (or bidirectional encoder) in plain PyTorch.
+
+Read top to bottom: the config, then the small modules (RMSNorm, rotary positions,
+attention with grouped-query heads and a KV cache, SwiGLU feed-forward, the block),
+then the Transformer that ties them together, then sampling and generation.
+
+Conventions every engine (infer_c/, infer/) follows as well:
+  * RoPE rotates adjacent pairs (2i, 2i+1) of each head as (real, imaginary), with
+    frequencies theta^(-2i/head_dim); the 2024.10 file layout depends on this.
+  * The output head is the token embedding matrix (tied weights).
+  * The KV cache holds K and V with n_kv_head heads (before GQA expansion).
+"""
+
+import dataclasses
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Config: a dataclass that round-trips through plain JSON and is validated on load
+
+
+class ConfigError(ValueError):
+    """A config file or dict is malformed; the message names the offending key."""
+
+
+def dataclass_from_dict(cls, d, where="config"):
+    """Build dataclass `cls` from a plain dict, refusing unknown keys and wrong types.
+
+    Shared by every JSON config in Nano (model, training, SFT, LoRA) so that a
+    misspelt key or a string where a number belongs stops with a message naming it.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key.startswith("_"):  # "_comment" and friends are allowed and ignored
+            continue
+        if key not in fields:
+            close = [k for k in fields if k.lower() == key.lower() or _edit_distance(k, key) <= 2]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _check_type(value, fields[key].type, f"{where}: key {key!r}")
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def _edit_distance(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _check_type(value, annotation, where):
+    """Check a JSON value against a (string) dataclass annotation; ints may stand for floats."""
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    ann = ann.replace("typing.", "")
+    optional = ann.startswith("Optional[") or ann.endswith("| None")
+    base = ann.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base.startswith("list"):
+        ok = isinstance(value, list)
+    elif base.startswith("dict"):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where} must be {base}, got {json.dumps(value)}")
+    return value
+
+
+def load_json(path, cls, where=None):
+    """Read a JSON file into dataclass `cls`, with errors that name the file and key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    return dataclass_from_dict(cls, d, where or str(path))
+
+
+SDPA_KERNELS = ("auto", "flash", "mem_efficient", "math")
+
+
+@dataclass
+class ModelConfig:
+    block_size: int = 256  # context length
+    vocab_size: int = 4096  # embedding rows; may exceed the tokenizer's vocab (padding for speed)
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 8
+    n_kv_head: int = 4  # grouped-query attention: n_head % n_kv_head == 0
+    n_hidden: int = 704  # SwiGLU hidden size
+    head_dim: Optional[int] = None  # default n_embd // n_head
+    dropout: float = 0.0
+    bias: bool = False
+    use_rope: bool = True  # False: learned absolute positions
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    is_causal: bool = True  # False: bidirectional (encoder-style) attention
+    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | math (honoured on CUDA)
+
+    def __post_init__(self):
+        if self.head_dim is None and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
+            self.head_dim = self.n_embd // self.n_head
+
+    def validate(self, where="model config"):
+        for key in ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden", "head_dim"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.head_dim * self.n_head != self.n_embd:
+            raise ConfigError(
+                f"{where}: n_embd ({self.n_embd}) must equal n_head ({self.n_head}) x head_dim ({self.head_dim})"
+                " (n_embd % n_head must be 0)")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"{where}: n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.use_rope and self.head_dim % 2:
+            raise ConfigError(f"{where}: RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        if self.sdpa_kernel not in SDPA_KERNELS:
+            raise ConfigError(f"{where}: sdpa_kernel must be one of {SDPA_KERNELS}, got {self.sdpa_kernel!r}")
+        if self.norm_eps <= 0 or self.rope_theta <= 0:
+            raise ConfigError(f"{where}: norm_eps and rope_theta must be positive")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d, where="model config"):
+        return dataclass_from_dict(cls, d, where)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 even under autocast: the mean of squares is precision-sensitive
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim, max_len, theta):
+    """cos and sin of shape [max_len, head_dim/2]: pair i of position t turns by t * theta^(-2i/head_dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim. x: [B, H, T, D]; cos/sin: [T, D/2]."""
+    x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    out_even = x_even * cos - x_odd * sin
+    out_odd = x_even * sin + x_odd * cos
+    return torch.stack((out_even, out_odd), dim=-1).flatten(-2).type_as(x)
+
+
+def _sdpa_backends(name):
+    from torch.nn.attention import SDPBackend
+    return {"flash": [SDPBackend.FLASH_ATTENTION], "mem_efficient": [SDPBackend.EFFICIENT_ATTENTION],
+            "math": [SDPBackend.MATH]}[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        mask, causal = None, self.cfg.is_causal
+        if cache is not None:
+            # compact cache: [B, n_kv_head, max_len, head_dim]; new keys go to [pos, pos+T)
+            k_cache, v_cache = cache
+            k_cache[:B, :, pos:pos + T] = k.to(k_cache.dtype)
+            v_cache[:B, :, pos:pos + T] = v.to(v_cache.dtype)
+            k, v = k_cache[:B, :, :pos + T].to(q.dtype), v_cache[:B, :, :pos + T].to(q.dtype)
+            if causal and pos > 0:
+                # SDPA's is_causal aligns the mask top-left; with a non-empty cache the
+                # queries sit at the bottom-right, so spell the mask out (or skip it for T=1)
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+
+        gqa = self.n_head != self.n_kv_head
+        kernel = self.cfg.sdpa_kernel
+        ctx = nn.attention.sdpa_kernel(_sdpa_backends(kernel)) if (kernel != "auto" and x.is_cuda) else nullcontext()
+        with ctx:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        x = x + self.attn(self.attn_norm(x), rope, cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# ---------------------------------------------------------------------------
+# The Transformer
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embeddings = None if cfg.use_rope else nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        if cfg.use_rope:
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.wo.weight") or name.endswith("ffn.w2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, cache=None, pos=0, last_only=False):
+        """idx: [B, T] token ids. With `targets` ([B, T], -1 = ignore) returns (logits, mean loss).
+
+        `cache` (from make_cache) and `pos` (the position of idx[:, 0]) decode incrementally.
+        `last_only` computes logits for the last position only (generation).
+        """
+        B, T = idx.shape
+        if pos + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.cfg.block_size}")
+        x = self.tok_embeddings(idx)
+        rope = None
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(torch.arange(pos, pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+        x = self.dropout(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, None if cache is None else cache[i], pos)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = F.linear(x, self.tok_embeddings.weight)  # tied output head
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # -- KV cache --------------------------------------------------------------
+
+    def make_cache(self, batch_size=1, max_len=None, dtype=None, device=None):
+        """One (K, V) pair per layer, each [B, n_kv_head, max_len, head_dim]: compact, before GQA expansion."""
+        max_len = max_len or self.cfg.block_size
+        p = self.tok_embeddings.weight
+        dtype, device = dtype or p.dtype, device or p.device
+        shape = (batch_size, self.cfg.n_kv_head, max_len, self.cfg.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(self.cfg.n_layer)]
+
+    # -- accounting ------------------------------------------------------------
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_embeddings is not None:
+            n -= self.pos_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        c = self.cfg
+        T = seq_len or c.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def estimate_mfu(self, tokens_per_sec, peak_flops, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_sec / peak_flops
+
+    # -- decoding ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def one_pass(self, idx):
+        """Non-autoregressive decode for bidirectional models: argmax at every position in one forward."""
+        logits, _ = self(idx)
+        return logits.argmax(dim=-1)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids, max_new_tokens=128, temperature=1.0, top_k=0, top_p=1.0,
+                 repetition_penalty=1.0, eos_id=None, callback=None, generator=None):
+        """Autoregressive sampling with the KV cache; returns the new token ids (without the prompt).
+
+        Stops at `eos_id` (not returned), after max_new_tokens, or when the context is full.
+        `callback(token_id)` is called for every new token (streaming); returning True stops.
+        """
+        if not self.cfg.is_causal:
+            raise ValueError("generate() needs a causal model; use one_pass() for bidirectional models")
+        was_training = self.training
+        self.eval()
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("generate() needs at least one prompt token")
+        ids = ids[-self.cfg.block_size:]  # keep the most recent context that fits
+        device = self.tok_embeddings.weight.device
+        cache = self.make_cache(1, self.cfg.block_size)
+        logits, _ = self(torch.tensor([ids], device=device), cache=cache, pos=0, last_only=True)
+        pos, out = len(ids), []
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[0, -1], temperature, top_k, top_p, repetition_penalty, ids, generator)
+            if eos_id is not None and nxt == eos_id:
+                break
+            ids.append(nxt)
+            out.append(nxt)
+            if callback is not None and callback(nxt):
+                break
+            if pos >= self.cfg.block_size:
+                break
+            logits, _ = self(torch.tensor([[nxt]], device=device), cache=cache, pos=pos, last_only=True)
+            pos += 1
+        self.train(was_training)
+        return out
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, previous_ids=(), generator=None):
+    """Pick the next token from a [vocab] logits vector. The C and browser engines follow the same order:
+
+    1. repetition penalty on every distinct previous token: divide positive logits, multiply negative
+       ones (so a penalty > 1 always makes the token less likely, whatever the logit's sign);
+    2. temperature 0 -> argmax (greedy); otherwise divide by the temperature;
+    3. top-k: keep the k largest (0 = off);
+    4. top-p: keep the smallest set of most likely tokens whose probability reaches p (always >= 1 token);
+    5. sample from the softmax of what is left.
+    """
+    logits = logits.detach().float().clone()
+    if repetition_penalty != 1.0 and len(previous_ids):
+        prev = torch.tensor(sorted(set(previous_ids)), device=logits.device)
+        vals = logits[prev]
+        logits[prev] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits[logits < kth] = -float("inf")
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        cum_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
+        drop = cum_before >= top_p
+        drop[0] = False
+        logits[order[drop]] = -float("inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

