@@ -1,0 +1,208 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (ConfigError, ModelConfig, Transformer, apply_rope, dataclass_from_dict, rope_tables,
+                   sample_next)
+
+
+def tiny(**kw):
+    base = dict(block_size=32, vocab_size=61, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=48)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny(**kw)).eval()
+
+
+@pytest.mark.parametrize("use_rope", [True, False])
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_kv_cache_matches_full_forward(use_rope, n_kv_head):
+    m = make(use_rope=use_rope, n_kv_head=n_kv_head)
+    idx = torch.randint(0, 61, (2, 25))
+    full, _ = m(idx)
+    cache = m.make_cache(batch_size=2)
+    pieces, pos = [], 0
+    for size in (7, 1, 5, 1, 1, 10):  # chunked prefill, then single steps, then another chunk
+        out, _ = m(idx[:, pos:pos + size], cache=cache, pos=pos)
+        pieces.append(out)
+        pos += size
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    # the cache is compact: n_kv_head heads, not n_head
+    assert cache[0][0].shape == (2, n_kv_head, 32, 8)
+
+
+def reference_attention(q, k, v, causal):
+    """Plain multi-head attention, written out."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    if causal:
+        T = q.size(-2)
+        scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_gqa_equals_multi_head_attention_with_shared_kv(n_kv_head):
+    m = make(n_kv_head=n_kv_head)
+    attn = m.layers[0].attn
+    x = torch.randn(2, 9, 32)
+    B, T, H, D = 2, 9, 4, 8
+    q = attn.wq(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.wk(x).view(B, T, n_kv_head, D).transpose(1, 2)
+    v = attn.wv(x).view(B, T, n_kv_head, D).transpose(1, 2)
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # each KV head serves H / n_kv_head consecutive query heads
+    k, v = k.repeat_interleave(H // n_kv_head, 1), v.repeat_interleave(H // n_kv_head, 1)
+    y = reference_attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, H * D)
+    expected = attn.wo(y)
+    got = attn(x, (cos, sin))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    m = make()
+    a = torch.randint(0, 61, (1, 20))
+    b = a.clone()
+    b[0, 12:] = (b[0, 12:] + 7) % 61
+    la, _ = m(a)
+    lb, _ = m(b)
+    torch.testing.assert_close(la[:, :12], lb[:, :12])
+    assert not torch.allclose(la[:, 12:], lb[:, 12:])
+
+
+def test_bidirectional_sees_the_future_and_one_pass_is_argmax():
+    m = make(is_causal=False)
+    a = torch.randint(0, 61, (1, 20))
+    b = a.clone()
+    b[0, 15] = (b[0, 15] + 1) % 61
+    la, _ = m(a)
+    lb, _ = m(b)
+    assert not torch.allclose(la[:, :15], lb[:, :15])
+    assert torch.equal(m.one_pass(a), la.argmax(-1))
+    with pytest.raises(ValueError):
+        m.generate([1, 2, 3])
+
+
+def test_rope_rotates_adjacent_pairs_and_depends_on_relative_position():
+    cos, sin = rope_tables(8, 64, 10000.0)
+    x = torch.zeros(1, 1, 2, 8)
+    x[..., 0] = 1.0  # first pair = (1, 0): rotated by angle t * theta^0 = t
+    out = apply_rope(x, cos[3:5], sin[3:5])
+    torch.testing.assert_close(out[0, 0, 0, :2], torch.tensor([math.cos(3), math.sin(3)]))
+    torch.testing.assert_close(out[0, 0, 1, :2], torch.tensor([math.cos(4), math.sin(4)]))
+    # <R(m) q, R(n) k> depends on m - n only
+    q, k = torch.randn(8), torch.randn(8)
+
+    def rot(v, p):
+        return apply_rope(v.view(1, 1, 1, 8), cos[p:p + 1], sin[p:p + 1]).view(8)
+
+    d1 = rot(q, 10) @ rot(k, 4)
+    d2 = rot(q, 30) @ rot(k, 24)
+    d3 = rot(q, 30) @ rot(k, 25)
+    torch.testing.assert_close(d1, d2, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(d1, d3, atol=1e-4)
+
+
+def test_sdpa_kernel_switch_is_harmless_on_cpu():
+    idx = torch.randint(0, 61, (1, 16))
+    ref, _ = make(sdpa_kernel="auto")(idx)
+    for kernel in ("flash", "mem_efficient", "math"):
+        out, _ = make(sdpa_kernel=kernel)(idx)
+        torch.testing.assert_close(out, ref)
+
+
+def test_loss_ignores_minus_one_targets_and_scaled_init():
+    m = make()
+    x = torch.randint(0, 61, (2, 10))
+    y = torch.randint(0, 61, (2, 10))
+    y2 = y.clone()
+    y[:, :4] = -1
+    y2[:, :4] = -1
+    _, l1 = m(x, y)
+    logits, _ = m(x)
+    expected = F.cross_entropy(logits[:, 4:].reshape(-1, 61), y[:, 4:].reshape(-1))
+    torch.testing.assert_close(l1, expected)
+    big = make(n_layer=8)
+    std_wo = big.layers[0].attn.wo.weight.std().item()
+    std_wq = big.layers[0].attn.wq.weight.std().item()
+    assert std_wo < 0.5 * std_wq  # residual projections scaled by 1/sqrt(2 n_layer)
+
+
+def test_generate_greedy_matches_argmax_and_stops_at_eos():
+    m = make()
+    prompt = [5, 9, 11]
+    out = m.generate(prompt, max_new_tokens=6, temperature=0)
+    ids = list(prompt)
+    for _ in range(6):  # greedy by hand, without the cache
+        logits, _ = m(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    assert out == ids[3:]
+    streamed = []
+    m.generate(prompt, max_new_tokens=6, temperature=0, callback=lambda t: streamed.append(t))
+    assert streamed == out
+    # declaring a greedy token to be <|eos|> stops before its first occurrence
+    eos = out[-1]
+    assert m.generate(prompt, max_new_tokens=6, temperature=0, eos_id=eos) == out[:out.index(eos)]
+    # the callback can stop generation
+    assert len(m.generate(prompt, max_new_tokens=6, temperature=0, callback=lambda t: True)) == 1
+    # never beyond the context
+    assert len(m.generate(list(range(30)), max_new_tokens=50, temperature=0)) == 3
+
+
+def test_sampling_semantics():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    assert sample_next(logits, temperature=0) == 0
+    g = torch.Generator().manual_seed(0)
+    # top-k: only the k most likely are ever drawn
+    draws = {sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(300)}
+    assert draws == {0, 1}
+    assert {sample_next(logits, 5.0, top_k=1, generator=g) for _ in range(50)} == {0}
+    # top-p: probs = softmax -> [0.61, 0.22, 0.14, 0.03, 0.004]; p=0.7 keeps the first two
+    draws = {sample_next(logits, 1.0, top_p=0.7, generator=g) for _ in range(500)}
+    assert draws == {0, 1}
+    draws = {sample_next(logits, 1.0, top_p=0.5, generator=g) for _ in range(100)}
+    assert draws == {0}  # the most likely token is always kept
+    # repetition penalty: positive logits are divided, negative multiplied -> both less likely
+    assert sample_next(logits, 0, repetition_penalty=3.0, previous_ids=[0]) == 1  # 2/3 < 1
+    neg = torch.tensor([-1.0, -1.2, -5.0])
+    assert sample_next(neg, 0) == 0
+    assert sample_next(neg, 0, repetition_penalty=1.5, previous_ids=[0]) == 1  # -1.5 < -1.2
+    # temperature: a high temperature flattens the distribution
+    g = torch.Generator().manual_seed(1)
+    hot = [sample_next(logits, 100.0, generator=g) for _ in range(2000)]
+    assert hot.count(4) > 200
+
+
+def test_config_round_trip_and_validation():
+    cfg = tiny(use_rope=False, dropout=0.1)
+    again = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    with pytest.raises(ConfigError, match="n_layers"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ConfigError, match="did you mean 'n_layer'"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ConfigError, match="'n_embd' must be int"):
+        ModelConfig.from_dict({"n_embd": "256"})
+    with pytest.raises(ConfigError, match="n_head"):
+        ModelConfig.from_dict({"n_embd": 100, "n_head": 8, "n_kv_head": 4})
+    with pytest.raises(ConfigError, match="n_kv_head"):
+        ModelConfig.from_dict({"n_head": 8, "n_kv_head": 3})
+    with pytest.raises(ConfigError, match="sdpa_kernel"):
+        ModelConfig.from_dict({"sdpa_kernel": "fast"})
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        dataclass_from_dict(ModelConfig, [1, 2])
+    assert ModelConfig.from_dict({"_comment": "ignored", "n_layer": 2}).n_layer == 2
+
+
+def test_param_count_and_flops():
+    m = make()
+    assert m.num_params() == sum(p.numel() for p in m.parameters())
+    c = m.cfg
+    assert m.flops_per_token() == 6 * m.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
+    assert 0 < m.estimate_mfu(1000.0, 1e12) < 1

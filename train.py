@@ -1,0 +1,509 @@
+"""
+Train a Nano model: one training loop for every entry point.
+
+    python train.py -m config/model.json -t config/pretrain.json      # one device (CPU or GPU)
+    python train.py ... --resume                                       # continue from out_dir/last.pt
+    torchrun --nproc_per_node 2 train_ddp.py -m ... -t ...             # DDP (same loop, see train_ddp.py)
+
+The loop is plain and visible: sample a batch, forward, backward (with gradient
+accumulation), clip, step, and now and then evaluate, log and checkpoint.
+
+Checkpoints are plain dicts of tensors and JSON-able values (torch.load(weights_only=True)),
+written atomically (temp file, then rename):
+  last.pt          full training state (model, optimizer, scaler, step, RNG, sampler), at every
+                   eval, every `save_interval` steps, on Ctrl-C and at the end: what --resume reads
+  best.pt          the same, from the step with the lowest validation loss so far
+  step_<N>.pt      a snapshot every `save_interval` steps (when save_interval > 0)
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import ConfigError, ModelConfig, Transformer, dataclass_from_dict, load_json
+from tokenizer import tokenizer_from_dict
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "pretrain"  # pretrain | sft | lora
+    data_dir: str = "dataset/pretrain"  # made by data.py
+    out_dir: str = "checkpoint/pretrain"
+    init_from: Optional[str] = None  # a checkpoint to start from (sft / lora: the base model)
+    batch_size: int = 16  # sequences per micro-step (per process)
+    grad_accum: int = 1  # micro-steps per optimizer step, split across DDP ranks
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: Optional[int] = None  # cosine decay ends here (default: max_iters)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # always applied (0 = off)
+    dropout: Optional[float] = None  # overrides the model config's dropout for this run
+    eval_interval: int = 200
+    eval_iters: int = 20  # batches per evaluation
+    log_interval: int = 10
+    save_interval: int = 0  # also write step_<N>.pt every N steps (0 = only last/best)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
+    compile: bool = False
+    seed: int = 1337
+    tensorboard: bool = True
+    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; known GPUs are looked up
+
+    def validate(self, where="train config"):
+        if self.mode not in ("pretrain", "sft", "lora"):
+            raise ConfigError(f"{where}: mode must be pretrain, sft or lora, got {self.mode!r}")
+        for key in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        for key in ("warmup_iters", "save_interval"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise ConfigError(f"{where}: need 0 <= min_lr <= learning_rate (got {self.min_lr}, {self.learning_rate})")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        if self.mode in ("sft", "lora") and not self.init_from:
+            raise ConfigError(f"{where}: mode {self.mode!r} needs init_from (the base checkpoint)")
+
+
+# ---------------------------------------------------------------------------
+# Data: random windows from the token files that data.py writes
+
+
+class PretrainData:
+    """Token stream in train.bin / val.bin (np.memmap); a batch is B random windows of block_size + 1."""
+
+    def __init__(self, data_dir, block_size, model_vocab):
+        from data import load_meta  # validates meta.json against the .bin files
+        meta = load_meta(data_dir)
+        self.meta = meta
+        with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
+            self.tokenizer_spec = json.load(f)
+        if meta["vocab_size"] > model_vocab:
+            raise ConfigError(f"model config: vocab_size {model_vocab} is smaller than the data's tokenizer "
+                              f"vocabulary ({meta['vocab_size']} in {data_dir}/meta.json)")
+        self.split = {name: np.memmap(os.path.join(data_dir, f"{name}.bin"), dtype=meta["dtype"], mode="r")
+                      for name in ("train", "val")}
+        for name, arr in self.split.items():
+            if len(arr) < block_size + 2:
+                raise ConfigError(f"model config: block_size {block_size} needs more tokens than the "
+                                  f"{len(arr)} in {data_dir}/{name}.bin")
+        self.block_size = block_size
+
+    def num_windows(self, split):
+        return len(self.split[split]) - self.block_size - 1
+
+    def batch(self, split, starts):
+        """x, y as int64 [len(starts), block_size]; y is x shifted by one."""
+        arr, T = self.split[split], self.block_size
+        chunk = np.stack([arr[s:s + T + 1] for s in starts.tolist()]).astype(np.int64)
+        chunk = torch.from_numpy(chunk)
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def eval_starts(self, n):
+        """A fixed set of n windows spread evenly over the val split: every evaluation sees the same data."""
+        return torch.linspace(0, self.num_windows("val"), n).long()
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically
+
+
+def save_checkpoint(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a Nano checkpoint with weights_only=True; errors name the file and what is wrong."""
+    if not os.path.exists(path):
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding non-tensor objects
+        raise ConfigError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
+    return ck
+
+
+def model_from_checkpoint(ck, path="checkpoint", device="cpu"):
+    cfg = ModelConfig.from_dict(ck["model_config"], f"{path}: model_config")
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ConfigError(f"{path}: weights do not match its model_config: {e}") from None
+    return model.to(device)
+
+
+# ---------------------------------------------------------------------------
+# Device, precision, distributed set-up
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return name
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops_for(device, override):
+    if override:
+        return override
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops
+    return None  # unknown: MFU is not reported
+
+
+def init_distributed():
+    """Under torchrun (RANK/WORLD_SIZE set) join the process group; returns (rank, local_rank, world)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 0, 1
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, local_rank, world
+
+
+def lr_at(step, cfg: TrainConfig):
+    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    if step >= decay_iters:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW; weight decay on matrices only (not on norms, biases or 1-D params); fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+class Logger:
+    """Plain-text log (out_dir/train.log) plus TensorBoard scalars; only the master process writes."""
+
+    def __init__(self, out_dir, enabled, tensorboard):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.file = open(os.path.join(out_dir, "train.log"), "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def line(self, text):
+        if self.enabled:
+            print(text, flush=True)
+            self.file.write(text + "\n")
+            self.file.flush()
+
+    def scalars(self, step, **values):
+        if self.tb is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---------------------------------------------------------------------------
+# The training loop
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False):
+    """Train and return the final (unwrapped) model. `resume`: a checkpoint path whose full state
+    (model, optimizer, scaler, step, RNG, sampler) is restored; `stop_at`: end after this step as
+    if interrupted (last.pt is written), e.g. to split a run in two."""
+    rank, local_rank, world = init_distributed()
+    master = rank == 0
+    device = pick_device(cfg.device)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = pick_dtype(cfg.dtype, device)
+    if cfg.grad_accum % world:
+        raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the "
+                          f"number of processes ({world})")
+    local_accum = cfg.grad_accum // world
+
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; data sampling is shared (below)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ck = None
+    if resume:
+        ck = load_checkpoint(resume)
+        model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
+    if cfg.dropout is not None:
+        model_cfg.dropout = cfg.dropout
+    data = PretrainData(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+
+    model = Transformer(model_cfg)
+    if cfg.init_from and not resume:
+        base = load_checkpoint(cfg.init_from)
+        model.load_state_dict(base["model"])
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+    model.to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
+
+    # The sampler: one generator, seeded the same on every rank, draws the offsets of all
+    # grad_accum micro-batches of a step; rank r takes micro-batches r, r+world, ... So ranks read
+    # disjoint data and a DDP run sees exactly the batches of a single-process run.
+    sampler = torch.Generator().manual_seed(cfg.seed)
+    step, best_val, tokens_seen = 0, float("inf"), 0
+    if ck is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+        if ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        step, best_val, tokens_seen = ck["step"], ck["best_val_loss"], ck["tokens_seen"]
+        sampler.set_state(ck["rng"]["sampler"])
+        torch.set_rng_state(ck["rng"]["torch"][rank] if rank < len(ck["rng"]["torch"]) else ck["rng"]["torch"][0])
+        if device_type == "cuda" and ck["rng"].get("cuda"):
+            torch.cuda.set_rng_state(ck["rng"]["cuda"][min(rank, len(ck["rng"]["cuda"]) - 1)].cpu())
+
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    log = Logger(cfg.out_dir, master and not quiet, cfg.tensorboard)
+    peak = peak_flops_for(device, cfg.peak_flops)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
+    if master and not quiet:
+        log.line(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {dtype} | "
+                 f"world {world} | {tokens_per_step} tokens/step | data {data.meta['train_tokens']} train "
+                 f"tokens | {'resume from ' + resume + ' at step ' + str(step) if resume else 'fresh start'}")
+
+    def to_device(x):
+        if device_type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True)
+        return x.to(device)
+
+    @torch.no_grad()
+    def evaluate():
+        raw_model.eval()
+        starts = data.eval_starts(cfg.eval_iters * cfg.batch_size)
+        total = torch.zeros((), device=device)
+        for chunk in starts.split(cfg.batch_size):
+            x, y = data.batch("val", chunk)
+            with autocast:
+                _, loss = raw_model(to_device(x), to_device(y))
+            total += loss.float()
+        raw_model.train()
+        return (total / math.ceil(len(starts) / cfg.batch_size)).item()
+
+    def state(val_loss):
+        rng_torch = [torch.get_rng_state()]
+        rng_cuda = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
+        if world > 1:  # every rank's dropout RNG, so that resume continues each rank's stream
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
+            rng_torch = [g[0] for g in gathered]
+            rng_cuda = [g[1] for g in gathered] if rng_cuda else None
+        return {
+            "format": "nano-checkpoint", "version": 1,
+            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
+            "tokenizer": data.tokenizer_spec, "data_meta": {k: data.meta[k] for k in ("fingerprint", "vocab_size")},
+            "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "step": step, "best_val_loss": best_val, "val_loss": val_loss, "tokens_seen": tokens_seen,
+            "rng": {"torch": rng_torch, "cuda": rng_cuda, "sampler": sampler.get_state()},
+        }
+
+    def checkpoint(val_loss=None, best=False):
+        st = state(val_loss)  # collective under DDP: every rank takes part
+        if not master:
+            return
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
+        if best:
+            save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
+        if cfg.save_interval and step % cfg.save_interval == 0:
+            save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{step}.pt"))
+
+    model.train()
+    t_last, step_last, interrupted = time.time(), step, False
+    try:
+        while step < cfg.max_iters:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            starts = torch.randint(data.num_windows("train"), (cfg.grad_accum, cfg.batch_size), generator=sampler)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(local_accum):
+                x, y = data.batch("train", starts[rank + micro * world])
+                x, y = to_device(x), to_device(y)
+                last_micro = micro == local_accum - 1
+                sync = model.no_sync() if (world > 1 and not last_micro) else nullcontext()
+                with sync:
+                    with autocast:
+                        _, loss = model(x, y)
+                    loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            else:
+                grad_norm = None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += tokens_per_step
+
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                if world > 1:
+                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+                loss_val = loss_sum.item() / world  # .item() syncs: done only at log time
+                dt = time.time() - t_last
+                tok_s = (step - step_last) * tokens_per_step / max(dt, 1e-9)
+                mfu = raw_model.estimate_mfu(tok_s, peak) if peak else None
+                gn = grad_norm.item() if grad_norm is not None else None
+                log.line(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | grad_norm "
+                         f"{gn if gn is None else f'{gn:.3f}'} | {tok_s:,.0f} tok/s | "
+                         f"{1000 * dt / max(1, step - step_last):.1f} ms/step"
+                         + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+                log.scalars(step, **{"train/loss": loss_val, "train/lr": lr, "train/grad_norm": gn,
+                                     "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
+                t_last, step_last = time.time(), step
+
+            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
+                val = evaluate() if master else None
+                if world > 1:
+                    box = [val]
+                    dist.broadcast_object_list(box, src=0)
+                    val = box[0]
+                best = val < best_val
+                best_val = min(best_val, val)
+                log.line(f"eval step {step} | val loss {val:.4f} | best {best_val:.4f}")
+                log.scalars(step, **{"val/loss": val})
+                checkpoint(val, best)
+                t_last = time.time()  # evaluation time is not training throughput
+            elif cfg.save_interval and step % cfg.save_interval == 0:
+                checkpoint()
+            if stop_at is not None and step >= stop_at and step < cfg.max_iters:
+                checkpoint()
+                log.line(f"stopped at step {step} (--stop-at); continue with --resume")
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        log.line(f"interrupted at step {step}: writing {cfg.out_dir}/last.pt")
+        checkpoint()
+    finally:
+        log.close()
+    if interrupted:
+        sys.exit(130)
+    return raw_model
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train a Nano model (pretrain / sft / lora).")
+    p.add_argument("-m", "--model", help="model config JSON (default: config/model.json)")
+    p.add_argument("-t", "--train", help="train config JSON (default: config/pretrain.json)")
+    p.add_argument("--resume", nargs="?", const="auto", help="resume from a checkpoint (default: out_dir/last.pt)")
+    p.add_argument("--stop-at", type=int, help="stop after this step (writes last.pt; continue with --resume)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override train config keys, e.g. --set max_iters=100 device=cpu (values are JSON)")
+    return p.parse_args(argv)
+
+
+def load_configs(args):
+    model_path = args.model or "config/model.json"
+    train_path = args.train or "config/pretrain.json"
+    model_cfg = load_json(model_path, ModelConfig)
+    with open(train_path, encoding="utf-8") if os.path.exists(train_path) else _missing(train_path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{train_path}: not valid JSON: {e}") from None
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            raw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raw[key] = value  # a bare string such as device=cpu
+    train_cfg = dataclass_from_dict(TrainConfig, raw, train_path)
+    return model_cfg, train_cfg
+
+
+def _missing(path):
+    raise ConfigError(f"config file not found: {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model_cfg, train_cfg = load_configs(args)
+        resume = args.resume
+        if resume == "auto":
+            resume = os.path.join(train_cfg.out_dir, "last.pt")
+        train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
