@@ -1,0 +1,136 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import ConfigError, ModelConfig
+from train import TrainConfig, load_checkpoint, lr_at, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORDS = ("the cat sat on the mat and the dog ran in the park while a bird sang "
+         "over the river where the old man fished for his supper").split()
+
+
+def corpus_docs(n_docs=60, seed=0):
+    import random
+    rnd = random.Random(seed)
+    return ["\n".join(" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(6, 14))) + "."
+                      for _ in range(rnd.randint(3, 8))) for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data import prepare_pretrain
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs()), encoding="utf-8")
+    out = root / "data"
+    prepare_pretrain([str(src)], str(out), vocab_size=64, val_ratio=0.1, workers=1)
+    return str(out)
+
+
+def tiny_model(**kw):
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=64)
+    cfg.update(kw)
+    return ModelConfig(**cfg)
+
+
+def tiny_train(data_dir, out_dir, **kw):
+    cfg = dict(data_dir=data_dir, out_dir=str(out_dir), batch_size=8, max_iters=40, learning_rate=3e-3,
+               min_lr=3e-4, warmup_iters=5, eval_interval=20, eval_iters=4, log_interval=5,
+               device="cpu", tensorboard=False)
+    cfg.update(kw)
+    return TrainConfig(**cfg)
+
+
+def test_tiny_pretrain_loss_falls(data_dir, tmp_path):
+    train(tiny_model(), tiny_train(data_dir, tmp_path, max_iters=80), quiet=True)
+    log = (tmp_path / "train.log").exists()
+    assert not log  # quiet: nothing written
+    ck = load_checkpoint(str(tmp_path / "best.pt"))
+    # the untrained model sits near ln(vocab); training must beat that clearly
+    assert ck["val_loss"] < 0.6 * torch.log(torch.tensor(64.0)).item()
+    assert ck["step"] == 80 and ck["tokenizer"]["type"] == "trie"
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_resume_continues_on_the_same_curve(data_dir, tmp_path):
+    # dropout on and grad accumulation: resume must restore RNG, sampler, optimizer and step exactly
+    mc = dict(dropout=0.1)
+    straight = train(tiny_model(**mc), tiny_train(data_dir, tmp_path / "a", max_iters=24, grad_accum=2,
+                                                  eval_interval=8, tensorboard=True), quiet=False)
+    cfg_b = tiny_train(data_dir, tmp_path / "b", max_iters=24, grad_accum=2, eval_interval=8)
+    train(tiny_model(**mc), cfg_b, stop_at=12, quiet=True)
+    assert load_checkpoint(str(tmp_path / "b" / "last.pt"))["step"] == 12
+    resumed = train(tiny_model(**mc), cfg_b, resume=str(tmp_path / "b" / "last.pt"), quiet=True)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    # the logged run also wrote TensorBoard events and a text log
+    assert os.listdir(tmp_path / "a" / "tb")
+    assert "eval step 24" in (tmp_path / "a" / "train.log").read_text()
+
+
+def test_checkpoint_is_plain_and_weights_only(data_dir, tmp_path):
+    train(tiny_model(), tiny_train(data_dir, tmp_path, max_iters=5, eval_interval=5), quiet=True)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(ck) >= {"model", "model_config", "train_config", "tokenizer", "optimizer", "step", "rng"}
+    json.dumps({k: ck[k] for k in ("model_config", "train_config", "tokenizer")})  # JSON-able
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert lr_at(0, cfg) < lr_at(5, cfg) < lr_at(9, cfg) <= 1.0
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)
+    assert lr_at(110, cfg) == pytest.approx(0.1) and lr_at(500, cfg) == pytest.approx(0.1)
+
+
+def test_config_errors_name_the_problem(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="block_size 4096"):
+        train(tiny_model(block_size=4096), tiny_train(data_dir, tmp_path), quiet=True)
+    with pytest.raises(ConfigError, match="vocab_size 16 is smaller"):
+        train(tiny_model(vocab_size=16), tiny_train(data_dir, tmp_path), quiet=True)
+    with pytest.raises(ConfigError, match="grad_accum"):
+        TrainConfig(grad_accum=0).validate()
+    with pytest.raises(ConfigError, match="init_from"):
+        TrainConfig(mode="sft").validate()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"max_iter": 10}))
+    r = subprocess.run([sys.executable, "train.py", "-t", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown key 'max_iter'" in r.stderr and "max_iters" in r.stderr
+    bad.write_text("{not json")
+    r = subprocess.run([sys.executable, "train.py", "-t", str(bad)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+        load_checkpoint(str(garbage))
+
+
+def test_cli_train_infer_and_plot(data_dir, tmp_path):
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps(tiny_model().to_dict()))
+    train_json = tmp_path / "train.json"
+    train_json.write_text(json.dumps({"data_dir": data_dir, "out_dir": str(tmp_path / "run"), "max_iters": 30,
+                                      "batch_size": 8, "eval_interval": 15, "eval_iters": 2, "device": "cpu",
+                                      "learning_rate": 3e-3, "warmup_iters": 2}))
+    r = subprocess.run([sys.executable, "train.py", "-m", str(model_json), "-t", str(train_json)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "eval step 30" in r.stdout
+    r = subprocess.run([sys.executable, "infer.py", "-m", str(tmp_path / "run" / "best.pt"), "--prompt", "the cat",
+                        "-t", "0", "-n", "12", "--profile"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the cat") and len(r.stdout) > len("the cat") + 5
+    assert "tokens/s" in r.stderr
+    r = subprocess.run([sys.executable, "plot_loss.py", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    r = subprocess.run([sys.executable, "infer.py", "-m", str(tmp_path / "nope.pt"), "--prompt", "x"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "checkpoint not found" in r.stderr
