@@ -89,6 +89,14 @@ def _bible_chapters(raw, books_path):
         yield ["".join(lines)]
 
 
+def default_corpus_documents():
+    """The default corpus as a stream of texts, one per chapter (used by sft_tasks.py)."""
+    bible, books = default_corpus_files()
+    with open(bible, "rb") as raw:
+        for doc in _bible_chapters(raw, books):
+            yield "".join(doc)
+
+
 def _text_lines(raw, path):
     n = 0
     try:  # universal newlines: \r\n and \r become \n; a BOM is dropped
@@ -466,13 +474,224 @@ def load_tokens(out_dir, split, meta=None):
 
 
 # ---------------------------------------------------------------------------
+# Supervised fine-tuning data: question/answer pairs -> fixed-length rows + a loss mask
+#
+# A sample is <|bos|> <|instruct_mark|> question <|response_mark|> answer <|eos|> (a multi-turn
+# sample repeats the part after <|bos|> for every exchange). mask[i] = 1 marks token i as a
+# trained *target* (predicted from position i-1): exactly the answer tokens and their <|eos|>.
+# The mask is built on token positions as the ids are made, never from character counts, and
+# train.py turns masked-out targets into ignore_index, so prompts and padding add nothing to the
+# loss or to any gradient.
+
+
+def _sft_exchanges(obj):
+    """[(question, answer), ...] from one JSONL object, or a reason it is malformed."""
+    if not isinstance(obj, dict):
+        return None, "not a JSON object"
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return None, "'messages' must be a non-empty list"
+        pairs = []
+        for i in range(0, len(msgs), 2):
+            turn = msgs[i:i + 2]
+            roles = [m.get("role") if isinstance(m, dict) else None for m in turn]
+            if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in turn):
+                return None, f"messages {i}-{i + 1}: expected a user then an assistant message with string content"
+            pairs.append((turn[0]["content"], turn[1]["content"]))
+        return pairs, None
+    q, a = obj.get("question"), obj.get("answer")
+    if not isinstance(q, str) or not isinstance(a, str):
+        return None, "expected string fields 'question' and 'answer' (or 'messages')"
+    return [(q, a)], None
+
+
+def sft_encode(tok, exchanges):
+    """(ids, mask) for one sample; mask[i] = 1 where token i is an answer token or its <|eos|>."""
+    ids, mask = [tok.bos_id], [0]
+    for question, answer in exchanges:
+        prompt = [tok.instruct_id] + tok.encode(question) + [tok.response_id]
+        reply = tok.encode(answer) + [tok.eos_id]
+        ids += prompt + reply
+        mask += [0] * len(prompt) + [1] * len(reply)
+    return ids, mask
+
+
+def _sft_samples(inputs, builtin_pairs, seed, report):
+    """Yield exchanges lists from the JSONL inputs (or the built-in set), reporting bad lines."""
+    if not inputs:
+        import sft_tasks
+        for pair in sft_tasks.make_pairs(builtin_pairs, seed):
+            yield [(pair["question"], pair["answer"])]
+        return
+    for path in inputs:
+        if not os.path.isfile(path):
+            raise DataError(f"input {path}: no such file")
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
+            try:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        exchanges, why = _sft_exchanges(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        exchanges, why = None, f"invalid JSON ({e.msg})"
+                    if exchanges is None:
+                        report(f"{path}:{n}: {why}")
+                    else:
+                        yield exchanges
+            except UnicodeDecodeError:
+                raise DataError(f"{path}: not valid UTF-8") from None
+
+
+def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/tokenizer.json", block_size=256,
+                val_ratio=0.05, pack=True, overlong="drop", seed=1337, builtin_pairs=20000, force=False):
+    """Rows of block_size + 1 tokens (train.bin, val.bin) and their masks (train_mask.bin, ...).
+    tokenizer: a tokenizer .json or a checkpoint .pt (its tokenizer): it must be the base model's."""
+    if overlong not in ("drop", "truncate") or block_size < 2 or not 0 <= val_ratio < 1:
+        raise DataError("need overlong drop|truncate, block_size >= 2 and 0 <= val_ratio < 1")
+    inputs = [os.fspath(p) for p in inputs] if inputs else []
+    tok, tok_blob = _sft_tokenizer(tokenizer)
+    options = {"block_size": block_size, "val_ratio": val_ratio, "pack": pack, "overlong": overlong,
+               "seed": seed, "builtin_pairs": None if inputs else builtin_pairs, "kind": "sft",
+               "tokenizer": hashlib.sha256(tok_blob).hexdigest()}
+    fingerprint = _fingerprint([p for p in inputs if os.path.isfile(p)], options)
+    if not force:
+        try:
+            meta = load_sft_meta(out_dir)
+            if meta["fingerprint"] == fingerprint:
+                print(f"{out_dir} is up to date ({meta['rows']['train']:,} train + {meta['rows']['val']:,} val rows)")
+                return meta
+        except DataError:
+            pass
+
+    bad = []
+    row_len = block_size + 1
+    samples = {"train": [], "val": []}
+    counts = {"samples": 0, "dropped_overlong": 0, "truncated": 0}
+    for index, exchanges in enumerate(_sft_samples(inputs, builtin_pairs, seed, bad.append)):
+        ids, mask = sft_encode(tok, exchanges)
+        counts["samples"] += 1
+        if len(ids) > row_len:
+            if overlong == "drop" or not any(mask[:row_len]):
+                counts["dropped_overlong"] += 1
+                continue
+            ids, mask = ids[:row_len], mask[:row_len]
+            counts["truncated"] += 1
+        u, _ = _doc_hash(seed, index)
+        samples["val" if u < val_ratio else "train"].append((ids, mask))
+    for line in bad[:MAX_WARNINGS]:
+        print(f"skipped {line}", file=sys.stderr)
+    if len(bad) > MAX_WARNINGS:
+        print(f"... and {len(bad) - MAX_WARNINGS} more malformed lines", file=sys.stderr)
+    if not samples["train"]:
+        raise DataError(f"no usable SFT samples in {', '.join(inputs) or 'the built-in set'} "
+                        f"({len(bad)} malformed lines, {counts['dropped_overlong']} longer than block_size {block_size})")
+
+    dtype = dtype_for_vocab(tok.vocab_size)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)
+    rows = {}
+    rng = np.random.default_rng(seed)
+    for split, items in samples.items():
+        if split == "train":  # packing order and the row order on disk should not follow the source
+            items = [items[i] for i in rng.permutation(len(items))]
+        packed = _rows(items, row_len, pack, tok.pad_id)
+        rows[split] = len(packed)
+        ids = np.array([r[0] for r in packed], dtype=dtype).reshape(-1, row_len)
+        mask = np.array([r[1] for r in packed], dtype=np.uint8).reshape(-1, row_len)
+        for name, arr in ((f"{split}.bin", ids), (f"{split}_mask.bin", mask)):
+            arr.tofile(os.path.join(out_dir, name + ".tmp"))
+            os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    _write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
+    meta = {"format_version": FORMAT_VERSION, "kind": "sft", "dtype": dtype, "vocab_size": tok.vocab_size,
+            "block_size": block_size, "rows": rows, "pack": pack, "overlong": overlong,
+            "train_samples": len(samples["train"]), "val_samples": len(samples["val"]),
+            "skipped_lines": len(bad), **counts, "tokenizer": "tokenizer.json",
+            "inputs": inputs or ["built-in (sft_tasks.py)"], "fingerprint": fingerprint}
+    _write_json(meta, meta_path, indent=1)
+    print(f"{counts['samples']:,} samples -> {len(samples['train']):,} train / {len(samples['val']):,} val "
+          f"({rows['train']:,} + {rows['val']:,} rows of {row_len} tokens{', packed' if pack else ''}); "
+          f"{counts['dropped_overlong']} dropped and {counts['truncated']} truncated as longer than the context; "
+          f"{len(bad)} malformed lines skipped -> {out_dir}")
+    return meta
+
+
+def _sft_tokenizer(spec):
+    """The tokenizer from a .json file or from a checkpoint .pt, with its bytes for the fingerprint."""
+    spec = os.fspath(spec)
+    if not os.path.isfile(spec):
+        raise DataError(f"tokenizer {spec}: no such file (give the base model's tokenizer .json or checkpoint .pt)")
+    if spec.endswith(".pt"):
+        import torch
+        try:
+            d = torch.load(spec, map_location="cpu", weights_only=True)["tokenizer"]
+        except Exception as e:
+            raise DataError(f"{spec}: cannot read a tokenizer from this checkpoint: {e}") from None
+        return tokenizer_from_dict(d), json.dumps(d, sort_keys=True).encode()
+    with open(spec, "rb") as f:
+        blob = f.read()
+    return load_tokenizer(spec), blob
+
+
+def _rows(items, row_len, pack, pad_id):
+    """Pad each sample to a row, or pack consecutive samples into rows, then pad."""
+    rows, cur_ids, cur_mask = [], [], []
+    for ids, mask in items:
+        if not pack or len(cur_ids) + len(ids) > row_len:
+            if cur_ids:
+                rows.append((cur_ids, cur_mask))
+            cur_ids, cur_mask = [], []
+        cur_ids, cur_mask = cur_ids + ids, cur_mask + mask
+    if cur_ids:
+        rows.append((cur_ids, cur_mask))
+    return [(i + [pad_id] * (row_len - len(i)), m + [0] * (row_len - len(m))) for i, m in rows]
+
+
+def load_sft_meta(out_dir):
+    """out_dir/meta.json of an SFT dataset, checked against the files it describes."""
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: build the SFT data with python data.py sft (see --help)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != "sft":
+        raise DataError(f"{path} does not describe SFT data (build it with python data.py sft)")
+    row_len = meta["block_size"] + 1
+    for split in ("train", "val"):
+        for name, itemsize in ((f"{split}.bin", np.dtype(meta["dtype"]).itemsize), (f"{split}_mask.bin", 1)):
+            p = os.path.join(out_dir, name)
+            expected = meta["rows"][split] * row_len * itemsize
+            if not os.path.isfile(p) or os.path.getsize(p) != expected:
+                raise DataError(f"{p} does not hold the {meta['rows'][split]:,} rows meta.json records: "
+                                f"rebuild with python data.py sft --force")
+    return meta
+
+
+def load_sft_rows(out_dir, split, meta=None):
+    """(ids, mask) of one split as read-only arrays of shape [rows, block_size + 1]."""
+    meta = meta or load_sft_meta(out_dir)
+    n, row_len = meta["rows"][split], meta["block_size"] + 1
+    if n == 0:
+        return np.zeros((0, row_len), dtype=meta["dtype"]), np.zeros((0, row_len), dtype=np.uint8)
+    ids = np.memmap(os.path.join(out_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r", shape=(n, row_len))
+    mask = np.memmap(os.path.join(out_dir, f"{split}_mask.bin"), dtype=np.uint8, mode="r", shape=(n, row_len))
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------
 # Command line: subcommands, `pretrain` when none is named
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", metavar="{pretrain}")
+    commands = parser.add_subparsers(dest="command", metavar="{pretrain,sft}")
     p = commands.add_parser("pretrain", help="token files for pretraining (the default)")
     p.add_argument("--input", nargs="+", metavar="PATH", help=".txt or .jsonl files (default: the World English Bible)")
     p.add_argument("--doc-sep", choices=("file", "blankline"), default="file",
@@ -487,6 +706,24 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(run=lambda a: prepare_pretrain(a.input, a.out, a.tokenizer, a.vocab_size, a.val_ratio, a.seed,
                                                   a.workers, a.part_mb, a.doc_sep, a.force))
+    p = commands.add_parser("sft", help="question/answer pairs for SFT and LoRA: rows + loss masks")
+    p.add_argument("--input", nargs="+", metavar="PATH",
+                   help='.jsonl files: {"question": ..., "answer": ...} or {"messages": [...]} per line '
+                        "(default: the built-in set of sft_tasks.py)")
+    p.add_argument("--tokenizer", default="dataset/pretrain/tokenizer.json",
+                   help="the base model's tokenizer: a tokenizer .json or a checkpoint .pt")
+    p.add_argument("--block-size", type=int, default=256, help="row length - 1: the model's block_size")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="pack several samples per row (default) or pad each sample to its own row (--no-pack)")
+    p.add_argument("--overlong", choices=("drop", "truncate"), default="drop",
+                   help="samples longer than the context: drop them or cut them (counts are reported)")
+    p.add_argument("--val-ratio", type=float, default=0.05, help="share of samples held out")
+    p.add_argument("--builtin-pairs", type=int, default=20000, help="size of the built-in set")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", default="dataset/sft")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(run=lambda a: prepare_sft(a.input, a.out, a.tokenizer, a.block_size, a.val_ratio, a.pack,
+                                             a.overlong, a.seed, a.builtin_pairs, a.force))
     if not argv or argv[0] not in commands.choices and argv[0] not in ("-h", "--help"):
         argv = ["pretrain"] + argv
     args = parser.parse_args(argv)

@@ -435,3 +435,184 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
         logits[order[drop]] = -float("inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------
+# LoRA: low-rank adapters that attach to, detach from and merge into the linear layers.
+# The adapted layer computes W x + (alpha / rank) * B (A x). B starts at zero, so a fresh
+# adapter changes nothing; only A and B train. Parameter names extend the base layer's
+# (layers.0.attn.wq.weight -> layers.0.attn.wq.lora_A / lora_B), which is also how adapter
+# checkpoints and the engines' adapter files name them.
+
+LORA_TARGETS = {"wq": "attn", "wk": "attn", "wv": "attn", "wo": "attn", "w1": "ffn", "w2": "ffn", "w3": "ffn"}
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list = dataclasses.field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+
+    def validate(self, where="lora config"):
+        if self.rank <= 0:
+            raise ConfigError(f"{where}: rank must be positive, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"{where}: targets must be distinct names from {list(LORA_TARGETS)}, got {self.targets}")
+
+    @property
+    def scale(self):
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Linear):
+    """A Linear that shares the base layer's weight and bias and adds a low-rank update."""
+
+    def __init__(self, base: nn.Linear, cfg: LoRAConfig):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the very same Parameters: nothing is copied
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.scale = cfg.scale
+        self.lora_dropout = nn.Dropout(cfg.dropout)
+        self.lora_enabled = True
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora_enabled:
+            out = out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scale
+        return out
+
+    def merged_weight(self):
+        return self.weight + self.scale * (self.lora_B @ self.lora_A)
+
+
+def _lora_sites(model):
+    """(parent module, attribute name) of every layer LoRA can adapt, in a fixed order."""
+    for layer in model.layers:
+        for name, part in LORA_TARGETS.items():
+            yield getattr(layer, part), name
+
+
+def add_lora(model, cfg: LoRAConfig):
+    """Wrap the target layers with fresh adapters (B = 0: the model's outputs do not change)."""
+    cfg.validate()
+    for parent, name in _lora_sites(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            raise ValueError("the model already has LoRA adapters: detach or merge them first")
+        if name in cfg.targets:
+            setattr(parent, name, LoRALinear(layer, cfg))
+    model.lora_config = cfg
+    return model
+
+
+def detach_lora(model):
+    """Remove the adapters; the base weights are untouched."""
+    for parent, name in _lora_sites(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                              device="meta")
+            plain.weight, plain.bias = layer.weight, layer.bias
+            setattr(parent, name, plain)
+    model.lora_config = None
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale B A) and remove the adapters."""
+    for parent, name in _lora_sites(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            layer.weight.copy_(layer.merged_weight())
+    return detach_lora(model)
+
+
+def set_lora_enabled(model, enabled):
+    for parent, name in _lora_sites(model):
+        layer = getattr(parent, name)
+        if isinstance(layer, LoRALinear):
+            layer.lora_enabled = enabled
+
+
+def lora_state_dict(model):
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+def base_state_dict(model):
+    return {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+
+
+def weights_fingerprint(model_config, state_dict):
+    """Identity of a base model: sha256 over its config (JSON, sorted keys) and every base tensor's
+    name, shape and float32 bytes (names sorted; LoRA tensors excluded). Adapters record it so that
+    attaching one to a different base fails loudly instead of producing garbage."""
+    import hashlib
+    h = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
+    for name in sorted(k for k in state_dict if ".lora_" not in k):
+        t = state_dict[name].detach().cpu().float().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_checkpoint(model, base_model_config, base_fingerprint, extra=None):
+    """The adapter-only checkpoint: LoRA tensors, LoRA config and the identity of the base."""
+    ck = {"format": "nano-lora", "version": 1,
+          "lora_config": dataclasses.asdict(model.lora_config),
+          "base": {"model_config": base_model_config, "fingerprint": base_fingerprint},
+          "adapter": lora_state_dict(model)}
+    ck.update(extra or {})
+    return ck
+
+
+def check_adapter(adapter, base_ck, where="adapter"):
+    """Refuse an adapter whose base is not this checkpoint's model (config and weights)."""
+    if not isinstance(adapter, dict) or adapter.get("format") != "nano-lora" or "adapter" not in adapter:
+        raise ConfigError(f"{where} is not a Nano LoRA adapter checkpoint")
+    base = adapter.get("base", {})
+    if base.get("model_config") != base_ck["model_config"]:
+        raise ConfigError(f"{where} was made for a different model shape than this base "
+                          f"({base.get('model_config')} vs {base_ck['model_config']})")
+    fp = weights_fingerprint(base_ck["model_config"], base_ck["model"])
+    if base.get("fingerprint") != fp:
+        raise ConfigError(f"{where} was trained on a different base model (weight fingerprint "
+                          f"{str(base.get('fingerprint'))[:12]}... vs this base {fp[:12]}...)")
+
+
+def load_adapter(path, base_ck):
+    """Load an adapter checkpoint (weights_only) and check that it belongs to base_ck."""
+    try:
+        adapter = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"adapter not found: {path}") from None
+    except Exception as e:
+        raise ConfigError(f"cannot load adapter {path}: {type(e).__name__}: {e}") from None
+    check_adapter(adapter, base_ck, path)
+    return adapter
+
+
+def attach_lora(model, adapter):
+    """Add adapters shaped by the adapter checkpoint's config and load its tensors (all must match)."""
+    cfg = dataclass_from_dict(LoRAConfig, adapter["lora_config"], "adapter lora_config")
+    add_lora(model, cfg)
+    expected = set(lora_state_dict(model))
+    got = set(adapter["adapter"])
+    if expected != got:
+        detach_lora(model)
+        raise ConfigError(f"adapter tensors do not match its config: missing {sorted(expected - got)[:3]}, "
+                          f"unexpected {sorted(got - expected)[:3]}")
+    try:
+        model.load_state_dict(adapter["adapter"], strict=False)
+    except RuntimeError as e:
+        detach_lora(model)
+        raise ConfigError(f"adapter tensors do not fit this model: {e}") from None
+    return model

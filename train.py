@@ -30,7 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import ConfigError, ModelConfig, Transformer, dataclass_from_dict, load_json
+from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
+                   dataclass_from_dict, load_json, weights_fingerprint)
 from data import DataError
 from tokenizer import TokenizerError
 
@@ -63,6 +64,7 @@ class TrainConfig:
     seed: int = 1337
     tensorboard: bool = True
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; known GPUs are looked up
+    lora: Optional[dict] = None  # mode lora: {"rank", "alpha", "dropout", "targets"} (model.LoRAConfig)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -81,6 +83,13 @@ class TrainConfig:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
         if self.mode in ("sft", "lora") and not self.init_from:
             raise ConfigError(f"{where}: mode {self.mode!r} needs init_from (the base checkpoint)")
+        if self.mode == "lora":
+            self.lora_config()  # validates the nested dict
+        elif self.lora is not None:
+            raise ConfigError(f"{where}: key 'lora' applies only to mode 'lora'")
+
+    def lora_config(self):
+        return dataclass_from_dict(LoRAConfig, self.lora or {}, "train config: key 'lora'")
 
 
 # ---------------------------------------------------------------------------
@@ -121,6 +130,74 @@ class PretrainData:
         return torch.linspace(0, self.num_windows("val"), n).long()
 
 
+class SFTData:
+    """Rows of block_size + 1 tokens with a loss mask (data.py sft); a batch is B random rows.
+    Targets whose mask is 0 (prompt, padding) become -1, which the loss ignores entirely."""
+
+    def __init__(self, data_dir, block_size, model_vocab):
+        from data import load_sft_meta, load_sft_rows
+        meta = self.meta = load_sft_meta(data_dir)
+        if meta["block_size"] != block_size:
+            raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but the model's is "
+                              f"{block_size}: rebuild it with python data.py sft --block-size {block_size}")
+        if meta["vocab_size"] > model_vocab:
+            raise ConfigError(f"model vocab_size {model_vocab} is smaller than the data's tokenizer ({meta['vocab_size']})")
+        if meta["rows"]["val"] == 0:
+            raise ConfigError(f"{data_dir} has no validation rows: rebuild with a larger --val-ratio")
+        with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
+            self.tokenizer_spec = json.load(f)
+        self.split = {name: load_sft_rows(data_dir, name, meta) for name in ("train", "val")}
+        self.block_size = block_size
+
+    def num_windows(self, split):
+        return len(self.split[split][0])
+
+    def batch(self, split, rows):
+        ids, mask = self.split[split]
+        order = rows.tolist()
+        x = torch.from_numpy(ids[order].astype(np.int64))
+        m = torch.from_numpy(mask[order].astype(bool))
+        return x[:, :-1], sft_targets(x[:, 1:], m[:, 1:])
+
+    def eval_starts(self, n):
+        return torch.arange(min(n, self.num_windows("val")))
+
+
+def sft_targets(next_tokens, mask):
+    """The SFT targets: the next token where the mask marks an answer token or its <|eos|>, else -1."""
+    return torch.where(mask, next_tokens, torch.full_like(next_tokens, -1))
+
+
+def open_data(data_dir, block_size, model_vocab):
+    """Pretraining windows or SFT rows, whichever data.py wrote in data_dir."""
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            kind = json.load(f).get("kind", "pretrain")
+    except (OSError, ValueError, AttributeError):
+        kind = "pretrain"  # let load_meta explain what is wrong
+    cls = SFTData if kind == "sft" else PretrainData
+    return cls(data_dir, block_size, model_vocab)
+
+
+@torch.no_grad()
+def eval_loss(model, data, n, batch_size, autocast=nullcontext(), to_device=lambda t: t):
+    """Mean loss over the fixed validation set (n windows or rows); for SFT data only the answer
+    tokens count, so this is the held-out answer loss."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in data.eval_starts(n).split(batch_size):
+        x, y = data.batch("val", chunk)
+        n_targets = int((y >= 0).sum())
+        if n_targets == 0:  # a chunk of pure padding: its mean loss would be NaN
+            continue
+        with autocast:
+            _, loss = model(to_device(x), to_device(y))
+        total, count = total + loss.float() * n_targets, count + n_targets  # weight by targets
+    model.train(was_training)
+    return float(total / max(count, 1))
+
+
 # ---------------------------------------------------------------------------
 # Checkpoints: plain dicts, written atomically
 
@@ -143,6 +220,19 @@ def load_checkpoint(path, device="cpu"):
         raise ConfigError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
+    return ck
+
+
+def load_training_state(path):
+    """A checkpoint to resume from: a full Nano checkpoint or a LoRA run's adapter checkpoint."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ck, dict) or "optimizer" not in ck or "step" not in ck:
+        raise ConfigError(f"{path} holds no training state to resume from")
     return ck
 
 
@@ -281,20 +371,39 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    ck = None
-    if resume:
-        ck = load_checkpoint(resume)
+    # The model: fresh (pretrain), or the base checkpoint's config and weights (sft, lora and
+    # pretrain with init_from); a resumed run restores its own weights on top below.
+    ck = load_training_state(resume) if resume else None
+    base = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    if base is not None:
+        model_cfg = ModelConfig.from_dict(base["model_config"], f"{cfg.init_from}: model_config")
+    elif ck is not None:
         model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
     if cfg.dropout is not None:
-        model_cfg.dropout = cfg.dropout
-    data = PretrainData(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+        model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
+    data = open_data(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+    if base is not None and base.get("tokenizer") != data.tokenizer_spec:
+        raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
+                          f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
 
     model = Transformer(model_cfg)
-    if cfg.init_from and not resume:
-        base = load_checkpoint(cfg.init_from)
+    if base is not None:
         model.load_state_dict(base["model"])
+    lora_base = None  # mode lora: the identity of the frozen base, recorded in every adapter checkpoint
+    if cfg.mode == "lora":
+        lora_base = {"model_config": base["model_config"], "fingerprint": weights_fingerprint(
+            base["model_config"], base["model"]), "path": cfg.init_from}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_lora(model, cfg.lora_config())  # only the adapters train (and reach the optimizer)
     if ck is not None:
-        model.load_state_dict(ck["model"])
+        if cfg.mode == "lora":
+            if ck.get("base", {}).get("fingerprint") != lora_base["fingerprint"]:
+                raise ConfigError(f"{resume} is an adapter for another base than {cfg.init_from}")
+            model.load_state_dict(ck["adapter"], strict=False)
+        else:
+            model.load_state_dict(ck["model"])
+    del base
     model.to(device)
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -326,27 +435,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     peak = peak_flops_for(device, cfg.peak_flops)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
     if master and not quiet:
-        log.line(f"model: {raw_model.num_params() / 1e6:.2f}M parameters | device {device} {dtype} | "
-                 f"world {world} | {tokens_per_step} tokens/step | data {data.meta['train_tokens']} train "
-                 f"tokens | {'resume from ' + resume + ' at step ' + str(step) if resume else 'fresh start'}")
+        trainable = sum(p.numel() for p in raw_model.parameters() if p.requires_grad)
+        log.line(f"mode {cfg.mode} | model: {raw_model.num_params() / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M "
+                 f"trained | device {device} {dtype} | "
+                 f"world {world} | {tokens_per_step} tokens/step | "
+                 f"{'resume from ' + resume + ' at step ' + str(step) if resume else 'fresh start'}")
 
     def to_device(x):
         if device_type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)
         return x.to(device)
 
-    @torch.no_grad()
     def evaluate():
-        raw_model.eval()
-        starts = data.eval_starts(cfg.eval_iters * cfg.batch_size)
-        total = torch.zeros((), device=device)
-        for chunk in starts.split(cfg.batch_size):
-            x, y = data.batch("val", chunk)
-            with autocast:
-                _, loss = raw_model(to_device(x), to_device(y))
-            total += loss.float()
-        raw_model.train()
-        return (total / math.ceil(len(starts) / cfg.batch_size)).item()
+        return eval_loss(raw_model, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, autocast, to_device)
 
     def state(val_loss):
         rng_torch = [torch.get_rng_state()]
@@ -356,15 +457,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
             rng_torch = [g[0] for g in gathered]
             rng_cuda = [g[1] for g in gathered] if rng_cuda else None
-        return {
-            "format": "nano-checkpoint", "version": 1,
-            "model_config": model_cfg.to_dict(), "train_config": asdict(cfg),
-            "tokenizer": data.tokenizer_spec, "data_meta": {k: data.meta[k] for k in ("fingerprint", "vocab_size")},
-            "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
+        training = {
+            "train_config": asdict(cfg), "tokenizer": data.tokenizer_spec,
+            "data_meta": {k: data.meta[k] for k in ("fingerprint", "vocab_size")},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "step": step, "best_val_loss": best_val, "val_loss": val_loss, "tokens_seen": tokens_seen,
             "rng": {"torch": rng_torch, "cuda": rng_cuda, "sampler": sampler.get_state()},
         }
+        if cfg.mode == "lora":  # adapter-only: the base stays where init_from points
+            return adapter_checkpoint(raw_model, lora_base["model_config"], lora_base["fingerprint"],
+                                      extra={**training, "model_config": model_cfg.to_dict()})
+        return {"format": "nano-checkpoint", "version": 1, "model_config": model_cfg.to_dict(),
+                "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}, **training}
 
     def checkpoint(val_loss=None, best=False):
         st = state(val_loss)  # collective under DDP: every rank takes part
@@ -374,6 +478,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
         if best:
             save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
+            if cfg.mode == "lora":  # the adapter alone, without training state: the file to share
+                slim = {k: st[k] for k in ("format", "version", "lora_config", "base", "adapter", "tokenizer")}
+                save_checkpoint(slim, os.path.join(cfg.out_dir, "adapter.pt"))
         if cfg.save_interval and step % cfg.save_interval == 0:
             save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{step}.pt"))
 

@@ -1,0 +1,39 @@
+"""
+Fold a LoRA adapter into its base model: a plain checkpoint whose logits equal base + adapter.
+
+    python merge_lora.py checkpoint/pretrain/best.pt checkpoint/lora/adapter.pt checkpoint/merged.pt
+
+The result loads like any checkpoint (infer.py -m, export.py --checkpoint) with no adapter
+attached; the adapter's base identity is checked first, as infer.py -l does.
+"""
+
+import argparse
+import sys
+
+from model import ConfigError, attach_lora, load_adapter, merge_lora
+from train import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base checkpoint")
+    p.add_argument("base", help="base checkpoint (.pt)")
+    p.add_argument("adapter", help="adapter checkpoint (.pt) trained on that base")
+    p.add_argument("out", help="merged checkpoint to write")
+    args = p.parse_args(argv)
+    try:
+        base = load_checkpoint(args.base)
+        adapter = load_adapter(args.adapter, base)
+        model = model_from_checkpoint(base, args.base)
+        merge_lora(attach_lora(model, adapter))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    merged = {"format": "nano-checkpoint", "version": 1, "model_config": base["model_config"],
+              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+              "tokenizer": base["tokenizer"], "merged_from": {"base": args.base, "adapter": args.adapter}}
+    save_checkpoint(merged, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
