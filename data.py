@@ -308,13 +308,35 @@ def _write_json(obj, path, indent=None):
     os.replace(path + ".tmp", path)
 
 
+def _tail_split(sources, tail, out_dir):
+    """Cut a single .txt input at (1 - tail) of its characters into two documents: train, then val.
+    Reads that one file whole: it is meant for small single-text corpora."""
+    if len(sources) != 1 or sources[0][0] != "txt" or not 0 < tail < 1:
+        raise DataError("val_tail needs exactly one .txt input and 0 < val_tail < 1")
+    with open(sources[0][1], encoding="utf-8-sig") as f:
+        text = f.read()
+    cut = int(len(text) * (1 - tail))
+    folder = os.path.join(out_dir, "split.tmp")
+    os.makedirs(folder, exist_ok=True)
+    paths = [os.path.join(folder, "train.txt"), os.path.join(folder, "val.txt")]
+    for path, part in zip(paths, (text[:cut], text[cut:])):
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            f.write(part)
+    return [("txt", p) for p in paths], ["train", "val"]
+
+
 def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", vocab_size=4096,
                      val_ratio=None, seed=1337, workers=None, part_mb=256, doc_sep="file",
-                     force=False, progress=True):
+                     force=False, progress=True, val_tail=None):
     """Build train.bin, val.bin, tokenizer.json and meta.json in out_dir; returns the meta dict.
-    tokenizer: "trie" (built from the inputs), "bpe" (GPT-2) or the path of a tokenizer .json."""
+    tokenizer: "trie" (built from the inputs), "bpe" (GPT-2) or the path of a tokenizer .json;
+    vocab_size 0: character level. val_tail: hold out the last fraction of one .txt input as val
+    instead of whole documents (nanoGPT's split of a single text, e.g. Tiny Shakespeare's 90/10)."""
     t0 = time.time()
     sources, files = _sources(inputs)
+    forced_split = None
+    if val_tail is not None:
+        sources, forced_split = _tail_split(sources, float(val_tail), out_dir)
     val_ratio = float((0.01 if inputs else 0.02) if val_ratio is None else val_ratio)
     workers, part_mb, seed = int(workers or os.cpu_count() or 1), float(part_mb), int(seed)
     if not 0 <= val_ratio < 1 or part_mb <= 0 or workers < 1 or doc_sep not in ("file", "blankline"):
@@ -328,7 +350,8 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     else:
         raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe or an existing tokenizer .json file")
     # everything that changes the output bytes (workers must not)
-    options = {"tokenizer": tok_spec, "val_ratio": val_ratio, "seed": seed, "part_mb": part_mb, "doc_sep": doc_sep}
+    options = {"tokenizer": tok_spec, "val_ratio": val_ratio, "seed": seed, "part_mb": part_mb, "doc_sep": doc_sep,
+               **({"val_tail": float(val_tail)} if val_tail is not None else {})}
     fingerprint = _fingerprint(files, options)
     if not force:
         try:
@@ -377,7 +400,8 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
             for (text, first, last), (ids, n) in _encoded(_pieces(reader.documents(), _splittable(tok)), pool, workers):
                 if first:  # a new document: its split and its part
                     u, h = _doc_hash(seed, doc)
-                    split, k, doc_tokens, doc = ("val" if u < val_ratio else "train"), h % K, 0, doc + 1
+                    split = forced_split[doc] if forced_split else ("val" if u < val_ratio else "train")
+                    k, doc_tokens, doc = h % K, 0, doc + 1
                 doc_tokens += len(ids)
                 chars, nbytes = chars + len(text), nbytes + n
                 if split == "val":
@@ -408,6 +432,8 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
         if pool is not None:
             pool.terminate()
         shutil.rmtree(parts.folder, ignore_errors=True)
+        if forced_split:
+            shutil.rmtree(os.path.join(out_dir, "split.tmp"), ignore_errors=True)
 
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -697,15 +723,17 @@ def main(argv=None):
     p.add_argument("--doc-sep", choices=("file", "blankline"), default="file",
                    help=".txt: one document per file, or documents separated by blank lines")
     p.add_argument("--tokenizer", default="trie", help="trie (built from the inputs), bpe (GPT-2) or a tokenizer .json")
-    p.add_argument("--vocab-size", type=int, default=4096, help="trie vocabulary size (default 4096)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="trie vocabulary size (default 4096; 0: characters only)")
     p.add_argument("--val-ratio", type=float, help="share of documents held out (default 0.01; 0.02 for the Bible)")
+    p.add_argument("--val-tail", type=float, metavar="FRACTION",
+                   help="one .txt input: hold out its last FRACTION as val (e.g. 0.1, nanoGPT's Shakespeare split)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
     p.add_argument("--part-mb", type=float, default=256, help="size of a shuffle part: the shuffle's memory bound")
     p.add_argument("--out", default="dataset/pretrain")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.set_defaults(run=lambda a: prepare_pretrain(a.input, a.out, a.tokenizer, a.vocab_size, a.val_ratio, a.seed,
-                                                  a.workers, a.part_mb, a.doc_sep, a.force))
+                                                  a.workers, a.part_mb, a.doc_sep, a.force, val_tail=a.val_tail))
     p = commands.add_parser("sft", help="question/answer pairs for SFT and LoRA: rows + loss masks")
     p.add_argument("--input", nargs="+", metavar="PATH",
                    help='.jsonl files: {"question": ..., "answer": ...} or {"messages": [...]} per line '

@@ -123,12 +123,15 @@ class TrieTokenizer:
     @classmethod
     def build(cls, texts, vocab_size, min_word_count=2, max_word_len=24):
         """Vocabulary from an iterable of text pieces: every character seen, then the most useful
-        words (ranked by characters saved = count x (length - 1)) until vocab_size is reached."""
+        words (ranked by characters saved = count x (length - 1)) until vocab_size is reached.
+        vocab_size 0 gives a character-level vocabulary (characters and special tokens only)."""
         chars, words = collections.Counter(), collections.Counter()
         for text in texts:
             chars.update(text)
             words.update(w for w in WORD_RE.findall(text) if 1 < len(w.lstrip(" ")) <= max_word_len)
         char_list = sorted(c for c in chars if c not in SPECIAL_TOKENS)
+        if vocab_size == 0:  # character level: no words
+            return cls(SPECIAL_TOKENS + char_list)
         room = vocab_size - len(SPECIAL_TOKENS) - len(char_list)
         if room < 0:
             raise TokenizerError(f"vocab_size {vocab_size} is smaller than the {len(char_list)} distinct "

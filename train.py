@@ -28,6 +28,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist
 
 from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
@@ -65,6 +67,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; known GPUs are looked up
     lora: Optional[dict] = None  # mode lora: {"rank", "alpha", "dropout", "targets"} (model.LoRAConfig)
+    target_val_loss: Optional[float] = None  # stop at the first eval at or below this (time-to-loss runs)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -417,12 +420,14 @@ def _write_json(obj, path):
 # The training loop
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None):
+def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None,
+          stats=None):
     """Train and return the final (unwrapped) model. `resume`: a checkpoint path whose full state
     (model, optimizer, scaler, step, RNG, sampler) is restored; `stop_at`: end after this step as
     if interrupted (last.pt is written), e.g. to split a run in two. `ds_config`: a DeepSpeed config
     dict (train_ds.py): the model is handed to a DeepSpeed engine (ZeRO-3) that does the backward,
-    the gradient sync and the optimizer step; `resume` is then the run's out_dir."""
+    the gradient sync and the optimizer step; `resume` is then the run's out_dir. `stats`: a list
+    that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it."""
     rank, local_rank, world = init_distributed()
     master = rank == 0
     device = pick_device(cfg.device)
@@ -653,6 +658,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                          + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
                 log.scalars(step, **{"train/loss": loss_val, "train/lr": lr, "train/grad_norm": gn,
                                      "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
+                if stats is not None:
+                    stats.append({"step": step, "loss": loss_val, "tokens_per_sec": tok_s,
+                                  "ms_per_step": 1000 * dt / max(1, step - step_last), "mfu": mfu})
                 t_last, step_last = time.time(), step
 
             if step % cfg.eval_interval == 0 or step == cfg.max_iters:
@@ -663,10 +671,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                     val = box[0]
                 best = val < best_val
                 best_val = min(best_val, val)
-                log.line(f"eval step {step} | val loss {val:.4f} | best {best_val:.4f}")
+                log.line(f"eval step {step} | val loss {val:.4f} | best {best_val:.4f} | "
+                         f"{time.time() - PROCESS_START:.1f} s since start")
                 log.scalars(step, **{"val/loss": val})
                 checkpoint(val, best)
                 t_last = time.time()  # evaluation time is not training throughput
+                if cfg.target_val_loss is not None and val <= cfg.target_val_loss:
+                    log.line(f"reached target val loss {cfg.target_val_loss} at step {step}, "
+                             f"{time.time() - PROCESS_START:.1f} s after process start")
+                    break
                 saved = True
             elif cfg.save_interval and step % cfg.save_interval == 0:
                 checkpoint()

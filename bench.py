@@ -1,0 +1,119 @@
+"""
+Training throughput of a model config on synthetic data, through the very loop train.py runs.
+
+    python bench.py -m config/model_gpt2_124m.json -b 32 --compile           # on a GPU
+    python bench.py -m config/model.json -b 16 --steps 10 --warmup 3         # on a CPU
+
+Random token ids are written as a dataset (the format data.py writes), then train.train() runs
+warmup + steps optimizer steps with its usual data sampling, autocast, fused AdamW, clipping and
+logging. The figure is the median ms/step of the log intervals after the warmup (compilation
+happens there); tokens/s = batch x block x grad_accum / (ms/step); MFU against the device's dense
+bf16 peak (train.PEAK_BF16_FLOPS); peak memory from torch.cuda. --repeat N runs it N times and
+reports the median run; every run's figure is printed too.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import train
+from model import ModelConfig, load_json
+from tokenizer import SPECIAL_TOKENS, TrieTokenizer
+
+
+def synthetic_dataset(folder, vocab_size, n_tokens, seed=0):
+    """Random ids in data.py's layout: train.bin, val.bin, meta.json, tokenizer.json."""
+    rng = np.random.default_rng(seed)
+    dtype = "uint16" if vocab_size <= 1 << 16 else "uint32"
+    for split, n in (("train", n_tokens), ("val", max(n_tokens // 20, 1 << 16))):
+        rng.integers(0, vocab_size, n, dtype=np.int64).astype(dtype).tofile(os.path.join(folder, f"{split}.bin"))
+    TrieTokenizer(SPECIAL_TOKENS + ["a"]).save(os.path.join(folder, "tokenizer.json"))
+    meta = {"dtype": dtype, "vocab_size": len(SPECIAL_TOKENS) + 1, "train_tokens": n_tokens,
+            "val_tokens": max(n_tokens // 20, 1 << 16), "tokenizer": "tokenizer.json", "fingerprint": "synthetic"}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def fmt_mfu(mfu):
+    return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+
+
+def bench_once(model_cfg, args, data_dir, out_dir):
+    cfg = train.TrainConfig(
+        data_dir=data_dir, out_dir=out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        max_iters=args.warmup + args.steps, warmup_iters=0, eval_interval=10 ** 9, eval_iters=1,
+        log_interval=args.log_interval, device=args.device, dtype=args.dtype, compile=args.compile,
+        tensorboard=False, learning_rate=3e-4, min_lr=3e-5)
+    stats = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    train.train(model_cfg, cfg, quiet=True, stats=stats)
+    wall = time.time() - t0
+    timed = [s for s in stats if s["step"] > args.warmup]
+    ms = statistics.median(s["ms_per_step"] for s in timed)
+    mfus = [s["mfu"] for s in timed if s["mfu"] is not None]
+    peak_mem = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+    tokens = args.batch_size * args.grad_accum * model_cfg.block_size
+    return {"ms_per_step": ms, "tokens_per_sec": tokens / ms * 1000, "mfu": statistics.median(mfus) if mfus else None,
+            "peak_mem_gib": peak_mem, "wall_s": wall, "final_loss": stats[-1]["loss"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-m", "--model", default="config/model.json")
+    p.add_argument("-b", "--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=30, help="timed steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--log-interval", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config keys")
+    p.add_argument("--json", help="append the result as one JSON line to this file")
+    args = p.parse_args(argv)
+    model_cfg = load_json(args.model, ModelConfig)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        d = model_cfg.to_dict()
+        d[key] = json.loads(value)
+        model_cfg = ModelConfig.from_dict(d)
+    n_tokens = max(4_000_000, 4 * args.batch_size * args.grad_accum * model_cfg.block_size * (args.warmup + args.steps))
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = os.path.join(tmp, "data")
+        os.makedirs(data_dir)
+        synthetic_dataset(data_dir, model_cfg.vocab_size, min(n_tokens, 200_000_000))
+        for i in range(args.repeat):
+            r = bench_once(model_cfg, args, data_dir, os.path.join(tmp, f"out{i}"))
+            runs.append(r)
+            print(f"run {i + 1}: {r['tokens_per_sec']:,.0f} tok/s | {r['ms_per_step']:.1f} ms/step | "
+                  f"mfu {fmt_mfu(r['mfu'])} | peak mem {r['peak_mem_gib']:.1f} GiB"
+                  f" | loss {r['final_loss']:.3f} | wall {r['wall_s']:.0f} s", flush=True)
+    best = sorted(runs, key=lambda r: r["tokens_per_sec"])[len(runs) // 2]
+    n_params = sum(p.numel() for p in __import__("model").Transformer(model_cfg).parameters())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    result = {"model": args.model, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+              "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
+              "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
+                                                                           "peak_mem_gib")}}
+    print(f"median of {len(runs)}: {args.model} ({result['params_M']}M params) batch {args.batch_size}x"
+          f"{model_cfg.block_size} compile={args.compile} on {device}: {best['tokens_per_sec']:,.0f} tok/s, "
+          f"{best['ms_per_step']:.1f} ms/step, mfu {fmt_mfu(best['mfu'])}, "
+          f"peak {best['peak_mem_gib']:.1f} GiB")
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
