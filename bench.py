@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import train
-from model import ModelConfig, load_json
+from model import ModelConfig, Transformer, load_json
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer
 
 
@@ -54,7 +54,7 @@ def bench_once(model_cfg, args, data_dir, out_dir):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    train.train(model_cfg, cfg, quiet=True, stats=stats)
+    train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
     wall = time.time() - t0
     timed = [s for s in stats if s["step"] > args.warmup]
     ms = statistics.median(s["ms_per_step"] for s in timed)
@@ -79,7 +79,13 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config keys")
     p.add_argument("--json", help="append the result as one JSON line to this file")
+    p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
+    args.ds_config = None
+    if args.deepspeed_config:
+        import train_ds  # sets DS_ACCELERATOR=cpu on machines without a GPU
+        args.ds_config = train_ds.load_ds_config(args.deepspeed_config)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     model_cfg = load_json(args.model, ModelConfig)
     for item in args.set:
         key, _, value = item.partition("=")
@@ -95,17 +101,22 @@ def main(argv=None):
         for i in range(args.repeat):
             r = bench_once(model_cfg, args, data_dir, os.path.join(tmp, f"out{i}"))
             runs.append(r)
-            print(f"run {i + 1}: {r['tokens_per_sec']:,.0f} tok/s | {r['ms_per_step']:.1f} ms/step | "
-                  f"mfu {fmt_mfu(r['mfu'])} | peak mem {r['peak_mem_gib']:.1f} GiB"
-                  f" | loss {r['final_loss']:.3f} | wall {r['wall_s']:.0f} s", flush=True)
+            if rank0:
+                print(f"run {i + 1}: {r['tokens_per_sec']:,.0f} tok/s | {r['ms_per_step']:.1f} ms/step | "
+                      f"mfu {fmt_mfu(r['mfu'])} | peak mem {r['peak_mem_gib']:.1f} GiB"
+                      f" | loss {r['final_loss']:.3f} | wall {r['wall_s']:.0f} s", flush=True)
     best = sorted(runs, key=lambda r: r["tokens_per_sec"])[len(runs) // 2]
-    n_params = sum(p.numel() for p in __import__("model").Transformer(model_cfg).parameters())
+    with torch.device("meta"):  # counting only: no memory, no initialisation
+        n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    result = {"model": args.model, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    result = {"model": args.model, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
               "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
               "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
                                                                            "peak_mem_gib")}}
-    print(f"median of {len(runs)}: {args.model} ({result['params_M']}M params) batch {args.batch_size}x"
+    if not rank0:
+        return result
+    print(f"median of {len(runs)}: world {world}{' deepspeed ' + args.deepspeed_config if args.deepspeed_config else ''}: {args.model} ({result['params_M']}M params) batch {args.batch_size}x"
           f"{model_cfg.block_size} compile={args.compile} on {device}: {best['tokens_per_sec']:,.0f} tok/s, "
           f"{best['ms_per_step']:.1f} ms/step, mfu {fmt_mfu(best['mfu'])}, "
           f"peak {best['peak_mem_gib']:.1f} GiB")
