@@ -322,14 +322,17 @@ def lr_at(step, cfg: TrainConfig):
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def make_optimizer(model, cfg: TrainConfig, device):
-    """AdamW; weight decay on matrices only (not on norms, biases or 1-D params); fused on CUDA."""
+def param_groups(model, cfg: TrainConfig):
+    """Weight decay on matrices only (not on norms, biases or other 1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW over param_groups; fused on CUDA."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith("cuda"))
 
 
 class Logger:
@@ -491,7 +494,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             raise ConfigError("LoRA trains a few parameters and gains nothing from ZeRO-3: use train.py or train_ddp.py")
         import deepspeed
         ds_config = deepspeed_batch_config(ds_config, cfg, world)
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if "optimizer" in ds_config:  # DeepSpeed's own (e.g. its CPU Adam when the optimizer is offloaded)
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
+                                                           config=ds_config)
+        else:
+            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else (
             "float16" if ds_config.get("fp16", {}).get("enabled") else "float32")
         autocast = nullcontext()  # the engine keeps the model in its own precision
