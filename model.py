@@ -110,7 +110,7 @@ def load_json(path, cls, where=None):
     return dataclass_from_dict(cls, d, where or str(path))
 
 
-SDPA_KERNELS = ("auto", "flash", "mem_efficient", "math")
+SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
 
 
 @dataclass
@@ -129,7 +129,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
-    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | math (honoured on CUDA)
+    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | cudnn | math (honoured on CUDA)
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
@@ -197,7 +197,7 @@ def apply_rope(x, cos, sin):
 def _sdpa_backends(name):
     from torch.nn.attention import SDPBackend
     return {"flash": [SDPBackend.FLASH_ATTENTION], "mem_efficient": [SDPBackend.EFFICIENT_ATTENTION],
-            "math": [SDPBackend.MATH]}[name]
+            "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}[name]
 
 
 class Attention(nn.Module):

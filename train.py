@@ -68,6 +68,8 @@ class TrainConfig:
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; known GPUs are looked up
     lora: Optional[dict] = None  # mode lora: {"rank", "alpha", "dropout", "targets"} (model.LoRAConfig)
     target_val_loss: Optional[float] = None  # stop at the first eval at or below this (time-to-loss runs)
+    save_on_eval: bool = True  # write last.pt / best.pt at every eval (False: only at the end / interrupt)
+    data_on_device: str = "auto"  # auto | true | false: keep the token files in GPU memory (auto: < 1 GiB)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -80,6 +82,8 @@ class TrainConfig:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ConfigError(f"{where}: need 0 <= min_lr <= learning_rate (got {self.min_lr}, {self.learning_rate})")
+        if self.data_on_device not in ("auto", "true", "false"):
+            raise ConfigError(f"{where}: data_on_device must be auto, true or false, got {self.data_on_device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -121,9 +125,21 @@ class PretrainData:
     def num_windows(self, split):
         return len(self.split[split]) - self.block_size - 1
 
+    def to_device(self, device):
+        """Copy both splits into device memory once: a batch is then gathered on the device, with no
+        per-step host work or transfer (worth it for corpora that fit, e.g. Tiny Shakespeare)."""
+        self.split = {k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(device) for k, v in self.split.items()}
+        self.offsets = torch.arange(self.block_size + 1, device=device)
+
+    def nbytes(self):
+        return sum(8 * len(v) for v in self.split.values())
+
     def batch(self, split, starts):
         """x, y as int64 [len(starts), block_size]; y is x shifted by one."""
         arr, T = self.split[split], self.block_size
+        if isinstance(arr, torch.Tensor):  # on the device already
+            chunk = arr[starts.to(arr.device, non_blocking=True)[:, None] + self.offsets]
+            return chunk[:, :-1], chunk[:, 1:]
         chunk = np.stack([arr[s:s + T + 1] for s in starts.tolist()]).astype(np.int64)
         chunk = torch.from_numpy(chunk)
         return chunk[:, :-1], chunk[:, 1:]
@@ -544,7 +560,15 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                  f"world {world} | {tokens_per_step} tokens/step | "
                  f"{'resume from ' + resume + ' at step ' + str(step) if resume else 'fresh start'}")
 
+    on_device = {"true": True, "false": False}.get(cfg.data_on_device)
+    if on_device is None:
+        on_device = device_type == "cuda" and isinstance(data, PretrainData) and data.nbytes() < 2 ** 30
+    if on_device:
+        data.to_device(device)
+
     def to_device(x):
+        if x.device.type == device_type:
+            return x
         if device_type == "cuda":
             return x.pin_memory().to(device, non_blocking=True)
         return x.to(device)
@@ -681,13 +705,16 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                 log.line(f"eval step {step} | val loss {val:.4f} | best {best_val:.4f} | "
                          f"{time.time() - PROCESS_START:.1f} s since start")
                 log.scalars(step, **{"val/loss": val})
-                checkpoint(val, best)
+                if cfg.save_on_eval or step == cfg.max_iters:
+                    checkpoint(val, best)
                 t_last = time.time()  # evaluation time is not training throughput
                 if cfg.target_val_loss is not None and val <= cfg.target_val_loss:
+                    if not cfg.save_on_eval:
+                        checkpoint(val, best)
                     log.line(f"reached target val loss {cfg.target_val_loss} at step {step}, "
                              f"{time.time() - PROCESS_START:.1f} s after process start")
                     break
-                saved = True
+                saved = cfg.save_on_eval or step == cfg.max_iters
             elif cfg.save_interval and step % cfg.save_interval == 0:
                 checkpoint()
                 saved = True

@@ -140,3 +140,14 @@ def test_cli_train_infer_and_plot(data_dir, tmp_path):
     r = subprocess.run([sys.executable, "infer.py", "-m", str(tmp_path / "nope.pt"), "--prompt", "x"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_data_on_device_gives_the_same_run(data_dir, tmp_path):
+    # the GPU fast path (token files copied to the device, batches gathered there) runs on the CPU
+    # too: it must draw exactly the batches the memmap path draws
+    a = train(tiny_model(), tiny_train(data_dir, tmp_path / "a", max_iters=10, data_on_device="false"), quiet=True)
+    b = train(tiny_model(), tiny_train(data_dir, tmp_path / "b", max_iters=10, data_on_device="true",
+                                       save_on_eval=False), quiet=True)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert (tmp_path / "b" / "last.pt").exists()  # save_on_eval off: still written at the end
