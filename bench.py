@@ -90,7 +90,10 @@ def main(argv=None):
     for item in args.set:
         key, _, value = item.partition("=")
         d = model_cfg.to_dict()
-        d[key] = json.loads(value)
+        try:
+            d[key] = json.loads(value)
+        except json.JSONDecodeError:
+            d[key] = value  # a bare string, e.g. sdpa_kernel=cudnn
         model_cfg = ModelConfig.from_dict(d)
     n_tokens = max(4_000_000, 4 * args.batch_size * args.grad_accum * model_cfg.block_size * (args.warmup + args.steps))
     runs = []
