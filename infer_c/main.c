@@ -1,0 +1,500 @@
+/*
+ * main.c: the command-line front end of the C engine (nano.c): one-shot generation, an
+ * interactive chat, and testing aids (--tokenize, --dump-logits) that let the Python tests
+ * compare the engine with PyTorch.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "nano.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: infer model.bin [options]\n"
+            "  -l adapter.bin   attach a LoRA adapter (refused if it was made for another base model)\n"
+            "  -i \"prompt\"      instruct mode: <|bos|><|instruct_mark|>prompt<|response_mark|>, until <|eos|>\n"
+            "  -g \"prompt\"      continue mode: <|bos|>prompt, then continue the text\n"
+            "                   (with neither: an interactive REPL like infer.py's, one fresh prompt per\n"
+            "                   message; /help lists its commands)\n"
+            "  -t temp          temperature, 0 = greedy (default 1.0)\n"
+            "  -k top_k         keep the k most likely tokens, 0 = off (default 0)\n"
+            "  -p top_p         nucleus sampling, 1 = off (default 1.0)\n"
+            "  -r penalty       repetition penalty over the context's tokens, 1 = off (default 1.0)\n"
+            "  -n max_new       new tokens at most (default 256)\n"
+            "  -s seed          random seed (default: time)\n"
+            "  -j threads       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
+            "  --no-verify      skip the file's CRC-32 check (2026.11 files) for a faster start\n"
+            "  --info           print the model's configuration and exit\n"
+            "testing aids:\n"
+            "  --tokenize TEXT       print the token ids of TEXT and exit\n"
+            "  --tokenize-file PATH  the same for the bytes of a file\n"
+            "  --ids 2,17,9          prompt given as token ids (no template); generates, or with\n"
+            "  --dump-logits OUT     writes float32 logits [T, vocab] for every prompt position, each\n"
+            "                        computed one token at a time through the KV cache\n"
+            "  --print-ids           print generated token ids instead of text\n"
+            "  --ignore-eos          do not stop at <|eos|> (benchmarks)\n");
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int parse_int(const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+static int parse_float(const char *s, float *out)
+{
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    if (errno || end == s || *end || v != v) return -1;
+    *out = (float)v;
+    return 0;
+}
+
+/* "2,17,9" (commas or spaces) -> ids; returns count or -1 */
+static int parse_ids(const char *s, int **out)
+{
+    size_t cap = 16, n = 0;
+    int *ids = malloc(cap * sizeof *ids);
+    while (ids && *s) {
+        while (*s == ',' || *s == ' ') s++;
+        if (!*s) break;
+        char *end;
+        errno = 0;
+        long v = strtol(s, &end, 10);
+        if (errno || end == s || v < 0 || v > 0x7fffffff || (*end && *end != ',' && *end != ' ')) {
+            free(ids);
+            return -1;
+        }
+        if (n == cap) {
+            int *more = realloc(ids, 2 * cap * sizeof *ids);
+            if (!more) break;
+            ids = more;
+            cap *= 2;
+        }
+        ids[n++] = (int)v;
+        s = end;
+    }
+    if (!ids || n == 0 || n > 0x7fffffff) {
+        free(ids);
+        return -1;
+    }
+    *out = ids;
+    return (int)n;
+}
+
+/* encode into a fresh array with `pre` room in front and `post` after; returns the text's count */
+static int *encode_alloc(const Nano *m, const char *text, size_t len, int pre, int post, int *n)
+{
+    size_t need = nano_encode(m, text, len, NULL, 0);
+    if (need > 0x7fffff00) return NULL;
+    int *ids = malloc((need + pre + post + 1) * sizeof *ids);
+    if (!ids) return NULL;
+    nano_encode(m, text, len, ids + pre, need);
+    *n = (int)need;
+    return ids;
+}
+
+typedef struct {
+    int max_new, print_ids, ignore_eos;
+    NanoSampler sampler;
+} GenOpts;
+
+static void emit(const Nano *m, int tok, int print_ids, int first)
+{
+    if (print_ids) {
+        printf(first ? "%d" : " %d", tok);
+    } else {
+        size_t len;
+        const char *s = nano_token_text(m, tok, &len);
+        fwrite(s, 1, len, stdout);
+    }
+    fflush(stdout);
+}
+
+/* Sample until <|eos|>, max_new tokens, or a full context (model.generate's loop). The context
+ * must hold the prompt already. Returns the last sampled token (EOS when it stopped there). */
+static int generate(Nano *m, GenOpts *o, double *t_decode, int *n_out)
+{
+    double t0 = now_s();
+    int last = -1, n = 0;
+    for (int i = 0; i < o->max_new; i++) {
+        int tok = nano_sample(m, &o->sampler);
+        last = tok;
+        if (tok < 0 || (tok == NANO_EOS && !o->ignore_eos)) break;
+        emit(m, tok, o->print_ids, n == 0);
+        n++;
+        if (nano_feed(m, tok) != NANO_OK) break;
+    }
+    *t_decode = now_s() - t0;
+    *n_out = n;
+    return last;
+}
+
+static void report(int n_prompt, double t_prompt, int n_new, double t_decode)
+{
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    fprintf(stderr, "\n[prompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s | %d threads, %s kernels]\n",
+            n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_new, t_decode > 0 ? n_new / t_decode : 0.0, threads,
+            nano_kernel_name());
+}
+
+static char *read_line(FILE *f)
+{
+    size_t cap = 256, n = 0;
+    char *buf = malloc(cap);
+    int c;
+    while (buf && (c = fgetc(f)) != EOF) {
+        if (n + 1 == cap) {
+            char *more = cap < (1u << 24) ? realloc(buf, cap * 2) : NULL;
+            if (!more) break;
+            buf = more;
+            cap *= 2;
+        }
+        if (c == '\n') break;
+        buf[n++] = (char)c;
+    }
+    if (!buf || (n == 0 && c == EOF)) {
+        free(buf);
+        return NULL;
+    }
+    if (n && buf[n - 1] == '\r') n--;
+    buf[n] = 0;
+    return buf;
+}
+
+/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|> */
+static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct, int *n_ids)
+{
+    int pre = instruct ? 2 : 1, n;
+    int *ids = encode_alloc(m, text, len, pre, 1, &n);
+    if (!ids) return NULL;
+    ids[0] = NANO_BOS;
+    *n_ids = n + pre;
+    if (instruct) {
+        ids[1] = NANO_INSTRUCT;
+        ids[(*n_ids)++] = NANO_RESPONSE;
+    }
+    return ids;
+}
+
+/* The REPL of infer.py: every message is a fresh prompt (no history), in instruct or continue mode. */
+static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
+{
+    char err[NANO_ERRLEN];
+    int instruct = 1, lora_on = *lora != NULL; /* main attached the -l adapter */
+    fprintf(stderr, "Nano chat, instruct mode. /help lists the commands; /quit or Ctrl-D leaves.\n");
+    for (;;) {
+        printf(instruct ? "\n> " : "\nprompt> ");
+        fflush(stdout);
+        char *line = read_line(stdin);
+        if (!line) break;
+        if (!line[0]) {
+            free(line);
+            continue;
+        }
+        if (line[0] == '/') {
+            if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) {
+                free(line);
+                break;
+            } else if (!strcmp(line, "/mode")) {
+                instruct = !instruct;
+                fprintf(stderr, "[%s mode]\n", instruct ? "instruct" : "continue");
+            } else if (!strcmp(line, "/lora")) { /* toggle the adapter of -l (or of the last /lora PATH) */
+                if (!*lora) {
+                    fprintf(stderr, "no adapter loaded: start with -l adapter.bin or use /lora adapter.bin\n");
+                } else {
+                    if (lora_on) nano_lora_detach(m);
+                    else nano_lora_attach(m, *lora, err); /* it was checked when loaded */
+                    lora_on = !lora_on;
+                    fprintf(stderr, "[adapter %s]\n", lora_on ? "on" : "off");
+                }
+            } else if (!strncmp(line, "/lora ", 6)) {
+                NanoLora *a = nano_lora_load_file(line + 6, verify, err);
+                int r = a ? nano_lora_attach(m, a, err) : -1;
+                if (r < 0) {
+                    fprintf(stderr, "error: %s\n", err);
+                    nano_lora_free(a);
+                } else {
+                    if (r > 0) fprintf(stderr, "%s\n", err);
+                    nano_lora_free(*lora); /* attach replaced it */
+                    *lora = a;
+                    lora_on = 1;
+                    fprintf(stderr, "[adapter %s on]\n", line + 6);
+                }
+            } else {
+                fprintf(stderr, "/mode              switch instruct <-> continue\n"
+                                "/lora              adapter on/off\n"
+                                "/lora adapter.bin  load and attach another adapter\n"
+                                "/quit              leave\n");
+            }
+            free(line);
+            continue;
+        }
+        int n;
+        int *ids = prompt_ids(m, line, strlen(line), instruct, &n);
+        free(line);
+        if (!ids) {
+            fprintf(stderr, "error: out of memory\n");
+            return 1;
+        }
+        int r = nano_prefill(m, ids, n);
+        free(ids);
+        if (r != NANO_OK) {
+            fprintf(stderr, "error: forward pass failed on the prompt\n");
+            return 1;
+        }
+        double t;
+        int n_new;
+        generate(m, o, &t, &n_new);
+        fprintf(stderr, "\n[%d tokens, %.1f tok/s]", n_new, t > 0 ? n_new / t : 0.0);
+    }
+    printf("\n");
+    return 0;
+}
+
+static int dump_logits(Nano *m, const int *ids, int n, const char *path)
+{
+    const NanoConfig *c = nano_config(m);
+    if (!c->is_causal) {
+        fprintf(stderr, "error: bidirectional models are not supported by the C engine (it decodes through a causal "
+                        "KV cache); use PyTorch (model.one_pass)\n");
+        return 1;
+    }
+    if (n > c->block_size) {
+        fprintf(stderr, "error: %d ids exceed the context of %d\n", n, c->block_size);
+        return 1;
+    }
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        fprintf(stderr, "error: cannot write %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    for (int t = 0; t < n; t++) {
+        const float *logits = nano_forward(m, ids[t], t);
+        if (!logits || fwrite(logits, sizeof(float), (size_t)c->vocab_size, f) != (size_t)c->vocab_size) {
+            fprintf(stderr, "error: forward pass or write failed at position %d\n", t);
+            fclose(f);
+            return 1;
+        }
+    }
+    if (fclose(f)) {
+        fprintf(stderr, "error: cannot write %s\n", path);
+        return 1;
+    }
+    return 0;
+}
+
+static void print_info(const Nano *m)
+{
+    const NanoConfig *c = nano_config(m);
+    printf("layout %d.%d, %s", c->major, c->minor, c->quant == NANO_QUANT_Q8 ? "Q8_0" : "fp32");
+    if (c->quant == NANO_QUANT_Q8) printf(" (group size %d)", c->group_size);
+    printf("\nblock_size %d vocab_size %d (tokenizer %d) n_layer %d n_embd %d n_head %d n_kv_head %d head_dim %d "
+           "n_hidden %d\n%s (theta %g), norm_eps %g, %s, bias %d, tied head %d, kernels %s\n",
+           c->block_size, c->vocab_size, c->tok_vocab, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->head_dim,
+           c->n_hidden, c->use_rope ? "RoPE" : "learned positions", c->rope_theta, c->norm_eps,
+           c->is_causal ? "causal" : "bidirectional", c->bias, c->shared_classifier, nano_kernel_name());
+}
+
+int main(int argc, char **argv)
+{
+    const char *model_path = NULL, *lora_path = NULL, *instruct = NULL, *cont = NULL, *ids_arg = NULL;
+    const char *dump = NULL, *tok_text = NULL, *tok_file = NULL;
+    float temperature = 1.0f, top_p = 1.0f, rep = 1.0f;
+    long top_k = 0, max_new = 256, threads = 0, seed = -1;
+    int verify = 1, info = 0;
+    GenOpts o = {0};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+        int bad = 0, takes = 1;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--no-verify")) { verify = 0; takes = 0; }
+        else if (!strcmp(a, "--print-ids")) { o.print_ids = 1; takes = 0; }
+        else if (!strcmp(a, "--ignore-eos")) { o.ignore_eos = 1; takes = 0; }
+        else if (!strcmp(a, "--info")) { info = 1; takes = 0; }
+        else if (a[0] != '-' && !model_path) { model_path = a; takes = 0; }
+        else if (!val) bad = 1;
+        else if (!strcmp(a, "-l")) lora_path = val;
+        else if (!strcmp(a, "-i")) instruct = val;
+        else if (!strcmp(a, "-g")) cont = val;
+        else if (!strcmp(a, "-t")) bad = parse_float(val, &temperature);
+        else if (!strcmp(a, "-k")) bad = parse_int(val, 0, 0x7fffffff, &top_k);
+        else if (!strcmp(a, "-p")) bad = parse_float(val, &top_p);
+        else if (!strcmp(a, "-r")) bad = parse_float(val, &rep);
+        else if (!strcmp(a, "-n")) bad = parse_int(val, 0, 0x7fffffff, &max_new);
+        else if (!strcmp(a, "-s")) bad = parse_int(val, 0, 0x7fffffffL, &seed);
+        else if (!strcmp(a, "-j")) bad = parse_int(val, 1, 1024, &threads);
+        else if (!strcmp(a, "--ids")) ids_arg = val;
+        else if (!strcmp(a, "--dump-logits")) dump = val;
+        else if (!strcmp(a, "--tokenize")) tok_text = val;
+        else if (!strcmp(a, "--tokenize-file")) tok_file = val;
+        else bad = 1;
+        if (bad) {
+            fprintf(stderr, "error: bad or incomplete option %s%s%s\n\n", a, val && takes ? " " : "", val && takes ? val : "");
+            usage(stderr);
+            return 2;
+        }
+        i += takes;
+    }
+    if (!model_path) {
+        usage(stderr);
+        return 2;
+    }
+    if ((instruct != NULL) + (cont != NULL) + (ids_arg != NULL) > 1) {
+        fprintf(stderr, "error: give one of -i, -g and --ids\n");
+        return 2;
+    }
+    if (dump && !ids_arg) {
+        fprintf(stderr, "error: --dump-logits needs --ids\n");
+        return 2;
+    }
+#ifdef _OPENMP
+    if (threads > 0) omp_set_num_threads((int)threads);
+#endif
+    char err[NANO_ERRLEN];
+    Nano *m = nano_load_file(model_path, verify, err);
+    if (!m) {
+        fprintf(stderr, "error: %s: %s\n", model_path, err);
+        return 1;
+    }
+    const NanoConfig *c = nano_config(m);
+    int rc = 0;
+    int *ids = NULL, n_ids = 0;
+    NanoLora *lora = NULL;
+    if (info) {
+        print_info(m);
+        goto done;
+    }
+    if (lora_path) {
+        lora = nano_lora_load_file(lora_path, verify, err);
+        int r = lora ? nano_lora_attach(m, lora, err) : -1;
+        if (r < 0) {
+            fprintf(stderr, "error: %s: %s\n", lora_path, err);
+            rc = 1;
+            goto done;
+        }
+        if (r > 0) fprintf(stderr, "%s\n", err);
+    }
+    if (tok_text || tok_file) {
+        char *buf = NULL;
+        size_t len = 0;
+        if (tok_file) {
+            FILE *f = fopen(tok_file, "rb");
+            if (!f) {
+                fprintf(stderr, "error: cannot open %s: %s\n", tok_file, strerror(errno));
+                rc = 1;
+                goto done;
+            }
+            size_t cap = 4096;
+            buf = malloc(cap);
+            while (buf) {
+                len += fread(buf + len, 1, cap - len, f);
+                if (len < cap) break;
+                char *more = realloc(buf, cap * 2);
+                if (!more) { free(buf); buf = NULL; break; }
+                buf = more;
+                cap *= 2;
+            }
+            fclose(f);
+            if (!buf) {
+                fprintf(stderr, "error: out of memory\n");
+                rc = 1;
+                goto done;
+            }
+        }
+        const char *text = tok_file ? buf : tok_text;
+        ids = encode_alloc(m, text, tok_file ? len : strlen(tok_text), 0, 0, &n_ids);
+        free(buf);
+        if (!ids) {
+            fprintf(stderr, "error: out of memory\n");
+            rc = 1;
+            goto done;
+        }
+        for (int i = 0; i < n_ids; i++) printf(i ? " %d" : "%d", ids[i]);
+        printf("\n");
+        goto done;
+    }
+    if (!c->is_causal) {
+        fprintf(stderr, "error: this model is bidirectional (is_causal = 0); the C engine generates only with causal "
+                        "models\n");
+        rc = 1;
+        goto done;
+    }
+    if (ids_arg) {
+        n_ids = parse_ids(ids_arg, &ids);
+        if (n_ids < 0) {
+            fprintf(stderr, "error: --ids wants comma-separated non-negative integers\n");
+            rc = 2;
+            goto done;
+        }
+        for (int i = 0; i < n_ids; i++)
+            if (ids[i] >= c->vocab_size) {
+                fprintf(stderr, "error: id %d is outside the vocabulary (%d)\n", ids[i], c->vocab_size);
+                rc = 1;
+                goto done;
+            }
+        if (dump) {
+            rc = dump_logits(m, ids, n_ids, dump);
+            goto done;
+        }
+    }
+    o.max_new = (int)max_new;
+    o.sampler.temperature = temperature;
+    o.sampler.top_k = (int)top_k;
+    o.sampler.top_p = top_p;
+    o.sampler.rep_penalty = rep;
+    nano_sampler_seed(&o.sampler, seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL));
+    if (!instruct && !cont && !ids_arg) {
+        rc = chat(m, &o, &lora, verify);
+        goto done;
+    }
+    if (!ids_arg) {
+        const char *text = instruct ? instruct : cont;
+        ids = prompt_ids(m, text, strlen(text), instruct != NULL, &n_ids);
+        if (!ids) {
+            fprintf(stderr, "error: out of memory\n");
+            rc = 1;
+            goto done;
+        }
+    }
+    double t0 = now_s();
+    if (nano_prefill(m, ids, n_ids) != NANO_OK) {
+        fprintf(stderr, "error: forward pass failed on the prompt\n");
+        rc = 1;
+        goto done;
+    }
+    double t_prompt = now_s() - t0, t_decode;
+    int n_prompt = nano_context_len(m), n_new;
+    generate(m, &o, &t_decode, &n_new);
+    printf("\n");
+    report(n_prompt, t_prompt, n_new, t_decode);
+done:
+    free(ids);
+    nano_free(m);
+    nano_lora_free(lora);
+    return rc;
+}

@@ -1,0 +1,1631 @@
+/*
+ * nano.c: Nano's C inference core. libc + libm, OpenMP when compiled with -fopenmp.
+ *
+ * Sections, in order:
+ *   1. platform, errors, checked arithmetic, CRC-32
+ *   2. SIMD kernels (fp32 and int8 dot products) with runtime dispatch and scalar fallbacks
+ *   3. file loading and validation (2026.11 and 2024.10 layouts), weights, run state
+ *   4. tokenizer (trie, greedy longest match over code points)
+ *   5. forward pass (one token through the KV cache)
+ *   6. generation context and sampler
+ *   7. LoRA adapters
+ *
+ * Portability: mmap, OpenMP and x86 intrinsics sit behind #ifdefs, so the same file builds for
+ * wasm32-wasi (single-threaded, scalar kernels that the compiler may vectorise with SIMD128).
+ * The file formats are little-endian; so are x86-64, ARM64 and wasm.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "nano.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if (defined(__unix__) || defined(__APPLE__)) && !defined(__wasi__) && !defined(NANO_NO_MMAP)
+#define NANO_MMAP 1
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NANO_NO_SIMD)
+#define NANO_X86 1
+#include <immintrin.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#define NANO_PRAGMA(x) _Pragma(#x)
+#define OMP_FOR_IF(cond) NANO_PRAGMA(omp parallel for schedule(static) if (cond))
+#else
+#define OMP_FOR_IF(cond)
+#endif
+
+/* ============================================================================================
+ * 1. platform, errors, checked arithmetic, CRC-32
+ * ============================================================================================ */
+
+#define MAGIC0 0x42443453u
+#define MAGIC1 0x55524C4Du
+#define HEADER_SIZE 256
+#define ALIGN 64
+#define TYPE_BASE 0
+#define TYPE_LORA 10
+#define CONFIG_LEN_2026 176
+#define CONFIG_LEN_2024 32
+#define CRC_OFFSET 144
+#define N_TARGETS 7 /* wq wk wv wo w1 w2 w3: also the bit order of the LoRA targets mask */
+enum { WQ, WK, WV, WO, W1, W2, W3 };
+static const char *const TARGET_NAMES[N_TARGETS] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+
+/* sane bounds: they keep every product below in size_t and reject absurd headers early */
+#define MAX_DIM (1 << 20)
+#define MAX_VOCAB (1 << 24)
+#define MAX_LAYERS 4096
+#define MAX_STATE_BYTES ((uint64_t)8 << 30) /* run state (KV cache ...) above this is refused */
+
+static int errf(char *err, const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, NANO_ERRLEN, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+/* a*b (and a*b*c) in size_t, or 0 on overflow after setting *ok = 0 */
+static size_t mul2(size_t a, size_t b, int *ok)
+{
+    size_t r;
+    if (__builtin_mul_overflow(a, b, &r)) {
+        *ok = 0;
+        return 0;
+    }
+    return r;
+}
+static size_t mul3(size_t a, size_t b, size_t c, int *ok) { return mul2(mul2(a, b, ok), c, ok); }
+static size_t add2(size_t a, size_t b, int *ok)
+{
+    size_t r;
+    if (__builtin_add_overflow(a, b, &r)) {
+        *ok = 0;
+        return 0;
+    }
+    return r;
+}
+
+static uint32_t rd_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static int32_t rd_i32(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t rd_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static double rd_f64(const uint8_t *p) { double v; memcpy(&v, p, 8); return v; }
+
+/* CRC-32 (the zlib / IEEE 802.3 polynomial), slicing-by-8: about 1-2 GB/s */
+static uint32_t crc_table[8][256];
+static void crc_init(void)
+{
+    static int done;
+    if (done) return;
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][i] = c;
+    }
+    for (int i = 0; i < 256; i++)
+        for (int t = 1; t < 8; t++) crc_table[t][i] = (crc_table[t - 1][i] >> 8) ^ crc_table[0][crc_table[t - 1][i] & 0xFF];
+    done = 1;
+}
+/* like zlib's crc32(crc, buf, len): pass the previous result to continue */
+static uint32_t crc32_update(uint32_t crc, const uint8_t *p, size_t n)
+{
+    crc = ~crc;
+    while (n >= 8) {
+        uint32_t a = rd_u32(p) ^ crc, b = rd_u32(p + 4);
+        crc = crc_table[7][a & 0xFF] ^ crc_table[6][(a >> 8) & 0xFF] ^ crc_table[5][(a >> 16) & 0xFF] ^
+              crc_table[4][a >> 24] ^ crc_table[3][b & 0xFF] ^ crc_table[2][(b >> 8) & 0xFF] ^
+              crc_table[1][(b >> 16) & 0xFF] ^ crc_table[0][b >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n--) crc = crc_table[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* A file's bytes: mmapped, read into memory, or a caller's buffer. Plus heap copies the loader
+ * had to make (misaligned fp32 tensors, dequantized matrices), freed with it. */
+typedef struct {
+    const uint8_t *data;
+    size_t size;
+    void *map;
+    size_t map_len;
+    uint8_t *heap;
+    void **owned;
+    size_t n_owned, cap_owned;
+} Blob;
+
+static int blob_open(Blob *b, const char *path, char *err)
+{
+    memset(b, 0, sizeof *b);
+#ifdef NANO_MMAP
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return errf(err, "cannot open %s: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return errf(err, "%s is not a regular file", path);
+    }
+    if (st.st_size < HEADER_SIZE) {
+        close(fd);
+        return errf(err, "%s: file is %lld bytes, shorter than the 256-byte header (truncated, or not a Nano .bin)",
+                    path, (long long)st.st_size);
+    }
+    if ((unsigned long long)st.st_size > (size_t)-1) {
+        close(fd);
+        return errf(err, "%s: file too large for this address space", path);
+    }
+    void *p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    close(fd);
+    if (p == MAP_FAILED) return errf(err, "cannot mmap %s: %s", path, strerror(errno));
+    b->map = p;
+    b->map_len = (size_t)st.st_size;
+    b->data = p;
+    b->size = (size_t)st.st_size;
+    return 0;
+#else
+    FILE *f = fopen(path, "rb");
+    if (!f) return errf(err, "cannot open %s", path);
+    size_t cap = 1 << 20, n = 0;
+    uint8_t *buf = malloc(cap);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap) break;
+        uint8_t *nb = cap > ((size_t)-1) / 2 ? NULL : realloc(buf, cap * 2);
+        if (!nb) { free(buf); buf = NULL; break; }
+        buf = nb;
+        cap *= 2;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) { free(buf); return errf(err, "cannot read %s", path); }
+    if (n < HEADER_SIZE) { free(buf); return errf(err, "%s: file is %zu bytes, shorter than the 256-byte header", path, n); }
+    b->heap = buf;
+    b->data = buf;
+    b->size = n;
+    return 0;
+#endif
+}
+
+static void blob_close(Blob *b)
+{
+    for (size_t i = 0; i < b->n_owned; i++) free(b->owned[i]);
+    free(b->owned);
+#ifdef NANO_MMAP
+    if (b->map) munmap(b->map, b->map_len);
+#endif
+    free(b->heap);
+    memset(b, 0, sizeof *b);
+}
+
+static void *blob_own(Blob *b, size_t bytes)
+{
+    if (b->n_owned == b->cap_owned) {
+        size_t cap = b->cap_owned ? b->cap_owned * 2 : 16;
+        void **o = realloc(b->owned, cap * sizeof *o);
+        if (!o) return NULL;
+        b->owned = o;
+        b->cap_owned = cap;
+    }
+    void *p = malloc(bytes ? bytes : 1);
+    if (p) b->owned[b->n_owned++] = p;
+    return p;
+}
+
+/* ============================================================================================
+ * 2. SIMD kernels
+ * ============================================================================================ */
+
+typedef float (*dot_f32_fn)(const float *a, const float *b, int n);
+typedef void (*axpy_fn)(float *y, float a, const float *x, int n); /* y += a x (attention's V sum) */
+/* int8 dot over n elements in groups of gs: sum_g (sum_i w_i x_i) * ws[g] * xs[g] */
+typedef float (*dot_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int gs);
+
+static float dot_f32_scalar(const float *a, const float *b, int n)
+{
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += a[i] * b[i];
+        s1 += a[i + 1] * b[i + 1];
+        s2 += a[i + 2] * b[i + 2];
+        s3 += a[i + 3] * b[i + 3];
+    }
+    for (; i < n; i++) s0 += a[i] * b[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+static void axpy_scalar(float *y, float a, const float *x, int n)
+{
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static float dot_q8_scalar(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int n, int gs)
+{
+    float sum = 0;
+    for (int g = 0; g < n / gs; g++) {
+        int32_t isum = 0;
+        for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int32_t)w[i] * x[i];
+        sum += (float)isum * ws[g] * xs[g];
+    }
+    return sum;
+}
+
+#ifdef NANO_X86
+__attribute__((target("avx2,fma"))) static float hsum256(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static float dot_f32_avx2(const float *a, const float *b, int n)
+{
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+__attribute__((target("avx512f"))) static float dot_f32_avx512(const float *a, const float *b, int n)
+{
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 64 <= n; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    if (i < n) {
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+}
+
+__attribute__((target("avx2,fma"))) static void axpy_avx2(float *y, float a, const float *x, int n)
+{
+    __m256 av = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+__attribute__((target("avx512f"))) static void axpy_avx512(float *y, float a, const float *x, int n)
+{
+    __m512 av = _mm512_set1_ps(a);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* gs % 32 == 0. maddubs multiplies unsigned by signed bytes, so feed it |x| and w*sign(x);
+ * both fit because the quantizers never produce -128. Pair sums stay below 2*127*127 < 32767. */
+__attribute__((target("avx2,fma"))) static float dot_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
+                                                              const float *xs, int n, int gs)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int g = 0; g < n / gs; g++) {
+        __m256i isum = _mm256_setzero_si256();
+        for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + j));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(ws[g] * xs[g]), acc);
+    }
+    return hsum256(acc);
+}
+
+/* gs % 64 == 0: VNNI's vpdpbusd (u8 x s8 -> i32, 64 products per instruction), same sign trick */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx512(const int8_t *w, const float *ws,
+                                                                                   const int8_t *x, const float *xs,
+                                                                                   int n, int gs)
+{
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int g = 0; g < n / gs; g++) {
+        __m512i isum = _mm512_setzero_si512();
+        for (int j = g * gs; j < (g + 1) * gs; j += 64) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w + j));
+            __m512i xv = _mm512_loadu_si512((const void *)(x + j));
+            __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
+            isum = _mm512_dpbusd_epi32(isum, _mm512_abs_epi8(xv), sw);
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(ws[g] * xs[g]), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+static dot_f32_fn g_dot_f32 = dot_f32_scalar;
+static axpy_fn g_axpy = axpy_scalar;
+static dot_q8_fn g_q8_256, g_q8_512; /* NULL where the CPU lacks them */
+static const char *g_kernel_name = "scalar";
+
+/* Pick kernels once. NANO_SIMD=scalar|avx2|avx512 caps the choice (tests compare the paths). */
+static void simd_init(void)
+{
+    static int done;
+    if (done) return;
+    done = 1;
+#ifdef NANO_X86
+    const char *cap = getenv("NANO_SIMD");
+    int allow2 = !cap || strcmp(cap, "scalar") != 0;
+    int allow512 = !cap || strcmp(cap, "avx512") == 0;
+    __builtin_cpu_init();
+    if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        g_dot_f32 = dot_f32_avx2;
+        g_axpy = axpy_avx2;
+        g_q8_256 = dot_q8_avx2;
+        g_kernel_name = "avx2";
+    }
+    if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vnni")) {
+        g_dot_f32 = dot_f32_avx512;
+        g_axpy = axpy_avx512;
+        g_q8_512 = dot_q8_avx512;
+        g_kernel_name = "avx512-vnni";
+    }
+#endif
+}
+
+const char *nano_kernel_name(void)
+{
+    simd_init();
+    return g_kernel_name;
+}
+
+static dot_q8_fn pick_q8(int gs)
+{
+    if (gs % 64 == 0 && g_q8_512) return g_q8_512;
+    if (gs % 32 == 0 && g_q8_256) return g_q8_256;
+    return dot_q8_scalar;
+}
+
+/* ============================================================================================
+ * 3. structures, loading and validation
+ * ============================================================================================ */
+
+typedef struct {
+    int type, rows, cols, gs; /* type: NANO_QUANT_F32 or NANO_QUANT_Q8 */
+    dot_q8_fn kq;             /* Q8: the row kernel for this group size */
+    const float *w;           /* fp32 [rows*cols] */
+    const int8_t *q;          /* q8 [rows*cols] */
+    const float *s;           /* q8 scales [rows*cols/gs]; groups never span rows */
+} Mat;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    Mat mat[N_TARGETS];
+    const float *bias[N_TARGETS]; /* NULL without biases */
+} Layer;
+
+typedef struct {
+    int n;                /* tokens */
+    char *text;           /* UTF-8 of every token, back to back */
+    size_t *text_off;     /* [n+1] */
+    int32_t *node_token;  /* trie node -> token id ending there, or -1; node 0 is the root */
+    size_t n_nodes;
+    uint64_t *hkeys;      /* edge hash: key = (node << 21 | code point) + 1, 0 = empty slot */
+    int32_t *hvals;       /* child node */
+    size_t hmask;
+} Tokenizer;
+
+struct NanoLora {
+    Blob blob;
+    int major, minor, n_layer, n_embd, n_head, n_kv_head, n_hidden, head_dim, rank, targets;
+    double alpha;
+    float scale; /* alpha / rank */
+    int has_fingerprint;
+    uint8_t fingerprint[32];
+    const float **A, **B; /* [n_layer * N_TARGETS]; NULL where a matrix is not targeted */
+    float *tmp; /* [rank] */
+};
+
+struct Nano {
+    NanoConfig c;
+    Blob blob;
+    Mat tok_emb, head;
+    const float *pos_emb, *final_norm;
+    Layer *layers;
+    Tokenizer tok;
+    /* run state, all allocated at load */
+    float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits, *kcache, *vcache, *rope_cos, *rope_sin;
+    int8_t *aq; /* activation quantized for Q8 matmuls */
+    float *as;
+    /* generation context */
+    int *ids, n_ids, pos, has_logits;
+    uint8_t *seen;
+    int *distinct, n_distinct;
+    float *work, *probs;
+    int *order;
+    NanoLora *lora;
+};
+
+const NanoConfig *nano_config(const Nano *m) { return &m->c; }
+
+/* A read cursor over [pos, end) of a blob: every tensor is checked against the end before use. */
+typedef struct {
+    Blob *b;
+    size_t pos, end;
+    char *err;
+} Cur;
+
+static const uint8_t *take(Cur *c, size_t count, size_t elsize, size_t align, const char *what, int layer)
+{
+    int ok = 1;
+    size_t nbytes = mul2(count, elsize, &ok);
+    size_t p = align > 1 ? mul2((add2(c->pos, align - 1, &ok)) / align, align, &ok) : c->pos;
+    if (!ok) {
+        errf(c->err, "%s (layer %d): size overflows", what, layer);
+        return NULL;
+    }
+    if (p > c->end || c->end - p < nbytes) {
+        errf(c->err, "%s (layer %d): %zu bytes at offset %zu run past the end of the data (%zu bytes): "
+             "file truncated or header corrupted", what, layer, nbytes, p, c->end);
+        return NULL;
+    }
+    c->pos = p + nbytes;
+    return c->b->data + p;
+}
+
+/* fp32 tensor; copied to the heap when the file puts it off a 4-byte boundary (2024.10 Q8 files
+ * can, and so can a caller's buffer), because float loads must be aligned in C */
+static const float *take_f32(Cur *c, size_t count, size_t align, const char *what, int layer)
+{
+    const uint8_t *p = take(c, count, 4, align, what, layer);
+    if (!p) return NULL;
+    if (((uintptr_t)p & 3) == 0) return (const float *)(const void *)p;
+    float *copy = blob_own(c->b, count * 4);
+    if (!copy) {
+        errf(c->err, "out of memory");
+        return NULL;
+    }
+    memcpy(copy, p, count * 4);
+    return copy;
+}
+
+static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_t align, const char *what, int layer)
+{
+    int ok = 1;
+    size_t n = mul2((size_t)rows, (size_t)cols, &ok);
+    M->rows = rows;
+    M->cols = cols;
+    M->gs = gs;
+    M->type = quant;
+    if (!ok) return errf(c->err, "%s: size overflows", what);
+    if (quant == NANO_QUANT_F32) {
+        M->w = take_f32(c, n, align, what, layer);
+        return M->w ? 0 : -1;
+    }
+    if (n % (size_t)gs) return errf(c->err, "%s: %zu elements are not a multiple of the group size %d", what, n, gs);
+    M->kq = pick_q8(gs);
+    M->q = (const int8_t *)take(c, n, 1, align, what, layer);
+    if (!M->q) return -1;
+    M->s = take_f32(c, n / gs, align, what, layer);
+    if (!M->s) return -1;
+    if (cols % gs) {
+        /* 2024.10 files may have groups that span rows (the writer only made n_embd divisible):
+         * the row kernels cannot use those, so this matrix becomes fp32 */
+        float *w = blob_own(c->b, n * sizeof(float));
+        if (!w) return errf(c->err, "out of memory");
+        for (size_t i = 0; i < n; i++) w[i] = (float)M->q[i] * M->s[i / gs];
+        M->type = NANO_QUANT_F32;
+        M->w = w;
+    }
+    return 0;
+}
+
+static int check_magic(const uint8_t *d, size_t size, int *major, int *minor, int *type, char *err)
+{
+    if (size < HEADER_SIZE)
+        return errf(err, "file is %zu bytes, shorter than the 256-byte header (truncated, or not a Nano .bin)", size);
+    if (rd_u32(d) != MAGIC0 || rd_u32(d + 4) != MAGIC1)
+        return errf(err, "bad magic 0x%08x 0x%08x (expected 0x%08x 0x%08x): not a Nano .bin file", rd_u32(d),
+                    rd_u32(d + 4), MAGIC0, MAGIC1);
+    *major = rd_i32(d + 8);
+    *minor = rd_i32(d + 12);
+    *type = rd_i32(d + 16);
+    if (!((*major == 2026 && *minor == 11) || (*major == 2024 && *minor == 10)))
+        return errf(err, "unsupported file version %d.%d (this engine reads 2026.11 and 2024.10)", *major, *minor);
+    if (*type != TYPE_BASE && *type != TYPE_LORA) return errf(err, "unknown model type %d (0 = model, 10 = LoRA)", *type);
+    return 0;
+}
+
+/* 2026.11: the file-size field and the CRC-32 over payload then header (with the CRC field zeroed) */
+static int check_2026_integrity(const uint8_t *d, size_t size, int verify, char *err)
+{
+    if (rd_i32(d + 20) != CONFIG_LEN_2026)
+        return errf(err, "config length %d, expected %d for layout 2026.11 (corrupted header?)", rd_i32(d + 20),
+                    CONFIG_LEN_2026);
+    uint64_t fsize = rd_u64(d + 136);
+    if (fsize != size)
+        return errf(err, "file is %zu bytes but its header says %llu: truncated or corrupted", size,
+                    (unsigned long long)fsize);
+    if (verify) {
+        uint8_t head[HEADER_SIZE];
+        memcpy(head, d, HEADER_SIZE);
+        memset(head + CRC_OFFSET, 0, 4);
+        crc_init();
+        uint32_t crc = crc32_update(crc32_update(0, d + HEADER_SIZE, size - HEADER_SIZE), head, HEADER_SIZE);
+        if (crc != rd_u32(d + CRC_OFFSET))
+            return errf(err, "checksum mismatch (CRC-32 0x%08x, header says 0x%08x): the file is corrupted "
+                        "(--no-verify skips this check)", crc, rd_u32(d + CRC_OFFSET));
+    }
+    return 0;
+}
+
+static int check_dims(const NanoConfig *c, char *err)
+{
+    if (c->n_layer < 1 || c->n_layer > MAX_LAYERS) return errf(err, "n_layer %d out of range [1, %d]", c->n_layer, MAX_LAYERS);
+    if (c->vocab_size < 6 || c->vocab_size > MAX_VOCAB) return errf(err, "vocab_size %d out of range", c->vocab_size);
+    if (c->block_size < 1 || c->block_size > MAX_VOCAB) return errf(err, "block_size %d out of range", c->block_size);
+    int dims[] = {c->n_embd, c->n_head, c->n_kv_head, c->n_hidden, c->head_dim};
+    const char *names[] = {"n_embd", "n_head", "n_kv_head", "n_hidden", "head_dim"};
+    for (int i = 0; i < 5; i++)
+        if (dims[i] < 1 || dims[i] > MAX_DIM) return errf(err, "%s %d out of range [1, %d]", names[i], dims[i], MAX_DIM);
+    if ((long long)c->n_head * c->head_dim != c->n_embd)
+        return errf(err, "n_embd %d != n_head %d x head_dim %d", c->n_embd, c->n_head, c->head_dim);
+    if (c->n_head % c->n_kv_head) return errf(err, "n_head %d is not a multiple of n_kv_head %d", c->n_head, c->n_kv_head);
+    if (c->use_rope && c->head_dim % 2) return errf(err, "RoPE needs an even head_dim, got %d", c->head_dim);
+    return 0;
+}
+
+/* 2026.11 config fields (shared by models and adapters) */
+static int read_config_2026(const uint8_t *d, NanoConfig *c, char *err)
+{
+    c->major = 2026;
+    c->minor = 11;
+    c->block_size = rd_i32(d + 24);
+    c->vocab_size = rd_i32(d + 28);
+    c->n_layer = rd_i32(d + 32);
+    c->n_embd = rd_i32(d + 36);
+    c->n_head = rd_i32(d + 40);
+    c->n_kv_head = rd_i32(d + 44);
+    c->n_hidden = rd_i32(d + 48);
+    c->shared_classifier = rd_i32(d + 52);
+    c->quant = rd_i32(d + 56);
+    c->group_size = rd_i32(d + 60);
+    c->head_dim = rd_i32(d + 64);
+    c->use_rope = rd_i32(d + 68);
+    c->is_causal = rd_i32(d + 72);
+    c->bias = rd_i32(d + 76);
+    c->rope_theta = rd_f64(d + 80);
+    c->norm_eps = rd_f64(d + 88);
+    c->tok_vocab = rd_i32(d + 100);
+    memcpy(c->fingerprint, d + 152, 32);
+    for (int i = 0; i < 32; i++) c->has_fingerprint |= c->fingerprint[i] != 0;
+    int flags[] = {c->shared_classifier, c->use_rope, c->is_causal, c->bias};
+    const char *names[] = {"shared_classifier", "use_rope", "is_causal", "bias"};
+    for (int i = 0; i < 4; i++)
+        if (flags[i] != 0 && flags[i] != 1) return errf(err, "header field %s is %d, expected 0 or 1", names[i], flags[i]);
+    if (!(c->norm_eps > 0 && c->norm_eps < 1)) return errf(err, "norm_eps %g out of range", c->norm_eps);
+    if (c->use_rope && !(c->rope_theta > 0 && c->rope_theta < 1e30)) return errf(err, "rope_theta %g out of range", c->rope_theta);
+    return check_dims(c, err);
+}
+
+/* Tokenizer section (same encoding in both layouts); fills m->tok. Section at [off, off+size). */
+static int tok_build(Nano *m, size_t off, char *err);
+
+static int alloc_state(Nano *m, char *err);
+
+/* 2026.11 model; check_2026_integrity has run */
+static int load_2026(Nano *m, char *err)
+{
+    const uint8_t *d = m->blob.data;
+    size_t size = m->blob.size;
+    NanoConfig *c = &m->c;
+    if (read_config_2026(d, c, err)) return -1;
+    if (c->quant == NANO_QUANT_Q8) {
+        if (c->group_size < 1 || c->n_embd % c->group_size || c->n_hidden % c->group_size)
+            return errf(err, "Q8 group size %d does not divide n_embd %d and n_hidden %d", c->group_size, c->n_embd,
+                        c->n_hidden);
+    } else if (c->quant != NANO_QUANT_F32) {
+        return errf(err, "unknown quant type %d (0 = fp32, 800 = Q8_0)", c->quant);
+    }
+    if (rd_i32(d + 96) != 1) return errf(err, "tokenizer kind %d: this engine supports only the trie tokenizer (1)", rd_i32(d + 96));
+    uint64_t tok_off = rd_u64(d + 104), tok_size = rd_u64(d + 112), par_off = rd_u64(d + 120), par_size = rd_u64(d + 128);
+    if (tok_off != HEADER_SIZE || tok_size < 8 || tok_size > size - HEADER_SIZE || par_off % ALIGN ||
+        par_off < tok_off + tok_size || par_off > size || par_size != size - par_off)
+        return errf(err, "section offsets out of range (tokenizer %llu+%llu, parameters %llu+%llu, file %zu bytes)",
+                    (unsigned long long)tok_off, (unsigned long long)tok_size, (unsigned long long)par_off,
+                    (unsigned long long)par_size, size);
+    if (rd_u32(d + tok_off) != tok_size) return errf(err, "tokenizer section size %u disagrees with the header's %llu",
+                                                    rd_u32(d + tok_off), (unsigned long long)tok_size);
+    if (tok_build(m, (size_t)tok_off, err)) return -1;
+    if (m->tok.n != c->tok_vocab) return errf(err, "tokenizer has %d tokens, header says %d", m->tok.n, c->tok_vocab);
+
+    Cur cur = {&m->blob, (size_t)par_off, size, err};
+    int D = c->n_embd, Q = c->n_head * c->head_dim, KV = c->n_kv_head * c->head_dim, H = c->n_hidden;
+    int q = c->quant, gs = c->group_size;
+    int rows[N_TARGETS] = {Q, KV, KV, D, H, D, H}, cols[N_TARGETS] = {D, D, D, Q, D, H, D};
+    if (take_mat(&cur, &m->tok_emb, c->vocab_size, D, q, gs, ALIGN, "token embedding", -1)) return -1;
+    if (!c->use_rope && !(m->pos_emb = take_f32(&cur, (size_t)c->block_size * D, ALIGN, "position embedding", -1)))
+        return -1;
+    for (int l = 0; l < c->n_layer; l++) {
+        Layer *L = &m->layers[l];
+        for (int t = 0; t < N_TARGETS; t++) {
+            if (t == WQ && !(L->attn_norm = take_f32(&cur, D, ALIGN, "attn_norm", l))) return -1;
+            if (t == W1 && !(L->ffn_norm = take_f32(&cur, D, ALIGN, "ffn_norm", l))) return -1;
+            if (take_mat(&cur, &L->mat[t], rows[t], cols[t], q, gs, ALIGN, TARGET_NAMES[t], l)) return -1;
+            if (c->bias && !(L->bias[t] = take_f32(&cur, rows[t], ALIGN, "bias", l))) return -1;
+        }
+    }
+    if (!(m->final_norm = take_f32(&cur, D, ALIGN, "final norm", -1))) return -1;
+    if (c->shared_classifier) m->head = m->tok_emb;
+    else if (take_mat(&cur, &m->head, c->vocab_size, D, q, gs, ALIGN, "output head", -1)) return -1;
+    if ((cur.pos + ALIGN - 1) / ALIGN * ALIGN != size)
+        return errf(err, "%zu unexpected bytes after the parameters (corrupted header?)", size - cur.pos);
+    return 0;
+}
+
+static int load_2024(Nano *m, char *err)
+{
+    const uint8_t *d = m->blob.data;
+    size_t size = m->blob.size;
+    NanoConfig *c = &m->c;
+    if (rd_i32(d + 20) != CONFIG_LEN_2024)
+        return errf(err, "config length %d, expected 32 for layout 2024.10", rd_i32(d + 20));
+    c->major = 2024;
+    c->minor = 10;
+    c->block_size = rd_i32(d + 24);
+    c->vocab_size = rd_i32(d + 28);
+    c->n_layer = rd_i32(d + 32);
+    c->n_embd = rd_i32(d + 36);
+    c->n_head = rd_i32(d + 40);
+    c->n_kv_head = rd_i32(d + 44);
+    c->n_hidden = rd_i32(d + 48);
+    c->shared_classifier = rd_i32(d + 52);
+    c->quant = rd_i32(d + 56);
+    int gs = rd_i32(d + 60);
+    /* implied by the layout */
+    c->use_rope = 1;
+    c->is_causal = 1;
+    c->bias = 0;
+    c->rope_theta = 10000.0;
+    c->norm_eps = 1e-5;
+    if (c->n_head < 1 || c->n_embd % c->n_head) return errf(err, "n_embd %d is not a multiple of n_head %d", c->n_embd, c->n_head);
+    c->head_dim = c->n_embd / c->n_head;
+    if (check_dims(c, err)) return -1;
+    if (c->shared_classifier != 0 && c->shared_classifier != 1)
+        return errf(err, "shared classifier flag is %d, expected 0 or 1", c->shared_classifier);
+    if (c->quant == NANO_QUANT_Q8) {
+        if (gs < 1) return errf(err, "Q8 group size %d must be positive", gs);
+        while (c->n_embd % gs) gs /= 2; /* the original writer's rule (see the 2024.10 doc) */
+        c->group_size = gs;
+    } else if (c->quant == NANO_QUANT_F32) {
+        c->group_size = 0;
+    } else {
+        return errf(err, "unknown quant type %d (0 = fp32, 800 = Q8_0)", c->quant);
+    }
+    if (tok_build(m, HEADER_SIZE, err)) return -1;
+    c->tok_vocab = m->tok.n;
+
+    Cur cur = {&m->blob, HEADER_SIZE + (size_t)rd_u32(d + HEADER_SIZE), size, err};
+    int D = c->n_embd, Q = c->n_head * c->head_dim, KV = c->n_kv_head * c->head_dim, H = c->n_hidden, L = c->n_layer;
+    int rows[N_TARGETS] = {Q, KV, KV, D, H, D, H}, cols[N_TARGETS] = {D, D, D, Q, D, H, D};
+    size_t rope_n = (size_t)c->block_size * (c->head_dim / 2);
+    if (c->quant == NANO_QUANT_F32) {
+        if (take_mat(&cur, &m->tok_emb, c->vocab_size, D, 0, 0, 1, "token embedding", -1)) return -1;
+        for (int l = 0; l < L; l++)
+            if (!(m->layers[l].attn_norm = take_f32(&cur, D, 1, "attn_norm", l))) return -1;
+        for (int t = WQ; t <= WO; t++)
+            for (int l = 0; l < L; l++)
+                if (take_mat(&cur, &m->layers[l].mat[t], rows[t], cols[t], 0, 0, 1, TARGET_NAMES[t], l)) return -1;
+        for (int l = 0; l < L; l++)
+            if (!(m->layers[l].ffn_norm = take_f32(&cur, D, 1, "ffn_norm", l))) return -1;
+        for (int t = W1; t <= W3; t++)
+            for (int l = 0; l < L; l++)
+                if (take_mat(&cur, &m->layers[l].mat[t], rows[t], cols[t], 0, 0, 1, TARGET_NAMES[t], l)) return -1;
+        if (!(m->final_norm = take_f32(&cur, D, 1, "final norm", -1))) return -1;
+        /* the stored RoPE tables are skipped: the engine computes the same ones (rope_tables) */
+        if (!take(&cur, rope_n * 2, 4, 1, "RoPE tables", -1)) return -1;
+        if (!c->shared_classifier && take_mat(&cur, &m->head, c->vocab_size, D, 0, 0, 1, "output head", -1)) return -1;
+    } else {
+        for (int l = 0; l < L; l++)
+            if (!(m->layers[l].attn_norm = take_f32(&cur, D, 1, "attn_norm", l))) return -1;
+        for (int l = 0; l < L; l++)
+            if (!(m->layers[l].ffn_norm = take_f32(&cur, D, 1, "ffn_norm", l))) return -1;
+        if (!(m->final_norm = take_f32(&cur, D, 1, "final norm", -1))) return -1;
+        if (take_mat(&cur, &m->tok_emb, c->vocab_size, D, c->quant, gs, 1, "token embedding", -1)) return -1;
+        for (int t = 0; t < N_TARGETS; t++)
+            for (int l = 0; l < L; l++)
+                if (take_mat(&cur, &m->layers[l].mat[t], rows[t], cols[t], c->quant, gs, 1, TARGET_NAMES[t], l)) return -1;
+        if (!c->shared_classifier && take_mat(&cur, &m->head, c->vocab_size, D, c->quant, gs, 1, "output head", -1))
+            return -1;
+        if (!take(&cur, rope_n * 2, 4, 1, "RoPE tables", -1)) return -1;
+    }
+    if (c->shared_classifier) m->head = m->tok_emb;
+    if (cur.pos != size)
+        return errf(err, "file is %zu bytes but its header implies %zu: corrupted header or trailing data", size, cur.pos);
+    return 0;
+}
+
+static void *zalloc(size_t n, size_t el, int *ok)
+{
+    if (!*ok) return NULL;
+    void *p = calloc(n ? n : 1, el);
+    if (!p) *ok = 0;
+    return p;
+}
+
+static int alloc_state(Nano *m, char *err)
+{
+    const NanoConfig *c = &m->c;
+    size_t D = c->n_embd, Q = (size_t)c->n_head * c->head_dim, KV = (size_t)c->n_kv_head * c->head_dim;
+    size_t H = c->n_hidden, V = c->vocab_size, B = c->block_size, L = c->n_layer;
+    size_t wide = D > Q ? D : Q;
+    if (H > wide) wide = H;
+    int ok = 1;
+    size_t kv = mul3(L, KV, B, &ok);
+    size_t rope = c->use_rope ? mul2(B, c->head_dim / 2, &ok) : 0;
+    size_t floats = add2(add2(mul2(kv, 2, &ok), mul2(rope, 2, &ok), &ok), mul2((size_t)c->n_head, B, &ok), &ok);
+    floats = add2(floats, add2(mul2(V, 3, &ok), mul2(wide, 9, &ok), &ok), &ok);
+    size_t bytes = add2(mul2(floats, 4, &ok), mul2(V, 5, &ok), &ok);
+    if (!ok || (uint64_t)bytes > MAX_STATE_BYTES)
+        return errf(err, "run state (KV cache and buffers) would take %s%llu MiB, over the %llu MiB limit",
+                    ok ? "" : "over ", (unsigned long long)(bytes >> 20), (unsigned long long)(MAX_STATE_BYTES >> 20));
+    m->x = zalloc(wide, 4, &ok);
+    m->xb = zalloc(wide, 4, &ok);
+    m->xb2 = zalloc(wide, 4, &ok);
+    m->hb = zalloc(wide, 4, &ok);
+    m->hb2 = zalloc(wide, 4, &ok);
+    m->q = zalloc(Q, 4, &ok);
+    m->k = zalloc(KV, 4, &ok);
+    m->v = zalloc(KV, 4, &ok);
+    m->att = zalloc((size_t)c->n_head * B, 4, &ok);
+    m->logits = zalloc(V, 4, &ok);
+    m->kcache = zalloc(kv, 4, &ok);
+    m->vcache = zalloc(kv, 4, &ok);
+    m->aq = zalloc(wide, 1, &ok);
+    m->as = zalloc(wide, 4, &ok);
+    m->ids = zalloc(B + 1, sizeof(int), &ok);
+    m->distinct = zalloc(B + 1, sizeof(int), &ok);
+    m->seen = zalloc(V, 1, &ok);
+    m->work = zalloc(V, 4, &ok);
+    m->probs = zalloc(V, 4, &ok);
+    m->order = zalloc(V, sizeof(int), &ok);
+    if (c->use_rope) {
+        m->rope_cos = zalloc(rope, 4, &ok);
+        m->rope_sin = zalloc(rope, 4, &ok);
+    }
+    if (!ok) return errf(err, "out of memory allocating the run state (%zu MiB)", bytes >> 20);
+    if (c->use_rope) {
+        /* as model.rope_tables: angles in double, then rounded to float */
+        int half = c->head_dim / 2;
+        for (int i = 0; i < half; i++) {
+            double inv = 1.0 / pow(c->rope_theta, (double)(2 * i) / c->head_dim);
+            for (size_t t = 0; t < B; t++) {
+                double a = (double)t * inv;
+                m->rope_cos[t * half + i] = (float)cos(a);
+                m->rope_sin[t * half + i] = (float)sin(a);
+            }
+        }
+    }
+    return 0;
+}
+
+static void tok_free(Tokenizer *t)
+{
+    free(t->text);
+    free(t->text_off);
+    free(t->node_token);
+    free(t->hkeys);
+    free(t->hvals);
+}
+
+void nano_free(Nano *m)
+{
+    if (!m) return;
+    void *bufs[] = {m->x, m->xb, m->xb2, m->hb, m->hb2, m->q, m->k, m->v, m->att, m->logits, m->kcache, m->vcache,
+                    m->rope_cos, m->rope_sin, m->aq, m->as, m->ids, m->distinct, m->seen, m->work, m->probs, m->order,
+                    m->layers};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    tok_free(&m->tok);
+    blob_close(&m->blob);
+    free(m);
+}
+
+static Nano *load(Nano *m, int verify, char *err)
+{
+    int major, minor, type;
+    simd_init();
+    if (check_magic(m->blob.data, m->blob.size, &major, &minor, &type, err)) goto fail;
+    if (type == TYPE_LORA) {
+        errf(err, "this file is a LoRA adapter, not a model (attach it to its base model with -l)");
+        goto fail;
+    }
+    if (major == 2026 && check_2026_integrity(m->blob.data, m->blob.size, verify, err)) goto fail;
+    /* layers are counted before the config is fully checked; bound the allocation by MAX_LAYERS */
+    int nl = rd_i32(m->blob.data + 32);
+    if (nl < 1 || nl > MAX_LAYERS) {
+        errf(err, "n_layer %d out of range [1, %d]", nl, MAX_LAYERS);
+        goto fail;
+    }
+    m->layers = calloc((size_t)nl, sizeof(Layer));
+    if (!m->layers) {
+        errf(err, "out of memory");
+        goto fail;
+    }
+    if ((major == 2026 ? load_2026(m, err) : load_2024(m, err)) || alloc_state(m, err)) goto fail;
+    nano_reset(m);
+    return m;
+fail:
+    nano_free(m);
+    return NULL;
+}
+
+Nano *nano_load_file(const char *path, int verify, char err[NANO_ERRLEN])
+{
+    Nano *m = calloc(1, sizeof *m);
+    if (!m) {
+        errf(err, "out of memory");
+        return NULL;
+    }
+    if (blob_open(&m->blob, path, err)) {
+        free(m);
+        return NULL;
+    }
+    return load(m, verify, err);
+}
+
+Nano *nano_load_buffer(const void *data, size_t size, int verify, char err[NANO_ERRLEN])
+{
+    Nano *m = calloc(1, sizeof *m);
+    if (!m) {
+        errf(err, "out of memory");
+        return NULL;
+    }
+    m->blob.data = data;
+    m->blob.size = size;
+    return load(m, verify, err);
+}
+
+/* ============================================================================================
+ * 4. tokenizer
+ * ============================================================================================ */
+
+static const char UNKNOWN_TEXT[] = "<|unknown|>";
+
+static size_t utf8_put(uint32_t cp, char *out)
+{
+    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) cp = 0xFFFD; /* not encodable */
+    if (cp < 0x80) { out[0] = (char)cp; return 1; }
+    if (cp < 0x800) { out[0] = (char)(0xC0 | cp >> 6); out[1] = (char)(0x80 | (cp & 0x3F)); return 2; }
+    if (cp < 0x10000) {
+        out[0] = (char)(0xE0 | cp >> 12);
+        out[1] = (char)(0x80 | ((cp >> 6) & 0x3F));
+        out[2] = (char)(0x80 | (cp & 0x3F));
+        return 3;
+    }
+    out[0] = (char)(0xF0 | cp >> 18);
+    out[1] = (char)(0x80 | ((cp >> 12) & 0x3F));
+    out[2] = (char)(0x80 | ((cp >> 6) & 0x3F));
+    out[3] = (char)(0x80 | (cp & 0x3F));
+    return 4;
+}
+
+/* Next code point of s[0..n), n >= 1. An ill-formed sequence yields U+FFFD for its maximal
+ * well-formed prefix (or one byte), exactly like Python's bytes.decode("utf-8", "replace"). */
+static size_t utf8_next(const uint8_t *s, size_t n, uint32_t *cp)
+{
+    uint8_t b0 = s[0], lo = 0x80, hi = 0xBF;
+    int need;
+    uint32_t c;
+    if (b0 < 0x80) { *cp = b0; return 1; }
+    if (b0 >= 0xC2 && b0 <= 0xDF) { need = 1; c = b0 & 0x1F; }
+    else if (b0 >= 0xE0 && b0 <= 0xEF) {
+        need = 2;
+        c = b0 & 0x0F;
+        if (b0 == 0xE0) lo = 0xA0;
+        if (b0 == 0xED) hi = 0x9F;
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+        need = 3;
+        c = b0 & 0x07;
+        if (b0 == 0xF0) lo = 0x90;
+        if (b0 == 0xF4) hi = 0x8F;
+    } else { *cp = 0xFFFD; return 1; }
+    for (int k = 1; k <= need; k++) {
+        if ((size_t)k >= n || s[k] < lo || s[k] > hi) { *cp = 0xFFFD; return (size_t)k; }
+        lo = 0x80;
+        hi = 0xBF;
+        c = (c << 6) | (s[k] & 0x3F);
+    }
+    *cp = c;
+    return (size_t)need + 1;
+}
+
+static uint64_t hash64(uint64_t k)
+{
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return k;
+}
+
+static int trie_child(const Tokenizer *t, size_t node, uint32_t cp)
+{
+    uint64_t key = ((uint64_t)node << 21 | cp) + 1;
+    for (size_t h = hash64(key) & t->hmask;; h = (h + 1) & t->hmask) {
+        if (t->hkeys[h] == key) return t->hvals[h];
+        if (t->hkeys[h] == 0) return -1;
+    }
+}
+
+static int tok_build(Nano *m, size_t off, char *err)
+{
+    const uint8_t *d = m->blob.data;
+    size_t size = m->blob.size;
+    Tokenizer *t = &m->tok;
+    if (off > size || size - off < 8) return errf(err, "tokenizer section: file truncated at offset %zu", off);
+    size_t sec = rd_u32(d + off), n = rd_u32(d + off + 4);
+    if (sec < 8 || sec > size - off)
+        return errf(err, "tokenizer section of %zu bytes at offset %zu does not fit in the %zu-byte file", sec, off, size);
+    if (n < 6 || n > (size_t)m->c.vocab_size)
+        return errf(err, "tokenizer has %zu tokens; expected 6 .. vocab_size (%d)", n, m->c.vocab_size);
+    /* pass 1: validate every entry and count code points */
+    size_t p = off + 8, end = off + sec, total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (end - p < 8) return errf(err, "tokenizer section: token %zu runs past the section's end", i);
+        size_t len = d[p];
+        if (rd_u32(d + p + 4) != i) return errf(err, "tokenizer section: entry %zu has id %u (corrupted)", i, rd_u32(d + p + 4));
+        p += 8;
+        if ((end - p) / 4 < len) return errf(err, "tokenizer section: token %zu runs past the section's end", i);
+        for (size_t j = 0; j < len; j++)
+            if (rd_u32(d + p + 4 * j) > 0x10FFFF)
+                return errf(err, "tokenizer section: token %zu holds an invalid code point 0x%x", i, rd_u32(d + p + 4 * j));
+        p += 4 * len;
+        total += len;
+    }
+    if (p != end) return errf(err, "tokenizer section: %zu bytes left after %zu tokens (corrupted)", end - p, n);
+    /* pass 2: trie (an edge hash) and the UTF-8 text of every token */
+    size_t cap = 16;
+    while (cap < 2 * (total + 1)) cap *= 2;
+    t->n = (int)n;
+    t->hmask = cap - 1;
+    t->node_token = malloc((total + 1) * sizeof *t->node_token);
+    t->hkeys = calloc(cap, sizeof *t->hkeys);
+    t->hvals = malloc(cap * sizeof *t->hvals);
+    t->text = malloc(total * 4 + 1);
+    t->text_off = malloc((n + 1) * sizeof *t->text_off);
+    if (!t->node_token || !t->hkeys || !t->hvals || !t->text || !t->text_off) return errf(err, "out of memory (tokenizer)");
+    t->node_token[0] = -1;
+    t->n_nodes = 1;
+    size_t tp = 0;
+    p = off + 8;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = d[p], node = 0;
+        p += 8;
+        t->text_off[i] = tp;
+        for (size_t j = 0; j < len; j++) {
+            uint32_t cp = rd_u32(d + p + 4 * j);
+            tp += utf8_put(cp, t->text + tp);
+            int child = trie_child(t, node, cp);
+            if (child < 0) {
+                uint64_t key = ((uint64_t)node << 21 | cp) + 1;
+                size_t h = hash64(key) & t->hmask;
+                while (t->hkeys[h]) h = (h + 1) & t->hmask;
+                t->hkeys[h] = key;
+                t->hvals[h] = child = (int)t->n_nodes;
+                t->node_token[t->n_nodes++] = -1;
+            }
+            node = (size_t)child;
+        }
+        if (len) t->node_token[node] = (int32_t)i; /* a repeated string maps to its last id, as a Python dict would */
+        p += 4 * len;
+    }
+    t->text_off[n] = tp;
+    return 0;
+}
+
+size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t max_ids)
+{
+    const Tokenizer *t = &m->tok;
+    const uint8_t *s = (const uint8_t *)text;
+    size_t i = 0, count = 0;
+    while (i < len) {
+        /* greedy: walk the trie as far as the text allows, remember the last complete token */
+        size_t j = i, node = 0, best_end = i;
+        int best = -1;
+        while (j < len) {
+            uint32_t cp;
+            size_t adv = utf8_next(s + j, len - j, &cp);
+            int child = trie_child(t, node, cp);
+            if (child < 0) break;
+            node = (size_t)child;
+            j += adv;
+            if (t->node_token[node] >= 0) {
+                best = t->node_token[node];
+                best_end = j;
+            }
+        }
+        if (best < 0) { /* no token starts here: one code point becomes <|unknown|> */
+            uint32_t cp;
+            best = NANO_UNK;
+            best_end = i + utf8_next(s + i, len - i, &cp);
+        }
+        if (count < max_ids) ids[count] = best;
+        count++;
+        i = best_end;
+    }
+    return count;
+}
+
+const char *nano_token_text(const Nano *m, int id, size_t *len)
+{
+    const Tokenizer *t = &m->tok;
+    if (id < 0 || id >= t->n) {
+        *len = sizeof UNKNOWN_TEXT - 1;
+        return UNKNOWN_TEXT;
+    }
+    *len = t->text_off[id + 1] - t->text_off[id];
+    return t->text + t->text_off[id];
+}
+
+/* ============================================================================================
+ * 5. forward pass
+ * ============================================================================================ */
+
+/* symmetric int8 per group, as the Q8_0 weights; an all-zero group gets scale 0 */
+static void quantize_act(int8_t *q, float *s, const float *x, int n, int gs)
+{
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        float amax = 0;
+        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < gs; i++) {
+            float v = xg[i] * inv;
+            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
+            q[(size_t)g * gs + i] = (int8_t)(int)roundf(v);
+        }
+        s[g] = amax / 127.0f;
+    }
+}
+
+static float mat_row(const Mat *W, int r, const float *x, const int8_t *xq, const float *xs)
+{
+    size_t c = (size_t)W->cols;
+    if (W->type == NANO_QUANT_Q8) return W->kq(W->q + r * c, W->s + r * (c / W->gs), xq, xs, W->cols, W->gs);
+    return g_dot_f32(W->w + r * c, x, W->cols);
+}
+
+/* out[i] = W[i] x for up to 3 matrices that share the input (wq wk wv; w1 w3), as one parallel loop
+ * over all their rows: one OpenMP fork/join instead of one per matrix. Rows are dot products taken
+ * one after the other: a single sequential stream is what the hardware prefetchers follow best
+ * (interleaving four rows per call measured slower). xq/xs: x quantized, for Q8 matrices. */
+static void matvec_multi(const Mat *const *W, float *const *out, int n, const float *x, const int8_t *xq,
+                         const float *xs)
+{
+    int end[3], total = 0;
+    for (int i = 0; i < n; i++) end[i] = total += W[i]->rows;
+    OMP_FOR_IF((long long)total * W[0]->cols >= 32768)
+    for (int r = 0; r < total; r++) {
+        int i = 0;
+        while (r >= end[i]) i++;
+        int row = i ? r - end[i - 1] : r;
+        out[i][row] = mat_row(W[i], row, x, xq, xs);
+    }
+}
+
+static void lora_apply(const NanoLora *a, int layer, int t, float *out, const float *x, int in, int outn)
+{
+    const float *A = a->A[layer * N_TARGETS + t], *B = a->B[layer * N_TARGETS + t];
+    if (!A) return;
+    int r = a->rank;
+    for (int i = 0; i < r; i++) a->tmp[i] = g_dot_f32(A + (size_t)i * in, x, in);
+    for (int o = 0; o < outn; o++) out[o] += a->scale * dot_f32_scalar(B + (size_t)o * r, a->tmp, r);
+}
+
+/* out[i] = W_t[i] x (+ bias) (+ LoRA delta) for the n layers t[] that read x; x quantized already
+ * (maybe_quantize) for Q8 files */
+static void linear(Nano *m, int layer, const int *t, int n, float *const *out, const float *x)
+{
+    const Layer *L = &m->layers[layer];
+    const Mat *W[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < n; i++) W[i] = &L->mat[t[i]];
+    matvec_multi(W, out, n, x, m->aq, m->as);
+    for (int i = 0; i < n; i++) {
+        if (L->bias[t[i]])
+            for (int j = 0; j < W[i]->rows; j++) out[i][j] += L->bias[t[i]][j];
+        if (m->lora) lora_apply(m->lora, layer, t[i], out[i], x, W[i]->cols, W[i]->rows);
+    }
+}
+
+static void maybe_quantize(Nano *m, const float *x, int n)
+{
+    if (m->c.quant == NANO_QUANT_Q8) quantize_act(m->aq, m->as, x, n, m->c.group_size);
+}
+
+/* model.RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float (the sum in double) */
+static void rmsnorm(float *o, const float *x, const float *w, int n, float eps)
+{
+    double ss = 0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) o[i] = (x[i] * r) * w[i];
+}
+
+/* model.apply_rope: rotate adjacent pairs (2i, 2i+1) of each head */
+static void rope(float *v, int heads, int hd, const float *cos_t, const float *sin_t)
+{
+    for (int h = 0; h < heads; h++) {
+        float *x = v + (size_t)h * hd;
+        for (int i = 0; i < hd / 2; i++) {
+            float e = x[2 * i], o = x[2 * i + 1];
+            x[2 * i] = e * cos_t[i] - o * sin_t[i];
+            x[2 * i + 1] = e * sin_t[i] + o * cos_t[i];
+        }
+    }
+}
+
+static void embed_row(float *x, const Mat *E, int row)
+{
+    size_t D = (size_t)E->cols;
+    if (E->type == NANO_QUANT_F32) {
+        memcpy(x, E->w + (size_t)row * D, D * sizeof(float));
+    } else {
+        const int8_t *q = E->q + (size_t)row * D;
+        const float *s = E->s + (size_t)row * (D / E->gs);
+        for (size_t i = 0; i < D; i++) x[i] = (float)q[i] * s[i / E->gs];
+    }
+}
+
+/* the layers of a block, grouped by the input they read (each group is one parallel loop) */
+static const int QKV[] = {WQ, WK, WV}, WO_[] = {WO}, W13[] = {W1, W3}, W2_[] = {W2};
+
+const float *nano_forward(Nano *m, int token, int pos)
+{
+    const NanoConfig *c = &m->c;
+    if (!c->is_causal || token < 0 || token >= c->vocab_size || pos < 0 || pos >= c->block_size) return NULL;
+    int D = c->n_embd, hd = c->head_dim, nh = c->n_head, nkv = c->n_kv_head, Q = nh * hd, H = c->n_hidden;
+    int B = c->block_size, group = nh / nkv;
+    float eps = (float)c->norm_eps, scale = 1.0f / sqrtf((float)hd);
+    float *x = m->x;
+    embed_row(x, &m->tok_emb, token);
+    if (m->pos_emb)
+        for (int i = 0; i < D; i++) x[i] += m->pos_emb[(size_t)pos * D + i];
+    const float *cos_t = c->use_rope ? m->rope_cos + (size_t)pos * (hd / 2) : NULL;
+    const float *sin_t = c->use_rope ? m->rope_sin + (size_t)pos * (hd / 2) : NULL;
+
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        rmsnorm(m->xb, x, L->attn_norm, D, eps);
+        maybe_quantize(m, m->xb, D);
+        linear(m, l, QKV, 3, (float *const[]){m->q, m->k, m->v}, m->xb);
+        if (c->use_rope) {
+            rope(m->q, nh, hd, cos_t, sin_t);
+            rope(m->k, nkv, hd, cos_t, sin_t);
+        }
+        /* compact cache [layer][kv head][position][head_dim] */
+        for (int h = 0; h < nkv; h++) {
+            size_t slot = (((size_t)l * nkv + h) * B + pos) * hd;
+            memcpy(m->kcache + slot, m->k + (size_t)h * hd, hd * sizeof(float));
+            memcpy(m->vcache + slot, m->v + (size_t)h * hd, hd * sizeof(float));
+        }
+        OMP_FOR_IF((long long)nh * (pos + 1) * hd >= 16384)
+        for (int h = 0; h < nh; h++) {
+            const float *qh = m->q + (size_t)h * hd;
+            const float *kb = m->kcache + ((size_t)l * nkv + h / group) * B * hd; /* GQA: kv head h / group */
+            const float *vb = m->vcache + ((size_t)l * nkv + h / group) * B * hd;
+            float *att = m->att + (size_t)h * B, *o = m->xb2 + (size_t)h * hd, mx = -INFINITY, sum = 0;
+            for (int t = 0; t <= pos; t++) {
+                att[t] = g_dot_f32(qh, kb + (size_t)t * hd, hd) * scale;
+                mx = att[t] > mx ? att[t] : mx;
+            }
+            for (int t = 0; t <= pos; t++) sum += (att[t] = expf(att[t] - mx));
+            for (int i = 0; i < hd; i++) o[i] = 0;
+            for (int t = 0; t <= pos; t++) g_axpy(o, att[t] / sum, vb + (size_t)t * hd, hd);
+        }
+        maybe_quantize(m, m->xb2, Q);
+        linear(m, l, WO_, 1, &m->xb, m->xb2);
+        for (int i = 0; i < D; i++) x[i] += m->xb[i];
+
+        rmsnorm(m->xb, x, L->ffn_norm, D, eps);
+        maybe_quantize(m, m->xb, D);
+        linear(m, l, W13, 2, (float *const[]){m->hb, m->hb2}, m->xb);
+        for (int i = 0; i < H; i++) {
+            float g = m->hb[i];
+            m->hb[i] = g / (1.0f + expf(-g)) * m->hb2[i]; /* SwiGLU: silu(w1 x) * w3 x */
+        }
+        maybe_quantize(m, m->hb, H);
+        linear(m, l, W2_, 1, &m->xb, m->hb);
+        for (int i = 0; i < D; i++) x[i] += m->xb[i];
+    }
+    rmsnorm(m->xb, x, m->final_norm, D, eps);
+    maybe_quantize(m, m->xb, D);
+    const Mat *head = &m->head;
+    matvec_multi(&head, &m->logits, 1, m->xb, m->aq, m->as);
+    return m->logits;
+}
+
+/* ============================================================================================
+ * 6. generation context and sampler (model.Transformer.generate, model.sample_next)
+ * ============================================================================================ */
+
+void nano_reset(Nano *m)
+{
+    for (int i = 0; i < m->n_distinct; i++) m->seen[m->distinct[i]] = 0;
+    m->n_distinct = m->n_ids = m->pos = m->has_logits = 0;
+}
+
+int nano_context_len(const Nano *m) { return m->pos; }
+
+/* Like generate(): the token joins the ids (for the repetition penalty) even when the context is
+ * full; then it is forwarded if a position is left. */
+int nano_feed(Nano *m, int token)
+{
+    const NanoConfig *c = &m->c;
+    if (token < 0 || token >= c->vocab_size) return NANO_ERR;
+    if (m->n_ids > c->block_size) return NANO_FULL;
+    m->ids[m->n_ids++] = token;
+    if (!m->seen[token]) {
+        m->seen[token] = 1;
+        m->distinct[m->n_distinct++] = token;
+    }
+    if (m->pos >= c->block_size) return NANO_FULL;
+    if (!nano_forward(m, token, m->pos)) return NANO_ERR;
+    m->pos++;
+    m->has_logits = 1;
+    return NANO_OK;
+}
+
+int nano_prefill(Nano *m, const int *ids, int n)
+{
+    nano_reset(m);
+    if (n < 1) return NANO_ERR;
+    int start = n > m->c.block_size ? n - m->c.block_size : 0; /* keep the most recent context that fits */
+    for (int i = start; i < n; i++) {
+        int r = nano_feed(m, ids[i]);
+        if (r != NANO_OK) return r;
+    }
+    return NANO_OK;
+}
+
+void nano_sampler_seed(NanoSampler *s, uint64_t seed)
+{
+    s->rng = seed ^ 0x9E3779B97F4A7C15ULL;
+    if (!s->rng) s->rng = 1;
+}
+
+static uint32_t rng_u32(uint64_t *s) /* xorshift64* */
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return (uint32_t)((*s * 0x2545F4914F6CDD1DULL) >> 32);
+}
+static float rng_f32(uint64_t *s) { return (float)(rng_u32(s) >> 8) / 16777216.0f; }
+
+static int argmax(const float *v, int n) /* first maximum, like torch.argmax; NaN counts as largest */
+{
+    int best = 0;
+    for (int i = 0; i < n; i++) {
+        if (v[i] != v[i]) return i;
+        if (v[i] > v[best]) best = i;
+    }
+    return best;
+}
+
+/* k-th largest value (1 <= k <= n) with a min-heap of the k largest seen */
+static float kth_largest(const float *v, int n, int k, float *heap)
+{
+    for (int i = 0; i < n; i++) {
+        float x = v[i] == v[i] ? v[i] : -INFINITY;
+        int j;
+        if (i < k) {
+            for (j = i; j > 0 && heap[(j - 1) / 2] > x; j = (j - 1) / 2) heap[j] = heap[(j - 1) / 2];
+            heap[j] = x;
+        } else if (x > heap[0]) {
+            for (j = 0;;) {
+                int a = 2 * j + 1, b = a + 1, s = j;
+                float sv = x;
+                if (a < k && heap[a] < sv) { s = a; sv = heap[a]; }
+                if (b < k && heap[b] < sv) s = b;
+                if (s == j) break;
+                heap[j] = heap[s];
+                j = s;
+            }
+            heap[j] = x;
+        }
+    }
+    return heap[0];
+}
+
+/* top-p without sorting: reorders idx[0..n) (tokens with p > 0) so that idx[0..k) is the kept set
+ * and returns k. Kept = the most likely tokens, in descending order, while the mass of those before
+ * them is below `target` (the first is always kept) -- sample_next's rule. A quickselect on the
+ * cumulative mass: O(n) expected, where sorting 32000 candidates would cost more than a Q8 forward
+ * pass. Among equally likely tokens the order is arbitrary, as it is with torch.sort. */
+static int top_p_keep(const float *p, int *idx, int n, float target)
+{
+    int lo = 0, hi = n; /* idx[0..lo) kept, idx[hi..n) dropped, [lo, hi) undecided */
+    float acc = 0;      /* mass of the kept ones */
+    while (lo < hi) {
+        float v = p[idx[lo + (hi - lo) / 2]];
+        int a = lo, i = lo, b = hi; /* partition: [lo, a) > v, [a, b) == v, [b, hi) < v */
+        while (i < b) {
+            int t = idx[i];
+            if (p[t] > v) {
+                idx[i++] = idx[a];
+                idx[a++] = t;
+            } else if (p[t] < v) {
+                idx[i] = idx[--b];
+                idx[b] = t;
+            } else {
+                i++;
+            }
+        }
+        float gt = 0;
+        for (int j = lo; j < a; j++) gt += p[idx[j]];
+        if (acc + gt >= target) { /* the cut lies among the more likely ones */
+            hi = a;
+            continue;
+        }
+        acc += gt;
+        lo = a;
+        while (lo < b && acc < target) acc += p[idx[lo++]];
+        if (lo < b) break; /* the cut fell among the equal ones */
+    }
+    return lo;
+}
+
+int nano_sample(Nano *m, NanoSampler *s)
+{
+    if (!m->has_logits) return -1;
+    int V = m->c.vocab_size;
+    float *l = m->work, *p = m->probs;
+    memcpy(l, m->logits, (size_t)V * sizeof(float));
+    /* 1. repetition penalty over the distinct previous ids */
+    if (s->rep_penalty != 1.0f)
+        for (int i = 0; i < m->n_distinct; i++) {
+            float v = l[m->distinct[i]];
+            l[m->distinct[i]] = v > 0 ? v / s->rep_penalty : v * s->rep_penalty;
+        }
+    /* 2. greedy, or temperature */
+    if (!(s->temperature > 0)) return argmax(l, V);
+    for (int i = 0; i < V; i++) l[i] /= s->temperature;
+    /* 3. top-k: drop what is below the k-th largest (ties with it stay) */
+    if (s->top_k > 0 && s->top_k < V) {
+        float kth = kth_largest(l, V, s->top_k, p);
+        for (int i = 0; i < V; i++)
+            if (l[i] < kth) l[i] = -INFINITY;
+    }
+    /* softmax (unnormalised: p / sum) */
+    int best = argmax(l, V);
+    float mx = l[best], sum = 0;
+    for (int i = 0; i < V; i++) {
+        float e = expf(l[i] - mx);
+        p[i] = e == e ? e : 0.0f;
+        sum += p[i];
+    }
+    if (!(sum > 0) || sum == INFINITY) return best; /* NaN/inf logits: nothing sensible to sample */
+    int *idx = m->order, n = 0;
+    for (int i = 0; i < V; i++)
+        if (p[i] > 0) idx[n++] = i;
+    /* 4. top-p: in descending order, drop a token once the mass of the more likely ones reaches p */
+    if (s->top_p < 1.0f) {
+        if (!(s->top_p > 0)) return best;
+        n = top_p_keep(p, idx, n, s->top_p * sum);
+        sum = 0;
+        for (int j = 0; j < n; j++) sum += p[idx[j]];
+    }
+    /* 5. sample from what is left */
+    float r = rng_f32(&s->rng) * sum, acc = 0;
+    for (int j = 0; j < n; j++) {
+        acc += p[idx[j]];
+        if (r < acc) return idx[j];
+    }
+    for (int j = n - 1; j > 0; j--) /* rounding left r >= acc: the last token with mass */
+        if (p[idx[j]] > 0) return idx[j];
+    return idx[0];
+}
+
+/* ============================================================================================
+ * 7. LoRA adapters
+ * ============================================================================================ */
+
+void nano_lora_free(NanoLora *a)
+{
+    if (!a) return;
+    free(a->tmp);
+    free(a->A);
+    free(a->B);
+    blob_close(&a->blob);
+    free(a);
+}
+
+static NanoLora *lora_load(NanoLora *a, int verify, char *err)
+{
+    const uint8_t *d = a->blob.data;
+    size_t size = a->blob.size;
+    int type;
+    if (check_magic(d, size, &a->major, &a->minor, &type, err)) goto fail;
+    if (type != TYPE_LORA) {
+        errf(err, "this file is a model, not a LoRA adapter (model type %d)", type);
+        goto fail;
+    }
+    NanoConfig c = {0};
+    int L, D, Q, KV, H, rows[N_TARGETS], cols[N_TARGETS];
+    if (a->major == 2026) {
+        if (check_2026_integrity(d, size, verify, err) || read_config_2026(d, &c, err)) goto fail;
+        a->rank = rd_i32(d + 184);
+        a->targets = rd_i32(d + 188);
+        a->alpha = rd_f64(d + 192);
+        a->has_fingerprint = c.has_fingerprint;
+        memcpy(a->fingerprint, c.fingerprint, 32);
+        if (a->targets < 1 || a->targets >= (1 << N_TARGETS)) {
+            errf(err, "LoRA targets mask 0x%x invalid", a->targets);
+            goto fail;
+        }
+        if (rd_u64(d + 120) != HEADER_SIZE) {
+            errf(err, "LoRA parameters offset %llu, expected 256", (unsigned long long)rd_u64(d + 120));
+            goto fail;
+        }
+    } else {
+        if (rd_i32(d + 20) != CONFIG_LEN_2024) {
+            errf(err, "config length %d, expected 32 for layout 2024.10", rd_i32(d + 20));
+            goto fail;
+        }
+        a->rank = rd_i32(d + 24);
+        a->alpha = rd_i32(d + 28);
+        c.n_layer = rd_i32(d + 32);
+        c.n_embd = rd_i32(d + 36);
+        c.n_head = rd_i32(d + 40);
+        c.n_kv_head = rd_i32(d + 44);
+        c.n_hidden = rd_i32(d + 48);
+        c.vocab_size = c.block_size = 6; /* not stored; only to pass check_dims */
+        c.use_rope = 1;
+        if (c.n_head < 1 || c.n_embd % c.n_head) {
+            errf(err, "n_embd %d is not a multiple of n_head %d", c.n_embd, c.n_head);
+            goto fail;
+        }
+        c.head_dim = c.n_embd / c.n_head;
+        if (check_dims(&c, err)) goto fail;
+        a->targets = (1 << WQ) | (1 << WK) | (1 << WV) | (1 << WO);
+    }
+    if (a->rank < 1 || a->rank > MAX_DIM) {
+        errf(err, "LoRA rank %d out of range", a->rank);
+        goto fail;
+    }
+    if (!isfinite(a->alpha)) {
+        errf(err, "LoRA alpha is not finite");
+        goto fail;
+    }
+    a->n_layer = L = c.n_layer;
+    a->n_embd = D = c.n_embd;
+    a->n_head = c.n_head;
+    a->n_kv_head = c.n_kv_head;
+    a->n_hidden = H = c.n_hidden;
+    a->head_dim = c.head_dim;
+    Q = c.n_head * c.head_dim;
+    KV = c.n_kv_head * c.head_dim;
+    int r0[N_TARGETS] = {Q, KV, KV, D, H, D, H}, c0[N_TARGETS] = {D, D, D, Q, D, H, D};
+    memcpy(rows, r0, sizeof rows);
+    memcpy(cols, c0, sizeof cols);
+    a->scale = (float)(a->alpha / a->rank);
+    a->A = calloc((size_t)L * N_TARGETS, sizeof *a->A);
+    a->B = calloc((size_t)L * N_TARGETS, sizeof *a->B);
+    if (!a->A || !a->B) {
+        errf(err, "out of memory");
+        goto fail;
+    }
+    Cur cur = {&a->blob, HEADER_SIZE, size, err};
+    if (a->major == 2026) {
+        for (int l = 0; l < L; l++)
+            for (int t = 0; t < N_TARGETS; t++) {
+                if (!(a->targets & (1 << t))) continue;
+                if (!(a->A[l * N_TARGETS + t] = take_f32(&cur, (size_t)a->rank * cols[t], ALIGN, "LoRA A", l)) ||
+                    !(a->B[l * N_TARGETS + t] = take_f32(&cur, (size_t)rows[t] * a->rank, ALIGN, "LoRA B", l)))
+                    goto fail;
+            }
+        if ((cur.pos + ALIGN - 1) / ALIGN * ALIGN != size) {
+            errf(err, "%zu unexpected bytes after the adapter's parameters", size - cur.pos);
+            goto fail;
+        }
+    } else {
+        for (int t = WQ; t <= WO; t++) {
+            for (int l = 0; l < L; l++)
+                if (!(a->A[l * N_TARGETS + t] = take_f32(&cur, (size_t)a->rank * cols[t], 1, "LoRA A", l))) goto fail;
+            for (int l = 0; l < L; l++)
+                if (!(a->B[l * N_TARGETS + t] = take_f32(&cur, (size_t)rows[t] * a->rank, 1, "LoRA B", l))) goto fail;
+        }
+        if (cur.pos != size) {
+            errf(err, "adapter file is %zu bytes but its header implies %zu", size, cur.pos);
+            goto fail;
+        }
+    }
+    a->tmp = calloc((size_t)a->rank, sizeof(float));
+    if (!a->tmp) {
+        errf(err, "out of memory");
+        goto fail;
+    }
+    return a;
+fail:
+    nano_lora_free(a);
+    return NULL;
+}
+
+NanoLora *nano_lora_load_file(const char *path, int verify, char err[NANO_ERRLEN])
+{
+    NanoLora *a = calloc(1, sizeof *a);
+    if (!a) {
+        errf(err, "out of memory");
+        return NULL;
+    }
+    if (blob_open(&a->blob, path, err)) {
+        free(a);
+        return NULL;
+    }
+    return lora_load(a, verify, err);
+}
+
+NanoLora *nano_lora_load_buffer(const void *data, size_t size, int verify, char err[NANO_ERRLEN])
+{
+    NanoLora *a = calloc(1, sizeof *a);
+    if (!a) {
+        errf(err, "out of memory");
+        return NULL;
+    }
+    a->blob.data = data;
+    a->blob.size = size;
+    return lora_load(a, verify, err);
+}
+
+int nano_lora_attach(Nano *m, NanoLora *a, char err[NANO_ERRLEN])
+{
+    const NanoConfig *c = &m->c;
+    if (a->n_layer != c->n_layer || a->n_embd != c->n_embd || a->n_head != c->n_head || a->n_kv_head != c->n_kv_head ||
+        a->n_hidden != c->n_hidden || a->head_dim != c->head_dim)
+        return errf(err, "adapter does not match the model: adapter for n_layer %d n_embd %d n_head %d n_kv_head %d "
+                    "n_hidden %d head_dim %d, model has %d %d %d %d %d %d", a->n_layer, a->n_embd, a->n_head,
+                    a->n_kv_head, a->n_hidden, a->head_dim, c->n_layer, c->n_embd, c->n_head, c->n_kv_head,
+                    c->n_hidden, c->head_dim);
+    int warn = 0;
+    if (a->has_fingerprint && c->has_fingerprint) {
+        if (memcmp(a->fingerprint, c->fingerprint, 32) != 0)
+            return errf(err, "adapter was made for another base model (base fingerprint %02x%02x%02x%02x..., "
+                        "this model %02x%02x%02x%02x...)", a->fingerprint[0], a->fingerprint[1], a->fingerprint[2],
+                        a->fingerprint[3], c->fingerprint[0], c->fingerprint[1], c->fingerprint[2], c->fingerprint[3]);
+    } else if (a->has_fingerprint || c->has_fingerprint) {
+        errf(err, "warning: the %s has no base fingerprint (2024.10 layout): only the shapes were checked",
+             a->has_fingerprint ? "model" : "adapter");
+        warn = 1;
+    }
+    m->lora = a;
+    nano_reset(m);
+    return warn;
+}
+
+void nano_lora_detach(Nano *m)
+{
+    m->lora = NULL;
+    nano_reset(m);
+}

@@ -1,0 +1,91 @@
+/*
+ * nano.h: the C inference core of Nano (nano.c). No main(), no printing: the CLI (main.c) and a
+ * future browser build (wasm32-wasi) drive it through this API.
+ *
+ * Reads two file layouts: Nano's 2026.11 (docs/FORMAT.md) and the original 2024.10
+ * (../shared/docs/nano-bin-2024.10.md), fp32 and Q8_0, base models and LoRA adapters.
+ * Numerics follow model.py; sampling follows model.sample_next; the tokenizer follows
+ * tokenizer.TrieTokenizer (greedy longest match over code points).
+ *
+ * Errors: loaders return NULL and write a message into `err` (NANO_ERRLEN bytes). Nothing in here
+ * aborts or exits on bad input.
+ */
+#ifndef NANO_H
+#define NANO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NANO_ERRLEN 256
+#define NANO_QUANT_F32 0
+#define NANO_QUANT_Q8 800
+
+/* fixed special token ids (tokenizer.py) */
+enum { NANO_PAD = 0, NANO_UNK = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5 };
+
+/* return codes of nano_feed and friends */
+enum { NANO_OK = 0, NANO_ERR = -1, NANO_FULL = 2 };
+
+typedef struct {
+    int major, minor;       /* file layout: 2026.11 or 2024.10 */
+    int block_size, vocab_size, n_layer, n_embd, n_head, n_kv_head, n_hidden, head_dim;
+    int shared_classifier;  /* output head = token embedding */
+    int quant, group_size;  /* NANO_QUANT_*; group size actually used */
+    int use_rope, is_causal, bias;
+    double rope_theta, norm_eps;
+    int tok_vocab;          /* tokenizer size (<= vocab_size) */
+    int has_fingerprint;    /* 2026.11 files carry the base model's SHA-256 */
+    uint8_t fingerprint[32];
+} NanoConfig;
+
+typedef struct {
+    float temperature;      /* <= 0: greedy */
+    int top_k;              /* 0: off */
+    float top_p;            /* >= 1: off */
+    float rep_penalty;      /* 1: off */
+    uint64_t rng;           /* xorshift64* state; nano_sampler_seed sets it */
+} NanoSampler;
+
+typedef struct Nano Nano;
+typedef struct NanoLora NanoLora;
+
+/* -- loading ------------------------------------------------------------------------------- */
+/* verify: check the 2026.11 CRC-32 of the whole file (cheap next to loading; 0 skips it).
+ * nano_load_buffer does not copy: `data` must outlive the model. */
+Nano *nano_load_file(const char *path, int verify, char err[NANO_ERRLEN]);
+Nano *nano_load_buffer(const void *data, size_t size, int verify, char err[NANO_ERRLEN]);
+void nano_free(Nano *m);
+const NanoConfig *nano_config(const Nano *m);
+const char *nano_kernel_name(void); /* which SIMD kernels the dispatcher picked */
+
+/* -- tokenizer ----------------------------------------------------------------------------- */
+/* Encodes `len` bytes of UTF-8 (invalid bytes become U+FFFD like Python's errors="replace").
+ * Writes at most max_ids ids and returns how many the text needs (call again with more room). */
+size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t max_ids);
+/* UTF-8 text of a token; ids outside the tokenizer give "<|unknown|>". */
+const char *nano_token_text(const Nano *m, int id, size_t *len);
+
+/* -- forward ------------------------------------------------------------------------------- */
+/* One token at position pos through the KV cache (causal models); returns logits[vocab_size]
+ * (owned by m, valid until the next call) or NULL for a bad token/pos or a bidirectional model. */
+const float *nano_forward(Nano *m, int token, int pos);
+
+/* -- generation context (the semantics of model.Transformer.generate) ------------------------ */
+void nano_reset(Nano *m);                          /* empty context */
+int nano_feed(Nano *m, int token);                 /* append + forward; NANO_FULL when no room */
+int nano_prefill(Nano *m, const int *ids, int n);  /* reset, then feed the last block_size ids */
+int nano_context_len(const Nano *m);               /* tokens forwarded so far (= next position) */
+void nano_sampler_seed(NanoSampler *s, uint64_t seed);
+int nano_sample(Nano *m, NanoSampler *s);          /* next id from the last logits, or -1 */
+
+/* -- LoRA adapters ------------------------------------------------------------------------- */
+NanoLora *nano_lora_load_file(const char *path, int verify, char err[NANO_ERRLEN]);
+NanoLora *nano_lora_load_buffer(const void *data, size_t size, int verify, char err[NANO_ERRLEN]);
+void nano_lora_free(NanoLora *a);
+/* Checks the adapter against the base (shapes, and the base fingerprint when both files have one).
+ * Returns 0 on success, 1 on success with a warning in err, -1 (message in err) when refused.
+ * Attaching or detaching resets the generation context (the KV cache was computed without it). */
+int nano_lora_attach(Nano *m, NanoLora *a, char err[NANO_ERRLEN]);
+void nano_lora_detach(Nano *m);
+
+#endif
