@@ -681,7 +681,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                 loss_val = loss_sum.item()  # .item() syncs: done only at log time
                 dt = time.time() - t_last
                 tok_s = (step - step_last) * tokens_per_step / max(dt, 1e-9)
-                mfu = flops_per_token * tok_s / peak if peak else None
+                mfu = flops_per_token * tok_s / (peak * world) if peak else None  # per device
                 gn = grad_norm.item() if grad_norm is not None else None
                 log.line(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | grad_norm "
                          f"{gn if gn is None else f'{gn:.3f}'} | {tok_s:,.0f} tok/s | "
