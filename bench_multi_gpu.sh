@@ -21,7 +21,7 @@ if [ "$what" = zero ] || [ "$what" = all ]; then
     set -- $spec
     case $1 in ddp) ds=();; zero) ds=(--deepspeed_config ds_config.json);; offload) ds=(--deepspeed_config ds_config_offload.json);; esac
     echo "-- $1 $2"
-    timeout 150 $py -m torch.distributed.run --standalone --nproc_per_node 2 bench.py -m config/model_$2.json -b 4 \
+    timeout 600 $py -m torch.distributed.run --standalone --nproc_per_node 2 bench.py -m config/model_$2.json -b 4 \
       --grad-accum 2 --steps 3 --warmup 2 --log-interval 1 "${ds[@]}" 2>&1 | grep -E "^median|OutOfMemory|out of memory|Error" | head -3
   done
 fi
