@@ -36,6 +36,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from model import read_json
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
@@ -466,11 +467,7 @@ def load_meta(out_dir):
     path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: build the dataset with python data.py (see --help)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read JSON: {e}") from None
+    meta = read_json(path, "dataset meta", DataError)
     keys = ("dtype", "vocab_size", "train_tokens", "val_tokens", "tokenizer", "fingerprint")
     missing = [k for k in keys if not isinstance(meta, dict) or k not in meta]
     if missing:
@@ -681,11 +678,7 @@ def load_sft_meta(out_dir):
     path = os.path.join(out_dir, "meta.json")
     if not os.path.isfile(path):
         raise DataError(f"{path} not found: build the SFT data with python data.py sft (see --help)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read JSON: {e}") from None
+    meta = read_json(path, "dataset meta", DataError)
     if not isinstance(meta, dict) or meta.get("kind") != "sft":
         raise DataError(f"{path} does not describe SFT data (build it with python data.py sft)")
     row_len = meta["block_size"] + 1

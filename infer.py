@@ -99,7 +99,7 @@ def parse_args(argv=None):
 
 
 def load(args):
-    ck = load_checkpoint(args.model, args.device)
+    ck = load_checkpoint(args.model)
     model = model_from_checkpoint(ck, args.model, args.device).eval()
     if "tokenizer" not in ck:
         raise ConfigError(f"{args.model} holds no tokenizer")

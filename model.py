@@ -98,16 +98,31 @@ def _check_type(value, annotation, where):
     return value
 
 
-def load_json(path, cls, where=None):
-    """Read a JSON file into dataclass `cls`, with errors that name the file and key."""
+def read_json(path, what="config file", error=ConfigError):
+    """Parse a JSON file; a missing or malformed file raises `error` naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    return dataclass_from_dict(cls, d, where or str(path))
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise error(f"{path}: not valid JSON: {e}") from None
+
+
+def load_json(path, cls, where=None):
+    """Read a JSON file into dataclass `cls`, with errors that name the file and key."""
+    return dataclass_from_dict(cls, read_json(path), where or str(path))
+
+
+def load_torch_file(path, what="checkpoint"):
+    """torch.load(weights_only=True) with errors that name the file: missing, truncated, not a
+    torch file, or holding objects other than tensors and plain data."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except Exception as e:
+        raise ConfigError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
 
 
 SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
@@ -590,12 +605,7 @@ def check_adapter(adapter, base_ck, where="adapter"):
 
 def load_adapter(path, base_ck):
     """Load an adapter checkpoint (weights_only) and check that it belongs to base_ck."""
-    try:
-        adapter = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"adapter not found: {path}") from None
-    except Exception as e:
-        raise ConfigError(f"cannot load adapter {path}: {type(e).__name__}: {e}") from None
+    adapter = load_torch_file(path, "adapter")
     check_adapter(adapter, base_ck, path)
     return adapter
 

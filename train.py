@@ -33,7 +33,7 @@ PROCESS_START = time.time()  # eval lines report seconds since here: time-to-los
 import torch.distributed as dist
 
 from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
-                   dataclass_from_dict, load_json, weights_fingerprint)
+                   dataclass_from_dict, load_json, load_torch_file, read_json, weights_fingerprint)
 from data import DataError
 from tokenizer import TokenizerError
 
@@ -246,14 +246,9 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a Nano checkpoint with weights_only=True; errors name the file and what is wrong."""
-    if not os.path.exists(path):
-        raise ConfigError(f"checkpoint not found: {path}")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding non-tensor objects
-        raise ConfigError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+def load_checkpoint(path):
+    """Load a Nano checkpoint (on the CPU) with weights_only=True; errors name the file and what is wrong."""
+    ck = load_torch_file(path)
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
     return ck
@@ -261,12 +256,7 @@ def load_checkpoint(path, device="cpu"):
 
 def load_training_state(path):
     """A checkpoint to resume from: a full Nano checkpoint or a LoRA run's adapter checkpoint."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+    ck = load_torch_file(path)
     if not isinstance(ck, dict) or "optimizer" not in ck or "step" not in ck:
         raise ConfigError(f"{path} holds no training state to resume from")
     return ck
@@ -751,11 +741,9 @@ def load_configs(args):
     model_path = args.model or "config/model.json"
     train_path = args.train or "config/pretrain.json"
     model_cfg = load_json(model_path, ModelConfig)
-    with open(train_path, encoding="utf-8") if os.path.exists(train_path) else _missing(train_path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{train_path}: not valid JSON: {e}") from None
+    raw = read_json(train_path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{train_path}: expected a JSON object")
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -766,10 +754,6 @@ def load_configs(args):
             raw[key] = value  # a bare string such as device=cpu
     train_cfg = dataclass_from_dict(TrainConfig, raw, train_path)
     return model_cfg, train_cfg
-
-
-def _missing(path):
-    raise ConfigError(f"config file not found: {path}")
 
 
 def main(argv=None):

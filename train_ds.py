@@ -18,7 +18,6 @@ export.py take directly. Consolidate by hand:
     python train_ds.py --consolidate checkpoint/pretrain_ds [--tag last] -o merged.pt
 """
 
-import json
 import os
 import sys
 
@@ -28,17 +27,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
 
 import train  # noqa: E402
-from model import ConfigError  # noqa: E402
+from model import ConfigError, read_json  # noqa: E402
 
 
 def load_ds_config(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"DeepSpeed config not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    ds = read_json(path, "DeepSpeed config")
     if not isinstance(ds, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     ds = {k: v for k, v in ds.items() if not k.startswith("_")}  # "_comment" keys are ours, not DeepSpeed's
