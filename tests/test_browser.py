@@ -1,0 +1,410 @@
+"""
+The browser engine (infer/): the committed nano.wasm against a fresh build, and the chat page in
+headless Chromium (driven by Playwright) against the C engine's CLI (infer_c/infer).
+
+Needs clang-14 + wasi-libc (the build check), and /usr/bin/chromium + the playwright package (the
+page); Playwright drives the system's Chromium, its own browser downloads are never used. Without
+them the tests skip, except under CI=true, where they fail: CI installs all of it (.ci/run).
+
+Every page runs in a fresh browser context; each test checks that every request the page and its
+worker made went to the local test server, and that no script error occurred. A screenshot of a
+reply is saved to test-artifacts/browser_reply.png.
+"""
+
+import base64
+import functools
+import http.server
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import export  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
+from tokenizer import TrieTokenizer  # noqa: E402
+
+INFER = ROOT / "infer"
+ENGINE_DIR = ROOT / "infer_c"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = os.environ.get("NANO_CHROMIUM", "/usr/bin/chromium")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+# the flags of the issue: no GPU, no network services of the browser's own
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+TRAIN_TEXT = ("Once upon a time there was a little fox who lived in the forest. "
+              "Every morning the fox ran to the river and drank the cold water. "
+              "Then the fox went home and slept under the old tree. ") * 40
+MULTILINGUAL = ("The quick brown fox jumps over the lazy dog. Naïve café, résumé. 你好，世界！我们在测试分词器。"
+                "こんにちは、世界。 Привет, мир! Emoji: 😀🎉👍🏽 and CJK extension B: 𠀀𠀁𪚥. <b>bold</b> & <i>x</i> ")
+TIMEOUT_MS = 30_000
+
+
+def need(ok, why):
+    """Skip when something is missing, but fail under CI, which installs everything."""
+    if not ok:
+        if IN_CI:
+            pytest.fail(f"{why} (CI=true: .ci/run must install it)")
+        pytest.skip(why)
+
+
+# ---------------------------------------------------------------------------
+# models (tiny, made here)
+
+
+def trained_checkpoint():
+    """A tiny model trained for ~2 s on repetitive text: confident, readable greedy output."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # much faster than 2 contended threads for a model this small
+    try:
+        tok = TrieTokenizer.build([TRAIN_TEXT], 96)
+        data = torch.tensor(tok.encode(TRAIN_TEXT))
+        bos = torch.tensor([tok.bos_id])
+        period = tok.encode(".")[0]
+        starts = torch.tensor([0] + [i + 1 for i in range(len(data) - 70) if data[i] == period])
+        cfg = ModelConfig(block_size=64, vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=128)
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for _ in range(100):
+            # windows that start with <|bos|> then a sentence, as the page's prompts do
+            ix = starts[torch.randint(len(starts), (8,))]
+            seq = torch.stack([torch.cat([bos, data[i:i + cfg.block_size]]) for i in ix])
+            x, y = seq[:, :-1], seq[:, 1:]
+            _, loss = model(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.5, f"the tiny model did not learn (loss {loss.item():.2f})"
+    return {"model_config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.to_dict()}
+
+
+def random_checkpoint(text, seed=0, **kw):
+    tok = TrieTokenizer.build([text], 10_000, min_word_count=1)
+    cfg_kw = dict(block_size=48, vocab_size=len(tok.tokens) + 3, n_layer=2, n_embd=64, n_head=4, n_kv_head=2,
+                  n_hidden=96)
+    cfg_kw.update(kw)
+    cfg = ModelConfig(**cfg_kw)
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    return {"model_config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.to_dict()}
+
+
+def random_adapter(ck, rank=4, alpha=8.0, seed=1):
+    cfg = ModelConfig.from_dict(ck["model_config"])
+    gen = torch.Generator().manual_seed(seed)
+    ad = {}
+    for i in range(cfg.n_layer):
+        for name, out_f, in_f in export._linears(cfg):
+            ad[f"layers.{i}.{name}.lora_A"] = torch.randn(rank, in_f, generator=gen) * 0.3
+            ad[f"layers.{i}.{name}.lora_B"] = torch.randn(out_f, rank, generator=gen) * 0.3
+    return {"format": "nano-lora", "lora_config": {"rank": rank, "alpha": alpha, "targets": list(export.LORA_TARGETS)},
+            "base": {"model_config": ck["model_config"],
+                     "fingerprint": export.base_fingerprint(ck["model_config"], ck["model"])},
+            "adapter": ad}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("browser")
+    trained = trained_checkpoint()
+    multi = random_checkpoint(MULTILINGUAL)
+    # long context, so that a generation lasts long enough to be stopped, and a prompt long
+    # enough to show prefill progress
+    long_ctx = random_checkpoint(TRAIN_TEXT, seed=5, block_size=4096, n_layer=4, n_embd=128, n_hidden=256)
+    out = {
+        "fp32": d / "fox.fp32.bin", "q8": d / "fox.q8.bin", "adapter": d / "fox_adapter.bin",
+        "multi": d / "multi.bin", "multi_adapter": d / "multi_adapter.bin", "long": d / "long.bin",
+        "tok_multi": TrieTokenizer(multi["tokenizer"]["tokens"]),
+    }
+    export.write_model(str(out["fp32"]), trained, "fp32")
+    export.write_model(str(out["q8"]), trained, "q8")
+    export.write_lora(str(out["adapter"]), random_adapter(trained))
+    export.write_model(str(out["multi"]), multi, "fp32")
+    export.write_lora(str(out["multi_adapter"]), random_adapter(multi))
+    export.write_model(str(out["long"]), long_ctx, "q8")
+    data = bytearray(out["fp32"].read_bytes())
+    data[len(data) // 2] ^= 0x5A  # one flipped byte in the weights: the CRC-32 catches it
+    out["corrupt"] = d / "fox.corrupt.bin"
+    out["corrupt"].write_bytes(data)
+    # a hostile file name: if the page ever parsed names as HTML, this would run a script
+    out["hostile"] = d / '<img src=x onerror="window.__pwned=1">.bin'
+    out["hostile"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the C engine, the server, the browser
+
+
+@pytest.fixture(scope="module")
+def cli():
+    need(shutil.which("make") and (shutil.which("cc") or shutil.which("gcc")), "no C compiler")
+    r = subprocess.run(["make", "-C", str(ENGINE_DIR), "infer"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    binary = str(ENGINE_DIR / "infer")
+
+    def generate(model, prompt, mode="instruct", n=40, temperature=0.0, top_k=0, top_p=1.0, rep=1.0, seed=0,
+                 adapter=None):
+        args = [binary, str(model), "-i" if mode == "instruct" else "-g", prompt, "-n", str(n), "-t", str(temperature),
+                "-k", str(top_k), "-p", str(top_p), "-r", str(rep), "-s", str(seed), "-j", "1"]
+        if adapter:
+            args += ["-l", str(adapter)]
+        r = subprocess.run(args, capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode(errors="replace")
+        assert r.stdout.endswith(b"\n")
+        return r.stdout[:-1].decode()  # the CLI ends the reply with a newline of its own
+
+    return generate
+
+
+@pytest.fixture(scope="module")
+def server():
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    # python -m http.server's handler, serving infer/ on a free port of 127.0.0.1
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(INFER)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        need(False, "the playwright package is not installed (pip install playwright)")
+    need(os.path.exists(CHROMIUM), f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as p:
+        # launch() gives every run a fresh temporary profile (user-data dir)
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    requests, errors = [], []
+    context.on("request", lambda r: requests.append(r.url))  # the page's and its worker's
+    pg = context.new_page()
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: m.type == "error" and errors.append(m.text))
+    pg.set_default_timeout(TIMEOUT_MS)
+    # (predicates below are written as functions: a bare expression would be eval()ed in the page,
+    # which its Content-Security-Policy forbids)
+    pg.goto(f"{server}/index.html")
+    pg.wait_for_function("() => document.getElementById('status').textContent.startsWith('Engine ready')")
+    yield pg
+    context.close()
+    assert requests, "no request recorded"
+    outside = [u for u in requests if not u.startswith(server + "/")]
+    assert not outside, f"requests that left the test server: {outside}"
+    assert not errors, errors
+
+
+# ---------------------------------------------------------------------------
+# page helpers
+
+
+def load(page, path, kind="model", expect_error=False):
+    """Picks a file with the model or adapter picker; waits for the result."""
+    page.evaluate("document.getElementById('notice').hidden = true")
+    page.set_input_files("#model-file" if kind == "model" else "#adapter-file", str(path))
+    if expect_error:
+        page.wait_for_selector("#notice.error:not([hidden])")
+        return page.text_content("#notice")
+    page.wait_for_function("([id, name]) => document.getElementById(id).textContent === name",
+                           arg=[f"{kind}-name", Path(path).name])
+    page.wait_for_function("() => !document.getElementById('send').disabled")
+    return None
+
+
+def ask(page, text, mode="instruct", temperature=0, top_k=0, top_p=1, rep=1, max_new=40, seed=0):
+    """Sends a message with these settings; waits for the reply; returns the reply's fields."""
+    page.check(f"input[name=mode][value={mode}]")
+    for sel, v in (("#temperature", temperature), ("#top-k", top_k), ("#top-p", top_p), ("#rep-penalty", rep),
+                   ("#max-new", max_new), ("#seed", seed)):
+        page.fill(sel, str(v))
+    n = page.locator(".msg.model").count()
+    page.fill("#prompt", text)
+    page.click("#send")
+    page.wait_for_function(f"() => document.querySelectorAll('.msg.model[data-reason]').length > {n}")
+    return page.evaluate("""() => {
+        const box = [...document.querySelectorAll('.msg.model')].pop();
+        const user = [...document.querySelectorAll('.msg.user .text')].pop();
+        return {gen: box.querySelector('.gen').textContent, reason: box.dataset.reason,
+                tok_s: parseFloat(box.dataset.tokS), meta: box.querySelector('.meta').textContent,
+                user: user.textContent};
+    }""")
+
+
+def drop(page, path):
+    """Drops a file on the drop zone as a user dragging it from the desktop would."""
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name));
+        document.getElementById('dropzone').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", [base64.b64encode(Path(path).read_bytes()).decode(), Path(path).name])
+
+
+# ---------------------------------------------------------------------------
+# the build
+
+
+def test_committed_wasm_matches_a_fresh_build(tmp_path):
+    need(shutil.which("clang-14") and Path("/usr/lib/wasm32-wasi/libc.a").exists(),
+         "clang-14 and wasi-libc are not installed")
+    out = tmp_path / "nano.wasm"
+    r = subprocess.run(["make", "-B", "-C", str(INFER), f"WASM={out}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
+    version = subprocess.run(["clang-14", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    assert out.read_bytes() == (INFER / "nano.wasm").read_bytes(), (
+        "infer/nano.wasm differs from a fresh build: run make -C infer and commit the result (the committed "
+        f"file comes from Debian 12's clang-14 14.0.6 and wasi-libc 0.0~git20220510; this is {version})")
+
+
+# ---------------------------------------------------------------------------
+# the page
+
+
+@pytest.mark.parametrize("quant", ["fp32", "q8"])
+def test_greedy_output_equals_the_c_engine(page, files, cli, quant):
+    load(page, files[quant])
+    assert quant in page.text_content("#model-info")
+    prompt = "Once upon a time there was"
+    for mode in ("instruct", "continue"):
+        got = ask(page, prompt, mode=mode, max_new=40)
+        assert got["gen"] == cli(files[quant], prompt, mode=mode, n=40), mode
+        assert got["gen"] and got["reason"] in ("max", "eos", "full") and got["tok_s"] > 0
+    if quant == "fp32":
+        # sampling with every setting on: the same seed gives the same RNG stream as the CLI's
+        kw = dict(temperature=0.9, top_k=12, top_p=0.9, rep=1.2, seed=1234)
+        got = ask(page, prompt, mode="continue", max_new=50, **kw)
+        ref = cli(files[quant], prompt, mode="continue", n=50, temperature=0.9, top_k=12, top_p=0.9, rep=1.2, seed=1234)
+        assert got["gen"] == ref and "seed 1234" in got["meta"]
+        # a reply to look at
+        page.click("#clear")
+        ask(page, "Once upon a time", mode="continue", max_new=48)
+        ask(page, "Where did the fox sleep?", mode="instruct", max_new=24)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "browser_reply.png"), full_page=True)
+
+
+def test_adapter_attach_changes_and_detach_restores(page, files, cli):
+    load(page, files["fp32"])
+    prompt = "Every morning the fox"
+    base = ask(page, prompt, mode="continue")["gen"]
+    drop(page, files["adapter"])  # routed to the adapter loader by its header
+    page.wait_for_function("() => document.getElementById('adapter-name').textContent === 'fox_adapter.bin'")
+    page.wait_for_function("() => document.getElementById('adapter-on').checked && !document.getElementById('adapter-on').disabled")
+    with_adapter = ask(page, prompt, mode="continue")["gen"]
+    assert with_adapter != base
+    assert with_adapter == cli(files["fp32"], prompt, mode="continue", adapter=files["adapter"])
+    page.uncheck("#adapter-on")
+    page.wait_for_function("() => !document.getElementById('adapter-on').disabled")
+    assert ask(page, prompt, mode="continue")["gen"] == base
+    page.check("#adapter-on")
+    page.wait_for_function("() => !document.getElementById('adapter-on').disabled")
+    assert ask(page, prompt, mode="continue")["gen"] == with_adapter
+    # the same adapter on the Q8 export of the same checkpoint (same base fingerprint): stays attached
+    load(page, files["q8"])
+    assert page.is_checked("#adapter-on")
+    assert ask(page, prompt, mode="continue")["gen"] == cli(files["q8"], prompt, mode="continue",
+                                                           adapter=files["adapter"])
+    # adapter first, model second: attached as soon as the model is there
+    page.reload()
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Engine ready')")
+    page.set_input_files("#adapter-file", str(files["adapter"]))
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('load a model to use it')")
+    load(page, files["fp32"])
+    assert page.is_checked("#adapter-on")
+    assert ask(page, prompt, mode="continue")["gen"] == with_adapter
+
+
+def test_bad_files_give_clear_errors_and_the_page_keeps_working(page, files, cli):
+    # nothing loaded yet: a corrupt model is refused, then a good one loads
+    msg = load(page, files["corrupt"], expect_error=True)
+    assert "fox.corrupt.bin" in msg and "checksum mismatch" in msg and "corrupted" in msg
+    assert "--no-verify" not in msg  # the CLI's hint means nothing here
+    assert page.is_disabled("#send")
+    load(page, files["fp32"])
+    prompt = "Then the fox"
+    ref = cli(files["fp32"], prompt)
+    assert ask(page, prompt)["gen"] == ref
+    # a file that is not a Nano .bin, with a name made to inject HTML: shown as text, refused
+    msg = load(page, files["hostile"], expect_error=True)
+    assert 'onerror="window.__pwned=1"' in msg and "not a Nano .bin file" in msg
+    assert page.evaluate("document.querySelectorAll('img').length === 0 && window.__pwned === undefined")
+    # an adapter in the model slot, a model in the adapter slot, an adapter made for another model
+    assert "adapter picker" in load(page, files["adapter"], expect_error=True)
+    assert "not a LoRA adapter" in load(page, files["fp32"], "adapter", expect_error=True)
+    msg = load(page, files["multi_adapter"], "adapter", expect_error=True)
+    assert "does not match the model" in msg
+    # the model loaded first is still there and still gives the same reply
+    assert page.text_content("#model-name") == "fox.fp32.bin"
+    assert page.text_content("#adapter-name") == "none" and page.is_disabled("#adapter-on")
+    assert ask(page, prompt)["gen"] == ref
+
+
+def test_emoji_and_cjk_round_trip(page, files, cli):
+    load(page, files["multi"])
+    text = "Emoji 😀🎉👍🏽, CJK 你好，世界 and 𠀀𪚥 (outside the BMP), <b>not bold</b> & <i>x</i>"
+    tok = files["tok_multi"]
+    expected_echo = tok.decode(tok.encode(text))
+    assert "😀" in expected_echo and "𪚥" in expected_echo and "你好" in expected_echo
+    for mode in ("continue", "instruct"):
+        got = ask(page, text, mode=mode, max_new=30)
+        assert got["user"] == expected_echo  # what the model saw, decoded, as the page shows it
+        assert got["gen"] == cli(files["multi"], text, mode=mode, n=30)
+    # the random model's vocabulary is all of the text above: its output has such characters too
+    assert page.evaluate("document.querySelectorAll('#conversation b, #conversation i').length") == 0
+
+
+def test_stop_interrupts_and_prefill_shows_progress(page, files):
+    load(page, files["long"])
+    # the 20th streamed token clicks Stop at once (a Playwright click takes longer than the rest of
+    # this generation, about 2700 tokens at a few thousand tokens/s)
+    page.evaluate("""() => {
+        window.__msgs = [];
+        worker.addEventListener('message', (e) => {
+            __msgs.push(e.data.type);
+            if (e.data.type === 'token' && __msgs.filter((t) => t === 'token').length === 20) {
+                document.getElementById('stop').click();
+            }
+        });
+    }""")
+    page.check("input[name=mode][value=continue]")
+    page.fill("#temperature", "0")
+    page.fill("#max-new", "4000")
+    page.fill("#prompt", TRAIN_TEXT[:6000])  # ~1400 tokens: prefill takes long enough to report progress
+    page.click("#send")
+    page.wait_for_selector(".msg.model[data-reason]")
+    assert page.locator(".msg.model").last.get_attribute("data-reason") == "stopped"
+    msgs = page.evaluate("__msgs")
+    assert "progress" in msgs[:msgs.index("token")]
+    assert msgs.count("token") < 2000, msgs.count("token")  # the context would hold ~2680
+    status = page.text_content("#status")
+    assert status.startswith("Done: ") and "tok/s (stopped)" in status, status
+    assert page.is_enabled("#send") and page.is_disabled("#stop")
+    # and the next message works as usual
+    got = ask(page, "Once upon a time", mode="continue", max_new=5)
+    assert got["reason"] == "max" and got["gen"]
