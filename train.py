@@ -153,10 +153,11 @@ class SFTData:
     """Rows of block_size + 1 tokens with a loss mask (data.py sft); a batch is B random rows.
     Targets whose mask is 0 (prompt, padding) become -1, which the loss ignores entirely.
 
-    Unshifted rows (meta.json "shifted": false; problem.py writes them for bidirectional models):
-    {split}_targets.bin holds a second array shaped like {split}.bin, and input position t is
-    trained on target position t (not on the next input token) wherever mask[t] is 1. The input
-    row carries placeholders where the answer goes, so the model never sees what it must predict.
+    Unshifted rows (meta.json "shifted": false; problem.py writes them for its bidirectional tasks
+    and for calc's auxiliary targets): {split}_targets.bin holds a second array shaped like
+    {split}.bin, and input position t is trained on target position t (not on the next input
+    token) wherever mask[t] is 1. A bidirectional row carries placeholders where the answer goes,
+    so the model never sees what it must predict.
     The rows keep data.py's length of block_size + 1 (its size checks apply); the last column is unused."""
 
     def __init__(self, data_dir, block_size, model_vocab):
@@ -624,6 +625,12 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         if cfg.save_interval and step % cfg.save_interval == 0:
             save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{step}.pt"))
 
+    if cfg.mode in ("sft", "lora") and step == 0:
+        # the base model's held-out answer loss: the "before" that fine-tuning is measured against
+        val0 = evaluate() if (master or engine is not None) else None
+        if val0 is not None:
+            log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
+            log.scalars(0, **{"val/loss": val0})
     model.train()
     t_last, step_last, interrupted = time.time(), step, False
     try:
