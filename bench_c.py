@@ -1,18 +1,26 @@
 """
 bench_c.py: decode speed of the C engine (infer_c/) against the memory-bandwidth bound.
 
-    python bench_c.py [--shapes 56m,110m] [--threads 1,2] [--tokens 256] [--runs 3] [--out out/bench_c]
+    python bench_c.py [--shapes 56m,110m] [--threads 1,2] [--tokens 256] [--runs 3] [--hugepages off|on|both]
+                      [--out out/bench_c]
 
 For each shape (random weights: speed does not depend on their values) it exports fp32 and Q8 files
 into --out (git-ignored), runs greedy decoding of --tokens tokens with 1 and 2 threads (median of
 --runs runs), measures the machine's memory read bandwidth with a small STREAM-like C kernel with the same
-number of threads right before and after those runs (the higher figure is used), and prints a table:
+number of threads before every run and after the last (the highest figure is used: the machine is
+shared, and the strictest bound is the one of its quietest moment), and prints a table:
 
     bound tok/s = measured read bandwidth / weight bytes per token
+
+Each configuration starts with the file evicted from the page cache and a warm-up run that reads it
+back through the engine's mmap (see drop_page_cache), like a first run after a reboot.
 
 Decoding one token streams every weight matrix once (the tied embedding matrix as the output
 head), so weight bytes per token is the size of the parameter region of the .bin file. The
 KV cache adds a little on top (reported separately).
+
+--hugepages on runs the engine with NANO_HUGEPAGES=1 (weights read into 2 MiB transparent huge pages
+instead of mmapped; rows marked "+hp"), both runs each configuration both ways.
 """
 
 import argparse
@@ -98,18 +106,37 @@ def make_files(out, name):
     return paths
 
 
-def decode_speed(engine, path, threads, tokens, runs):
-    speeds = []
+def drop_page_cache(path):
+    """Evict the file from the page cache (it is clean: nothing is lost), so that the warm-up run
+    reads it back through the engine's own mmap. The engine advises MADV_HUGEPAGE, with which Linux
+    6.x caches the file in 2 MiB folios and maps them with 2 MiB entries; the pages export.py's
+    writes left in the cache are 4 KiB ones, and would stay so (that costs up to 10%: TLB misses)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def decode_speed(engine, path, threads, tokens, runs, hugepages, bandwidth):
+    """Median tok/s of `runs` runs, and the highest read bandwidth measured (by `bandwidth()`)
+    before each run and after the last."""
+    speeds, bws = [], []
+    drop_page_cache(path)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="true", NANO_HUGEPAGES=str(int(hugepages)))
     for i in range(runs + 1):  # the first run only warms the page cache
+        if i:
+            bws.append(bandwidth())
         r = subprocess.run([engine, str(path), "--ids", "2", "-n", str(tokens), "-t", "0", "--ignore-eos",
                             "--no-verify", "--print-ids", "-j", str(threads)],
-                           capture_output=True, text=True, check=True,
-                           env=dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_PROC_BIND="true"))
+                           capture_output=True, text=True, check=True, env=env)
         m = re.search(r"generated: (\d+) tokens, ([\d.]+) tok/s", r.stderr)
         assert m and int(m.group(1)) == tokens, r.stderr
         if i:
             speeds.append(float(m.group(2)))
-    return statistics.median(speeds)
+    bws.append(bandwidth())
+    return statistics.median(speeds), max(bws)
 
 
 def main():
@@ -118,6 +145,8 @@ def main():
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--hugepages", choices=("off", "on", "both"), default="off",
+                    help="NANO_HUGEPAGES=1 for the engine (weights in 2 MiB pages), or both ways")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench_c"), help="where the .bin files go (git-ignored)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -134,13 +163,14 @@ def main():
             # average KV cache read per token over the run: 2 (K, V) x layers x kv width x mean position
             kv = 2 * cfg["n_layer"] * cfg["n_kv_head"] * (cfg["n_embd"] // cfg["n_head"]) * 4 * (args.tokens / 2)
             for t in threads:
-                # bandwidth right before and right after the runs, under the same conditions (the
-                # machine is shared, and its bandwidth varies); the higher figure is the stricter bound
-                bw = measure_bandwidth(out, t)
-                speed = decode_speed(engine, path, t, args.tokens, args.runs)
-                bw = max(bw, measure_bandwidth(out, t))
-                rows.append((name, quant, t, speed, wbytes, kv, bw))
-                print(f"{name} {quant} {t} thread(s): {speed:.1f} tok/s, read bandwidth {bw:.1f} GB/s", file=sys.stderr)
+                for hp in {"off": [False], "on": [True], "both": [False, True]}[args.hugepages]:
+                    # bandwidth between the runs, under the same conditions (the machine is shared, and
+                    # its bandwidth varies); the highest figure is the strictest bound
+                    speed, bw = decode_speed(engine, path, t, args.tokens, args.runs, hp,
+                                             lambda: measure_bandwidth(out, t))
+                    label = quant + ("+hp" if hp else "")
+                    rows.append((name, label, t, speed, wbytes, kv, bw))
+                    print(f"{name} {label} {t} thread(s): {speed:.1f} tok/s, read bandwidth {bw:.1f} GB/s", file=sys.stderr)
     print()
     print("| shape | quant | threads | tok/s (median) | weight MB/token | KV cache MB/token (mean) "
           "| read bandwidth GB/s | bandwidth bound tok/s | % of bound |")
