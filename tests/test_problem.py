@@ -229,8 +229,8 @@ def test_batched_greedy_decode_equals_generate():
     for name in ("q", "add"):
         task = problem.TASKS[name]
         model, tok = tiny(task)
-        questions = [q for q, _ in problem.test_set(task, 30)]
-        got = problem.predict(model, task, tok, questions, batch_size=7)
+        questions = [q for q, _ in problem.test_set(task, 10)]  # an untrained model: long outputs
+        got = problem.predict(model, task, tok, questions, batch_size=3)
         for q, answer in zip(questions, got):
             ids = model.generate(tok.encode(task.prompt(q)), max_new_tokens=task.model["block_size"],
                                  temperature=0, eos_id=tok.eos_id)
