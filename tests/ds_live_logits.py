@@ -23,3 +23,5 @@ with torch.no_grad():
     logits, _ = model(torch.arange(1, 17).view(1, 16) % model_cfg.vocab_size)  # collective: every rank
 if int(os.environ.get("RANK", 0)) == 0:
     torch.save(logits.float(), out)
+torch.distributed.barrier()
+train.leave_distributed(0)  # torchrun workers end the way train.py's do (see leave_distributed)
