@@ -18,6 +18,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -45,17 +46,26 @@ def fmt_mfu(mfu):
 
 
 def bench_once(model_cfg, args, data_dir, out_dir):
-    cfg = train.TrainConfig(
+    settings = dict(
         data_dir=data_dir, out_dir=out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_iters=args.warmup + args.steps, warmup_iters=0, eval_interval=10 ** 9, eval_iters=1,
         log_interval=args.log_interval, device=args.device, dtype=args.dtype, compile=args.compile,
-        tensorboard=False, learning_rate=3e-4, min_lr=3e-5)
+        tensorboard=False, learning_rate=3e-4, min_lr=3e-5, save_checkpoints=False)
+    settings.update(args.train_set)
+    cfg = train.dataclass_from_dict(train.TrainConfig, settings, "bench.py train settings")
     stats = []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    profiler = nullcontext()
+    if args.profile:  # GPU kernel time of the whole run; warmup is short next to the timed steps
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
     t0 = time.time()
-    train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
+    with profiler:
+        train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
     wall = time.time() - t0
+    if args.profile and int(os.environ.get("RANK", 0)) == 0:
+        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile,
+                                            max_name_column_width=70))
     timed = [s for s in stats if s["step"] > args.warmup]
     ms = statistics.median(s["ms_per_step"] for s in timed)
     mfus = [s["mfu"] for s in timed if s["mfu"] is not None]
@@ -78,6 +88,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model config keys")
+    p.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override train config keys, e.g. cuda_graph=true")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N GPU kernels that took the most time (torch.profiler)")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
@@ -87,14 +101,8 @@ def main(argv=None):
         args.ds_config = train_ds.load_ds_config(args.deepspeed_config)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     model_cfg = load_json(args.model, ModelConfig)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        d = model_cfg.to_dict()
-        try:
-            d[key] = json.loads(value)
-        except json.JSONDecodeError:
-            d[key] = value  # a bare string, e.g. sdpa_kernel=cudnn
-        model_cfg = ModelConfig.from_dict(d)
+    model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **train.parse_settings(args.set)})
+    args.train_set = train.parse_settings(args.train_set)
     n_tokens = max(4_000_000, 4 * args.batch_size * args.grad_accum * model_cfg.block_size * (args.warmup + args.steps))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

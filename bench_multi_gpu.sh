@@ -16,12 +16,21 @@ if [ "$what" = scaling ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = zero ] || [ "$what" = all ]; then
+  # PROBES: MODE:SIZE list (mode ddp | zero | offload; size names config/model_SIZE.json), tried in
+  # order within BUDGET_S seconds in all; logs go to $OUT (or /tmp) as probe_MODE_SIZE.log
   echo "== largest model: 2 GPUs, micro-batch 4 x 1024, 3 timed steps (OOM = does not fit)"
-  for spec in "ddp 2p7b" "ddp 6p7b" "zero 6p7b" "zero 13b" "offload 13b"; do
-    set -- $spec
-    case $1 in ddp) ds=();; zero) ds=(--deepspeed_config ds_config.json);; offload) ds=(--deepspeed_config ds_config_offload.json);; esac
-    echo "-- $1 $2"
-    timeout 600 $py -m torch.distributed.run --standalone --nproc_per_node 2 bench.py -m config/model_$2.json -b 4 \
-      --grad-accum 2 --steps 3 --warmup 2 --log-interval 1 "${ds[@]}" 2>&1 | grep -E "^median|OutOfMemory|out of memory|Error" | head -3
+  logs=${OUT:-/tmp}
+  deadline=$((SECONDS + ${BUDGET_S:-540}))
+  for spec in ${PROBES:-ddp:2p7b zero:6p7b zero:13b offload:6p7b offload:13b}; do
+    mode=${spec%%:*}; size=${spec#*:}
+    case $mode in ddp) ds=();; zero) ds=(--deepspeed_config ds_config.json);; offload) ds=(--deepspeed_config ds_config_offload.json);; esac
+    left=$((deadline - SECONDS))
+    if [ $left -lt 30 ]; then echo "-- $mode $size: not run (time budget spent)"; continue; fi
+    echo "-- $mode $size (at most ${left} s)"
+    t0=$SECONDS
+    timeout $left $py -m torch.distributed.run --standalone --nproc_per_node 2 bench.py -m config/model_$size.json -b 4 \
+      --grad-accum 2 --steps 3 --warmup 2 --log-interval 1 "${ds[@]}" > "$logs/probe_${mode}_$size.log" 2>&1
+    echo "   exit $? after $((SECONDS - t0)) s"
+    grep -E "^median|OutOfMemory|out of memory|Error" "$logs/probe_${mode}_$size.log" | cut -c1-300 | head -3
   done
 fi

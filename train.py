@@ -70,6 +70,8 @@ class TrainConfig:
     target_val_loss: Optional[float] = None  # stop at the first eval at or below this (time-to-loss runs)
     save_on_eval: bool = True  # write last.pt / best.pt at every eval (False: only at the end / interrupt)
     data_on_device: str = "auto"  # auto | true | false: keep the token files in GPU memory (auto: < 1 GiB)
+    save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
+    cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -90,6 +92,9 @@ class TrainConfig:
             raise ConfigError(f"{where}: dropout must be in [0, 1), got {self.dropout}")
         if self.mode in ("sft", "lora") and not self.init_from:
             raise ConfigError(f"{where}: mode {self.mode!r} needs init_from (the base checkpoint)")
+        if self.cuda_graph and self.dtype == "float16":
+            raise ConfigError(f"{where}: cuda_graph does not support float16 (its loss scaler syncs with the host); "
+                              "use bfloat16")
         if self.mode == "lora":
             self.lora_config()  # validates the nested dict
         elif self.lora is not None:
@@ -336,10 +341,22 @@ def param_groups(model, cfg: TrainConfig):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg: TrainConfig, device):
-    """AdamW over param_groups; fused on CUDA."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.startswith("cuda"))
+def make_optimizer(model, cfg: TrainConfig, device, capturable=False):
+    """AdamW over param_groups; fused on CUDA. `capturable`: its step can be recorded in a CUDA graph
+    (the step count stays on the GPU, and the learning rate is a GPU tensor that set_lr fills)."""
+    lr = torch.tensor(cfg.learning_rate, device=device) if capturable else cfg.learning_rate
+    return torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.startswith("cuda"), capturable=capturable)
+
+
+def set_lr(optimizer, lr):
+    """Set every group's learning rate; a tensor learning rate (capturable optimizer) is filled in place,
+    so that a captured CUDA graph, which reads that tensor, sees the new value."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class Logger:
@@ -471,7 +488,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
                           f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
 
-    model = Transformer(model_cfg)
+    # On a GPU the weights are made there: a multi-billion-parameter model (bench_multi_gpu.sh) would
+    # otherwise spend minutes being initialised and copied from host memory, on every rank.
+    with torch.device(device) if device_type == "cuda" else nullcontext():
+        model = Transformer(model_cfg)
     if base is not None:
         model.load_state_dict(base["model"])
     lora_base = None  # mode lora: the identity of the frozen base, recorded in every adapter checkpoint
@@ -492,7 +512,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     model.to(device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()  # before ZeRO-3 partitions them
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = make_optimizer(model, cfg, device)
+    use_graph = cfg.cuda_graph
+    if use_graph and (device_type != "cuda" or world > 1 or ds_config is not None):
+        raise ConfigError("train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed "
+                          f"(here: device {device}, {world} processes{', DeepSpeed' if ds_config else ''})")
+    optimizer = make_optimizer(model, cfg, device, capturable=use_graph)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
     engine = None
@@ -517,6 +541,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     step, best_val, tokens_seen = 0, float("inf"), 0
     if ck is not None:
         optimizer.load_state_dict(ck["optimizer"])
+        for group in optimizer.param_groups:  # a number, or a GPU tensor for a capturable optimizer
+            lr = float(group["lr"])
+            group["lr"] = torch.tensor(lr, device=device) if use_graph else lr
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, best_val, tokens_seen = ck["step"], ck["best_val_loss"], ck["tokens_seen"]
@@ -610,6 +637,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                 "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}, **training}
 
     def checkpoint(val_loss=None, best=False):
+        if not cfg.save_checkpoints:
+            return
         if engine is not None:
             return deepspeed_checkpoint(val_loss, best)
         st = state(val_loss)  # collective under DDP: every rank takes part
@@ -631,44 +660,89 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         if val0 is not None:
             log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
             log.scalars(0, **{"val/loss": val0})
+
+    def forward_backward(batches):
+        """The micro-steps of one optimizer step (this rank's share of grad_accum); the mean loss."""
+        loss_sum = torch.zeros((), device=device)
+        for micro, (x, y) in enumerate(batches):
+            if engine is not None:  # DeepSpeed scales for accumulation, syncs, clips and steps itself
+                _, loss = engine(x, y)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach().float() / cfg.grad_accum * world
+                continue
+            last_micro = micro == len(batches) - 1
+            sync = model.no_sync() if (world > 1 and not last_micro) else nullcontext()
+            with sync:
+                with autocast:
+                    _, loss = model(x, y)
+                loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
+                scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def update():
+        """Clip and take the optimizer step (gradients are left for the caller to clear); the grad norm."""
+        if engine is not None:
+            grad_norm = engine.get_global_grad_norm()
+            return None if grad_norm is None else torch.as_tensor(float(grad_norm))
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return grad_norm
+
+    # cuda_graph: the first GRAPH_WARMUP steps run eagerly on a side stream (compilation, cuBLAS
+    # workspaces, optimizer state), then one whole step (every micro-step's forward and backward,
+    # clipping, AdamW) is captured once and replayed: one launch per step instead of hundreds of
+    # kernels, which is what a small model on a large GPU waits for. Replays read the batch from fixed
+    # input buffers and write the gradients into the tensors made during capture, so the gradients
+    # are not cleared between replays (the captured backward overwrites them).
+    GRAPH_WARMUP = 3
+    graph, graph_io = None, None
+    side_stream = torch.cuda.Stream() if use_graph else None
+    if use_graph:
+        autocast = torch.autocast("cuda", dtype=getattr(torch, dtype), cache_enabled=False) \
+            if dtype != "float32" else nullcontext()  # autocast's weight cache cannot live in a graph
+
     model.train()
-    t_last, step_last, interrupted = time.time(), step, False
+    t_last, step_last, interrupted, steps_run = time.time(), step, False, 0
     try:
         while step < cfg.max_iters:
             lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             starts = torch.randint(data.num_windows("train"), (cfg.grad_accum, cfg.batch_size), generator=sampler)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(local_accum):
-                x, y = data.batch("train", starts[rank + micro * world])
-                x, y = to_device(x), to_device(y)
-                if engine is not None:  # DeepSpeed scales for accumulation, syncs, clips and steps itself
-                    _, loss = engine(x, y)
-                    engine.backward(loss)
-                    engine.step()
-                    loss_sum += loss.detach().float() / cfg.grad_accum * world
-                    continue
-                last_micro = micro == local_accum - 1
-                sync = model.no_sync() if (world > 1 and not last_micro) else nullcontext()
-                with sync:
-                    with autocast:
-                        _, loss = model(x, y)
-                    loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            if engine is not None:
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = None if grad_norm is None else torch.as_tensor(float(grad_norm))
+            if on_device and device_type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU
+                starts = starts.pin_memory().to(device, non_blocking=True)
+            batches = [data.batch("train", starts[rank + micro * world]) for micro in range(local_accum)]
+            batches = [(to_device(x), to_device(y)) for x, y in batches]
+            if graph is not None:
+                for (x, y), (gx, gy) in zip(batches, graph_io[0]):
+                    gx.copy_(x, non_blocking=True)
+                    gy.copy_(y, non_blocking=True)
+                graph.replay()
+                loss_sum, grad_norm = graph_io[1], graph_io[2]
+            elif use_graph and steps_run >= GRAPH_WARMUP:
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # records, does not run: the replay below runs this step
+                    loss_sum = forward_backward(batches)
+                    grad_norm = update()
+                graph_io = (batches, loss_sum, grad_norm)
+                graph.replay()
             else:
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                else:
-                    grad_norm = None
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                if use_graph:
+                    side_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side_stream) if use_graph else nullcontext():
+                    loss_sum = forward_backward(batches)
+                    grad_norm = update()
+                    if engine is None:  # (DeepSpeed's step clears its own)
+                        optimizer.zero_grad(set_to_none=True)
+                if use_graph:
+                    torch.cuda.current_stream().wait_stream(side_stream)
+            steps_run += 1
             step += 1
             tokens_seen += tokens_per_step
 
@@ -744,6 +818,21 @@ def build_parser(description="Train a Nano model (pretrain / sft / lora)."):
     return p
 
 
+def parse_settings(items):
+    """--set KEY=VALUE strings into a dict; values are JSON where they parse (true, 3, 1e-3), else
+    strings (device=cpu)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def load_configs(args):
     model_path = args.model or "config/model.json"
     train_path = args.train or "config/pretrain.json"
@@ -751,14 +840,7 @@ def load_configs(args):
     raw = read_json(train_path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{train_path}: expected a JSON object")
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            raw[key] = json.loads(value)
-        except json.JSONDecodeError:
-            raw[key] = value  # a bare string such as device=cpu
+    raw.update(parse_settings(args.set))
     train_cfg = dataclass_from_dict(TrainConfig, raw, train_path)
     return model_cfg, train_cfg
 

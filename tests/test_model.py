@@ -206,3 +206,43 @@ def test_param_count_and_flops():
     c = m.cfg
     assert m.flops_per_token() == 6 * m.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.block_size
     assert 0 < m.estimate_mfu(1000.0, 1e12) < 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_training_projections_match_separate_ones(bias):
+    # training mode stacks wq|wk|wv and w1|w3 into one product each; eval mode keeps them apart.
+    # With dropout 0 both must give the same loss and the same gradients for every parameter.
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=16, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=48,
+                      bias=bias)
+    model = Transformer(cfg)
+    idx = torch.randint(0, 64, (3, 16))
+    grads, losses = [], []
+    for training in (True, False):
+        model.train(training)
+        model.zero_grad()
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert set(model.state_dict()) == set(Transformer(cfg).state_dict())  # layout unchanged
+
+
+def test_rope_complex_path_equals_the_real_one():
+    # CUDA runs the complex form eagerly, compiled code and the CPU the real one: same values and
+    # the same gradients, also for a transposed (non-contiguous) [B, H, T, D] view as attention passes
+    from model import rope_complex, rope_real
+    cos, sin = rope_tables(16, 12, 10000.0)
+    base = torch.randn(2, 12, 3, 16, dtype=torch.float64).float()
+    outs, grads = [], []
+    for fn in (rope_real, rope_complex):
+        x = base.clone().requires_grad_(True)
+        y = fn(x.transpose(1, 2), cos, sin)
+        (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
+        outs.append(y.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)

@@ -151,3 +151,65 @@ def test_data_on_device_gives_the_same_run(data_dir, tmp_path):
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
     assert (tmp_path / "b" / "last.pt").exists()  # save_on_eval off: still written at the end
+
+
+def test_cuda_graph_is_refused_where_it_cannot_work(data_dir, tmp_path):
+    # the CUDA-graph step is GPU-only (measured in docs/BENCHMARKS.md); here: its guard rails
+    with pytest.raises(ConfigError, match="cuda_graph needs one CUDA device"):
+        train(tiny_model(), tiny_train(data_dir, tmp_path, cuda_graph=True), quiet=True)
+    from model import dataclass_from_dict
+    with pytest.raises(ConfigError, match="cuda_graph does not support float16"):
+        dataclass_from_dict(TrainConfig, {"cuda_graph": True, "dtype": "float16"})
+
+
+def test_set_lr_fills_a_tensor_learning_rate_in_place():
+    # a captured CUDA graph reads the learning-rate tensor it was recorded with: set_lr must write
+    # into that very tensor, and a plain number stays a plain number
+    from train import set_lr
+    p = torch.nn.Parameter(torch.zeros(2))
+    lr = torch.tensor(1e-3)
+    opt = torch.optim.AdamW([{"params": [p]}, {"params": [], "weight_decay": 0.0}], lr=lr)
+    set_lr(opt, 5e-4)
+    assert all(g["lr"] is lr for g in opt.param_groups) and lr.item() == pytest.approx(5e-4)
+    opt2 = torch.optim.AdamW([p], lr=1e-3)
+    set_lr(opt2, 2e-4)
+    assert opt2.param_groups[0]["lr"] == 2e-4
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_step_follows_the_eager_curve(data_dir, tmp_path, compile):
+    # the replayed graph must do exactly what the eager step does: same batches, same clipping, the
+    # learning-rate schedule (a tensor filled before each replay) and grad accumulation
+    curves = {}
+    for graph in (False, True):
+        stats = []
+        cfg = tiny_train(data_dir, tmp_path / f"g{graph}", device="cuda", dtype="float32", max_iters=30,
+                         log_interval=1, eval_interval=15, grad_accum=2, cuda_graph=graph, compile=compile)
+        train(tiny_model(), cfg, quiet=True, stats=stats)
+        curves[graph] = torch.tensor([s["loss"] for s in stats])
+    assert curves[True][-1] < 0.7 * curves[True][0]
+    torch.testing.assert_close(curves[True], curves[False], rtol=2e-3, atol=2e-3)
+
+
+@needs_cuda
+def test_cuda_graph_run_resumes_and_trains_with_dropout(data_dir, tmp_path):
+    mc = dict(dropout=0.1)
+    cfg = tiny_train(data_dir, tmp_path, device="cuda", dtype="bfloat16", max_iters=40, cuda_graph=True)
+    train(tiny_model(**mc), cfg, stop_at=20, quiet=True)
+    first = load_checkpoint(str(tmp_path / "last.pt"))
+    assert first["step"] == 20
+    train(tiny_model(**mc), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
+    ck = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ck["step"] == 40 and ck["val_loss"] < first["val_loss"]
+    assert all(isinstance(g["lr"], float) or g["lr"].numel() == 1 for g in ck["optimizer"]["param_groups"])
+
+
+def test_save_checkpoints_off_writes_nothing(data_dir, tmp_path):
+    # bench.py measures throughput only: a 13B ZeRO-3 probe must not write hundreds of GB of shards
+    train(tiny_model(), tiny_train(data_dir, tmp_path, max_iters=10, eval_interval=5, save_checkpoints=False),
+          quiet=True)
+    assert not list(tmp_path.glob("*.pt"))
