@@ -40,9 +40,22 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   done
 fi
 
-if [ "$what" = ttl ] || [ "$what" = all ]; then
+if [ "$what" = ttl ] || [ "$what" = sweep ] || [ "$what" = all ]; then
   src=${SHAKESPEARE:-../shared/data/tinyshakespeare.txt}
   $py data.py --input "$src" --vocab-size 0 --val-tail 0.1 --out dataset/shakespeare_char 2>&1 | tail -1
+fi
+
+if [ "$what" = sweep ]; then
+  # one run per line of stdin (train config overrides), e.g. echo "batch_size=128" | bash bench_gpu.sh sweep
+  while read -r v; do
+    [ -z "$v" ] && continue
+    echo "#### $v"
+    $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
+        --set out_dir="$out/sweep" $v 2>&1 | grep -E "^(eval|reached)|rror" | tail -4
+  done
+fi
+
+if [ "$what" = ttl ] || [ "$what" = all ]; then
   for i in 1 2 3; do
     echo "== time to loss, run $i: ${TTL_SET:-shipped config}"
     /usr/bin/time -f "wall %e s" $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
