@@ -47,10 +47,11 @@ fi
 
 if [ "$what" = sweep ]; then
   # one run per line of stdin (train config overrides), e.g. echo "batch_size=128" | bash bench_gpu.sh sweep
+  # (MODEL=path picks another model config)
   while read -r v; do
     [ -z "$v" ] && continue
     echo "#### $v"
-    $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
+    $py train.py -m "${MODEL:-config/shakespeare_char_model.json}" -t config/shakespeare_char_train.json \
         --set out_dir="$out/sweep" $v 2>&1 | grep -E "^(eval|reached)|rror" | tail -4
   done
 fi

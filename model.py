@@ -190,7 +190,7 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalise in float32 even under autocast: the mean of squares is precision-sensitive
         # (F.rms_norm is x * rsqrt(mean(x^2) + eps): one fused kernel on CUDA instead of four)
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        return (F.rms_norm(x.float(), (x.size(-1),), eps=self.eps) * self.weight).type_as(x)
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -374,6 +374,10 @@ class Transformer(nn.Module):
         else:
             rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
         x = self.dropout(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the autocast dtype (bf16): every residual add and norm then moves
+            # half the bytes of float32, most of a GPU step's memory traffic (norms still compute in fp32)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, None if cache is None else cache[i], pos)
         x = self.norm(x)
