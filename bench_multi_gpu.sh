@@ -16,14 +16,19 @@ if [ "$what" = scaling ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = zero ] || [ "$what" = all ]; then
-  # PROBES: MODE:SIZE list (mode ddp | zero | offload; size names config/model_SIZE.json), tried in
+  # PROBES: MODE:SIZE list (mode ddp | zero | offload, each optionally with -ac for activation
+  # checkpointing; size names config/model_SIZE.json), tried in
   # order within BUDGET_S seconds in all; logs go to $OUT (or /tmp) as probe_MODE_SIZE.log
   echo "== largest model: 2 GPUs, micro-batch 4 x 1024, 3 timed steps (OOM = does not fit)"
   logs=${OUT:-/tmp}
   deadline=$((SECONDS + ${BUDGET_S:-540}))
   for spec in ${PROBES:-ddp:2p7b zero:6p7b zero:13b offload:6p7b offload:13b}; do
     mode=${spec%%:*}; size=${spec#*:}
-    case $mode in ddp) ds=();; zero) ds=(--deepspeed_config ds_config.json);; offload) ds=(--deepspeed_config ds_config_offload.json);; esac
+    case ${mode%-ac} in ddp) ds=();; zero) ds=(--deepspeed_config ds_config.json);; offload) ds=(--deepspeed_config ds_config_offload.json);; esac
+    # MODE-ac: with activation checkpointing (each layer recomputed in the backward pass)
+    [ "${mode%-ac}" != "$mode" ] && ds+=(--train-set activation_checkpointing=true)
+    # torchrun gives each rank OMP_NUM_THREADS=1; the offloaded optimizer step runs on the CPU cores
+    [ "${mode%-ac}" = offload ] && export OMP_NUM_THREADS=$(( $(nproc) / 2 )) || unset OMP_NUM_THREADS
     left=$((deadline - SECONDS))
     if [ $left -lt 30 ]; then echo "-- $mode $size: not run (time budget spent)"; continue; fi
     echo "-- $mode $size (at most ${left} s)"

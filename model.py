@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ---------------------------------------------------------------------------
 # Config: a dataclass that round-trips through plain JSON and is validated on load
@@ -339,6 +340,9 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        # activation checkpointing (train config activation_checkpointing): a training choice, not
+        # part of the architecture, so it is a plain attribute and not in the config or checkpoint
+        self.checkpoint_layers = False
         if cfg.use_rope:
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -379,7 +383,11 @@ class Transformer(nn.Module):
             # half the bytes of float32, most of a GPU step's memory traffic (norms still compute in fp32)
             x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, None if cache is None else cache[i], pos)
+            if self.checkpoint_layers and self.training and cache is None and torch.is_grad_enabled():
+                # keep only each layer's input; its activations are recomputed in the backward pass
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, use_reentrant=False)
+            else:
+                x = layer(x, rope, None if cache is None else cache[i], pos)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

@@ -71,6 +71,7 @@ class TrainConfig:
     save_on_eval: bool = True  # write last.pt / best.pt at every eval (False: only at the end / interrupt)
     data_on_device: str = "auto"  # auto | true | false: keep the token files in GPU memory (auto: < 1 GiB)
     save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
+    activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
 
     def validate(self, where="train config"):
@@ -509,6 +510,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         else:
             model.load_state_dict(ck["model"])
     del base
+    model.checkpoint_layers = cfg.activation_checkpointing
     model.to(device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()  # before ZeRO-3 partitions them
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

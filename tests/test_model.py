@@ -246,3 +246,20 @@ def test_rope_complex_path_equals_the_real_one():
         grads.append(x.grad)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    # recomputed layers must reproduce the stored ones exactly, dropout masks included
+    cfg = tiny(dropout=0.1)
+    idx = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg).train()
+        model.checkpoint_layers = checkpointing
+        torch.manual_seed(5)
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
