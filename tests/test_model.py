@@ -232,7 +232,7 @@ def test_fused_training_projections_match_separate_ones(bias):
 
 
 def test_rope_complex_path_equals_the_real_one():
-    # CUDA runs the complex form eagerly, compiled code and the CPU the real one: same values and
+    # eager CPU and CUDA runs use the complex form, compiled code the real one: same values and
     # the same gradients, also for a transposed (non-contiguous) [B, H, T, D] view as attention passes
     from model import rope_complex, rope_real
     cos, sin = rope_tables(16, 12, 10000.0)
