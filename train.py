@@ -517,7 +517,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     use_graph = cfg.cuda_graph
     if use_graph and (device_type != "cuda" or world > 1 or ds_config is not None):
         raise ConfigError("train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed "
-                          f"(here: device {device}, {world} processes{', DeepSpeed' if ds_config else ''})")
+                          f"(here: device {device}, {world} processes{', DeepSpeed' if ds_config else ''}); "
+                          "turn it off with --set cuda_graph=false")
     optimizer = make_optimizer(model, cfg, device, capturable=use_graph)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
     autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
