@@ -63,7 +63,7 @@ def bench_once(model_cfg, args, data_dir, out_dir):
     with profiler:
         train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
     wall = time.time() - t0
-    if args.profile and int(os.environ.get("RANK", 0)) == 0:
+    if args.profile and args.rank0:
         print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile,
                                             max_name_column_width=70))
     timed = [s for s in stats if s["step"] > args.warmup]
@@ -99,7 +99,7 @@ def main(argv=None):
     if args.deepspeed_config:
         import train_ds  # sets DS_ACCELERATOR=cpu on machines without a GPU
         args.ds_config = train_ds.load_ds_config(args.deepspeed_config)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
+    rank0 = args.rank0 = int(os.environ.get("RANK", 0)) == 0
     model_cfg = load_json(args.model, ModelConfig)
     model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **train.parse_settings(args.set)})
     args.train_set = train.parse_settings(args.train_set)

@@ -303,7 +303,18 @@ def _fingerprint(files, options):
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _write_json(obj, path, indent=None):
+def _up_to_date(out_dir, fingerprint, load):
+    """out_dir's meta (read by `load`) if it was made from the same inputs and options, else None:
+    a rerun with nothing changed is then skipped."""
+    try:
+        meta = load(out_dir)
+    except DataError:
+        return None
+    return meta if meta["fingerprint"] == fingerprint else None
+
+
+def write_json(obj, path, indent=None):
+    """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(obj, f, ensure_ascii=False, indent=indent)
     os.replace(path + ".tmp", path)
@@ -354,14 +365,10 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     options = {"tokenizer": tok_spec, "val_ratio": val_ratio, "seed": seed, "part_mb": part_mb, "doc_sep": doc_sep,
                **({"val_tail": float(val_tail)} if val_tail is not None else {})}
     fingerprint = _fingerprint(files, options)
-    if not force:
-        try:
-            meta = load_meta(out_dir)
-            if meta["fingerprint"] == fingerprint:
-                print(f"{out_dir} is up to date ({meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens)")
-                return meta
-        except DataError:
-            pass
+    meta = None if force else _up_to_date(out_dir, fingerprint, load_meta)
+    if meta:
+        print(f"{out_dir} is up to date ({meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens)")
+        return meta
 
     total_bytes = sum(os.path.getsize(p) for _, p in sources)
     bar = lambda desc: tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
@@ -441,7 +448,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
         os.remove(meta_path)  # from here until the new one lands the dataset does not look complete
     for split in ("train", "val"):
         os.replace(tmp[split], os.path.join(out_dir, f"{split}.bin"))
-    _write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
+    write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
     meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "train_tokens": tokens["train"], "val_tokens": tokens["val"],
@@ -449,7 +456,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
             "skipped_lines": reader.skipped_lines, "characters": chars, "tokenizer": "tokenizer.json",
             "inputs": files, "fingerprint": fingerprint, "seed": seed, "val_ratio": val_ratio,
             "doc_sep": doc_sep, "part_mb": part_mb, "parts": K, "tokenizer_spec": tok_spec}
-    _write_json(meta, meta_path, indent=1)  # last: its presence marks a complete dataset
+    write_json(meta, meta_path, indent=1)  # last: its presence marks a complete dataset
 
     total, t3 = tokens["train"] + tokens["val"], time.time()
     print(f"{doc:,} documents ({docs['train']:,} train, {docs['val']:,} val), {total:,} tokens "
@@ -579,14 +586,10 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
                "seed": seed, "builtin_pairs": None if inputs else builtin_pairs, "kind": "sft",
                "tokenizer": hashlib.sha256(tok_blob).hexdigest()}
     fingerprint = _fingerprint([p for p in inputs if os.path.isfile(p)], options)
-    if not force:
-        try:
-            meta = load_sft_meta(out_dir)
-            if meta["fingerprint"] == fingerprint:
-                print(f"{out_dir} is up to date ({meta['rows']['train']:,} train + {meta['rows']['val']:,} val rows)")
-                return meta
-        except DataError:
-            pass
+    meta = None if force else _up_to_date(out_dir, fingerprint, load_sft_meta)
+    if meta:
+        print(f"{out_dir} is up to date ({meta['rows']['train']:,} train + {meta['rows']['val']:,} val rows)")
+        return meta
 
     bad = []
     row_len = block_size + 1
@@ -628,13 +631,13 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
         for name, arr in ((f"{split}.bin", ids), (f"{split}_mask.bin", mask)):
             arr.tofile(os.path.join(out_dir, name + ".tmp"))
             os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    _write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
+    write_json(tok.to_dict(), os.path.join(out_dir, "tokenizer.json"))
     meta = {"format_version": FORMAT_VERSION, "kind": "sft", "dtype": dtype, "vocab_size": tok.vocab_size,
             "block_size": block_size, "rows": rows, "pack": pack, "overlong": overlong,
             "train_samples": len(samples["train"]), "val_samples": len(samples["val"]),
             "skipped_lines": len(bad), **counts, "tokenizer": "tokenizer.json",
             "inputs": inputs or ["built-in (sft_tasks.py)"], "fingerprint": fingerprint}
-    _write_json(meta, meta_path, indent=1)
+    write_json(meta, meta_path, indent=1)
     print(f"{counts['samples']:,} samples -> {len(samples['train']):,} train / {len(samples['val']):,} val "
           f"({rows['train']:,} + {rows['val']:,} rows of {row_len} tokens{', packed' if pack else ''}); "
           f"{counts['dropped_overlong']} dropped and {counts['truncated']} truncated as longer than the context; "

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
                    dataclass_from_dict, load_json, load_torch_file, read_json, weights_fingerprint)
-from data import DataError
+from data import DataError, write_json
 from tokenizer import TokenizerError
 
 
@@ -437,13 +437,6 @@ def consolidate_deepspeed(ds_dir, tag="last"):
             "model": {k: v.detach().float().contiguous().cpu() for k, v in state.items()}}
 
 
-def _write_json(obj, path):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------
 # The training loop
 
@@ -521,7 +514,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                           "turn it off with --set cuda_graph=false")
     optimizer = make_optimizer(model, cfg, device, capturable=use_graph)
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext())
+    # (under cuda_graph without autocast's weight cache: a cache made during capture cannot outlive it)
+    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype), cache_enabled=not use_graph)
+                if dtype != "float32" else nullcontext())
     engine = None
     if ds_config is not None:
         if cfg.mode == "lora":
@@ -608,7 +603,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         dist.barrier()  # all shards on disk before rank 0 reads them
         if not master:
             return
-        _write_json({"model_config": model_cfg.to_dict(), "tokenizer": data.tokenizer_spec,
+        write_json({"model_config": model_cfg.to_dict(), "tokenizer": data.tokenizer_spec,
                      "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
         st = consolidate_deepspeed(ds_dir, "last")
         st.update(step=step, val_loss=val_loss, best_val_loss=best_val, tokens_seen=tokens_seen)
@@ -704,11 +699,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     # input buffers and write the gradients into the tensors made during capture, so the gradients
     # are not cleared between replays (the captured backward overwrites them).
     GRAPH_WARMUP = 3
-    graph, graph_io = None, None
+    graph = graph_batches = graph_loss = graph_norm = None  # the graph, its inputs and outputs
     side_stream = torch.cuda.Stream() if use_graph else None
-    if use_graph:
-        autocast = torch.autocast("cuda", dtype=getattr(torch, dtype), cache_enabled=False) \
-            if dtype != "float32" else nullcontext()  # autocast's weight cache cannot live in a graph
 
     model.train()
     t_last, step_last, interrupted, steps_run = time.time(), step, False, 0
@@ -722,18 +714,18 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             batches = [data.batch("train", starts[rank + micro * world]) for micro in range(local_accum)]
             batches = [(to_device(x), to_device(y)) for x, y in batches]
             if graph is not None:
-                for (x, y), (gx, gy) in zip(batches, graph_io[0]):
+                for (x, y), (gx, gy) in zip(batches, graph_batches):
                     gx.copy_(x, non_blocking=True)
                     gy.copy_(y, non_blocking=True)
                 graph.replay()
-                loss_sum, grad_norm = graph_io[1], graph_io[2]
+                loss_sum, grad_norm = graph_loss, graph_norm
             elif use_graph and steps_run >= GRAPH_WARMUP:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):  # records, does not run: the replay below runs this step
-                    loss_sum = forward_backward(batches)
-                    grad_norm = update()
-                graph_io = (batches, loss_sum, grad_norm)
+                    graph_loss = loss_sum = forward_backward(batches)
+                    graph_norm = grad_norm = update()
+                graph_batches = batches
                 graph.replay()
             else:
                 if use_graph:
