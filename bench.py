@@ -45,6 +45,37 @@ def fmt_mfu(mfu):
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
+# kernel families by name: matrix products (cuBLAS, CUTLASS, nvjet), attention (cuDNN, flash),
+# Inductor's fused elementwise/reduction kernels, the optimizer, and everything else
+KERNEL_FAMILIES = (("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+                   ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "aten::mm", "addmm", "scaled_mm")),
+                   ("optimizer", ("multi_tensor", "adam", "foreach")),
+                   ("fused elementwise (triton)", ("triton",)),
+                   ("copy / fill / cast", ("copy", "fill", "memcpy", "memset", "cat", "elementwise")))
+
+
+def print_kernel_time(profiler, steps, top):
+    """GPU time per step by kernel family, then the `top` kernels: each kernel counted once (its own
+    time), so the shares add up to 100% of the GPU's busy time. (On a CPU: operators' own CPU time.)"""
+    gpu = torch.cuda.is_available()
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    kernels = [e for e in profiler.key_averages() if e.device_type == kind]
+    self_us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in kernels}
+    total = sum(self_us.values()) or 1
+    families = {}
+    for e in kernels:
+        name = e.key.lower()
+        family = next((f for f, words in KERNEL_FAMILIES if any(w in name for w in words)), "other")
+        families[family] = families.get(family, 0) + self_us[e.key]
+    print(f"{'GPU' if gpu else 'CPU'} busy time: {total / 1000 / steps:.1f} ms per step ({steps} steps, warmup included)")
+    for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
+        print(f"  {family:28s} {t / 1000 / steps:7.2f} ms/step {100 * t / total:5.1f}%")
+    for e in sorted(kernels, key=lambda e: -self_us[e.key])[:top]:
+        print(f"  {self_us[e.key] / 1000 / steps:7.2f} ms/step {100 * self_us[e.key] / total:5.1f}%"
+              f"  x{e.count // steps:<4d} {e.key[:110]}")
+    return families
+
+
 def bench_once(model_cfg, args, data_dir, out_dir):
     settings = dict(
         data_dir=data_dir, out_dir=out_dir, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -58,14 +89,14 @@ def bench_once(model_cfg, args, data_dir, out_dir):
         torch.cuda.reset_peak_memory_stats()
     profiler = nullcontext()
     if args.profile:  # GPU kernel time of the whole run; warmup is short next to the timed steps
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA
+                                                      if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU])
     t0 = time.time()
     with profiler:
         train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
     wall = time.time() - t0
     if args.profile and args.rank0:
-        print(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile,
-                                            max_name_column_width=70))
+        print_kernel_time(profiler, args.warmup + args.steps, args.profile)
     timed = [s for s in stats if s["step"] > args.warmup]
     ms = statistics.median(s["ms_per_step"] for s in timed)
     mfus = [s["mfu"] for s in timed if s["mfu"] is not None]
@@ -121,7 +152,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    result = {"model": args.model, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
               "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
               "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
                                                                            "peak_mem_gib")}}

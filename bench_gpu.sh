@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run from the repo root on the GPU machine:
-#   bash bench_gpu.sh [tests|profile|throughput|ttl|all]
+#   bash bench_gpu.sh [tests|profile|throughput|ttl|sweep|bench|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -16,7 +16,7 @@ git rev-parse --short HEAD 2>/dev/null || true
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== GPU-only tests (CUDA graph step vs eager step, resume)"
-  $py -m pytest -q -x tests/test_train.py tests/test_model.py 2>&1 | tail -3
+  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_bench.py 2>&1 | tail -3
 fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then
@@ -40,6 +40,25 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   done
 fi
 
+if [ "$what" = bench ]; then
+  # one bench.py run per line of stdin (its arguments), then a table of all of them, e.g.
+  #   echo "-m config/model_56m.json -b 128 --compile --train-set fp8=all" | bash bench_gpu.sh bench
+  while read -r a; do
+    [ -z "$a" ] && continue
+    echo "== bench.py $a"
+    timeout "${BENCH_TIMEOUT:-300}" $py bench.py $a --json "$out/bench.jsonl" 2>&1 | grep -vE "^\s*$|^-+$|USDT" | tail -40
+  done
+  $py - "$out/bench.jsonl" <<'PY'
+import json, sys
+print(f"{'model':28s} {'train settings':40s} {'tok/s':>10s} {'ms/step':>8s} {'mfu':>6s} {'GiB':>5s}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    sets = " ".join([f"{k}={v}" for k, v in r.get("train_set", {}).items()] + r.get("set", []))
+    print(f"{r['model'].split('/')[-1]:28s} {sets[:40]:40s} {r['tokens_per_sec']:10,.0f} {r['ms_per_step']:8.1f} "
+          f"{100 * (r['mfu'] or 0):5.1f}% {r['peak_mem_gib']:5.1f}")
+PY
+fi
+
 if [ "$what" = ttl ] || [ "$what" = sweep ] || [ "$what" = all ]; then
   src=${SHAKESPEARE:-../shared/data/tinyshakespeare.txt}
   $py data.py --input "$src" --vocab-size 0 --val-tail 0.1 --out dataset/shakespeare_char 2>&1 | tail -1
@@ -57,7 +76,7 @@ if [ "$what" = sweep ]; then
 fi
 
 if [ "$what" = ttl ] || [ "$what" = all ]; then
-  for i in 1 2 3; do
+  for i in $(seq "${TTL_RUNS:-3}"); do
     echo "== time to loss, run $i: ${TTL_SET:-shipped config}"
     /usr/bin/time -f "wall %e s" $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
         --set out_dir="$out/ttl$i" ${TTL_SET:-} 2>&1 | grep -E "^(eval|reached|mode|wall)|rror"

@@ -127,6 +127,7 @@ def load_torch_file(path, what="checkpoint"):
 
 
 SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
+FP8_MODES = ("off", "blocks", "all")
 
 
 @dataclass
@@ -230,7 +231,7 @@ def fusable(*linears):
     return all(type(m) is nn.Linear for m in linears)
 
 
-def fused_linear(x, linears):
+def fused_linear(x, linears, fp8=False):
     """x through several Linear layers as one matrix product over their stacked weights, split after.
     Training only: one large product keeps the GPU busier than three thin ones, and stacking the
     weights costs a copy of them per step, which is small next to the activations of a batch (but
@@ -238,7 +239,68 @@ def fused_linear(x, linears):
     The parameters stay separate, so checkpoints and the exported layout do not change."""
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    return F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+    return (fp8_linear if fp8 else F.linear)(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+
+
+# FP8 matrix products (train config fp8): Hopper-class GPUs (compute capability 8.9+) multiply
+# float8 matrices at twice the bf16 rate. Each product scales its operands by their largest magnitude
+# (one scale per tensor, recomputed every step: nothing to tune or to store in checkpoints), casts them
+# to float8 (e4m3 for weights and activations, whose range is small and precision matters; e5m2 for
+# gradients, whose range is wide), multiplies with torch._scaled_mm, and takes the scales back out.
+# The float32 master weights, the optimizer and everything outside these products stay as they were.
+FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def to_fp8(t, dtype):
+    """t scaled so that its largest magnitude lands on dtype's largest finite value, then cast; with
+    the inverse scale (float32 scalar) that undoes it."""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().amax().float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+class FP8Matmul(torch.autograd.Function):
+    """x @ weight.T in float8, forward and backward. x: [M, K]; weight: [N, K]; all dims multiples of 16.
+
+    torch._scaled_mm wants its first operand row-major and its second column-major, hence the
+    .t().contiguous().t() copies of the (1-byte) operands in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, out_dtype):
+        x8, x_inv = to_fp8(x, FP8_VALUES)
+        w8, w_inv = to_fp8(weight, FP8_VALUES)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.weight_dtype = weight.dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        g8, g_inv = to_fp8(grad_out, FP8_GRADS)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]
+            grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
+                                      out_dtype=grad_out.dtype)
+        if ctx.needs_input_grad[1]:  # [N, M] @ [M, K], accumulated in float32
+            grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                      out_dtype=torch.float32).to(ctx.weight_dtype)
+        return grad_x, grad_w, None
+
+
+def fp8_linear(x, weight, bias=None):
+    """F.linear with the product in float8 (FP8Matmul); shapes that float8 kernels cannot take
+    (a dimension not a multiple of 16) fall back to F.linear."""
+    rows = x.numel() // x.size(-1)
+    if rows % 16 or x.size(-1) % 16 or weight.size(0) % 16:
+        return F.linear(x, weight, bias)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    out = FP8Matmul.apply(x.reshape(rows, x.size(-1)), weight, dtype).view(*x.shape[:-1], weight.size(0))
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def linear(x, layer, fp8):
+    """A Linear layer's product, in float8 when asked and the layer is a plain nn.Linear (not LoRA)."""
+    return fp8_linear(x, layer.weight, layer.bias) if fp8 and fusable(layer) else layer(x)
 
 
 def _sdpa_backends(name):
@@ -257,11 +319,13 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.fp8 = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x, rope, cache=None, pos=0):
         B, T, _ = x.shape
+        fp8 = self.fp8 and self.training
         if self.training and fusable(self.wq, self.wk, self.wv):
-            q, k, v = fused_linear(x, (self.wq, self.wk, self.wv))
+            q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
@@ -293,7 +357,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                 dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.wo(y))
+        return self.resid_dropout(linear(y, self.wo, fp8))
 
 
 class FeedForward(nn.Module):
@@ -305,13 +369,15 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.fp8 = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x):
+        fp8 = self.fp8 and self.training
         if self.training and fusable(self.w1, self.w3):
-            gate, up = fused_linear(x, (self.w1, self.w3))
+            gate, up = fused_linear(x, (self.w1, self.w3), fp8)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.dropout(self.w2(F.silu(gate) * up))
+        return self.dropout(linear(F.silu(gate) * up, self.w2, fp8))
 
 
 class Block(nn.Module):
@@ -344,6 +410,7 @@ class Transformer(nn.Module):
         # activation checkpointing (train config activation_checkpointing): a training choice, not
         # part of the architecture, so it is a plain attribute and not in the config or checkpoint
         self.checkpoint_layers = False
+        self.fp8_head = False  # likewise a training choice: see set_fp8
         if cfg.use_rope:
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -392,11 +459,24 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.tok_embeddings.weight)  # tied output head
+        if self.fp8_head and self.training:
+            logits = fp8_linear(x, self.tok_embeddings.weight)  # tied output head
+        else:
+            logits = F.linear(x, self.tok_embeddings.weight)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def set_fp8(self, mode):
+        """Which training-time products run in float8: "off", "blocks" (every linear layer of the
+        blocks) or "all" (the output head too). Evaluation and generation always use the weights'
+        own precision."""
+        if mode not in FP8_MODES:
+            raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {mode!r}")
+        for layer in self.layers:
+            layer.attn.fp8 = layer.ffn.fp8 = mode != "off"
+        self.fp8_head = mode == "all"
 
     # -- KV cache --------------------------------------------------------------
 

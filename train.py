@@ -32,7 +32,7 @@ import torch
 PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist
 
-from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
+from model import (FP8_MODES, ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
                    dataclass_from_dict, load_json, load_torch_file, read_json, weights_fingerprint)
 from data import DataError, write_json
 from tokenizer import TokenizerError
@@ -73,6 +73,7 @@ class TrainConfig:
     save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
+    fp8: str = "off"  # off | blocks | all: training products in float8 (blocks' linear layers; all: the head too)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -96,6 +97,8 @@ class TrainConfig:
         if self.cuda_graph and self.dtype == "float16":
             raise ConfigError(f"{where}: cuda_graph does not support float16 (its loss scaler syncs with the host); "
                               "use bfloat16")
+        if self.fp8 not in FP8_MODES:
+            raise ConfigError(f"{where}: fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
         if self.mode == "lora":
             self.lora_config()  # validates the nested dict
         elif self.lora is not None:
@@ -504,6 +507,11 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             model.load_state_dict(ck["model"])
     del base
     model.checkpoint_layers = cfg.activation_checkpointing
+    model.set_fp8(cfg.fp8)
+    if cfg.fp8 != "off" and (ds_config is not None or (device_type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9))):
+        raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
+                          f"or the CPU, and train.py or train_ddp.py (here: device {device}"
+                          f"{', DeepSpeed' if ds_config is not None else ''}); turn it off with --set fp8=off")
     model.to(device)
     n_params, flops_per_token = model.num_params(), model.flops_per_token()  # before ZeRO-3 partitions them
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -263,3 +263,77 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fp8_linear_multiplies_the_scaled_float8_operands():
+    # forward and both backward products must equal the float32 products of the dequantised
+    # float8 operands (so the scales are applied and undone correctly), and stay near the exact ones
+    from model import FP8_GRADS, FP8_VALUES, fp8_linear, to_fp8
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * 3).requires_grad_()
+    w = (torch.randn(48, 96) * 0.02).requires_grad_()
+    y = fp8_linear(x, w)
+    x8, x_inv = to_fp8(x.detach(), FP8_VALUES)
+    w8, w_inv = to_fp8(w.detach(), FP8_VALUES)
+    assert x8.dtype == torch.float8_e4m3fn and x8.float().abs().max() == 448  # the largest value fills the range
+    xq, wq = x8.float() * x_inv, w8.float() * w_inv
+    torch.testing.assert_close(y, xq @ wq.T, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(y) * 1e-3
+    y.backward(g)
+    g8, g_inv = to_fp8(g, FP8_GRADS)
+    assert g8.dtype == torch.float8_e5m2
+    gq = g8.float() * g_inv
+    torch.testing.assert_close(x.grad, gq @ wq, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(w.grad, gq.T @ xq, rtol=1e-4, atol=1e-7)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+    exact = x.detach() @ w.detach().T
+    assert 0 < rel(y, exact) < 0.06  # e4m3 keeps 3 mantissa bits
+    assert rel(x.grad, g @ w.detach()) < 0.12 and rel(w.grad, g.T @ x.detach()) < 0.12  # e5m2: 2 bits
+
+
+def test_fp8_linear_handles_zeros_and_falls_back_on_odd_shapes():
+    from model import fp8_linear
+    w = torch.randn(32, 16, requires_grad=True)
+    zeros = torch.zeros(16, 16, requires_grad=True)
+    out = fp8_linear(zeros, w)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros(16, 32)) and torch.isfinite(zeros.grad).all() and torch.equal(
+        w.grad, torch.zeros_like(w))
+    x = torch.randn(3, 5, 16)  # 15 rows: not a multiple of 16, so the plain product
+    assert torch.equal(fp8_linear(x, w), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("mode,products", [("blocks", 8), ("all", 9)])
+def test_fp8_mode_sends_the_training_products_through_float8(mode, products, monkeypatch):
+    # per layer: q|k|v, wo, w1|w3, w2 (2 layers: 8); "all" adds the output head. Training loss and
+    # gradients stay close to full precision; evaluation does not use float8 at all.
+    import model as model_module
+    cfg = tiny(vocab_size=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for m in ("off", mode):
+        model.set_fp8(m)
+        model.train().zero_grad()
+        calls = []
+        real_apply = model_module.FP8Matmul.apply
+        monkeypatch.setattr(model_module.FP8Matmul, "apply", lambda *a: calls.append(1) or real_apply(*a))
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            logits, _ = model(idx)
+        monkeypatch.undo()
+        results[m] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, logits, len(calls))
+    (loss0, grads0, logits0, calls0), (loss1, grads1, logits1, calls1) = results["off"], results[mode]
+    assert calls0 == 0 and calls1 == products
+    assert torch.equal(logits0, logits1)
+    assert loss0 != loss1 and abs(loss1 - loss0) < 0.02 * loss0
+    for name in grads0:
+        cos = torch.nn.functional.cosine_similarity(grads0[name].flatten(), grads1[name].flatten(), dim=0)
+        assert cos > 0.98, (name, cos)
+    with pytest.raises(ConfigError, match="fp8 must be one of"):
+        model.set_fp8("fast")

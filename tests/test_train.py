@@ -213,3 +213,35 @@ def test_save_checkpoints_off_writes_nothing(data_dir, tmp_path):
     train(tiny_model(), tiny_train(data_dir, tmp_path, max_iters=10, eval_interval=5, save_checkpoints=False),
           quiet=True)
     assert not list(tmp_path.glob("*.pt"))
+
+
+def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path):
+    # float8 products (train config fp8) are an approximation: the run must learn as well as the
+    # float32 one (same batches, same init) within a few percent of its loss
+    curves, vals = {}, {}
+    for mode in ("off", "all"):
+        stats = []
+        train(tiny_model(), tiny_train(data_dir, tmp_path / mode, max_iters=60, fp8=mode), quiet=True, stats=stats)
+        curves[mode] = [s["loss"] for s in stats]
+        vals[mode] = load_checkpoint(str(tmp_path / mode / "last.pt"))["val_loss"]
+    assert curves["all"] != curves["off"]  # the float8 path really ran
+    assert curves["all"][-1] < 0.5 * curves["all"][0]
+    assert abs(vals["all"] - vals["off"]) < 0.05 * vals["off"]
+    with pytest.raises(ConfigError, match="fp8 must be one of"):
+        tiny_train(data_dir, tmp_path, fp8="on").validate()
+
+
+@needs_cuda
+def test_fp8_compiled_cuda_graph_run_follows_the_bf16_curve(data_dir, tmp_path):
+    # the configuration bench.py measures: compiled, CUDA-graph step, bf16 autocast, float8 products
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 products need compute capability 8.9+")
+    curves = {}
+    for mode in ("off", "all"):
+        stats = []
+        cfg = tiny_train(data_dir, tmp_path / mode, device="cuda", dtype="bfloat16", max_iters=60, compile=True,
+                         cuda_graph=True, fp8=mode, log_interval=5)
+        train(tiny_model(), cfg, quiet=True, stats=stats)
+        curves[mode] = torch.tensor([s["loss"] for s in stats])
+    assert curves["all"][-1] < 0.5 * curves["all"][0]
+    torch.testing.assert_close(curves["all"], curves["off"], rtol=0.05, atol=0.05)

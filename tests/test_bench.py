@@ -1,0 +1,25 @@
+import json
+
+import bench
+from model import ModelConfig, Transformer
+
+
+def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
+    # bench.py on a CPU: a tiny model through train.train (float8 products on), its figures consistent
+    # with each other, the JSON line written, and the profile's kernel families adding up to the total
+    cfg = dict(block_size=32, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=64)
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(cfg))
+    result = bench.main(["-m", str(model_file), "-b", "4", "--steps", "4", "--warmup", "2", "--log-interval", "2",
+                         "--device", "cpu", "--profile", "3", "--train-set", "fp8=all",
+                         "--json", str(tmp_path / "out.jsonl")])
+    assert result["tokens_per_sec"] > 0
+    assert abs(result["tokens_per_sec"] * result["ms_per_step"] / 1000 - 4 * 32) < 1e-6 * 4 * 32
+    n_params = sum(p.numel() for p in Transformer(ModelConfig(**cfg)).parameters())
+    assert result["params_M"] == round(n_params / 1e6, 2) and result["block"] == 32 and result["batch"] == 4
+    assert json.loads((tmp_path / "out.jsonl").read_text()) == json.loads(json.dumps(result))
+    out = capsys.readouterr().out
+    busy = float(out.split("busy time: ")[1].split(" ms")[0])
+    shares = [float(line.split("%")[0].split()[-1]) for line in out.splitlines() if "ms/step" in line and "%" in line
+              and not line.strip()[0].isdigit()]
+    assert busy > 0 and "matmul" in out and abs(sum(shares) - 100) < 0.5
