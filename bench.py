@@ -54,10 +54,9 @@ KERNEL_FAMILIES = (("attention", ("flash", "fmha", "sdpa", "attention", "attn"))
                    ("copy / fill / cast", ("copy", "fill", "memcpy", "memset", "cat", "elementwise")))
 
 
-def print_kernel_time(profiler, steps, top):
+def print_kernel_time(profiler, steps, top, gpu):
     """GPU time per step by kernel family, then the `top` kernels: each kernel counted once (its own
     time), so the shares add up to 100% of the GPU's busy time. (On a CPU: operators' own CPU time.)"""
-    gpu = torch.cuda.is_available()
     kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
     kernels = [e for e in profiler.key_averages() if e.device_type == kind]
     self_us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in kernels}
@@ -67,7 +66,7 @@ def print_kernel_time(profiler, steps, top):
         name = e.key.lower()
         family = next((f for f, words in KERNEL_FAMILIES if any(w in name for w in words)), "other")
         families[family] = families.get(family, 0) + self_us[e.key]
-    print(f"{'GPU' if gpu else 'CPU'} busy time: {total / 1000 / steps:.1f} ms per step ({steps} steps, warmup included)")
+    print(f"{'GPU' if gpu else 'CPU'} busy time: {total / 1000 / steps:.1f} ms per step (the {steps} timed steps)")
     for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {family:28s} {t / 1000 / steps:7.2f} ms/step {100 * t / total:5.1f}%")
     for e in sorted(kernels, key=lambda e: -self_us[e.key])[:top]:
@@ -87,16 +86,18 @@ def bench_once(model_cfg, args, data_dir, out_dir):
     stats = []
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    profiler = nullcontext()
-    if args.profile:  # GPU kernel time of the whole run; warmup is short next to the timed steps
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA
-                                                      if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU])
+    profiler = None
+    if args.profile:  # kernel times of the timed steps only (the warmup's compilation runs kernels too)
+        on_gpu = train.pick_device(cfg.device).startswith("cuda")
+        profiler = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU],
+            schedule=torch.profiler.schedule(wait=args.warmup, warmup=0, active=args.steps), acc_events=True)
     t0 = time.time()
-    with profiler:
-        train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config)
+    with profiler or nullcontext():
+        train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config, profiler=profiler)
     wall = time.time() - t0
     if args.profile and args.rank0:
-        print_kernel_time(profiler, args.warmup + args.steps, args.profile)
+        print_kernel_time(profiler, args.steps, args.profile, on_gpu)
     timed = [s for s in stats if s["step"] > args.warmup]
     ms = statistics.median(s["ms_per_step"] for s in timed)
     mfus = [s["mfu"] for s in timed if s["mfu"] is not None]

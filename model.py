@@ -127,7 +127,7 @@ def load_torch_file(path, what="checkpoint"):
 
 
 SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
-FP8_MODES = ("off", "blocks", "all")
+FP8_MODES = ("off", "head", "blocks", "all")
 
 
 @dataclass
@@ -203,7 +203,11 @@ def rope_tables(head_dim, max_len, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim. x: [B, H, T, D]; cos/sin: [T, D/2]."""
+    """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim. x: [B, T, H, D]; cos/sin: [T, D/2].
+
+    Attention rotates q and k in this token-major layout, before it transposes them to the [B, H, T, D]
+    view that attention kernels take: the rotation then reads and writes memory in order, and the
+    gradients that come back from attention need no transposing copy either."""
     if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
         return rope_complex(x, cos, sin)
     return rope_real(x, cos, sin)
@@ -213,6 +217,7 @@ def rope_real(x, cos, sin):
     """RoPE spelt out in real arithmetic: what torch.compile fuses into one kernel (and the path for
     devices without complex support)."""
     x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, D/2]: the same angles for every head
     out_even = x_even * cos - x_odd * sin
     out_odd = x_even * sin + x_odd * cos
     return torch.stack((out_even, out_odd), dim=-1).flatten(-2).type_as(x)
@@ -223,7 +228,7 @@ def rope_complex(x, cos, sin):
     cos + i sin: three GPU kernels instead of about ten when running eagerly (no torch.compile),
     which is most of the step time of a small model on a GPU (and it is a little faster on the CPU)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * torch.complex(cos, sin).unsqueeze(-2)).flatten(-2).type_as(x)
 
 
 def fusable(*linears):
@@ -298,6 +303,59 @@ def fp8_linear(x, weight, bias=None):
     return out if bias is None else out + bias.to(out.dtype)
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """The tied output head and the mean cross-entropy loss as one step, for compiled training.
+
+    The logits of a large vocabulary are the biggest tensor of a step (124M config: 32768 x 50304).
+    Here they are written once (the head's product), read once (log-sum-exp), and read once more in
+    the backward pass, which writes their gradient softmax - one-hot straight from them: one
+    elementwise kernel, where F.cross_entropy's decomposition also fills a zero tensor of logits
+    size and passes over it again. With fp8 the head's three products run in float8, and the logits'
+    gradient is written in float8 by that same kernel with a fixed scale: softmax - one-hot lies in
+    [-1, 1], so no amax pass is needed. Targets of -1 are ignored, as in F.cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, fp8):
+        # x: [M, K] (the autocast dtype under autocast); weight: [V, K]; targets: [M]
+        if fp8:
+            x_op, x_inv = to_fp8(x, FP8_VALUES)
+            w_op, w_inv = to_fp8(weight, FP8_VALUES)
+            logits = torch._scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+        else:
+            x_op, w_op = x, weight.to(x.dtype)
+            x_inv = w_inv = None
+            logits = x_op @ w_op.t()
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
+        valid = targets >= 0
+        count = valid.sum()
+        loss = torch.where(valid, lse - picked, 0.0).sum() / count
+        ctx.save_for_backward(x_op, x_inv, w_op, w_inv, logits, lse, targets, count)
+        ctx.fp8, ctx.weight_dtype = fp8, weight.dtype
+        ctx.mark_non_differentiable(logits)
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        x_op, x_inv, w_op, w_inv, logits, lse, targets, count = ctx.saved_tensors
+        probs = torch.exp(logits.float() - lse.unsqueeze(1))
+        vocab = torch.arange(logits.size(1), device=logits.device)
+        grad = torch.where(vocab == targets.unsqueeze(1), probs - 1, probs)  # softmax - one-hot, in [-1, 1]
+        grad = torch.where(targets.unsqueeze(1) >= 0, grad, 0.0)
+        scale = grad_loss.float() / count
+        if ctx.fp8:
+            top = torch.finfo(FP8_GRADS).max
+            g8, g_inv = (grad * top).to(FP8_GRADS), scale / top
+            grad_x = torch._scaled_mm(g8, w_op.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
+                                      out_dtype=logits.dtype)
+            grad_w = torch._scaled_mm(g8.t().contiguous(), x_op.t().contiguous().t(), scale_a=g_inv,
+                                      scale_b=x_inv, out_dtype=torch.float32)
+        else:
+            grad = (grad * scale).to(logits.dtype)
+            grad_x, grad_w = grad @ w_op, grad.t() @ x_op
+        return grad_x, grad_w.to(ctx.weight_dtype), None, None
+
+
 def linear(x, layer, fp8):
     """A Linear layer's product, in float8 when asked and the layer is a plain nn.Linear (not LoRA)."""
     return fp8_linear(x, layer.weight, layer.bias) if fp8 and fusable(layer) else layer(x)
@@ -328,12 +386,13 @@ class Attention(nn.Module):
             q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D] views
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
 
         mask, causal = None, self.cfg.is_causal
         if cache is not None:
@@ -459,24 +518,29 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        if self.fp8_head and self.training:
-            logits = fp8_linear(x, self.tok_embeddings.weight)  # tied output head
-        else:
-            logits = F.linear(x, self.tok_embeddings.weight)
+        fp8 = self.fp8_head and self.training
+        if targets is not None and (fp8 or torch.compiler.is_compiling()):
+            # compiled training: head and loss as one operation that touches the logits least
+            rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), self.cfg.vocab_size
+            fp8 = fp8 and rows % 16 == 0 and dim % 16 == 0 and vocab % 16 == 0  # float8 kernels' shapes
+            loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), self.tok_embeddings.weight,
+                                                  targets.reshape(rows), fp8)
+            return logits.view(*x.shape[:-1], vocab), loss
+        logits = F.linear(x, self.tok_embeddings.weight)  # tied output head
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def set_fp8(self, mode):
-        """Which training-time products run in float8: "off", "blocks" (every linear layer of the
-        blocks) or "all" (the output head too). Evaluation and generation always use the weights'
+        """Which training-time products run in float8: "off", "head" (the output head), "blocks" (every
+        linear layer of the blocks) or "all" (both). Evaluation and generation always use the weights'
         own precision."""
         if mode not in FP8_MODES:
             raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {mode!r}")
         for layer in self.layers:
-            layer.attn.fp8 = layer.ffn.fp8 = mode != "off"
-        self.fp8_head = mode == "all"
+            layer.attn.fp8 = layer.ffn.fp8 = mode in ("blocks", "all")
+        self.fp8_head = mode in ("head", "all")
 
     # -- KV cache --------------------------------------------------------------
 

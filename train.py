@@ -73,7 +73,7 @@ class TrainConfig:
     save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
-    fp8: str = "off"  # off | blocks | all: training products in float8 (blocks' linear layers; all: the head too)
+    fp8: str = "off"  # off | head | blocks | all: training products in float8 (output head, blocks' linear layers, both)
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -445,13 +445,14 @@ def consolidate_deepspeed(ds_dir, tag="last"):
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None,
-          stats=None):
+          stats=None, profiler=None):
     """Train and return the final (unwrapped) model. `resume`: a checkpoint path whose full state
     (model, optimizer, scaler, step, RNG, sampler) is restored; `stop_at`: end after this step as
     if interrupted (last.pt is written), e.g. to split a run in two. `ds_config`: a DeepSpeed config
     dict (train_ds.py): the model is handed to a DeepSpeed engine (ZeRO-3) that does the backward,
     the gradient sync and the optimizer step; `resume` is then the run's out_dir. `stats`: a list
-    that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it."""
+    that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it;
+    `profiler`: a torch.profiler.profile whose step() is called after every optimizer step."""
     rank, local_rank, world = init_distributed()
     master = rank == 0
     device = pick_device(cfg.device)
@@ -746,6 +747,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
                 if use_graph:
                     torch.cuda.current_stream().wait_stream(side_stream)
             steps_run += 1
+            if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
+                profiler.step()
             step += 1
             tokens_seen += tokens_per_step
 

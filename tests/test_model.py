@@ -52,11 +52,11 @@ def test_gqa_equals_multi_head_attention_with_shared_kv(n_kv_head):
     attn = m.layers[0].attn
     x = torch.randn(2, 9, 32)
     B, T, H, D = 2, 9, 4, 8
-    q = attn.wq(x).view(B, T, H, D).transpose(1, 2)
-    k = attn.wk(x).view(B, T, n_kv_head, D).transpose(1, 2)
+    q = attn.wq(x).view(B, T, H, D)
+    k = attn.wk(x).view(B, T, n_kv_head, D)
     v = attn.wv(x).view(B, T, n_kv_head, D).transpose(1, 2)
     cos, sin = m.rope_cos[:T], m.rope_sin[:T]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
     # each KV head serves H / n_kv_head consecutive query heads
     k, v = k.repeat_interleave(H // n_kv_head, 1), v.repeat_interleave(H // n_kv_head, 1)
     y = reference_attention(q, k, v, causal=True).transpose(1, 2).reshape(B, T, H * D)
@@ -91,11 +91,12 @@ def test_bidirectional_sees_the_future_and_one_pass_is_argmax():
 
 def test_rope_rotates_adjacent_pairs_and_depends_on_relative_position():
     cos, sin = rope_tables(8, 64, 10000.0)
-    x = torch.zeros(1, 1, 2, 8)
-    x[..., 0] = 1.0  # first pair = (1, 0): rotated by angle t * theta^0 = t
+    x = torch.zeros(1, 2, 3, 8)  # [B, T, H, D]
+    x[..., 0] = 1.0  # first pair = (1, 0): rotated by angle t * theta^0 = t, in every head
     out = apply_rope(x, cos[3:5], sin[3:5])
-    torch.testing.assert_close(out[0, 0, 0, :2], torch.tensor([math.cos(3), math.sin(3)]))
-    torch.testing.assert_close(out[0, 0, 1, :2], torch.tensor([math.cos(4), math.sin(4)]))
+    for h in range(3):
+        torch.testing.assert_close(out[0, 0, h, :2], torch.tensor([math.cos(3), math.sin(3)]))
+        torch.testing.assert_close(out[0, 1, h, :2], torch.tensor([math.cos(4), math.sin(4)]))
     # <R(m) q, R(n) k> depends on m - n only
     q, k = torch.randn(8), torch.randn(8)
 
@@ -233,14 +234,15 @@ def test_fused_training_projections_match_separate_ones(bias):
 
 def test_rope_complex_path_equals_the_real_one():
     # eager CPU and CUDA runs use the complex form, compiled code the real one: same values and
-    # the same gradients, also for a transposed (non-contiguous) [B, H, T, D] view as attention passes
+    # the same gradients, also for a non-contiguous [B, T, H, D] slice of a fused q|k|v product as
+    # attention passes
     from model import rope_complex, rope_real
     cos, sin = rope_tables(16, 12, 10000.0)
-    base = torch.randn(2, 12, 3, 16, dtype=torch.float64).float()
+    base = torch.randn(2, 12, 3 * 48, dtype=torch.float64).float()
     outs, grads = [], []
     for fn in (rope_real, rope_complex):
         x = base.clone().requires_grad_(True)
-        y = fn(x.transpose(1, 2), cos, sin)
+        y = fn(x[..., 48:96].view(2, 12, 3, 16), cos, sin)
         (y * torch.arange(y.numel()).view_as(y).sin()).sum().backward()
         outs.append(y.detach())
         grads.append(x.grad)
@@ -305,10 +307,11 @@ def test_fp8_linear_handles_zeros_and_falls_back_on_odd_shapes():
     assert torch.equal(fp8_linear(x, w), torch.nn.functional.linear(x, w))
 
 
-@pytest.mark.parametrize("mode,products", [("blocks", 8), ("all", 9)])
-def test_fp8_mode_sends_the_training_products_through_float8(mode, products, monkeypatch):
-    # per layer: q|k|v, wo, w1|w3, w2 (2 layers: 8); "all" adds the output head. Training loss and
-    # gradients stay close to full precision; evaluation does not use float8 at all.
+@pytest.mark.parametrize("mode,casts", [("head", 2), ("blocks", 24), ("all", 26)])
+def test_fp8_mode_sends_the_training_products_through_float8(mode, casts, monkeypatch):
+    # per layer: q|k|v, wo, w1|w3, w2 (2 layers: 8 products, each casting input, weight and gradient:
+    # 24); "all" adds the output head (input and weight; its gradient needs no amax). Training loss
+    # and gradients stay close to full precision; evaluation does not use float8 at all.
     import model as model_module
     cfg = tiny(vocab_size=64)
     torch.manual_seed(0)
@@ -319,8 +322,8 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, products, mon
         model.set_fp8(m)
         model.train().zero_grad()
         calls = []
-        real_apply = model_module.FP8Matmul.apply
-        monkeypatch.setattr(model_module.FP8Matmul, "apply", lambda *a: calls.append(1) or real_apply(*a))
+        real_to_fp8 = model_module.to_fp8
+        monkeypatch.setattr(model_module, "to_fp8", lambda *a: calls.append(1) or real_to_fp8(*a))
         _, loss = model(idx, idx.roll(-1, 1))
         loss.backward()
         model.eval()
@@ -329,7 +332,7 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, products, mon
         monkeypatch.undo()
         results[m] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, logits, len(calls))
     (loss0, grads0, logits0, calls0), (loss1, grads1, logits1, calls1) = results["off"], results[mode]
-    assert calls0 == 0 and calls1 == products
+    assert calls0 == 0 and calls1 == casts
     assert torch.equal(logits0, logits1)
     assert loss0 != loss1 and abs(loss1 - loss0) < 0.02 * loss0
     for name in grads0:
@@ -337,3 +340,52 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, products, mon
         assert cos > 0.98, (name, cos)
     with pytest.raises(ConfigError, match="fp8 must be one of"):
         model.set_fp8("fast")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8):
+    # the fused head + loss of compiled training: same loss, logits and gradients as F.linear followed
+    # by F.cross_entropy (ignore_index -1); in float8 close to them
+    from model import HeadCrossEntropy
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(80, 32) * 0.3).requires_grad_()
+    targets = torch.randint(0, 80, (64,))
+    targets[::7] = -1
+    loss, logits = HeadCrossEntropy.apply(x, w, targets, fp8)
+    (loss * 3).backward()
+    got = (loss.detach(), logits.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    ref_logits = F.linear(x, w)
+    ref_loss = F.cross_entropy(ref_logits, targets, ignore_index=-1)
+    (ref_loss * 3).backward()
+    ref = (ref_loss.detach(), ref_logits.detach(), x.grad, w.grad)
+    if not fp8:
+        for a, b, name in zip(got, ref, ("loss", "logits", "grad x", "grad w")):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        return
+    assert abs(got[0] - ref[0]) < 0.02 * ref[0]
+    for a, b in zip(got[1:], ref[1:]):
+        assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert not torch.equal(got[2], ref[2])  # float8 really ran
+
+
+@pytest.mark.parametrize("fp8", ["off", "all"])
+def test_compiled_training_step_equals_the_eager_one(fp8):
+    # torch.compile traces the training-only paths (fused head + loss, float8 products, the real RoPE):
+    # the compiled forward and backward must give the eager loss and gradients (on the CPU here)
+    torch.manual_seed(0)
+    model = Transformer(tiny(vocab_size=64)).train()
+    model.set_fp8(fp8)
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
+    targets = idx.roll(-1, 1)
+    targets[:, :5] = -1  # ignored positions (SFT prompts) too
+    results = []
+    for run in (model, torch.compile(model)):
+        model.zero_grad()
+        _, loss = run(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item(), msg=name)
