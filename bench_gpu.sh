@@ -46,7 +46,7 @@ if [ "$what" = bench ]; then
   while read -r a; do
     [ -z "$a" ] && continue
     echo "== bench.py $a"
-    timeout "${BENCH_TIMEOUT:-300}" $py bench.py $a --json "$out/bench.jsonl" 2>&1 | grep -vE "^\s*$|^-+$|USDT" | tail -40
+    timeout "${BENCH_TIMEOUT:-300}" $py bench.py $a --json "$out/bench.jsonl" 2>&1 | grep -vE "^\s*$|^-+$|USDT" | tail -"${BENCH_LINES:-40}"
   done
   $py - "$out/bench.jsonl" <<'PY'
 import json, sys
