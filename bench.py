@@ -45,12 +45,13 @@ def fmt_mfu(mfu):
     return "n/a" if mfu is None else f"{100 * mfu:.1f}%"
 
 
-# kernel families by name: matrix products (cuBLAS, CUTLASS, nvjet), attention (cuDNN, flash),
-# Inductor's fused elementwise/reduction kernels, the optimizer, and everything else
-KERNEL_FAMILIES = (("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
+# kernel families by name, first match wins: Inductor's fused elementwise/reduction kernels (named
+# after the ops they fuse, which may include a matmul's casts), attention (cuDNN, flash), matrix
+# products (cuBLAS, CUTLASS, nvjet), the optimizer, and everything else
+KERNEL_FAMILIES = (("fused elementwise (triton)", ("triton",)),
+                   ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
                    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "aten::mm", "addmm", "scaled_mm")),
                    ("optimizer", ("multi_tensor", "adam", "foreach")),
-                   ("fused elementwise (triton)", ("triton",)),
                    ("copy / fill / cast", ("copy", "fill", "memcpy", "memset", "cat", "elementwise")))
 
 

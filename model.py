@@ -248,58 +248,68 @@ def fused_linear(x, linears, fp8=False):
 
 
 # FP8 matrix products (train config fp8): Hopper-class GPUs (compute capability 8.9+) multiply
-# float8 matrices at twice the bf16 rate. Each product scales its operands by their largest magnitude
-# (one scale per tensor, recomputed every step: nothing to tune or to store in checkpoints), casts them
-# to float8 (e4m3 for weights and activations, whose range is small and precision matters; e5m2 for
-# gradients, whose range is wide), multiplies with torch._scaled_mm, and takes the scales back out.
-# The float32 master weights, the optimizer and everything outside these products stay as they were.
+# float8 matrices at twice the bf16 rate. Operands are scaled so that their largest magnitude fills
+# the float8 range (scales recomputed every step: nothing to tune or to store in checkpoints), cast,
+# multiplied with torch._scaled_mm, and the scales are taken back out. The blocks' linear layers
+# scale per row (FP8RowsMatmul); the output head per tensor, its gradient with a fixed scale
+# (HeadCrossEntropy). The float32 master weights, the optimizer and everything outside these
+# products stay as they were. docs/BENCHMARKS.md has what it gains and what it does to the loss.
 FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 def to_fp8(t, dtype):
-    """t scaled so that its largest magnitude lands on dtype's largest finite value, then cast; with
-    the inverse scale (float32 scalar) that undoes it."""
+    """t scaled so that its largest magnitude lands on dtype's largest finite value, then cast
+    (e4m3 for values and weights: 3 mantissa bits; e5m2 for gradients: a wider range); with the
+    inverse scale (float32 scalar) that undoes it."""
     top = torch.finfo(dtype).max
     scale = top / t.abs().amax().float().clamp(min=1e-12)
     return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
-class FP8Matmul(torch.autograd.Function):
-    """x @ weight.T in float8, forward and backward. x: [M, K]; weight: [N, K]; all dims multiples of 16.
+def to_fp8_rows(t, dtype=FP8_VALUES):
+    """Like to_fp8, with one scale per row (the last dim): one pass over each row, which
+    torch.compile fuses into the kernel that makes the rows (the norm, SwiGLU, ...)."""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
-    torch._scaled_mm wants its first operand row-major and its second column-major, hence the
-    .t().contiguous().t() copies of the (1-byte) operands in the backward pass."""
+
+class FP8RowsMatmul(torch.autograd.Function):
+    """x @ weight.T with the forward product and the input-gradient product in float8, scaled per
+    row, and the weight-gradient product in the input's precision. float8 products on these GPUs
+    must reduce over the operands' contiguous dim; the weight gradient reduces over the tokens, which
+    would need transposed float8 copies of the input and of the gradient: costlier than the product
+    saves at these sizes."""
 
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x8, x_inv = to_fp8(x, FP8_VALUES)
-        w8, w_inv = to_fp8(weight, FP8_VALUES)
-        ctx.save_for_backward(x8, x_inv, w8, w_inv)
-        ctx.weight_dtype = weight.dtype
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        x8, x_inv = to_fp8_rows(x.contiguous())
+        w8, w_inv = to_fp8_rows(weight.contiguous())
+        ctx.save_for_backward(x, weight)
+        ctx.out_dtype = out_dtype
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x8, x_inv, w8, w_inv = ctx.saved_tensors
-        g8, g_inv = to_fp8(grad_out, FP8_GRADS)
+        x, weight = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]
-            grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
-                                      out_dtype=grad_out.dtype)
-        if ctx.needs_input_grad[1]:  # [N, M] @ [M, K], accumulated in float32
-            grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
-                                      out_dtype=torch.float32).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
+            g8, g_inv = to_fp8_rows(grad_out.contiguous())
+            wt8, wt_inv = to_fp8_rows(weight.t().contiguous())  # float8 products: row-major first operand
+            grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(weight.dtype)
         return grad_x, grad_w, None
 
 
 def fp8_linear(x, weight, bias=None):
-    """F.linear with the product in float8 (FP8Matmul); shapes that float8 kernels cannot take
+    """F.linear with the products in float8 (FP8RowsMatmul); shapes that float8 kernels cannot take
     (a dimension not a multiple of 16) fall back to F.linear."""
     rows = x.numel() // x.size(-1)
     if rows % 16 or x.size(-1) % 16 or weight.size(0) % 16:
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = FP8Matmul.apply(x.reshape(rows, x.size(-1)), weight, dtype).view(*x.shape[:-1], weight.size(0))
+    out = FP8RowsMatmul.apply(x.reshape(rows, x.size(-1)), weight, dtype).view(*x.shape[:-1], weight.size(0))
     return out if bias is None else out + bias.to(out.dtype)
 
 
