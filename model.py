@@ -266,6 +266,17 @@ def to_fp8(t, dtype):
     return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
+def scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm(a, b) with a row-major and b column-major. CPU kernels of torch before 2.13
+    take per-tensor scales only: there (tests) row-wise scales multiply the float32 product instead,
+    which is the same arithmetic."""
+    if a.device.type == "cpu" and scale_a.numel() > 1:
+        one = torch.ones((), device=a.device)
+        return (torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32) * scale_a * scale_b
+                ).to(out_dtype)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+
+
 def to_fp8_rows(t, dtype=FP8_VALUES):
     """Like to_fp8, with one scale per row (the last dim): one pass over each row, which
     torch.compile fuses into the kernel that makes the rows (the norm, SwiGLU, ...)."""
@@ -287,7 +298,7 @@ class FP8RowsMatmul(torch.autograd.Function):
         w8, w_inv = to_fp8_rows(weight.contiguous())
         ctx.save_for_backward(x, weight)
         ctx.out_dtype = out_dtype
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
+        return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -296,7 +307,7 @@ class FP8RowsMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
             g8, g_inv = to_fp8_rows(grad_out.contiguous())
             wt8, wt_inv = to_fp8_rows(weight.t().contiguous())  # float8 products: row-major first operand
-            grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
+            grad_x = scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(weight.dtype)
         return grad_x, grad_w, None
@@ -330,7 +341,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         if fp8:
             x_op, x_inv = to_fp8(x, FP8_VALUES)
             w_op, w_inv = to_fp8(weight, FP8_VALUES)
-            logits = torch._scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+            logits = scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
         else:
             x_op, w_op = x, weight.to(x.dtype)
             x_inv = w_inv = None
@@ -356,9 +367,9 @@ class HeadCrossEntropy(torch.autograd.Function):
         if ctx.fp8:
             top = torch.finfo(FP8_GRADS).max
             g8, g_inv = (grad * top).to(FP8_GRADS), scale / top
-            grad_x = torch._scaled_mm(g8, w_op.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
+            grad_x = scaled_mm(g8, w_op.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
                                       out_dtype=logits.dtype)
-            grad_w = torch._scaled_mm(g8.t().contiguous(), x_op.t().contiguous().t(), scale_a=g_inv,
+            grad_w = scaled_mm(g8.t().contiguous(), x_op.t().contiguous().t(), scale_a=g_inv,
                                       scale_b=x_inv, out_dtype=torch.float32)
         else:
             grad = (grad * scale).to(logits.dtype)

@@ -298,9 +298,10 @@ def test_fp8_linear_multiplies_the_scaled_float8_operands():
 
 def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch):
     # torch._scaled_mm on a GPU takes a row-major first and a column-major second operand and float32
-    # scales (the CPU kernel takes any layout): check every product of a bf16 training step for that
+    # scales, per tensor or per row of each (the CPU kernel takes any layout): check every product of
+    # a bf16 training step for that
     import model as model_module
-    real = torch._scaled_mm
+    real = model_module.scaled_mm
     seen = []
 
     def checked(a, b, scale_a, scale_b, out_dtype):
@@ -311,7 +312,7 @@ def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch):
         seen.append(a.dtype)
         return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
-    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    monkeypatch.setattr(model_module, "scaled_mm", checked)
     model = Transformer(tiny(vocab_size=64)).train()
     model.set_fp8("all")
     idx = torch.randint(0, 64, (2, 32))
