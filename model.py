@@ -364,17 +364,20 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad = torch.where(vocab == targets.unsqueeze(1), probs - 1, probs)  # softmax - one-hot, in [-1, 1]
         grad = torch.where(targets.unsqueeze(1) >= 0, grad, 0.0)
         scale = grad_loss.float() / count
+        grad_w = None  # (a frozen head, as in LoRA training, needs no weight gradient)
         if ctx.fp8:
             top = torch.finfo(FP8_GRADS).max
             g8, g_inv = (grad * top).to(FP8_GRADS), scale / top
-            grad_x = scaled_mm(g8, w_op.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv,
-                                      out_dtype=logits.dtype)
-            grad_w = scaled_mm(g8.t().contiguous(), x_op.t().contiguous().t(), scale_a=g_inv,
-                                      scale_b=x_inv, out_dtype=torch.float32)
+            grad_x = scaled_mm(g8, w_op.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=logits.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_w = scaled_mm(g8.t().contiguous(), x_op.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                   out_dtype=torch.float32).to(ctx.weight_dtype)
         else:
             grad = (grad * scale).to(logits.dtype)
-            grad_x, grad_w = grad @ w_op, grad.t() @ x_op
-        return grad_x, grad_w.to(ctx.weight_dtype), None, None
+            grad_x = grad @ w_op
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad.t() @ x_op).to(ctx.weight_dtype)
+        return grad_x, grad_w, None, None
 
 
 def linear(x, layer, fp8):

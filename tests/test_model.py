@@ -398,6 +398,11 @@ def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8):
     for a, b in zip(got[1:], ref[1:]):
         assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
     assert not torch.equal(got[2], ref[2])  # float8 really ran
+    w.requires_grad_(False)  # a frozen head (LoRA): no weight gradient, the same input gradient
+    x.grad = w.grad = None
+    loss, _ = HeadCrossEntropy.apply(x, w, targets, fp8)
+    (loss * 3).backward()
+    assert w.grad is None and torch.equal(x.grad, got[2])
 
 
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)

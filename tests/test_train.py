@@ -229,6 +229,8 @@ def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path):
     assert abs(vals["all"] - vals["off"]) < 0.05 * vals["off"]
     with pytest.raises(ConfigError, match="fp8 must be one of"):
         tiny_train(data_dir, tmp_path, fp8="on").validate()
+    with pytest.raises(ConfigError, match="fp8 needs .* train.py or train_ddp.py"):  # not under DeepSpeed
+        train(tiny_model(), tiny_train(data_dir, tmp_path / "ds", fp8="all"), quiet=True, ds_config={})
 
 
 @needs_cuda
