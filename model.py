@@ -241,7 +241,8 @@ def fused_linear(x, linears, fp8=False):
     Training only: one large product keeps the GPU busier than three thin ones, and stacking the
     weights costs a copy of them per step, which is small next to the activations of a batch (but
     would double the weight reads of one-token decoding, so generation keeps separate products).
-    The parameters stay separate, so checkpoints and the exported layout do not change."""
+    The parameters stay separate, so checkpoints and the exported layout do not change. fp8: the
+    product in float8 (fp8_linear)."""
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     return (fp8_linear if fp8 else F.linear)(x, weight, bias).split([m.out_features for m in linears], dim=-1)
