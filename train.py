@@ -509,8 +509,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     del base
     model.checkpoint_layers = cfg.activation_checkpointing
     model.set_fp8(cfg.fp8)
-    old_gpu = device_type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
-    if cfg.fp8 != "off" and (ds_config is not None or old_gpu):  # (the CPU runs float8 products too: tests)
+    fp8_device = device_type == "cpu" or (device_type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+    if cfg.fp8 != "off" and (ds_config is not None or not fp8_device):  # (the CPU runs float8 products too: tests)
         raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
                           f"or the CPU, and train.py or train_ddp.py (here: device {device}"
                           f"{', DeepSpeed' if ds_config is not None else ''}); turn it off with --set fp8=off")
