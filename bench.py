@@ -73,7 +73,6 @@ def print_kernel_time(profiler, steps, top, gpu):
     for e in sorted(kernels, key=lambda e: -self_us[e.key])[:top]:
         print(f"  {self_us[e.key] / 1000 / steps:7.2f} ms/step {100 * self_us[e.key] / total:5.1f}%"
               f"  x{e.count // steps:<4d} {e.key[:110]}")
-    return families
 
 
 def bench_once(model_cfg, args, data_dir, out_dir):

@@ -258,13 +258,21 @@ def fused_linear(x, linears, fp8=False):
 FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2
 
 
-def to_fp8(t, dtype):
-    """t scaled so that its largest magnitude lands on dtype's largest finite value, then cast
-    (e4m3 for values and weights: 3 mantissa bits; e5m2 for gradients: a wider range); with the
-    inverse scale (float32 scalar) that undoes it."""
+def to_fp8(t, dtype=FP8_VALUES, per_row=False):
+    """t scaled so that its largest magnitude (per_row: of each row, the last dim) lands on dtype's
+    largest finite value, then cast (e4m3 for values and weights: 3 mantissa bits; e5m2 for
+    gradients: a wider range); with the inverse scale (float32: a scalar, or [rows, 1]) that undoes
+    it. Row scales take one pass over each row, which torch.compile fuses into the kernel that makes
+    the rows (the norm, SwiGLU, ...); a tensor's scale needs its whole amax first."""
     top = torch.finfo(dtype).max
-    scale = top / t.abs().amax().float().clamp(min=1e-12)
+    amax = t.abs().amax(dim=-1, keepdim=True) if per_row else t.abs().amax()
+    scale = top / amax.float().clamp(min=1e-12)
     return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+
+
+def fp8_fits(rows, inner, outer):
+    """Whether float8 kernels take a [rows, inner] x [inner, outer] product: every dim a multiple of 16."""
+    return rows % 16 == 0 and inner % 16 == 0 and outer % 16 == 0
 
 
 def scaled_mm(a, b, scale_a, scale_b, out_dtype):
@@ -278,14 +286,6 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype):
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
-def to_fp8_rows(t, dtype=FP8_VALUES):
-    """Like to_fp8, with one scale per row (the last dim): one pass over each row, which
-    torch.compile fuses into the kernel that makes the rows (the norm, SwiGLU, ...)."""
-    top = torch.finfo(dtype).max
-    scale = top / t.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
-
-
 class FP8RowsMatmul(torch.autograd.Function):
     """x @ weight.T with the forward product and the input-gradient product in float8, scaled per
     row, and the weight-gradient product in the input's precision. float8 products on these GPUs
@@ -295,8 +295,8 @@ class FP8RowsMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x8, x_inv = to_fp8_rows(x.contiguous())
-        w8, w_inv = to_fp8_rows(weight.contiguous())
+        x8, x_inv = to_fp8(x.contiguous(), per_row=True)
+        w8, w_inv = to_fp8(weight.contiguous(), per_row=True)
         ctx.save_for_backward(x, weight)
         ctx.out_dtype = out_dtype
         return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
@@ -306,8 +306,8 @@ class FP8RowsMatmul(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
-            g8, g_inv = to_fp8_rows(grad_out.contiguous())
-            wt8, wt_inv = to_fp8_rows(weight.t().contiguous())  # float8 products: row-major first operand
+            g8, g_inv = to_fp8(grad_out.contiguous(), per_row=True)
+            wt8, wt_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
             grad_x = scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
         if ctx.needs_input_grad[1]:
             grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(weight.dtype)
@@ -318,7 +318,7 @@ def fp8_linear(x, weight, bias=None):
     """F.linear with the products in float8 (FP8RowsMatmul); shapes that float8 kernels cannot take
     (a dimension not a multiple of 16) fall back to F.linear."""
     rows = x.numel() // x.size(-1)
-    if rows % 16 or x.size(-1) % 16 or weight.size(0) % 16:
+    if not fp8_fits(rows, x.size(-1), weight.size(0)):
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     out = FP8RowsMatmul.apply(x.reshape(rows, x.size(-1)), weight, dtype).view(*x.shape[:-1], weight.size(0))
@@ -340,8 +340,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, fp8):
         # x: [M, K] (the autocast dtype under autocast); weight: [V, K]; targets: [M]
         if fp8:
-            x_op, x_inv = to_fp8(x, FP8_VALUES)
-            w_op, w_inv = to_fp8(weight, FP8_VALUES)
+            x_op, x_inv = to_fp8(x)
+            w_op, w_inv = to_fp8(weight)
             logits = scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
         else:
             x_op, w_op = x, weight.to(x.dtype)
@@ -547,7 +547,7 @@ class Transformer(nn.Module):
         if targets is not None and (fp8 or torch.compiler.is_compiling()):
             # compiled training: head and loss as one operation that touches the logits least
             rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), self.cfg.vocab_size
-            fp8 = fp8 and rows % 16 == 0 and dim % 16 == 0 and vocab % 16 == 0  # float8 kernels' shapes
+            fp8 = fp8 and fp8_fits(rows, dim, vocab)
             loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), self.tok_embeddings.weight,
                                                   targets.reshape(rows), fp8)
             return logits.view(*x.shape[:-1], vocab), loss

@@ -271,21 +271,21 @@ def test_fp8_linear_multiplies_the_scaled_float8_operands():
     # the forward and input-gradient products must equal the float32 products of the dequantised
     # float8 operands, scaled per row (so the scales are applied and undone correctly); the weight
     # gradient is the exact product; all stay near the exact values
-    from model import FP8_VALUES, fp8_linear, to_fp8_rows
+    from model import FP8_VALUES, fp8_linear, to_fp8
     torch.manual_seed(0)
     x = (torch.randn(64, 96) * torch.logspace(-2, 1, 64).unsqueeze(1)).requires_grad_()  # rows of any size
     w = (torch.randn(48, 96) * 0.02).requires_grad_()
     y = fp8_linear(x, w)
-    x8, x_inv = to_fp8_rows(x.detach())
-    w8, w_inv = to_fp8_rows(w.detach())
+    x8, x_inv = to_fp8(x.detach(), per_row=True)
+    w8, w_inv = to_fp8(w.detach(), per_row=True)
     assert x8.dtype == FP8_VALUES and x_inv.shape == (64, 1)
     assert torch.equal(x8.float().abs().amax(dim=1), torch.full((64,), 448.0))  # every row fills the range
     xq, wq = x8.float() * x_inv, w8.float() * w_inv
     torch.testing.assert_close(y, xq @ wq.T, rtol=1e-4, atol=1e-6)
     g = torch.randn_like(y) * 1e-3
     y.backward(g)
-    g8, g_inv = to_fp8_rows(g)
-    wt8, wt_inv = to_fp8_rows(w.detach().t())
+    g8, g_inv = to_fp8(g, per_row=True)
+    wt8, wt_inv = to_fp8(w.detach().t(), per_row=True)
     torch.testing.assert_close(x.grad, (g8.float() * g_inv) @ (wt8.float() * wt_inv).T, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(w.grad, g.T @ x.detach(), rtol=1e-5, atol=1e-8)
 
@@ -351,9 +351,8 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, casts, monkey
         model.set_fp8(m)
         model.train().zero_grad()
         calls = []
-        for name in ("to_fp8", "to_fp8_rows"):
-            real = getattr(model_module, name)
-            monkeypatch.setattr(model_module, name, lambda *a, real=real: calls.append(1) or real(*a))
+        real_to_fp8 = model_module.to_fp8
+        monkeypatch.setattr(model_module, "to_fp8", lambda *a, **k: calls.append(1) or real_to_fp8(*a, **k))
         _, loss = model(idx, idx.roll(-1, 1))
         loss.backward()
         model.eval()
