@@ -21,8 +21,8 @@ fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then
   for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
-    echo "== kernel profile: bench.py $args --compile --train-set cuda_graph=true"
-    $py bench.py $args --compile --train-set cuda_graph=true --steps 10 --warmup 10 --profile 22 2>&1 \
+    echo "== kernel profile: bench.py $args --compile --train-set cuda_graph=true compile_tuning=true"
+    $py bench.py $args --compile --train-set cuda_graph=true compile_tuning=true --steps 10 --warmup 10 --profile 22 2>&1 \
       | grep -vE "^(run|median)|^-+$|^\s*$" | cut -c1-150
   done
 fi
@@ -31,12 +31,12 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   # each config as it ships and with the float8 products that pay for it (docs/BENCHMARKS.md);
   # ONLY=pattern runs the lines that match it
   for args in \
-      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true" \
-      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all" \
-      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true" \
-      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head" \
-      "-m config/model_168m.json -b 128 --compile --train-set cuda_graph=true" \
-      "-m config/model_168m.json -b 128 --compile --train-set cuda_graph=true fp8=all"; do
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true" \
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true fp8=all" \
+      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true compile_tuning=true" \
+      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true compile_tuning=true fp8=head" \
+      "-m config/model_168m.json -b 128 --compile --train-set cuda_graph=true compile_tuning=true" \
+      "-m config/model_168m.json -b 128 --compile --train-set cuda_graph=true compile_tuning=true fp8=all"; do
     [[ "$args" == *${ONLY:-}* ]] || continue
     echo "== bench.py $args"
     $py bench.py $args --steps 30 --warmup 15 --repeat "${REPEAT:-3}" --json "$out/throughput.jsonl" 2>&1 \

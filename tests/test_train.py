@@ -233,6 +233,29 @@ def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path):
         train(tiny_model(), tiny_train(data_dir, tmp_path / "ds", fp8="all"), quiet=True, ds_config={})
 
 
+def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tmp_path, monkeypatch):
+    # compile_tuning only changes how Inductor picks its kernels, never what they compute
+    import train as train_module
+    seen, real_compile = [], torch.compile
+
+    def spy(model, **kw):
+        seen.append(kw.get("options"))
+        return real_compile(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    curves = {}
+    for tuning in (False, True):
+        stats = []
+        cfg = tiny_train(data_dir, tmp_path / str(tuning), max_iters=6, log_interval=1, eval_interval=6,
+                         compile=True, compile_tuning=tuning)
+        train(tiny_model(), cfg, quiet=True, stats=stats)
+        curves[tuning] = torch.tensor([s["loss"] for s in stats])
+    assert seen == [None, train_module.COMPILE_TUNING]
+    torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="compile_tuning needs compile=true"):
+        tiny_train(data_dir, tmp_path, compile_tuning=True).validate()
+
+
 @needs_cuda
 def test_fp8_compiled_cuda_graph_run_follows_the_bf16_curve(data_dir, tmp_path):
     # the configuration bench.py measures: compiled, CUDA-graph step, bf16 autocast, float8 products
