@@ -63,8 +63,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
     compile: bool = False
-    # compile: Inductor times variants of each fused kernel (block sizes by coordinate descent, a row
-    # held whole in registers or looped over) and keeps the fastest: minutes more compilation
+    # compile: Inductor times variants of each fused kernel's block sizes and keeps the fastest
+    # (COMPILE_TUNING): minutes more compilation for a faster step
     compile_tuning: bool = False
     seed: int = 1337
     tensorboard: bool = True
@@ -307,12 +307,11 @@ def pick_dtype(name, device):
     return "float32"
 
 
-# Inductor settings behind train config compile_tuning (torch.compile options): coordinate descent
-# tries neighbouring block sizes and warp counts for each generated kernel; multi_kernel compiles a
-# persistent variant (the whole row in registers) beside the looped one of reductions over long
-# rows (the SwiGLU backward's float8 row scales: 2 x hidden wide) and keeps the faster at run time.
-# 124M config, fp8=all, one H100: 559k -> 589k tokens/s, compilation 1 -> 3.5 minutes.
-COMPILE_TUNING = {"coordinate_descent_tuning": True, "triton.multi_kernel": 1}
+# Inductor setting behind train config compile_tuning (a torch.compile option): coordinate descent
+# tries neighbouring block sizes and warp counts for each generated kernel and keeps the fastest.
+# (Inductor's multi_kernel, persistent beside looped reductions, gained 2% more on the 124M config
+# but fails to reload its kernels from the compile cache on torch 2.11: docs/BENCHMARKS.md.)
+COMPILE_TUNING = {"coordinate_descent_tuning": True}
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
