@@ -625,7 +625,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
         if not master:
             return
         write_json({"model_config": model_cfg.to_dict(), "tokenizer": data.tokenizer_spec,
-                     "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
+                    "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
         st = consolidate_deepspeed(ds_dir, "last")
         st.update(step=step, val_loss=val_loss, best_val_loss=best_val, tokens_seen=tokens_seen)
         save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
