@@ -16,7 +16,7 @@ git rev-parse --short HEAD 2>/dev/null || true
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== GPU-only tests (CUDA graph step vs eager step, resume)"
-  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_bench.py 2>&1 | tail -3
+  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_kernels.py tests/test_bench.py 2>&1 | tail -3
 fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then

@@ -1,0 +1,152 @@
+"""
+Single pieces of a training step on a GPU, for a model config's shapes (docs/BENCHMARKS.md):
+
+    python bench_kernels.py attention -m config/model_56m.json -b 128
+    python bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
+    python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 32,128,8 64,64,8
+
+attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
+v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
+FlexAttention (Triton kernels made by torch.compile; one run per --flex-options JSON, with
+--flex-mode as its compile mode). TFLOP/s counts the causal half of 4·B·H·T²·D forward, 2.5× that
+backward.
+
+loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
+per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic compiled by
+torch.compile (the path before kernels.py); the others are kernels.py's kernel with ROWS,COLS,WARPS
+as given. GB/s counts two reads of the logits and two float8 writes.
+
+Every figure is the median of --iters timed runs after one warm-up run.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from model import FP8_GRADS, ModelConfig, load_json
+
+
+def time_ms(fn, iters):
+    fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_attention(cfg, args):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T, H, KV, D = args.batch, cfg.block_size, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def make(heads):
+        x = torch.randn(B, T, heads, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        return x.requires_grad_().transpose(1, 2)
+
+    q, k, v = make(H), make(KV), make(KV)
+    grad_out = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    flop = 0.5 * 4 * B * H * T * T * D * (1 + 2.5)
+    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
+    runs = []
+    for backend in args.backends.split(","):
+        if backend == "flex":
+            for options in args.flex_options or ["{}"]:
+                compiled = torch.compile(flex_attention, mode=args.flex_mode)
+                runs.append((f"flex {options}", lambda o=json.loads(options) or None, f=compiled: f(
+                    q, k, v, block_mask=block_mask, enable_gqa=H != KV, kernel_options=o)))
+        else:
+            chosen = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "mem_efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+
+            def sdpa(chosen=chosen):
+                with sdpa_kernel([chosen]):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != KV)
+            runs.append((backend, sdpa))
+
+    reference, rows = None, []
+    for name, attend in runs:
+        def step():
+            out = attend()
+            q.grad = k.grad = v.grad = None
+            out.backward(grad_out)
+            return out
+        try:
+            out = step().detach().float()
+            reference = out if reference is None else reference
+            fwd, total = time_ms(attend, args.iters), time_ms(step, args.iters)
+        except Exception as e:  # a backend that cannot take these shapes: say which and why
+            rows.append(f"{name:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            continue
+        error = (out - reference).abs().max().item()
+        rows.append(f"{name:40s} {fwd:8.3f} {total - fwd:8.3f} {total:8.3f} {flop / total / 1e9:8.1f} {error:9.2e}")
+    print(f"attention B={B} T={T} heads={H}/{KV} head_dim={D} (one layer; x{cfg.n_layer} layers per step)")
+    print(f"{'kernel':40s} {'fwd ms':>8s} {'bwd ms':>8s} {'total':>8s} {'TFLOP/s':>8s} {'max diff':>9s}")
+    print("\n".join(rows))
+
+
+def bench_loss(cfg, args):
+    rows, vocab = args.batch * cfg.block_size, cfg.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    top = torch.finfo(FP8_GRADS).max
+
+    @torch.compile
+    def inductor(logits, targets):
+        lse = torch.logsumexp(logits.float(), dim=-1)
+        picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
+        loss = torch.where(targets >= 0, lse - picked, 0.0)
+        grad = torch.exp(logits.float() - lse.unsqueeze(1))
+        grad = torch.where(torch.arange(vocab, device="cuda") == targets.unsqueeze(1), grad - 1, grad)
+        grad = (torch.where(targets.unsqueeze(1) >= 0, grad, 0.0) * top).to(FP8_GRADS)
+        return loss, grad, grad.t().contiguous()
+
+    runs = [("inductor", lambda: inductor(logits, targets))]
+    for config in args.configs:
+        def kernel(config=tuple(int(v) for v in config.split(","))):
+            kernels.ROWS, kernels.COLS, kernels.WARPS = config
+            return kernels.cross_entropy_grad_triton(logits, targets, FP8_GRADS, top, transposed=True)
+        runs.append((f"kernel {config}", kernel))
+    gigabytes = (2 * logits.numel() * 2 + 2 * logits.numel()) / 1e9
+    reference = runs[0][1]()
+    print(f"loss + float8 gradient in both layouts: logits {rows} x {vocab} bf16")
+    print(f"{'kernel':24s} {'ms':>8s} {'GB/s':>8s} {'loss diff':>10s} {'grad diff':>10s}")
+    for name, run in runs:
+        loss, grad, grad_t = run()
+        ms = time_ms(run, args.iters)
+        assert torch.equal(grad_t, grad.t().contiguous()), name
+        loss_diff = (loss - reference[0]).abs().max().item()
+        grad_diff = (grad.float() - reference[1].float()).abs().max().item()
+        print(f"{name:24s} {ms:8.3f} {gigabytes / ms * 1e3:8.0f} {loss_diff:10.2e} {grad_diff:10.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("attention", "loss"))
+    p.add_argument("-m", "--model", required=True, help="model config JSON")
+    p.add_argument("-b", "--batch", type=int, required=True)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--backends", default="cudnn,flash,mem_efficient,flex", help="attention: which to run")
+    p.add_argument("--flex-options", action="append", default=[],
+                   help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
+    p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
+    p.add_argument("--configs", nargs="*", default=[f"{kernels.ROWS},{kernels.COLS},{kernels.WARPS}"],
+                   help="loss: kernel configurations ROWS,COLS,WARPS")
+    args = p.parse_args()
+    cfg = load_json(args.model, ModelConfig)
+    (bench_attention if args.what == "attention" else bench_loss)(cfg, args)
+
+
+if __name__ == "__main__":
+    main()
