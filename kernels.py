@@ -31,7 +31,7 @@ def runs_on(t):
 
 # rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
 # bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
-ROWS, COLS, WARPS = 32, 128, 8
+ROWS, COLS, WARPS = 32, 256, 8
 
 if available:
     @triton.jit
