@@ -96,6 +96,19 @@ if available:
                 tl.store(grad_t_ptr + col[None, :].to(tl.int64) * rows + row[:, None], g, mask=ok)
 
 
+def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
+    """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
+    bench_kernels.py's reference (Inductor fuses it into one kernel when compiled)."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
+    loss = torch.where(targets >= 0, lse - picked, 0.0)
+    grad = torch.exp(logits.float() - lse.unsqueeze(1))
+    vocab = torch.arange(logits.size(1), device=logits.device)
+    grad = torch.where(vocab == targets.unsqueeze(1), grad - 1, grad)
+    grad = (torch.where(targets.unsqueeze(1) >= 0, grad, 0.0) * grad_scale).to(grad_dtype)
+    return loss, grad, grad.t().contiguous() if transposed else grad.new_empty(0)
+
+
 def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transposed):
     """Run the kernel (on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1): the loss of each
     row (0 where the target is -1), the gradient (softmax - one-hot) x grad_scale in grad_dtype,

@@ -331,11 +331,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     """The tied output head and the mean cross-entropy loss as one step, for compiled training.
 
     The logits of a large vocabulary are the biggest tensor of a step (124M config: 32768 x 50304).
-    Here they are written once (the head's product) and read twice: once for the log-sum-exp and
-    once for their gradient softmax - one-hot, which does not depend on the incoming gradient (a
-    scalar scale aside). On CUDA with Triton both passes are one kernel (kernels.py) run in the
-    forward, so the logits can be freed before the backward; elsewhere PyTorch's ops do the same
-    arithmetic (the reference), the second pass in the backward. With fp8 the head's three products
+    Here they are written once (the head's product) and read twice, both in the forward: once for
+    the log-sum-exp and once for their gradient softmax - one-hot, which does not depend on the
+    incoming gradient (a scalar scale aside), so the logits need not live until the backward. On
+    CUDA with Triton both passes are one kernel (kernels.py); elsewhere PyTorch's ops do the same
+    arithmetic (kernels.cross_entropy_grad_reference). With fp8 the head's three products
     run in float8 and the logits' gradient is written in float8 with a fixed scale: softmax -
     one-hot lies in [-1, 1], so no amax pass is needed; the weight-gradient product needs it
     transposed as well, which the kernel writes in the same pass. Targets of -1 are ignored, as in
@@ -352,36 +352,19 @@ class HeadCrossEntropy(torch.autograd.Function):
             x_op, w_op = x, weight.to(x.dtype)
             x_inv = w_inv = None
             logits = x_op @ w_op.t()
-        valid = targets >= 0
-        count = valid.sum()
+        count = (targets >= 0).sum()
         grad_dtype, grad_scale = (FP8_GRADS, torch.finfo(FP8_GRADS).max) if fp8 else (logits.dtype, 1.0)
-        ctx.kernel = kernels.runs_on(logits)
-        if ctx.kernel:
-            row_loss, grad, grad_t = kernels.cross_entropy_grad(
-                logits, targets, grad_dtype, grad_scale, transposed=fp8 and ctx.needs_input_grad[1])
-            loss = row_loss.sum() / count
-            ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
-        else:
-            lse = torch.logsumexp(logits.float(), dim=-1)
-            picked = logits.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1).float()
-            loss = torch.where(valid, lse - picked, 0.0).sum() / count
-            ctx.save_for_backward(x_op, x_inv, w_op, w_inv, logits, lse, targets, count)
-        ctx.fp8, ctx.grad_dtype, ctx.grad_scale = fp8, grad_dtype, grad_scale
-        ctx.weight_dtype, ctx.out_dtype = weight.dtype, logits.dtype
+        loss_grad = kernels.cross_entropy_grad if kernels.runs_on(logits) else kernels.cross_entropy_grad_reference
+        row_loss, grad, grad_t = loss_grad(logits, targets, grad_dtype, grad_scale,
+                                           transposed=fp8 and ctx.needs_input_grad[1])
+        ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
+        ctx.fp8, ctx.grad_scale, ctx.weight_dtype, ctx.out_dtype = fp8, grad_scale, weight.dtype, logits.dtype
         ctx.mark_non_differentiable(logits)
-        return loss, logits
+        return row_loss.sum() / count, logits
 
     @staticmethod
     def backward(ctx, grad_loss, _):
-        if ctx.kernel:
-            x_op, x_inv, w_op, w_inv, grad, grad_t, count = ctx.saved_tensors
-        else:  # the reference: the same gradient, scaled and cast as the kernel writes it
-            x_op, x_inv, w_op, w_inv, logits, lse, targets, count = ctx.saved_tensors
-            grad = torch.exp(logits.float() - lse.unsqueeze(1))
-            vocab = torch.arange(logits.size(1), device=logits.device)
-            grad = torch.where(vocab == targets.unsqueeze(1), grad - 1, grad)
-            grad = (torch.where(targets.unsqueeze(1) >= 0, grad, 0.0) * ctx.grad_scale).to(ctx.grad_dtype)
-            grad_t = grad.t().contiguous() if ctx.fp8 and ctx.needs_input_grad[1] else None
+        x_op, x_inv, w_op, w_inv, grad, grad_t, count = ctx.saved_tensors
         scale = grad_loss.float() / count / ctx.grad_scale
         grad_w = None  # (a frozen head, as in LoRA training, needs no weight gradient)
         if ctx.fp8:
