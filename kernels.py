@@ -9,9 +9,10 @@ GPUs reduce over both operands' contiguous dim), which cost a kernel of its own.
 reads each block of rows twice (pass 1: log-sum-exp; pass 2: softmax - one-hot) and writes the
 gradient in both layouts as it goes.
 
-Triton ships with CUDA builds of PyTorch. Without it (a CPU build) `available` is False and the
-model uses its plain PyTorch path, which is also the reference the tests hold this kernel to
-(tests/test_kernels.py runs it on the CPU under Triton's interpreter, TRITON_INTERPRET=1).
+Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
+cross_entropy_grad_reference: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
+kernel to F.cross_entropy and to that reference, on the CPU under Triton's interpreter
+(TRITON_INTERPRET=1, set by tests/conftest.py) and on a GPU compiled.
 """
 
 import torch
@@ -28,6 +29,7 @@ available = triton is not None
 def runs_on(t):
     """Whether the kernels serve tensor t's computation (model.py asks; tests widen it to CPU)."""
     return available and t.is_cuda
+
 
 # rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
 # bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
