@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run from the repo root on the GPU machine:
-#   bash bench_gpu.sh [tests|profile|throughput|ttl|sweep|bench|all]
+#   bash bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -17,6 +17,15 @@ git rev-parse --short HEAD 2>/dev/null || true
 if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== GPU-only tests (CUDA graph step vs eager step, resume)"
   timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_kernels.py tests/test_bench.py 2>&1 | tail -3
+fi
+
+if [ "$what" = kernels ] || [ "$what" = all ]; then
+  # single kernels (bench_kernels.py): the loss kernel's block sizes against Inductor, attention backends
+  for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
+    echo "== bench_kernels.py loss/attention $args"
+    $py bench_kernels.py loss $args --configs 32,256,8 32,128,8 64,128,8 64,64,8 2>&1 | grep -vE "Warn|warn"
+    $py bench_kernels.py attention $args --backends cudnn,flash,flex 2>&1 | grep -vE "Warn|warn|return F"
+  done
 fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then
