@@ -13,8 +13,8 @@ backward.
 
 loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
-(kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's kernel with ROWS,COLS,WARPS
-as given. GB/s counts two reads of the logits and two float8 writes.
+(kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
+kernel with ROWS,COLS,WARPS as given. GB/s counts two reads of the logits and two float8 writes.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """

@@ -21,7 +21,7 @@ def reference_loss_grad(logits, targets):
     return loss, grad
 
 
-# sizes that are not multiples of the kernel's row block (32) or column step (128); logits whose
+# sizes that are not multiples of the kernel's row block (32) or column step (256); logits whose
 # spread puts most of a row's probability on a few entries, as trained models do
 @pytest.mark.parametrize("rows,vocab", [(70, 300), (32, 128), (5, 1000)])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])

@@ -296,17 +296,23 @@ def test_fp8_linear_multiplies_the_scaled_float8_operands():
     assert 0 < rel(x.grad, g @ w.detach()) < 0.06
 
 
-@pytest.mark.parametrize("loss_kernel", [False, True])
+@pytest.fixture(params=[False, True], ids=["pytorch_loss", "loss_kernel"])
+def loss_kernel(request, monkeypatch):
+    """HeadCrossEntropy's loss and gradient from PyTorch ops, then from kernels.py (the GPU's path)
+    on CPU tensors: Triton's interpreter, which tests/conftest.py sets where there is no GPU."""
+    import kernels
+    if request.param and (not kernels.available or torch.cuda.is_available()):
+        pytest.skip("CPU tensors through the kernel: Triton's interpreter, set where there is no GPU")
+    monkeypatch.setattr(kernels, "runs_on", lambda t: request.param)
+    return request.param
+
+
 def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, loss_kernel):
     # torch._scaled_mm on a GPU takes a row-major first and a column-major second operand and float32
     # scales, per tensor or per row of each (the CPU kernel takes any layout): check every product of
     # a bf16 training step for that, with the head's gradient from PyTorch and from kernels.py (the
     # GPU's path; on a CPU in Triton's interpreter)
-    import kernels
     import model as model_module
-    if loss_kernel and (not kernels.available or torch.cuda.is_available()):
-        pytest.skip("CPU tensors through the kernel: Triton's interpreter, set where there is no GPU")
-    monkeypatch.setattr(kernels, "runs_on", lambda t: loss_kernel)
     real = model_module.scaled_mm
     seen = []
 
@@ -378,16 +384,11 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, casts, monkey
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("loss_kernel", [False, True])
-def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, loss_kernel, monkeypatch):
+def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, loss_kernel):
     # the fused head + loss of compiled training: same loss, logits and gradients as F.linear followed
     # by F.cross_entropy (ignore_index -1); in float8 close to them. loss_kernel: the loss and its
     # gradient from kernels.py (the GPU's path; on a CPU in Triton's interpreter)
-    import kernels
     from model import HeadCrossEntropy
-    if loss_kernel and (not kernels.available or torch.cuda.is_available()):
-        pytest.skip("CPU tensors through the kernel: Triton's interpreter, set where there is no GPU")
-    monkeypatch.setattr(kernels, "runs_on", lambda t: loss_kernel)
     torch.manual_seed(0)
     x = torch.randn(64, 32, requires_grad=True)
     w = (torch.randn(80, 32) * 0.3).requires_grad_()
