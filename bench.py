@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import kernels
 import train
 from model import ModelConfig, Transformer, load_json
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer
@@ -59,18 +60,18 @@ def print_kernel_time(profiler, steps, top, gpu):
     """GPU time per step by kernel family, then the `top` kernels: each kernel counted once (its own
     time), so the shares add up to 100% of the GPU's busy time. (On a CPU: operators' own CPU time.)"""
     kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
-    kernels = [e for e in profiler.key_averages() if e.device_type == kind]
-    self_us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in kernels}
+    events = [e for e in profiler.key_averages() if e.device_type == kind]
+    self_us = {e.key: e.self_device_time_total if gpu else e.self_cpu_time_total for e in events}
     total = sum(self_us.values()) or 1
     families = {}
-    for e in kernels:
+    for e in events:
         name = e.key.lower()
         family = next((f for f, words in KERNEL_FAMILIES if any(w in name for w in words)), "other")
         families[family] = families.get(family, 0) + self_us[e.key]
     print(f"{'GPU' if gpu else 'CPU'} busy time: {total / 1000 / steps:.1f} ms per step (the {steps} timed steps)")
     for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {family:28s} {t / 1000 / steps:7.2f} ms/step {100 * t / total:5.1f}%")
-    for e in sorted(kernels, key=lambda e: -self_us[e.key])[:top]:
+    for e in sorted(events, key=lambda e: -self_us[e.key])[:top]:
         print(f"  {self_us[e.key] / 1000 / steps:7.2f} ms/step {100 * self_us[e.key] / total:5.1f}%"
               f"  x{e.count // steps:<4d} {e.key[:110]}")
 
@@ -124,9 +125,13 @@ def main(argv=None):
                    help="override train config keys, e.g. cuda_graph=true")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N GPU kernels that took the most time (torch.profiler)")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="leave kernels.py's Triton kernels out (PyTorch ops instead): their before/after")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
+    if args.no_kernels:
+        kernels.available = False
     args.ds_config = None
     if args.deepspeed_config:
         import train_ds  # sets DS_ACCELERATOR=cpu on machines without a GPU
@@ -153,7 +158,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "kernels": not args.no_kernels, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
               "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
               "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
                                                                            "peak_mem_gib")}}
