@@ -37,25 +37,39 @@ ROWS, COLS, WARPS = 32, 256, 8
 
 if available:
     @triton.jit
-    def _e5m2_bits(x):
-        """float32 -> float8 e5m2, rounded to nearest even, as its uint8 bits. e5m2 is float16 with
-        8 mantissa bits dropped (same exponent range, subnormals included), so: round to float16, then
-        round its bits, where a float16 that lands exactly halfway is settled by which side of it x
-        lay (no double rounding). Triton's own float8 cast gave wrong values in the transposed layout
-        on an H100 (Triton 3.6), and its interpreter's rounds differently again."""
-        h = x.to(tl.float16)
-        bits = h.to(tl.uint16, bitcast=True).to(tl.uint32)
-        nearest_even = bits + 0x7F + ((bits >> 8) & 1)
-        above = tl.abs(x) > tl.abs(h.to(tl.float32))  # x's magnitude beyond the float16 one
-        below = tl.abs(x) < tl.abs(h.to(tl.float32))
-        halfway = (bits & 0xFF) == 0x80
-        rounded = tl.where(halfway & above, bits + 0x80, tl.where(halfway & below, bits, nearest_even))
-        return (rounded >> 8).to(tl.uint8)
+    def _float8_bits(x, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUBNORMAL_UNITS: tl.constexpr,
+                     SMALLEST_NORMAL: tl.constexpr):
+        """float32 -> a float8 format with MANTISSA mantissa bits and exponent bias BIAS, rounded to
+        nearest even, as its uint8 bits; |x| must not exceed the format's largest value (callers
+        clamp or know it). Normal numbers: round the float32 mantissa to MANTISSA bits (a carry moves
+        into the exponent, as it should) and rebias the exponent. Below SMALLEST_NORMAL the format
+        counts in units of 1/SUBNORMAL_UNITS: |x| * SUBNORMAL_UNITS + 2^23 in float32 rounds that count
+        to nearest even. Triton's own float8 cast gave wrong values in a transposed layout on an
+        H100 (Triton 3.6), and its interpreter rounds differently from the GPU; this is torch's
+        rounding, bit for bit (tests/test_kernels.py)."""
+        SHIFT: tl.constexpr = 23 - MANTISSA
+        x_bits = x.to(tl.uint32, bitcast=True)
+        a = tl.abs(x)
+        bits = a.to(tl.uint32, bitcast=True)
+        rounded = bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)
+        normal = (((rounded >> 23) - (127 - BIAS)) << MANTISSA) | ((rounded >> SHIFT) & ((1 << MANTISSA) - 1))
+        subnormal = ((a * SUBNORMAL_UNITS + 8388608.0) - 8388608.0).to(tl.uint32)
+        code = tl.where(a < SMALLEST_NORMAL, subnormal, normal) | ((x_bits >> 24) & 0x80)
+        return code.to(tl.uint8)
 
     @triton.jit
-    def _e5m2_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _e5m2_bits(x):  # float8_e5m2: gradients (largest value 57344)
+        return _float8_bits(x, 2, 15, 65536.0, 2.0 ** -14)
+
+    @triton.jit
+    def _e4m3_bits(x):  # float8_e4m3fn: values (largest value 448)
+        return _float8_bits(x, 3, 7, 512.0, 2.0 ** -6)
+
+    @triton.jit
+    def _float8_kernel(x_ptr, out_ptr, n, E4M3: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(out_ptr + i, _e5m2_bits(tl.load(x_ptr + i, mask=i < n)), mask=i < n)
+        x = tl.load(x_ptr + i, mask=i < n)
+        tl.store(out_ptr + i, _e4m3_bits(x) if E4M3 else _e5m2_bits(x), mask=i < n)
 
     @triton.jit
     def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
@@ -98,6 +112,105 @@ if available:
                 tl.store(grad_t_ptr + col[None, :].to(tl.int64) * rows + row[:, None], g, mask=ok)
 
 
+    @triton.jit
+    def _e4m3_row_scale(amax):
+        """448 / amax as model.to_fp8 computes it: torch's scalar / tensor is reciprocal, then multiply
+        (and with IEEE division, not the GPU's faster approximate one), so that both give the same
+        scale and hence the same float8 values."""
+        return tl.math.div_rn(1.0, tl.maximum(amax, 1e-12)) * 448.0
+
+    @triton.jit
+    def _e4m3_scaled(x, scale):
+        """x * scale as float8_e4m3fn bits, clamped to its range (448), as model.to_fp8 casts."""
+        return _e4m3_bits(tl.minimum(tl.maximum(x * scale, -448.0), 448.0))
+
+    @triton.jit
+    def _swiglu_backward_kernel(gate_up_ptr, grad_h_ptr, grad_ptr, grad8_ptr, inv_scale_ptr, hidden,
+                                FP8: tl.constexpr, BLOCK: tl.constexpr):
+        # one row per program: its gate and up halves and the incoming gradient of silu(gate) * up
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, BLOCK)
+        ok = col < hidden
+        gate = tl.load(gate_up_ptr + row * 2 * hidden + col, mask=ok, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * 2 * hidden + hidden + col, mask=ok, other=0.0).to(tl.float32)
+        grad_h = tl.load(grad_h_ptr + row * hidden + col, mask=ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)  # silu(g) = g sigmoid(g); silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))
+        grad_gate = (grad_h * up * sig * (1.0 + gate * (1.0 - sig))).to(grad_ptr.dtype.element_ty)
+        grad_up = (grad_h * gate * sig).to(grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + row * 2 * hidden + col, grad_gate, mask=ok)
+        tl.store(grad_ptr + row * 2 * hidden + hidden + col, grad_up, mask=ok)
+        if FP8:  # the row's float8 copy with one scale, from the values just stored (as to_fp8 would)
+            grad_gate, grad_up = grad_gate.to(tl.float32), grad_up.to(tl.float32)
+            scale = _e4m3_row_scale(tl.maximum(tl.max(tl.abs(grad_gate)), tl.max(tl.abs(grad_up))))
+            tl.store(grad8_ptr + row * 2 * hidden + col, _e4m3_scaled(grad_gate, scale), mask=ok)
+            tl.store(grad8_ptr + row * 2 * hidden + hidden + col, _e4m3_scaled(grad_up, scale), mask=ok)
+            tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
+
+    @triton.jit
+    def _unrotate(ptr, b, t, stride_b, stride_t, stride_h, cos, sin, HEADS: tl.constexpr, HALF: tl.constexpr,
+                  BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """The gradient of one token's RoPE-rotated heads ([HEADS, 2 HALF] at ptr) taken back through
+        the rotation: each pair turned by minus its angle. Returns the even and odd halves of the pairs."""
+        head = tl.arange(0, BLOCK_HEADS)[:, None]
+        pair = tl.arange(0, BLOCK_HALF)[None, :]
+        at = ptr + b * stride_b + t * stride_t + head * stride_h + 2 * pair
+        ok = (head < HEADS) & (pair < HALF)
+        even = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+        odd = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
+        return even * cos + odd * sin, odd * cos - even * sin
+
+    @triton.jit
+    def _qkv_rope_backward_kernel(grad_q_ptr, grad_k_ptr, grad_v_ptr, cos_ptr, sin_ptr, grad_ptr, grad8_ptr,
+                                  inv_scale_ptr, seq_len, q_stride_b, q_stride_t, q_stride_h, k_stride_b,
+                                  k_stride_t, k_stride_h, v_stride_b, v_stride_t, v_stride_h,
+                                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                                  FP8: tl.constexpr):
+        # one token per program: the gradients of its rotated q and k heads and of its v heads, in
+        # the layout of the stacked [wq; wk; wv] product's output row: q heads, k heads, v heads
+        row = tl.program_id(0).to(tl.int64)
+        b, t = row // seq_len, row % seq_len
+        pair = tl.arange(0, BLOCK_HALF)[None, :]
+        cos = tl.load(cos_ptr + t * HALF + pair, mask=pair < HALF, other=0.0)
+        sin = tl.load(sin_ptr + t * HALF + pair, mask=pair < HALF, other=0.0)
+        q_even, q_odd = _unrotate(grad_q_ptr, b, t, q_stride_b, q_stride_t, q_stride_h, cos, sin,
+                                  Q_HEADS, HALF, BLOCK_Q, BLOCK_HALF)
+        k_even, k_odd = _unrotate(grad_k_ptr, b, t, k_stride_b, k_stride_t, k_stride_h, cos, sin,
+                                  KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF)
+        v_even, v_odd = _unrotate(grad_v_ptr, b, t, v_stride_b, v_stride_t, v_stride_h, 1.0, 0.0,
+                                  KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF)  # v is not rotated
+        dtype = grad_ptr.dtype.element_ty
+        q_even, q_odd, k_even, k_odd = q_even.to(dtype), q_odd.to(dtype), k_even.to(dtype), k_odd.to(dtype)
+        v_even, v_odd = v_even.to(dtype), v_odd.to(dtype)
+        q_head, kv_head = tl.arange(0, BLOCK_Q)[:, None], tl.arange(0, BLOCK_KV)[:, None]
+        q_ok, kv_ok = (q_head < Q_HEADS) & (pair < HALF), (kv_head < KV_HEADS) & (pair < HALF)
+        width = (Q_HEADS + 2 * KV_HEADS) * 2 * HALF
+        q_at = row * width + q_head * 2 * HALF + 2 * pair
+        k_at = row * width + (Q_HEADS + kv_head) * 2 * HALF + 2 * pair
+        v_at = k_at + KV_HEADS * 2 * HALF
+        tl.store(grad_ptr + q_at, q_even, mask=q_ok)
+        tl.store(grad_ptr + q_at + 1, q_odd, mask=q_ok)
+        tl.store(grad_ptr + k_at, k_even, mask=kv_ok)
+        tl.store(grad_ptr + k_at + 1, k_odd, mask=kv_ok)
+        tl.store(grad_ptr + v_at, v_even, mask=kv_ok)
+        tl.store(grad_ptr + v_at + 1, v_odd, mask=kv_ok)
+        if FP8:  # the row's float8 copy with one scale, from the values just stored (as to_fp8 would)
+            q_even, q_odd, k_even, k_odd = (q_even.to(tl.float32), q_odd.to(tl.float32), k_even.to(tl.float32),
+                                            k_odd.to(tl.float32))
+            v_even, v_odd = v_even.to(tl.float32), v_odd.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.maximum(tl.abs(q_even), tl.abs(q_odd))),
+                              tl.max(tl.maximum(tl.maximum(tl.abs(k_even), tl.abs(k_odd)),
+                                                tl.maximum(tl.abs(v_even), tl.abs(v_odd)))))
+            scale = _e4m3_row_scale(amax)
+            tl.store(grad8_ptr + q_at, _e4m3_scaled(q_even, scale), mask=q_ok)
+            tl.store(grad8_ptr + q_at + 1, _e4m3_scaled(q_odd, scale), mask=q_ok)
+            tl.store(grad8_ptr + k_at, _e4m3_scaled(k_even, scale), mask=kv_ok)
+            tl.store(grad8_ptr + k_at + 1, _e4m3_scaled(k_odd, scale), mask=kv_ok)
+            tl.store(grad8_ptr + v_at, _e4m3_scaled(v_even, scale), mask=kv_ok)
+            tl.store(grad8_ptr + v_at + 1, _e4m3_scaled(v_odd, scale), mask=kv_ok)
+            tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
+
+
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
     """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
     bench_kernels.py's reference (Inductor fuses it into one kernel when compiled)."""
@@ -129,10 +242,11 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     return loss, grad, grad_t
 
 
-def to_e5m2_triton(x):
-    """float32 tensor -> float8 e5m2 through the kernels' rounding (_e5m2_bits): for the tests."""
-    out = torch.empty(x.shape, dtype=torch.float8_e5m2, device=x.device)
-    _e5m2_kernel[(triton.cdiv(x.numel(), 1024),)](x.contiguous(), out.view(torch.uint8), x.numel(), BLOCK=1024)
+def to_float8_triton(x, dtype):
+    """float32 tensor -> float8 (e4m3fn or e5m2) through the kernels' rounding: for the tests."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    _float8_kernel[(triton.cdiv(x.numel(), 1024),)](x.contiguous(), out.view(torch.uint8), x.numel(),
+                                                   E4M3=dtype == torch.float8_e4m3fn, BLOCK=1024)
     return out
 
 
@@ -149,3 +263,90 @@ def _(logits, targets, grad_dtype, grad_scale, transposed):
     rows, vocab = logits.shape
     return (logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, vocab, dtype=grad_dtype),
             logits.new_empty((vocab, rows) if transposed else (0,), dtype=grad_dtype))
+
+
+def swiglu_backward_reference(gate_up, grad_h):
+    """The gradient of silu(gate) * up with respect to gate_up = [gate | up] (the stacked [w1; w3]
+    product), computed in float32 and returned in gate_up's dtype: the path off CUDA."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    grad_h = grad_h.float()
+    return torch.cat([grad_h * up * sig * (1 + gate * (1 - sig)), grad_h * gate * sig], dim=-1).to(gate_up.dtype)
+
+
+def swiglu_backward_triton(gate_up, grad_h, fp8):
+    """The kernel: gate_up [rows, 2 hidden] and grad_h [rows, hidden], contiguous. Returns the gradient
+    of gate_up in its dtype and, if fp8, its float8_e4m3fn copy scaled per row and the inverse scales
+    [rows, 1] (model.to_fp8's layout); else two empty tensors."""
+    rows, hidden = grad_h.shape
+    assert gate_up.is_contiguous() and grad_h.is_contiguous() and gate_up.shape == (rows, 2 * hidden)
+    grad, grad8, inv_scale = _row_grad_outputs(gate_up, rows, 2 * hidden, fp8)
+    block = triton.next_power_of_2(hidden)
+    _swiglu_backward_kernel[(rows,)](gate_up, grad_h, grad, grad8.view(torch.uint8), inv_scale, hidden,
+                                     FP8=fp8, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return grad, grad8, inv_scale
+
+
+def qkv_rope_backward_reference(grad_q, grad_k, grad_v, cos, sin):
+    """The gradients of RoPE-rotated q, k (and of v), [B, T, heads, head_dim], taken back through the
+    rotation (turning each pair by minus its angle) and laid out as the rows of the stacked
+    [wq; wk; wv] product's output: [B * T, (q heads + 2 kv heads) * head_dim]. The path off CUDA."""
+    def unrotate(g):
+        even, odd = g.float()[..., 0::2], g.float()[..., 1::2]
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        return torch.stack((even * c + odd * s, odd * c - even * s), dim=-1).flatten(-3).to(g.dtype)
+    B, T = grad_q.shape[:2]
+    return torch.cat([unrotate(grad_q), unrotate(grad_k), grad_v.flatten(-2)], dim=-1).view(B * T, -1)
+
+
+def qkv_rope_backward_triton(grad_q, grad_k, grad_v, cos, sin, fp8):
+    """The kernel: grad_q [B, T, q heads, head_dim], grad_k and grad_v [B, T, kv heads, head_dim]
+    (any strides, head_dim contiguous), cos and sin [T, head_dim / 2] contiguous float32. Returns what
+    qkv_rope_backward_reference does and, if fp8, its float8_e4m3fn copy scaled per row and the inverse
+    scales [rows, 1]; else two empty tensors."""
+    B, T, q_heads, head_dim = grad_q.shape
+    kv_heads = grad_k.size(2)
+    assert grad_k.shape == grad_v.shape == (B, T, kv_heads, head_dim) and head_dim % 2 == 0
+    assert grad_q.stride(-1) == grad_k.stride(-1) == grad_v.stride(-1) == 1, "head_dim must be contiguous"
+    assert cos.shape == sin.shape == (T, head_dim // 2) and cos.is_contiguous() and sin.is_contiguous()
+    rows, width = B * T, (q_heads + 2 * kv_heads) * head_dim
+    grad, grad8, inv_scale = _row_grad_outputs(grad_q, rows, width, fp8)
+    _qkv_rope_backward_kernel[(rows,)](
+        grad_q, grad_k, grad_v, cos, sin, grad, grad8.view(torch.uint8), inv_scale, T,
+        *grad_q.stride()[:3], *grad_k.stride()[:3], *grad_v.stride()[:3],
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_Q=triton.next_power_of_2(q_heads),
+        BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), FP8=fp8,
+        num_warps=4)
+    return grad, grad8, inv_scale
+
+
+def _row_grad_outputs(like, rows, width, fp8):
+    """The outputs of a row kernel: a gradient [rows, width] in like's dtype; with fp8 its
+    float8_e4m3fn copy and inverse row scales [rows, 1], else empty tensors in their place."""
+    grad = torch.empty(rows, width, dtype=like.dtype, device=like.device)
+    grad8 = torch.empty((rows, width) if fp8 else (0,), dtype=torch.float8_e4m3fn, device=like.device)
+    inv_scale = torch.empty((rows, 1) if fp8 else (0,), dtype=torch.float32, device=like.device)
+    return grad, grad8, inv_scale
+
+
+@torch.library.custom_op("nano::swiglu_backward", mutates_args=())
+def swiglu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, fp8: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return swiglu_backward_triton(gate_up, grad_h, fp8)
+
+
+@swiglu_backward.register_fake
+def _(gate_up, grad_h, fp8):
+    return _row_grad_outputs(gate_up, grad_h.size(0), gate_up.size(1), fp8)
+
+
+@torch.library.custom_op("nano::qkv_rope_backward", mutates_args=())
+def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qkv_rope_backward_triton(grad_q, grad_k, grad_v, cos, sin, fp8)
+
+
+@qkv_rope_backward.register_fake
+def _(grad_q, grad_k, grad_v, cos, sin, fp8):
+    B, T, q_heads, head_dim = grad_q.shape
+    return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)

@@ -297,23 +297,36 @@ class FP8RowsMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        x8, x_inv = to_fp8(x.contiguous(), per_row=True)
-        w8, w_inv = to_fp8(weight.contiguous(), per_row=True)
         ctx.save_for_backward(x, weight)
-        ctx.out_dtype = out_dtype
-        return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
+        return fp8_rows_product(x, weight, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
-            g8, g_inv = to_fp8(grad_out.contiguous(), per_row=True)
-            wt8, wt_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
-            grad_x = scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=ctx.out_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad_out.t() @ x.to(grad_out.dtype)).to(weight.dtype)
-        return grad_x, grad_w, None
+        grad_fp8 = to_fp8(grad_out.contiguous(), per_row=True) if ctx.needs_input_grad[0] else None
+        return *rows_product_backward(grad_out, grad_fp8, x, weight, ctx.needs_input_grad[:2]), None
+
+
+def fp8_rows_product(x, weight, out_dtype):
+    """x [M, K] @ weight.T in float8, x and weight scaled per row."""
+    x8, x_inv = to_fp8(x.contiguous(), per_row=True)
+    w8, w_inv = to_fp8(weight.contiguous(), per_row=True)
+    return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
+
+
+def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad):
+    """The gradients of x [M, K] @ weight.T from the output's gradient `grad` [M, N]: the input's
+    from grad_fp8 (grad's float8 rows and inverse scales, from to_fp8 or a kernel that made them with
+    grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul)."""
+    grad_x = grad_w = None
+    if needs_input_grad[0] and grad_fp8 is not None:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
+        wt8, wt_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
+        grad_x = scaled_mm(grad_fp8[0], wt8.t(), scale_a=grad_fp8[1], scale_b=wt_inv.t(), out_dtype=grad.dtype)
+    elif needs_input_grad[0]:
+        grad_x = grad @ weight.to(grad.dtype)
+    if needs_input_grad[1]:
+        grad_w = (grad.t() @ x.to(grad.dtype)).to(weight.dtype)
+    return grad_x, grad_w
 
 
 def fp8_linear(x, weight, bias=None):
@@ -384,6 +397,75 @@ def linear(x, layer, fp8):
     return fp8_linear(x, layer.weight, layer.bias) if fp8 and fusable(layer) else layer(x)
 
 
+def rows_product(x, weight, fp8):
+    """x [M, K] @ weight.T in the autocast dtype (else x's): in float8 with row scales if fp8 (the
+    caller checked fp8_fits), else as autocast's F.linear would."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return fp8_rows_product(x, weight, dtype) if fp8 else x.to(dtype) @ weight.to(dtype).t()
+
+
+def rows_grad(kernel, reference, fp8, *tensors):
+    """A product's output gradient from `tensors` through kernels.py's `kernel` where it serves them
+    (which also casts it to float8 rows, if fp8, in the same pass), else through `reference` (PyTorch
+    ops) and to_fp8. Returns the gradient and, if fp8, its (float8 rows, inverse scales), else None."""
+    if kernels.runs_on(tensors[0]):
+        grad, grad8, inv_scale = kernel(*tensors, fp8)
+        return grad, (grad8, inv_scale) if fp8 else None
+    grad = reference(*tensors)
+    return grad, to_fp8(grad, per_row=True) if fp8 else None
+
+
+class SwiGLUProduct(torch.autograd.Function):
+    """silu(x @ w1.T) * (x @ w3.T) for training, the two products as one over the stacked [w1; w3]
+    weight, in float8 if fp8. The backward takes the gradient through silu(gate) * up back to that
+    product's output and (fp8) casts it to float8 rows in one pass over each row: kernels.py on CUDA,
+    PyTorch ops elsewhere. (torch.compile makes that a looped reduction that reads each row twice:
+    rows of 2 x hidden values are too long for its one-pass kernels.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, fp8):
+        gate_up = rows_product(x, weight, fp8)
+        ctx.save_for_backward(x, weight, gate_up)
+        ctx.fp8 = fp8
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight, gate_up = ctx.saved_tensors
+        grad, grad_fp8 = rows_grad(kernels.swiglu_backward, kernels.swiglu_backward_reference, ctx.fp8,
+                                   gate_up, grad_h.contiguous())
+        return *rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2]), None
+
+
+class RopeQKVProduct(torch.autograd.Function):
+    """q, k, v = x @ [wq; wk; wv].T for training, as one product (float8 if fp8), with q and k
+    RoPE-rotated, returned as [B, T, heads, head_dim]. The backward takes the rotation back and lays
+    the three gradients out as the product's output rows, (fp8) with their float8 copy, in one pass
+    (kernels.py on CUDA, PyTorch ops elsewhere): compiled, that was a kernel for the rotation and a
+    looped reduction reading the rows twice for the concatenation and the float8 cast."""
+
+    @staticmethod
+    def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, fp8):
+        B, T, dim = x.shape
+        x = x.reshape(B * T, dim)
+        qkv = rows_product(x, weight, fp8).view(B, T, -1)
+        head_dim = qkv.size(-1) // (n_head + 2 * n_kv_head)
+        q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.fp8 = fp8
+        return (apply_rope(q.view(B, T, n_head, head_dim), cos, sin),
+                apply_rope(k.view(B, T, n_kv_head, head_dim), cos, sin), v.view(B, T, n_kv_head, head_dim))
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        x, weight, cos, sin = ctx.saved_tensors
+        grad, grad_fp8 = rows_grad(kernels.qkv_rope_backward, kernels.qkv_rope_backward_reference, ctx.fp8,
+                                   grad_q, grad_k, grad_v, cos, sin)
+        grad_x, grad_w = rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2])
+        return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, None, None, None, None, None
+
+
 def _sdpa_backends(name):
     from torch.nn.attention import SDPBackend
     return {"flash": [SDPBackend.FLASH_ATTENTION], "mem_efficient": [SDPBackend.EFFICIENT_ATTENTION],
@@ -405,17 +487,23 @@ class Attention(nn.Module):
     def forward(self, x, rope, cache=None, pos=0):
         B, T, _ = x.shape
         fp8 = self.fp8 and self.training
-        if self.training and fusable(self.wq, self.wk, self.wv):
-            q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8)
+        plain = fusable(self.wq, self.wk, self.wv) and self.wq.bias is None
+        if self.training and plain and rope is not None and cache is None:
+            weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+            q, k, v = RopeQKVProduct.apply(x, weight, *rope, self.n_head, self.n_kv_head,
+                                           fp8 and fp8_fits(B * T, x.size(-1), weight.size(0)))
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, D] views
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+            if self.training and fusable(self.wq, self.wk, self.wv):
+                q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8)
+            else:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q = q.view(B, T, self.n_head, self.head_dim)
+            k = k.view(B, T, self.n_kv_head, self.head_dim)
+            v = v.view(B, T, self.n_kv_head, self.head_dim)
+            if rope is not None:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
 
         mask, causal = None, self.cfg.is_causal
         if cache is not None:
@@ -455,11 +543,15 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         fp8 = self.fp8 and self.training
-        if self.training and fusable(self.w1, self.w3):
-            gate, up = fused_linear(x, (self.w1, self.w3), fp8)
+        if self.training and fusable(self.w1, self.w3) and self.w1.bias is None:
+            rows, weight = x.numel() // x.size(-1), torch.cat([self.w1.weight, self.w3.weight])
+            h = SwiGLUProduct.apply(x.reshape(rows, x.size(-1)), weight,
+                                    fp8 and fp8_fits(rows, x.size(-1), weight.size(0))).view(*x.shape[:-1], -1)
         else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.dropout(linear(F.silu(gate) * up, self.w2, fp8))
+            gate, up = (fused_linear(x, (self.w1, self.w3), fp8) if self.training and fusable(self.w1, self.w3)
+                        else (self.w1(x), self.w3(x)))
+            h = F.silu(gate) * up
+        return self.dropout(linear(h, self.w2, fp8))
 
 
 class Block(nn.Module):

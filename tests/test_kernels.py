@@ -43,18 +43,19 @@ def test_cross_entropy_grad_matches_pytorch(rows, vocab, grad_dtype):
     assert none.numel() == 0
 
 
-def test_float8_rounding_matches_torch_everywhere():
-    # every e5m2 value, the midpoints between neighbours, and points just beside those (float32
-    # neighbours of a midpoint round to float16 on the midpoint: the double-rounding case)
-    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e5m2).float()
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_float8_rounding_matches_torch_everywhere(dtype):
+    # every float8 value (both signs, subnormals included), the midpoints between neighbours (ties go to
+    # the even neighbour) and points just beside those (which must go to the nearer one)
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).float()
     values = values[values.isfinite()].sort().values
     mids = (values[1:] + values[:-1]) / 2
     beside = torch.cat([torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
                         mids * (1 + 2 ** -12), mids * (1 - 2 ** -12)])
     x = torch.cat([values, mids, beside, torch.randn(100_000) * 1000, torch.randn(100_000) * 1e-4])
-    x = x[x.abs() <= torch.finfo(torch.float8_e5m2).max].to(DEVICE)
-    got = kernels.to_e5m2_triton(x).view(torch.uint8)
-    want = x.to(torch.float8_e5m2).view(torch.uint8)
+    x = x[x.abs() <= torch.finfo(dtype).max].to(DEVICE)
+    got = kernels.to_float8_triton(x, dtype).view(torch.uint8)
+    want = x.to(dtype).view(torch.uint8)
     assert torch.equal(got, want), x[got != want][:10]
 
 
@@ -96,3 +97,59 @@ def test_head_cross_entropy_with_the_kernel_matches_the_pytorch_path(monkeypatch
 
     for got, ref, name in zip(run(True), run(False), ("loss", "logits", "grad x", "grad w")):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def check_row_float8(grad, grad8, inv_scale):
+    """grad8 * inv_scale is grad's per-row float8 copy, bit for bit what model.to_fp8 makes of grad
+    (the same scales, the same rounding), and within float8's precision of grad."""
+    from model import to_fp8
+    ref8, ref_inv = to_fp8(grad, per_row=True)
+    assert torch.equal(inv_scale, ref_inv)
+    assert torch.equal(grad8.view(torch.uint8), ref8.view(torch.uint8))
+    # e4m3: 3 mantissa bits (relative error <= 1/16) down to its subnormals (steps of 2^-9 x the scale)
+    error = (grad8.float() * inv_scale - grad.float()).abs()
+    assert torch.all(error <= grad.float().abs() / 16 + inv_scale * 2 ** -10)
+
+
+@pytest.mark.parametrize("rows,hidden", [(3, 64), (5, 176), (2, 1408)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swiglu_backward_matches_autograd(rows, hidden, fp8):
+    torch.manual_seed(hidden)
+    gate_up = (torch.randn(rows, 2 * hidden, device=DEVICE) * 2).to(torch.bfloat16)
+    grad_h = torch.randn(rows, hidden, device=DEVICE).to(torch.bfloat16)
+    leaf = gate_up.float().requires_grad_()
+    gate, up = leaf.chunk(2, dim=-1)
+    (F.silu(gate) * up).backward(grad_h.float())
+    grad, grad8, inv_scale = kernels.swiglu_backward_triton(gate_up, grad_h, fp8)
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), leaf.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad, kernels.swiglu_backward_reference(gate_up, grad_h), rtol=1e-2, atol=1e-5)
+    if fp8:
+        check_row_float8(grad, grad8, inv_scale)
+    else:
+        assert grad8.numel() == inv_scale.numel() == 0
+
+
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 16), (6, 2, 8), (3, 1, 12)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
+    # the gradients of rope(q), rope(k), v taken back to the stacked q/k/v product's rows, from
+    # gradients in the strided [B, H, T, D]-transposed layout that attention kernels return
+    from model import rope_real, rope_tables
+    torch.manual_seed(q_heads * head_dim)
+    B, T = 2, 5
+    cos, sin = rope_tables(head_dim, T, 10000.0)
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    qkv = torch.randn(B, T, (q_heads + 2 * kv_heads) * head_dim, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split([q_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    outs = (rope_real(q.unflatten(-1, (q_heads, head_dim)), cos, sin),
+            rope_real(k.unflatten(-1, (kv_heads, head_dim)), cos, sin), v.unflatten(-1, (kv_heads, head_dim)))
+    grads = [torch.randn(o.transpose(1, 2).shape, device=DEVICE).to(torch.bfloat16).transpose(1, 2) for o in outs]
+    assert not grads[0].is_contiguous()
+    torch.autograd.backward(outs, [g.float() for g in grads])
+    grad, grad8, inv_scale = kernels.qkv_rope_backward_triton(*grads, cos, sin, fp8)
+    assert grad.shape == (B * T, qkv.size(-1)) and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), qkv.grad.view(B * T, -1), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad, kernels.qkv_rope_backward_reference(*grads, cos, sin), rtol=1e-2, atol=1e-5)
+    if fp8:
+        check_row_float8(grad, grad8, inv_scale)

@@ -296,18 +296,19 @@ def test_fp8_linear_multiplies_the_scaled_float8_operands():
     assert 0 < rel(x.grad, g @ w.detach()) < 0.06
 
 
-@pytest.fixture(params=[False, True], ids=["pytorch_loss", "loss_kernel"])
-def loss_kernel(request, monkeypatch):
-    """HeadCrossEntropy's loss and gradient from PyTorch ops, then from kernels.py (the GPU's path)
-    on CPU tensors: Triton's interpreter, which tests/conftest.py sets where there is no GPU."""
+@pytest.fixture(params=[False, True], ids=["pytorch_ops", "triton_kernels"])
+def use_kernels(request, monkeypatch):
+    """The training-only paths with kernels.py's work (the loss and its gradient, the SwiGLU and q/k/v
+    gradients) from PyTorch ops, then from kernels.py (the GPU's path) on CPU tensors: Triton's
+    interpreter, which tests/conftest.py sets where there is no GPU."""
     import kernels
     if request.param and (not kernels.available or torch.cuda.is_available()):
-        pytest.skip("CPU tensors through the kernel: Triton's interpreter, set where there is no GPU")
+        pytest.skip("CPU tensors through the kernels: Triton's interpreter, set where there is no GPU")
     monkeypatch.setattr(kernels, "runs_on", lambda t: request.param)
     return request.param
 
 
-def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, loss_kernel):
+def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, use_kernels):
     # torch._scaled_mm on a GPU takes a row-major first and a column-major second operand and float32
     # scales, per tensor or per row of each (the CPU kernel takes any layout): check every product of
     # a bf16 training step for that, with the head's gradient from PyTorch and from kernels.py (the
@@ -384,9 +385,9 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, casts, monkey
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, loss_kernel):
+def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, use_kernels):
     # the fused head + loss of compiled training: same loss, logits and gradients as F.linear followed
-    # by F.cross_entropy (ignore_index -1); in float8 close to them. loss_kernel: the loss and its
+    # by F.cross_entropy (ignore_index -1); in float8 close to them. use_kernels: the loss and its
     # gradient from kernels.py (the GPU's path; on a CPU in Triton's interpreter)
     from model import HeadCrossEntropy
     torch.manual_seed(0)
@@ -417,6 +418,60 @@ def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, loss_kernel):
     assert w.grad is None and torch.equal(x.grad, got[2])
 
 
+def check_grads(got, ref, fp8, names):
+    """Outputs and gradients equal to those of plain autograd (float32), or in float8 close to them."""
+    for a, b, name in zip(got, ref, names):
+        if not fp8:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, name
+    if fp8:  # the first output came from a float8 product
+        assert not torch.allclose(got[0], ref[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_swiglu_product_matches_autograd(fp8, use_kernels):
+    # training's SwiGLU: silu(x w1^T) * (x w3^T) as one product whose backward (a kernel on the GPU)
+    # takes the gradient through silu * up and casts it to float8 rows
+    from model import SwiGLUProduct
+    torch.manual_seed(0)
+    x = torch.randn(48, 32, requires_grad=True)
+    w1, w3 = (torch.randn(48, 32) * 0.2).requires_grad_(), (torch.randn(48, 32) * 0.2).requires_grad_()
+    grad_h = torch.randn(48, 48)
+    h = SwiGLUProduct.apply(x, torch.cat([w1, w3]), fp8)
+    h.backward(grad_h)
+    got = (h.detach(), x.grad.clone(), w1.grad.clone(), w3.grad.clone())
+    x.grad = w1.grad = w3.grad = None
+    ref_h = F.silu(x @ w1.t()) * (x @ w3.t())
+    ref_h.backward(grad_h)
+    check_grads(got, (ref_h.detach(), x.grad, w1.grad, w3.grad), fp8, ("h", "grad x", "grad w1", "grad w3"))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_rope_qkv_product_matches_autograd(fp8, use_kernels):
+    # training's q/k/v: one product, q and k rotated, whose backward (a kernel on the GPU) takes the
+    # rotation back and lays the gradients out as the product's rows (float8 rows too); the gradients
+    # come in the transposed layout attention kernels return
+    from model import RopeQKVProduct, rope_real, rope_tables
+    torch.manual_seed(0)
+    B, T, dim, n_head, n_kv_head, head_dim = 2, 8, 32, 4, 2, 8
+    cos, sin = rope_tables(head_dim, T, 10000.0)
+    x = torch.randn(B, T, dim, requires_grad=True)
+    ws = [(torch.randn(h * head_dim, dim) * 0.2).requires_grad_() for h in (n_head, n_kv_head, n_kv_head)]
+    grads = [torch.randn(B, h, T, head_dim).transpose(1, 2) for h in (n_head, n_kv_head, n_kv_head)]
+    out = RopeQKVProduct.apply(x, torch.cat(ws), cos, sin, n_head, n_kv_head, fp8)
+    torch.autograd.backward(out, grads)
+    got = (*[o.detach() for o in out], x.grad.clone(), *[w.grad.clone() for w in ws])
+    x.grad = None
+    for w in ws:
+        w.grad = None
+    q, k, v = [(x @ w.t()).unflatten(-1, (-1, head_dim)) for w in ws]
+    ref = (rope_real(q, cos, sin), rope_real(k, cos, sin), v)
+    torch.autograd.backward(ref, grads)
+    check_grads(got, (*[r.detach() for r in ref], x.grad, *[w.grad for w in ws]), fp8,
+                ("q", "k", "v", "grad x", "grad wq", "grad wk", "grad wv"))
+
+
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
@@ -424,9 +479,10 @@ OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]
     OLD_TORCH, reason="torch < 2.13 compiles float8 casts on the CPU with other rounding than eager "
                       "(measured on 2.11: the head's weight gradient 9% off); GPU runs are checked by "
                       "test_fp8_compiled_cuda_graph_run_follows_the_bf16_curve"))])
-def test_compiled_training_step_equals_the_eager_one(fp8):
-    # torch.compile traces the training-only paths (fused head + loss, float8 products, the real RoPE):
-    # the compiled forward and backward must give the eager loss and gradients (on the CPU here)
+def test_compiled_training_step_equals_the_eager_one(fp8, use_kernels):
+    # torch.compile traces the training-only paths (fused head + loss, SwiGLU and q/k/v products,
+    # float8 products, the real RoPE; with kernels.py's custom ops, or PyTorch ops): the compiled
+    # forward and backward must give the eager loss and gradients (on the CPU here)
     torch.manual_seed(0)
     model = Transformer(tiny(vocab_size=64)).train()
     model.set_fp8(fp8)
