@@ -147,67 +147,57 @@ if available:
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
     @triton.jit
-    def _unrotate(ptr, b, t, stride_b, stride_t, stride_h, cos, sin, HEADS: tl.constexpr, HALF: tl.constexpr,
-                  BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr):
-        """The gradient of one token's RoPE-rotated heads ([HEADS, 2 HALF] at ptr) taken back through
-        the rotation: each pair turned by minus its angle. Returns the even and odd halves of the pairs."""
-        head = tl.arange(0, BLOCK_HEADS)[:, None]
-        pair = tl.arange(0, BLOCK_HALF)[None, :]
-        at = ptr + b * stride_b + t * stride_t + head * stride_h + 2 * pair
-        ok = (head < HEADS) & (pair < HALF)
-        even = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-        odd = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
-        return even * cos + odd * sin, odd * cos - even * sin
+    def _token_heads(ptr, b, t, stride_b, stride_t, stride_h, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr):
+        """One token's heads [HEADS, HEAD_DIM] of a [B, T, heads, head_dim] tensor, in float32."""
+        head, col = tl.arange(0, BLOCK_HEADS)[:, None], tl.arange(0, BLOCK_DIM)[None, :]
+        at = ptr + b * stride_b + t * stride_t + head * stride_h + col
+        return tl.load(at, mask=(head < HEADS) & (col < HEAD_DIM), other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _unrotate(x, cos, sin, BLOCK_HEADS: tl.constexpr, BLOCK_DIM: tl.constexpr):
+        """x's pairs (2i, 2i+1) of the last dim turned by minus their angle (cos, sin: [1, BLOCK_DIM / 2]):
+        the gradient of RoPE's rotation taken back through it."""
+        even, odd = tl.split(tl.reshape(x, [BLOCK_HEADS, BLOCK_DIM // 2, 2]))
+        return tl.reshape(tl.join(even * cos + odd * sin, odd * cos - even * sin), [BLOCK_HEADS, BLOCK_DIM])
 
     @triton.jit
     def _qkv_rope_backward_kernel(grad_q_ptr, grad_k_ptr, grad_v_ptr, cos_ptr, sin_ptr, grad_ptr, grad8_ptr,
                                   inv_scale_ptr, seq_len, q_stride_b, q_stride_t, q_stride_h, k_stride_b,
                                   k_stride_t, k_stride_h, v_stride_b, v_stride_t, v_stride_h,
-                                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                                  Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                  BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_DIM: tl.constexpr,
                                   FP8: tl.constexpr):
-        # one token per program: the gradients of its rotated q and k heads and of its v heads, in
-        # the layout of the stacked [wq; wk; wv] product's output row: q heads, k heads, v heads
+        # one token per program: the gradients of its rotated q and k heads and of its v heads, written
+        # as one row of the stacked [wq; wk; wv] product's output: q heads, k heads, v heads. Whole
+        # heads are read and written (contiguous, so vectorised); pairs are split apart in registers.
         row = tl.program_id(0).to(tl.int64)
         b, t = row // seq_len, row % seq_len
-        pair = tl.arange(0, BLOCK_HALF)[None, :]
-        cos = tl.load(cos_ptr + t * HALF + pair, mask=pair < HALF, other=0.0)
-        sin = tl.load(sin_ptr + t * HALF + pair, mask=pair < HALF, other=0.0)
-        q_even, q_odd = _unrotate(grad_q_ptr, b, t, q_stride_b, q_stride_t, q_stride_h, cos, sin,
-                                  Q_HEADS, HALF, BLOCK_Q, BLOCK_HALF)
-        k_even, k_odd = _unrotate(grad_k_ptr, b, t, k_stride_b, k_stride_t, k_stride_h, cos, sin,
-                                  KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF)
-        v_even, v_odd = _unrotate(grad_v_ptr, b, t, v_stride_b, v_stride_t, v_stride_h, 1.0, 0.0,
-                                  KV_HEADS, HALF, BLOCK_KV, BLOCK_HALF)  # v is not rotated
+        pair = tl.arange(0, BLOCK_DIM // 2)[None, :]
+        cos = tl.load(cos_ptr + t * (HEAD_DIM // 2) + pair, mask=pair < HEAD_DIM // 2, other=0.0)
+        sin = tl.load(sin_ptr + t * (HEAD_DIM // 2) + pair, mask=pair < HEAD_DIM // 2, other=0.0)
         dtype = grad_ptr.dtype.element_ty
-        q_even, q_odd, k_even, k_odd = q_even.to(dtype), q_odd.to(dtype), k_even.to(dtype), k_odd.to(dtype)
-        v_even, v_odd = v_even.to(dtype), v_odd.to(dtype)
+        q = _unrotate(_token_heads(grad_q_ptr, b, t, q_stride_b, q_stride_t, q_stride_h, Q_HEADS, HEAD_DIM,
+                                   BLOCK_Q, BLOCK_DIM), cos, sin, BLOCK_Q, BLOCK_DIM).to(dtype)
+        k = _unrotate(_token_heads(grad_k_ptr, b, t, k_stride_b, k_stride_t, k_stride_h, KV_HEADS, HEAD_DIM,
+                                   BLOCK_KV, BLOCK_DIM), cos, sin, BLOCK_KV, BLOCK_DIM).to(dtype)
+        v = _token_heads(grad_v_ptr, b, t, v_stride_b, v_stride_t, v_stride_h, KV_HEADS, HEAD_DIM,
+                         BLOCK_KV, BLOCK_DIM).to(dtype)  # v is not rotated
+        col = tl.arange(0, BLOCK_DIM)[None, :]
         q_head, kv_head = tl.arange(0, BLOCK_Q)[:, None], tl.arange(0, BLOCK_KV)[:, None]
-        q_ok, kv_ok = (q_head < Q_HEADS) & (pair < HALF), (kv_head < KV_HEADS) & (pair < HALF)
-        width = (Q_HEADS + 2 * KV_HEADS) * 2 * HALF
-        q_at = row * width + q_head * 2 * HALF + 2 * pair
-        k_at = row * width + (Q_HEADS + kv_head) * 2 * HALF + 2 * pair
-        v_at = k_at + KV_HEADS * 2 * HALF
-        tl.store(grad_ptr + q_at, q_even, mask=q_ok)
-        tl.store(grad_ptr + q_at + 1, q_odd, mask=q_ok)
-        tl.store(grad_ptr + k_at, k_even, mask=kv_ok)
-        tl.store(grad_ptr + k_at + 1, k_odd, mask=kv_ok)
-        tl.store(grad_ptr + v_at, v_even, mask=kv_ok)
-        tl.store(grad_ptr + v_at + 1, v_odd, mask=kv_ok)
+        q_ok, kv_ok = (q_head < Q_HEADS) & (col < HEAD_DIM), (kv_head < KV_HEADS) & (col < HEAD_DIM)
+        q_at = row * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM + q_head * HEAD_DIM + col
+        k_at = row * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM + (Q_HEADS + kv_head) * HEAD_DIM + col
+        v_at = k_at + KV_HEADS * HEAD_DIM
+        tl.store(grad_ptr + q_at, q, mask=q_ok)
+        tl.store(grad_ptr + k_at, k, mask=kv_ok)
+        tl.store(grad_ptr + v_at, v, mask=kv_ok)
         if FP8:  # the row's float8 copy with one scale, from the values just stored (as to_fp8 would)
-            q_even, q_odd, k_even, k_odd = (q_even.to(tl.float32), q_odd.to(tl.float32), k_even.to(tl.float32),
-                                            k_odd.to(tl.float32))
-            v_even, v_odd = v_even.to(tl.float32), v_odd.to(tl.float32)
-            amax = tl.maximum(tl.max(tl.maximum(tl.abs(q_even), tl.abs(q_odd))),
-                              tl.max(tl.maximum(tl.maximum(tl.abs(k_even), tl.abs(k_odd)),
-                                                tl.maximum(tl.abs(v_even), tl.abs(v_odd)))))
-            scale = _e4m3_row_scale(amax)
-            tl.store(grad8_ptr + q_at, _e4m3_scaled(q_even, scale), mask=q_ok)
-            tl.store(grad8_ptr + q_at + 1, _e4m3_scaled(q_odd, scale), mask=q_ok)
-            tl.store(grad8_ptr + k_at, _e4m3_scaled(k_even, scale), mask=kv_ok)
-            tl.store(grad8_ptr + k_at + 1, _e4m3_scaled(k_odd, scale), mask=kv_ok)
-            tl.store(grad8_ptr + v_at, _e4m3_scaled(v_even, scale), mask=kv_ok)
-            tl.store(grad8_ptr + v_at + 1, _e4m3_scaled(v_odd, scale), mask=kv_ok)
+            q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+            scale = _e4m3_row_scale(tl.maximum(tl.max(tl.abs(q)), tl.maximum(tl.max(tl.abs(k)), tl.max(tl.abs(v)))))
+            tl.store(grad8_ptr + q_at, _e4m3_scaled(q, scale), mask=q_ok)
+            tl.store(grad8_ptr + k_at, _e4m3_scaled(k, scale), mask=kv_ok)
+            tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
 
@@ -314,8 +304,8 @@ def qkv_rope_backward_triton(grad_q, grad_k, grad_v, cos, sin, fp8):
     _qkv_rope_backward_kernel[(rows,)](
         grad_q, grad_k, grad_v, cos, sin, grad, grad8.view(torch.uint8), inv_scale, T,
         *grad_q.stride()[:3], *grad_k.stride()[:3], *grad_v.stride()[:3],
-        Q_HEADS=q_heads, KV_HEADS=kv_heads, HALF=head_dim // 2, BLOCK_Q=triton.next_power_of_2(q_heads),
-        BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_HALF=triton.next_power_of_2(head_dim // 2), FP8=fp8,
+        Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_Q=triton.next_power_of_2(q_heads),
+        BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_DIM=triton.next_power_of_2(head_dim), FP8=fp8,
         num_warps=4)
     return grad, grad8, inv_scale
 
