@@ -14,7 +14,8 @@ backward.
 loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
 (kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
-kernel with ROWS,COLS,WARPS as given. GB/s counts two reads of the logits and two float8 writes.
+kernel with ROWS,COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in integer arithmetic
+rather than by the GPU's conversion instruction). GB/s counts two reads of the logits and two float8 writes.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """
@@ -106,8 +107,11 @@ def bench_loss(cfg, args):
 
     runs = [("inductor", lambda: inductor(logits, targets, FP8_GRADS, top, True))]
     for config in args.configs:
-        def kernel(config=tuple(int(v) for v in config.split(","))):
-            kernels.ROWS, kernels.COLS, kernels.WARPS = config
+        def kernel(config=config.split(",")):
+            numbers = [int(v) for v in config if v != "sw"]
+            kernels.ROWS, kernels.COLS, kernels.WARPS = numbers[:3]
+            kernels.STAGES = numbers[3] if len(numbers) > 3 else 3
+            kernels.HARDWARE_FLOAT8 = "sw" not in config
             return kernels.cross_entropy_grad_triton(logits, targets, FP8_GRADS, top, transposed=True)
         runs.append((f"kernel {config}", kernel))
     gigabytes = (2 * logits.numel() * 2 + 2 * logits.numel()) / 1e9
@@ -135,7 +139,8 @@ def main():
                    help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
     p.add_argument("--configs", nargs="*", default=[f"{kernels.ROWS},{kernels.COLS},{kernels.WARPS}"],
-                   help="loss: kernel configurations ROWS,COLS,WARPS")
+                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
+                        "integer arithmetic instead of the GPU's conversion instruction)")
     args = p.parse_args()
     cfg = load_json(args.model, ModelConfig)
     (bench_attention if args.what == "attention" else bench_loss)(cfg, args)

@@ -15,6 +15,8 @@ kernel to F.cross_entropy and to that reference, on the CPU under Triton's inter
 (TRITON_INTERPRET=1, set by tests/conftest.py) and on a GPU compiled.
 """
 
+import os
+
 import torch
 
 try:
@@ -33,7 +35,16 @@ def runs_on(t):
 
 # rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
 # bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
-ROWS, COLS, WARPS = 32, 256, 8
+ROWS, COLS, WARPS, STAGES = 32, 256, 8, 3
+
+# float8 rounding by the GPU's conversion instruction where there is one (compute capability 8.9+),
+# else in integer arithmetic (_float8_bits); bench_kernels.py switches it off to compare
+HARDWARE_FLOAT8 = True
+
+
+def hardware_float8(t):
+    return (HARDWARE_FLOAT8 and t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(t.device) >= (8, 9))
 
 if available:
     @triton.jit
@@ -46,7 +57,8 @@ if available:
         counts in units of 1/SUBNORMAL_UNITS: |x| * SUBNORMAL_UNITS + 2^23 in float32 rounds that count
         to nearest even. Triton's own float8 cast gave wrong values in a transposed layout on an
         H100 (Triton 3.6), and its interpreter rounds differently from the GPU; this is torch's
-        rounding, bit for bit (tests/test_kernels.py)."""
+        rounding, bit for bit (tests/test_kernels.py). On the GPU _float8_hardware does the same
+        in fewer instructions."""
         SHIFT: tl.constexpr = 23 - MANTISSA
         x_bits = x.to(tl.uint32, bitcast=True)
         a = tl.abs(x)
@@ -58,27 +70,45 @@ if available:
         return code.to(tl.uint8)
 
     @triton.jit
-    def _e5m2_bits(x):  # float8_e5m2: gradients (largest value 57344)
+    def _float8_hardware(x, E4M3: tl.constexpr):
+        """The same rounding by the GPU's own conversion (PTX cvt.rn.satfinite, compute capability
+        8.9+): one instruction per two values, four values per call. Not in the interpreter."""
+        if E4M3:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3;"
+                " mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=tl.uint8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1; cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3;"
+            " mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=tl.uint8, is_pure=True, pack=4)
+
+    @triton.jit
+    def _e5m2_bits(x, HARDWARE: tl.constexpr):  # float8_e5m2: gradients (largest value 57344)
+        if HARDWARE:
+            return _float8_hardware(x, False)
         return _float8_bits(x, 2, 15, 65536.0, 2.0 ** -14)
 
     @triton.jit
-    def _e4m3_bits(x):  # float8_e4m3fn: values (largest value 448)
+    def _e4m3_bits(x, HARDWARE: tl.constexpr):  # float8_e4m3fn: values (largest value 448)
+        if HARDWARE:
+            return _float8_hardware(x, True)
         return _float8_bits(x, 3, 7, 512.0, 2.0 ** -6)
 
     @triton.jit
-    def _float8_kernel(x_ptr, out_ptr, n, E4M3: tl.constexpr, BLOCK: tl.constexpr):
+    def _float8_kernel(x_ptr, out_ptr, n, E4M3: tl.constexpr, HARDWARE: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < n)
-        tl.store(out_ptr + i, _e4m3_bits(x) if E4M3 else _e5m2_bits(x), mask=i < n)
+        tl.store(out_ptr + i, _e4m3_bits(x, HARDWARE) if E4M3 else _e5m2_bits(x, HARDWARE), mask=i < n)
 
     @triton.jit
     def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
                                    grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
-                                   TRANSPOSED: tl.constexpr):
+                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = row < rows
         target = tl.load(targets_ptr + row, mask=row_ok, other=-1)
-        row_start = row.to(tl.int64) * vocab  # 64-bit offsets: the logits exceed 2^31 elements
+        # element offsets in 64 bits only where the logits have 2^31 elements or more (WIDE): the
+        # offset arithmetic is a good part of this kernel's instructions
+        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
 
         # pass 1: running max and sum of exponentials (online log-sum-exp), one tile at a time
         run_max = tl.full([ROWS], float("-inf"), tl.float32)
@@ -96,21 +126,22 @@ if available:
         picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0), mask=valid, other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0), mask=row_ok)
 
-        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale, in one or both layouts
+        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on ignored rows), in
+        # one or both layouts
+        row_scale = tl.where(valid, grad_scale, 0.0)[:, None]
         for start in range(0, vocab, COLS):
             col = start + tl.arange(0, COLS)
             ok = row_ok[:, None] & (col < vocab)[None, :]
             x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) - tl.where(col[None, :] == target[:, None], 1.0, 0.0)
-            g = tl.where(valid[:, None], g, 0.0) * grad_scale
+            g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
             if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
-                g = _e5m2_bits(g)
+                g = _e5m2_bits(g, HARDWARE)
             else:
                 g = g.to(grad_ptr.dtype.element_ty)
             tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
             if TRANSPOSED:  # [vocab, rows]: each column of the tile is ROWS contiguous elements
-                tl.store(grad_t_ptr + col[None, :].to(tl.int64) * rows + row[:, None], g, mask=ok)
-
+                col_start = col.to(tl.int64) * rows if WIDE else col * rows
+                tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
 
     @triton.jit
     def _e4m3_row_scale(amax):
@@ -120,13 +151,13 @@ if available:
         return tl.math.div_rn(1.0, tl.maximum(amax, 1e-12)) * 448.0
 
     @triton.jit
-    def _e4m3_scaled(x, scale):
+    def _e4m3_scaled(x, scale, HARDWARE: tl.constexpr):
         """x * scale as float8_e4m3fn bits, clamped to its range (448), as model.to_fp8 casts."""
-        return _e4m3_bits(tl.minimum(tl.maximum(x * scale, -448.0), 448.0))
+        return _e4m3_bits(tl.minimum(tl.maximum(x * scale, -448.0), 448.0), HARDWARE)
 
     @triton.jit
     def _swiglu_backward_kernel(gate_up_ptr, grad_h_ptr, grad_ptr, grad8_ptr, inv_scale_ptr, hidden,
-                                FP8: tl.constexpr, BLOCK: tl.constexpr):
+                                FP8: tl.constexpr, HARDWARE: tl.constexpr, BLOCK: tl.constexpr):
         # one row per program: its gate and up halves and the incoming gradient of silu(gate) * up
         row = tl.program_id(0).to(tl.int64)
         col = tl.arange(0, BLOCK)
@@ -142,8 +173,8 @@ if available:
         if FP8:  # the row's float8 copy with one scale, from the values just stored (as to_fp8 would)
             grad_gate, grad_up = grad_gate.to(tl.float32), grad_up.to(tl.float32)
             scale = _e4m3_row_scale(tl.maximum(tl.max(tl.abs(grad_gate)), tl.max(tl.abs(grad_up))))
-            tl.store(grad8_ptr + row * 2 * hidden + col, _e4m3_scaled(grad_gate, scale), mask=ok)
-            tl.store(grad8_ptr + row * 2 * hidden + hidden + col, _e4m3_scaled(grad_up, scale), mask=ok)
+            tl.store(grad8_ptr + row * 2 * hidden + col, _e4m3_scaled(grad_gate, scale, HARDWARE), mask=ok)
+            tl.store(grad8_ptr + row * 2 * hidden + hidden + col, _e4m3_scaled(grad_up, scale, HARDWARE), mask=ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
     @triton.jit
@@ -167,7 +198,7 @@ if available:
                                   k_stride_t, k_stride_h, v_stride_b, v_stride_t, v_stride_h,
                                   Q_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                   BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_DIM: tl.constexpr,
-                                  FP8: tl.constexpr):
+                                  FP8: tl.constexpr, HARDWARE: tl.constexpr):
         # one token per program: the gradients of its rotated q and k heads and of its v heads, written
         # as one row of the stacked [wq; wk; wv] product's output: q heads, k heads, v heads. Whole
         # heads are read and written (contiguous, so vectorised); pairs are split apart in registers.
@@ -195,9 +226,9 @@ if available:
         if FP8:  # the row's float8 copy with one scale, from the values just stored (as to_fp8 would)
             q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
             scale = _e4m3_row_scale(tl.maximum(tl.max(tl.abs(q)), tl.maximum(tl.max(tl.abs(k)), tl.max(tl.abs(v)))))
-            tl.store(grad8_ptr + q_at, _e4m3_scaled(q, scale), mask=q_ok)
-            tl.store(grad8_ptr + k_at, _e4m3_scaled(k, scale), mask=kv_ok)
-            tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale), mask=kv_ok)
+            tl.store(grad8_ptr + q_at, _e4m3_scaled(q, scale, HARDWARE), mask=q_ok)
+            tl.store(grad8_ptr + k_at, _e4m3_scaled(k, scale, HARDWARE), mask=kv_ok)
+            tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
 
@@ -228,7 +259,8 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     bits = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
     _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
         logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale,
-        ROWS=ROWS, COLS=COLS, E5M2=e5m2, TRANSPOSED=transposed, num_warps=WARPS)
+        ROWS=ROWS, COLS=COLS, E5M2=e5m2, TRANSPOSED=transposed, WIDE=rows * vocab >= 2 ** 31,
+        HARDWARE=hardware_float8(logits), num_warps=WARPS, num_stages=STAGES)
     return loss, grad, grad_t
 
 
@@ -236,7 +268,8 @@ def to_float8_triton(x, dtype):
     """float32 tensor -> float8 (e4m3fn or e5m2) through the kernels' rounding: for the tests."""
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     _float8_kernel[(triton.cdiv(x.numel(), 1024),)](x.contiguous(), out.view(torch.uint8), x.numel(),
-                                                   E4M3=dtype == torch.float8_e4m3fn, BLOCK=1024)
+                                                   E4M3=dtype == torch.float8_e4m3fn, HARDWARE=hardware_float8(x),
+                                                   BLOCK=1024)
     return out
 
 
@@ -273,7 +306,8 @@ def swiglu_backward_triton(gate_up, grad_h, fp8):
     grad, grad8, inv_scale = _row_grad_outputs(gate_up, rows, 2 * hidden, fp8)
     block = triton.next_power_of_2(hidden)
     _swiglu_backward_kernel[(rows,)](gate_up, grad_h, grad, grad8.view(torch.uint8), inv_scale, hidden,
-                                     FP8=fp8, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                     FP8=fp8, HARDWARE=hardware_float8(gate_up), BLOCK=block,
+                                     num_warps=8 if block >= 2048 else 4)
     return grad, grad8, inv_scale
 
 
@@ -306,7 +340,7 @@ def qkv_rope_backward_triton(grad_q, grad_k, grad_v, cos, sin, fp8):
         *grad_q.stride()[:3], *grad_k.stride()[:3], *grad_v.stride()[:3],
         Q_HEADS=q_heads, KV_HEADS=kv_heads, HEAD_DIM=head_dim, BLOCK_Q=triton.next_power_of_2(q_heads),
         BLOCK_KV=triton.next_power_of_2(kv_heads), BLOCK_DIM=triton.next_power_of_2(head_dim), FP8=fp8,
-        num_warps=4)
+        HARDWARE=hardware_float8(grad_q), num_warps=4)
     return grad, grad8, inv_scale
 
 
