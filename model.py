@@ -220,9 +220,11 @@ def rope_real(x, cos, sin):
     devices without complex support)."""
     x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, D/2]: the same angles for every head
-    out_even = x_even * cos - x_odd * sin
-    out_odd = x_even * sin + x_odd * cos
-    return torch.stack((out_even, out_odd), dim=-1).flatten(-2).type_as(x)
+    out_even = (x_even * cos - x_odd * sin).to(x.dtype)
+    out_odd = (x_even * sin + x_odd * cos).to(x.dtype)
+    # cast before stacking, not after: torch 2.11's compiler dropped the gradient of a custom autograd
+    # Function's output (RopeQKVProduct's q and k) that was a no-op cast (float32 training) of a view
+    return torch.stack((out_even, out_odd), dim=-1).flatten(-2)
 
 
 def rope_complex(x, cos, sin):
