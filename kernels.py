@@ -1,17 +1,23 @@
 """
 Hand-written Triton kernels for GPU training, where torch.compile's own kernels leave time behind.
 
-One so far: the cross-entropy loss and its gradient over the logits, for model.HeadCrossEntropy.
-The logits are the step's biggest tensor (124M config: 32768 x 50304 in bf16, 3.3 GB). Inductor's
-kernel reads them twice and writes the gradient once; float8 training then needs a second,
-transposed copy of that gradient for the head's weight-gradient product (float8 products on these
-GPUs reduce over both operands' contiguous dim), which cost a kernel of its own. Here one kernel
-reads each block of rows twice (pass 1: log-sum-exp; pass 2: softmax - one-hot) and writes the
-gradient in both layouts as it goes.
+The cross-entropy loss and its gradient over the logits, for model.HeadCrossEntropy. The logits
+are the step's biggest tensor (124M config: 32768 x 50304 in bf16, 3.3 GB). Inductor's kernel reads
+them twice and writes the gradient once; float8 training then needs a second, transposed copy of
+that gradient for the head's weight-gradient product (float8 products on these GPUs reduce over both
+operands' contiguous dim), which cost a kernel of its own. Here one kernel reads each block of rows
+twice (pass 1: log-sum-exp; pass 2: softmax - one-hot) and writes the gradient in both layouts.
+
+Two row kernels for the backward of the blocks' stacked products (model.SwiGLUProduct and
+model.RopeQKVProduct): the gradient through silu(gate) * up, and the q/k/v gradients with RoPE's
+rotation taken back, each written as the product's output rows together with their float8 copy
+and row scales (what model.to_fp8 would make) in one pass. Inductor made each a looped reduction
+that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
+values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
 
 Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
-cross_entropy_grad_reference: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
-kernel to F.cross_entropy and to that reference, on the CPU under Triton's interpreter
+the *_reference functions: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
+kernels to autograd and to those references, on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, set by tests/conftest.py) and on a GPU compiled.
 """
 
