@@ -15,7 +15,8 @@ loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) unde
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
 (kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
 kernel with ROWS,COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in integer arithmetic
-rather than by the GPU's conversion instruction). GB/s counts two reads of the logits and two float8 writes.
+rather than by the GPU's conversion instruction; ",split:R:C:W": kernels.SPLIT, the log-sum-exp pass
+with ROWS,COLS,WARPS and then the gradient in R x C tiles of W warps). GB/s counts two reads of the logits and two float8 writes.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """
@@ -108,10 +109,12 @@ def bench_loss(cfg, args):
     runs = [("inductor", lambda: inductor(logits, targets, FP8_GRADS, top, True))]
     for config in args.configs:
         def kernel(config=config.split(",")):
-            numbers = [int(v) for v in config if v != "sw"]
+            numbers = [int(v) for v in config if v.isdigit()]
             kernels.ROWS, kernels.COLS, kernels.WARPS = numbers[:3]
             kernels.STAGES = numbers[3] if len(numbers) > 3 else 3
             kernels.HARDWARE_FLOAT8 = "sw" not in config
+            split = [v for v in config if v.startswith("split:")]
+            kernels.SPLIT = tuple(int(v) for v in split[0].split(":")[1:]) if split else None
             return kernels.cross_entropy_grad_triton(logits, targets, FP8_GRADS, top, transposed=True)
         runs.append((f"kernel {config}", kernel))
     gigabytes = (2 * logits.numel() * 2 + 2 * logits.numel()) / 1e9
@@ -139,8 +142,9 @@ def main():
                    help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
     p.add_argument("--configs", nargs="*", default=[f"{kernels.ROWS},{kernels.COLS},{kernels.WARPS}"],
-                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
-                        "integer arithmetic instead of the GPU's conversion instruction)")
+                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw][,split:R:C:W] (sw: float8 "
+                        "rounding in integer arithmetic instead of the GPU's conversion instruction; split: "
+                        "two kernels, the gradient in R x C tiles of W warps)")
     args = p.parse_args()
     cfg = load_json(args.model, ModelConfig)
     (bench_attention if args.what == "attention" else bench_loss)(cfg, args)

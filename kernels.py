@@ -42,6 +42,10 @@ def runs_on(t):
 # rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
 # bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
 ROWS, COLS, WARPS, STAGES = 32, 256, 8, 3
+# None: one kernel does both passes over a block of rows. (ROWS, COLS, WARPS): two kernels, the
+# log-sum-exp pass as above, then the gradient in independent tiles of that size, which a GPU can
+# stream with more in flight than a loop over the vocabulary (bench_kernels.py loss compares them)
+SPLIT = None
 
 # float8 rounding by the GPU's conversion instruction where there is one (compute capability 8.9+),
 # else in integer arithmetic (_float8_bits); bench_kernels.py switches it off to compare
@@ -106,19 +110,14 @@ if available:
         tl.store(out_ptr + i, _e4m3_bits(x, HARDWARE) if E4M3 else _e5m2_bits(x, HARDWARE), mask=i < n)
 
     @triton.jit
-    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
-                                   grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
-                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    def _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS: tl.constexpr):
+        """Pass 1 over a block of rows: running max and sum of exponentials (online log-sum-exp),
+        one tile of COLS columns at a time. Stores each row's loss (0 where the target is -1, as
+        F.cross_entropy ignores it); returns the log-sum-exp, the targets and which rows count."""
         row_ok = row < rows
         target = tl.load(targets_ptr + row, mask=row_ok, other=-1)
-        # element offsets in 64 bits only where the logits have 2^31 elements or more (WIDE): the
-        # offset arithmetic is a good part of this kernel's instructions
-        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
-
-        # pass 1: running max and sum of exponentials (online log-sum-exp), one tile at a time
-        run_max = tl.full([ROWS], float("-inf"), tl.float32)
-        run_sum = tl.zeros([ROWS], tl.float32)
+        run_max = tl.full(row.shape, float("-inf"), tl.float32)
+        run_sum = tl.zeros(row.shape, tl.float32)
         for start in range(0, vocab, COLS):
             col = start + tl.arange(0, COLS)
             ok = row_ok[:, None] & (col < vocab)[None, :]
@@ -128,26 +127,65 @@ if available:
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
             run_max = new_max
         lse = run_max + tl.log(tl.where(row_ok, run_sum, 1.0))
-        valid = row_ok & (target >= 0)  # targets of -1 are ignored, as in F.cross_entropy
+        valid = row_ok & (target >= 0)
         picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0), mask=valid, other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0), mask=row_ok)
+        return lse, target, valid
 
-        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on ignored rows), in
-        # one or both layouts
+    @triton.jit
+    def _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, col, rows, vocab, lse, target, valid,
+                         grad_scale, E5M2: tl.constexpr, TRANSPOSED: tl.constexpr, WIDE: tl.constexpr,
+                         HARDWARE: tl.constexpr):
+        """Pass 2 for one tile: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on
+        ignored rows), stored row-major and, if TRANSPOSED, as [vocab, rows] too."""
+        ok = (row < rows)[:, None] & (col < vocab)[None, :]
+        x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
         row_scale = tl.where(valid, grad_scale, 0.0)[:, None]
+        g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
+        if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
+            g = _e5m2_bits(g, HARDWARE)
+        else:
+            g = g.to(grad_ptr.dtype.element_ty)
+        tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
+        if TRANSPOSED:  # each column of the tile is a run of contiguous elements there
+            col_start = col.to(tl.int64) * rows if WIDE else col * rows
+            tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
+
+    @triton.jit
+    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
+                                   grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
+                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
+        # one block of ROWS rows per program, both passes: the logits are read twice, the second time
+        # right after the first (element offsets in 64 bits only where the logits have 2^31 elements or
+        # more: the offset arithmetic is a good part of the instructions)
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
+        lse, target, valid = _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS)
         for start in range(0, vocab, COLS):
-            col = start + tl.arange(0, COLS)
-            ok = row_ok[:, None] & (col < vocab)[None, :]
-            x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
-            if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
-                g = _e5m2_bits(g, HARDWARE)
-            else:
-                g = g.to(grad_ptr.dtype.element_ty)
-            tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
-            if TRANSPOSED:  # [vocab, rows]: each column of the tile is ROWS contiguous elements
-                col_start = col.to(tl.int64) * rows if WIDE else col * rows
-                tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
+            _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, start + tl.arange(0, COLS), rows,
+                             vocab, lse, target, valid, grad_scale, E5M2, TRANSPOSED, WIDE, HARDWARE)
+
+    @triton.jit
+    def _log_sum_exp_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, rows, vocab, ROWS: tl.constexpr,
+                            COLS: tl.constexpr, WIDE: tl.constexpr):
+        # the split variant's pass 1: the loss and log-sum-exp of a block of rows
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
+        lse, _, _ = _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS)
+        tl.store(lse_ptr + row, lse, mask=row < rows)
+
+    @triton.jit
+    def _grad_tile_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, grad_t_ptr, rows, vocab, grad_scale,
+                          ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr, TRANSPOSED: tl.constexpr,
+                          WIDE: tl.constexpr, HARDWARE: tl.constexpr):
+        # the split variant's pass 2: one ROWS x COLS tile per program, no loop
+        row = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
+        target = tl.load(targets_ptr + row, mask=row < rows, other=-1)
+        lse = tl.load(lse_ptr + row, mask=row < rows, other=0.0)
+        _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, tl.program_id(0) * COLS + tl.arange(0, COLS),
+                         rows, vocab, lse, target, (row < rows) & (target >= 0), grad_scale, E5M2, TRANSPOSED, WIDE,
+                         HARDWARE)
 
     @triton.jit
     def _e4m3_row_scale(amax):
@@ -263,10 +301,19 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     e5m2 = grad_dtype == torch.float8_e5m2
     assert e5m2 or grad_dtype.itemsize > 1, "float8 gradients: e5m2 only"
     bits = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
-    _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
-        logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale,
-        ROWS=ROWS, COLS=COLS, E5M2=e5m2, TRANSPOSED=transposed, WIDE=rows * vocab >= 2 ** 31,
-        HARDWARE=hardware_float8(logits), num_warps=WARPS, num_stages=STAGES)
+    wide, hardware = rows * vocab >= 2 ** 31, hardware_float8(logits)
+    if SPLIT is None:
+        _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
+            logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=ROWS, COLS=COLS,
+            E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=WARPS, num_stages=STAGES)
+        return loss, grad, grad_t
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _log_sum_exp_kernel[(triton.cdiv(rows, ROWS),)](logits, targets, loss, lse, rows, vocab, ROWS=ROWS, COLS=COLS,
+                                                    WIDE=wide, num_warps=WARPS, num_stages=STAGES)
+    tile_rows, tile_cols, tile_warps = SPLIT
+    _grad_tile_kernel[(triton.cdiv(vocab, tile_cols), triton.cdiv(rows, tile_rows))](
+        logits, targets, lse, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=tile_rows, COLS=tile_cols,
+        E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=tile_warps)
     return loss, grad, grad_t
 
 

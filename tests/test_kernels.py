@@ -23,9 +23,16 @@ def reference_loss_grad(logits, targets):
 
 # sizes that are not multiples of the kernel's row block (32) or column step (256); logits whose
 # spread puts most of a row's probability on a few entries, as trained models do
+# the loss kernel as one kernel, and split into a log-sum-exp pass and a tiled gradient pass
+# (kernels.SPLIT: ROWS, COLS, WARPS of the tiles; 16 x 64 so that the test sizes leave partial tiles)
+split_variants = pytest.mark.parametrize("split", [None, (16, 64, 4)], ids=["one_kernel", "split"])
+
+
 @pytest.mark.parametrize("rows,vocab", [(70, 300), (32, 128), (5, 1000)])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_grad_matches_pytorch(rows, vocab, grad_dtype):
+@split_variants
+def test_cross_entropy_grad_matches_pytorch(rows, vocab, grad_dtype, split, monkeypatch):
+    monkeypatch.setattr(kernels, "SPLIT", split)
     torch.manual_seed(rows + vocab)
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device=DEVICE)
@@ -59,7 +66,9 @@ def test_float8_rounding_matches_torch_everywhere(dtype):
     assert torch.equal(got, want), x[got != want][:10]
 
 
-def test_cross_entropy_grad_in_float8_matches_torch_in_both_layouts():
+@split_variants
+def test_cross_entropy_grad_in_float8_matches_torch_in_both_layouts(split, monkeypatch):
+    monkeypatch.setattr(kernels, "SPLIT", split)
     torch.manual_seed(0)
     rows, vocab = (256, 50304) if DEVICE == "cuda" else (96, 3000)
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(torch.bfloat16)
