@@ -275,6 +275,39 @@ if available:
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
+    @triton.jit
+    def _weight_amax_kernel(w_ptr, row_amax_ptr, col_amax_ptr, rows, cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+        # one block of rows per program: each row's amax, and the block's amax of every column merged
+        # into col_amax with an atomic max (on the float bits: for values >= 0 their order as int32
+        # is their order as float32)
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_max = tl.zeros([ROWS], tl.float32)
+        for start in range(0, cols, COLS):
+            col = start + tl.arange(0, COLS)
+            ok = (row < rows)[:, None] & (col < cols)[None, :]
+            a = tl.abs(tl.load(w_ptr + row[:, None] * cols + col[None, :], mask=ok, other=0.0).to(tl.float32))
+            row_max = tl.maximum(row_max, tl.max(a, axis=1))
+            tl.atomic_max(col_amax_ptr + col, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=col < cols)
+        tl.store(row_amax_ptr + row, row_max, mask=row < rows)
+
+    @triton.jit
+    def _weight_cast_kernel(w_ptr, row_amax_ptr, col_amax_ptr, w8_ptr, row_inv_ptr, wt8_ptr, col_inv_ptr, rows, cols,
+                            ROWS: tl.constexpr, COLS: tl.constexpr, HARDWARE: tl.constexpr):
+        # one ROWS x COLS tile per program, cast twice: with its rows' scales into w8 [rows, cols], with
+        # its columns' scales into wt8 [cols, rows] (the transposed layout: runs of ROWS bytes)
+        row = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        col = tl.program_id(0) * COLS + tl.arange(0, COLS)
+        ok = (row < rows)[:, None] & (col < cols)[None, :]
+        w = tl.load(w_ptr + row[:, None] * cols + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        row_scale = _e4m3_row_scale(tl.load(row_amax_ptr + row, mask=row < rows, other=1.0))
+        col_scale = _e4m3_row_scale(tl.load(col_amax_ptr + col, mask=col < cols, other=0).to(tl.float32, bitcast=True))
+        tl.store(w8_ptr + row[:, None] * cols + col[None, :], _e4m3_scaled(w, row_scale[:, None], HARDWARE), mask=ok)
+        tl.store(wt8_ptr + col[None, :] * rows + row[:, None], _e4m3_scaled(w, col_scale[None, :], HARDWARE), mask=ok)
+        if tl.program_id(0) == 0:
+            tl.store(row_inv_ptr + row, tl.math.div_rn(1.0, row_scale), mask=row < rows)
+        if tl.program_id(1) == 0:
+            tl.store(col_inv_ptr + col, tl.math.div_rn(1.0, col_scale), mask=col < cols)
+
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
     """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
@@ -427,3 +460,25 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
+
+
+def weight_to_float8_triton(weight):
+    """A weight [N, K] (contiguous, < 2^31 elements) in float8_e4m3fn both ways that float8 products
+    need it, from one read (and one re-read, from the L2 cache at these sizes): scaled per row, as
+    model.to_fp8(weight, per_row=True) makes it, and transposed and scaled per row of the transpose,
+    as model.to_fp8(weight.t().contiguous(), per_row=True) does. Returns (w8, w_inv [N, 1], wt8 [K, N],
+    wt_inv [K, 1]). Compared with Inductor's two casts by bench_kernels.py weights; not yet used by
+    the model."""
+    rows, cols = weight.shape
+    assert weight.is_contiguous() and weight.numel() < 2 ** 31
+    row_amax = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    col_amax = torch.zeros(cols, dtype=torch.int32, device=weight.device)  # float bits (atomic max)
+    _weight_amax_kernel[(triton.cdiv(rows, 16),)](weight, row_amax, col_amax, rows, cols, ROWS=16, COLS=256)
+    w8 = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=weight.device)
+    wt8 = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=weight.device)
+    w_inv = torch.empty(rows, 1, dtype=torch.float32, device=weight.device)
+    wt_inv = torch.empty(cols, 1, dtype=torch.float32, device=weight.device)
+    _weight_cast_kernel[(triton.cdiv(cols, 64), triton.cdiv(rows, 64))](
+        weight, row_amax, col_amax, w8.view(torch.uint8), w_inv, wt8.view(torch.uint8), wt_inv, rows, cols,
+        ROWS=64, COLS=64, HARDWARE=hardware_float8(weight))
+    return w8, w_inv, wt8, wt_inv

@@ -162,3 +162,19 @@ def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
     torch.testing.assert_close(grad, kernels.qkv_rope_backward_reference(*grads, cos, sin), rtol=1e-2, atol=1e-5)
     if fp8:
         check_row_float8(grad, grad8, inv_scale)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (70, 300), (130, 64)])
+def test_weight_to_float8_both_layouts_matches_to_fp8(shape):
+    # one read of a weight, both float8 copies that its products need: per row, and transposed per
+    # row of the transpose; bit for bit what model.to_fp8 makes of each
+    from model import to_fp8
+    torch.manual_seed(shape[0])
+    weight = torch.randn(shape, device=DEVICE) * torch.rand(shape[0], 1, device=DEVICE)
+    weight[3] = 0  # a zero row: the scale's floor (1e-12) and no division by zero
+    w8, w_inv, wt8, wt_inv = kernels.weight_to_float8_triton(weight)
+    ref8, ref_inv = to_fp8(weight, per_row=True)
+    reft8, reft_inv = to_fp8(weight.t().contiguous(), per_row=True)
+    assert torch.equal(w_inv, ref_inv) and torch.equal(wt_inv, reft_inv)
+    assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8))
+    assert torch.equal(wt8.view(torch.uint8), reft8.view(torch.uint8))
