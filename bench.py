@@ -127,11 +127,21 @@ def main(argv=None):
                    help="print the N GPU kernels that took the most time (torch.profiler)")
     p.add_argument("--no-kernels", action="store_true",
                    help="leave kernels.py's Triton kernels out (PyTorch ops instead): their before/after")
+    p.add_argument("--kernels-set", nargs="*", default=[], metavar="NAME=JSON",
+                   help="set kernels.py's settings, e.g. WEIGHT_CASTS=true 'SPLIT=[64,128,4]'")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
     if args.no_kernels:
         kernels.available = False
+    for setting in args.kernels_set:
+        name, _, value = setting.partition("=")
+        if not name.isupper() or not hasattr(kernels, name):
+            p.error(f"--kernels-set {setting}: kernels.py has no setting {name!r}")
+        try:
+            setattr(kernels, name, json.loads(value))
+        except json.JSONDecodeError as e:
+            p.error(f"--kernels-set {setting}: the value is not JSON ({e})")
     args.ds_config = None
     if args.deepspeed_config:
         import train_ds  # sets DS_ACCELERATOR=cpu on machines without a GPU
@@ -158,7 +168,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "kernels": not args.no_kernels, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "kernels": not args.no_kernels, "kernels_set": args.kernels_set, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
               "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
               "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
                                                                            "peak_mem_gib")}}

@@ -47,6 +47,10 @@ ROWS, COLS, WARPS, STAGES = 32, 256, 8, 3
 # stream with more in flight than a loop over the vocabulary (bench_kernels.py loss compares them)
 SPLIT = None
 
+# True: the blocks' float8 products take their weights' two float8 copies (rows; transposed rows)
+# from weight_to_float8 in the forward, instead of two Inductor casts (bench.py --kernels-set)
+WEIGHT_CASTS = False
+
 # float8 rounding by the GPU's conversion instruction where there is one (compute capability 8.9+),
 # else in integer arithmetic (_float8_bits); bench_kernels.py switches it off to compare
 HARDWARE_FLOAT8 = True
@@ -335,7 +339,7 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     assert e5m2 or grad_dtype.itemsize > 1, "float8 gradients: e5m2 only"
     bits = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
     wide, hardware = rows * vocab >= 2 ** 31, hardware_float8(logits)
-    if SPLIT is None:
+    if not SPLIT:
         _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
             logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=ROWS, COLS=COLS,
             E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=WARPS, num_stages=STAGES)
@@ -467,8 +471,8 @@ def weight_to_float8_triton(weight):
     need it, from one read (and one re-read, from the L2 cache at these sizes): scaled per row, as
     model.to_fp8(weight, per_row=True) makes it, and transposed and scaled per row of the transpose,
     as model.to_fp8(weight.t().contiguous(), per_row=True) does. Returns (w8, w_inv [N, 1], wt8 [K, N],
-    wt_inv [K, 1]). Compared with Inductor's two casts by bench_kernels.py weights; not yet used by
-    the model."""
+    wt_inv [K, 1]). The model uses it where WEIGHT_CASTS is set; bench_kernels.py weights compares it
+    with Inductor's two casts."""
     rows, cols = weight.shape
     assert weight.is_contiguous() and weight.numel() < 2 ** 31
     row_amax = torch.empty(rows, dtype=torch.float32, device=weight.device)
@@ -482,3 +486,16 @@ def weight_to_float8_triton(weight):
         weight, row_amax, col_amax, w8.view(torch.uint8), w_inv, wt8.view(torch.uint8), wt_inv, rows, cols,
         ROWS=64, COLS=64, HARDWARE=hardware_float8(weight))
     return w8, w_inv, wt8, wt_inv
+
+
+@torch.library.custom_op("nano::weight_to_float8", mutates_args=())
+def weight_to_float8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return weight_to_float8_triton(weight)
+
+
+@weight_to_float8.register_fake
+def _(weight):
+    rows, cols = weight.shape
+    e4m3, f32 = torch.float8_e4m3fn, torch.float32
+    return (weight.new_empty(rows, cols, dtype=e4m3), weight.new_empty(rows, 1, dtype=f32),
+            weight.new_empty(cols, rows, dtype=e4m3), weight.new_empty(cols, 1, dtype=f32))

@@ -299,31 +299,46 @@ class FP8RowsMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, out_dtype):
-        ctx.save_for_backward(x, weight)
-        return fp8_rows_product(x, weight, out_dtype)
+        weight_fp8, weight_t_fp8 = fp8_weight_copies(weight)
+        ctx.save_for_backward(x, weight, *(weight_t_fp8 or (None, None)))
+        return fp8_rows_product(x, weight_fp8, out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, *weight_t_fp8 = ctx.saved_tensors
         grad_fp8 = to_fp8(grad_out.contiguous(), per_row=True) if ctx.needs_input_grad[0] else None
-        return *rows_product_backward(grad_out, grad_fp8, x, weight, ctx.needs_input_grad[:2]), None
+        return *rows_product_backward(grad_out, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2]), None
 
 
-def fp8_rows_product(x, weight, out_dtype):
-    """x [M, K] @ weight.T in float8, x and weight scaled per row."""
+def fp8_weight_copies(weight):
+    """weight [N, K] as float8 rows (with inverse scales) for the forward product and, where
+    kernels.py's weight kernel serves it (kernels.WEIGHT_CASTS), its transposed float8 rows for the
+    input-gradient product, made in the same pass (else None: the backward casts the transpose)."""
+    if kernels.WEIGHT_CASTS and kernels.runs_on(weight):
+        w8, w_inv, wt8, wt_inv = kernels.weight_to_float8(weight.contiguous())
+        return (w8, w_inv), (wt8, wt_inv)
+    return to_fp8(weight.contiguous(), per_row=True), None
+
+
+def fp8_rows_product(x, weight_fp8, out_dtype):
+    """x [M, K] @ weight.T in float8, x scaled per row here, the weight given as its float8 rows and
+    inverse scales (fp8_weight_copies)."""
     x8, x_inv = to_fp8(x.contiguous(), per_row=True)
-    w8, w_inv = to_fp8(weight.contiguous(), per_row=True)
-    return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
+    return scaled_mm(x8, weight_fp8[0].t(), scale_a=x_inv, scale_b=weight_fp8[1].t(), out_dtype=out_dtype)
 
 
-def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad):
+def rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, needs_input_grad):
     """The gradients of x [M, K] @ weight.T from the output's gradient `grad` [M, N]: the input's
     from grad_fp8 (grad's float8 rows and inverse scales, from to_fp8 or a kernel that made them with
-    grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul)."""
+    grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul).
+    weight_t_fp8: the weight's transposed float8 rows and scales if the forward made them, else
+    (None, None)."""
     grad_x = grad_w = None
     if needs_input_grad[0] and grad_fp8 is not None:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
-        wt8, wt_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
-        grad_x = scaled_mm(grad_fp8[0], wt8.t(), scale_a=grad_fp8[1], scale_b=wt_inv.t(), out_dtype=grad.dtype)
+        if weight_t_fp8[0] is None:  # float8 products: row-major first operand
+            weight_t_fp8 = to_fp8(weight.t().contiguous(), per_row=True)
+        grad_x = scaled_mm(grad_fp8[0], weight_t_fp8[0].t(), scale_a=grad_fp8[1], scale_b=weight_t_fp8[1].t(),
+                           out_dtype=grad.dtype)
     elif needs_input_grad[0]:
         grad_x = grad @ weight.to(grad.dtype)
     if needs_input_grad[1]:
@@ -401,9 +416,13 @@ def linear(x, layer, fp8):
 
 def rows_product(x, weight, fp8):
     """x [M, K] @ weight.T in the autocast dtype (else x's): in float8 with row scales if fp8 (the
-    caller checked fp8_fits), else as autocast's F.linear would."""
+    caller checked fp8_fits), else as autocast's F.linear would. Returns the product and what
+    rows_product_backward takes as weight_t_fp8."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return fp8_rows_product(x, weight, dtype) if fp8 else x.to(dtype) @ weight.to(dtype).t()
+    if not fp8:
+        return x.to(dtype) @ weight.to(dtype).t(), (None, None)
+    weight_fp8, weight_t_fp8 = fp8_weight_copies(weight)
+    return fp8_rows_product(x, weight_fp8, dtype), weight_t_fp8 or (None, None)
 
 
 def rows_grad(kernel, reference, fp8, *tensors):
@@ -426,18 +445,18 @@ class SwiGLUProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, fp8):
-        gate_up = rows_product(x, weight, fp8)
-        ctx.save_for_backward(x, weight, gate_up)
+        gate_up, weight_t_fp8 = rows_product(x, weight, fp8)
+        ctx.save_for_backward(x, weight, gate_up, *weight_t_fp8)
         ctx.fp8 = fp8
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad_h):
-        x, weight, gate_up = ctx.saved_tensors
+        x, weight, gate_up, *weight_t_fp8 = ctx.saved_tensors
         grad, grad_fp8 = rows_grad(kernels.swiglu_backward, kernels.swiglu_backward_reference, ctx.fp8,
                                    gate_up, grad_h.contiguous())
-        return *rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2]), None
+        return *rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2]), None
 
 
 class RopeQKVProduct(torch.autograd.Function):
@@ -451,20 +470,21 @@ class RopeQKVProduct(torch.autograd.Function):
     def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, fp8):
         B, T, dim = x.shape
         x = x.reshape(B * T, dim)
-        qkv = rows_product(x, weight, fp8).view(B, T, -1)
+        qkv, weight_t_fp8 = rows_product(x, weight, fp8)
+        qkv = qkv.view(B, T, -1)
         head_dim = qkv.size(-1) // (n_head + 2 * n_kv_head)
         q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
-        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.save_for_backward(x, weight, cos, sin, *weight_t_fp8)
         ctx.fp8 = fp8
         return (apply_rope(q.view(B, T, n_head, head_dim), cos, sin),
                 apply_rope(k.view(B, T, n_kv_head, head_dim), cos, sin), v.view(B, T, n_kv_head, head_dim))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        x, weight, cos, sin = ctx.saved_tensors
+        x, weight, cos, sin, *weight_t_fp8 = ctx.saved_tensors
         grad, grad_fp8 = rows_grad(kernels.qkv_rope_backward, kernels.qkv_rope_backward_reference, ctx.fp8,
                                    grad_q, grad_k, grad_v, cos, sin)
-        grad_x, grad_w = rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2])
+        grad_x, grad_w = rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2])
         return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, None, None, None, None, None
 
 

@@ -23,3 +23,23 @@ def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
     shares = [float(line.split("%")[0].split()[-1]) for line in out.splitlines() if "ms/step" in line and "%" in line
               and not line.strip()[0].isdigit()]
     assert busy > 0 and "matmul" in out and abs(sum(shares) - 100) < 0.5
+
+
+def test_bench_sets_kernel_settings_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
+    # --kernels-set: kernels.py's settings for an end-to-end before/after; --no-kernels: none of them
+    import pytest
+    import kernels
+    for name in ("SPLIT", "WEIGHT_CASTS", "available"):
+        monkeypatch.setattr(kernels, name, getattr(kernels, name))  # restored after the test
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(dict(block_size=32, vocab_size=64, n_layer=1, n_embd=32, n_head=4, n_hidden=64)))
+    common = ["-m", str(model_file), "-b", "2", "--steps", "2", "--warmup", "1", "--log-interval", "1", "--device", "cpu"]
+    result = bench.main(common + ["--kernels-set", "SPLIT=[64,128,4]", "WEIGHT_CASTS=true"])
+    assert kernels.SPLIT == [64, 128, 4] and kernels.WEIGHT_CASTS is True
+    assert result["kernels_set"] == ["SPLIT=[64,128,4]", "WEIGHT_CASTS=true"] and result["kernels"]
+    for bad, message in (("NOPE=1", "no setting 'NOPE'"), ("available=false", "no setting 'available'"),
+                         ("SPLIT=[64", "not JSON")):
+        with pytest.raises(SystemExit):
+            bench.main(common + ["--kernels-set", bad])
+        assert message in capsys.readouterr().err
+    assert not bench.main(common + ["--no-kernels"])["kernels"] and kernels.available is False

@@ -472,6 +472,30 @@ def test_rope_qkv_product_matches_autograd(fp8, use_kernels):
                 ("q", "k", "v", "grad x", "grad wq", "grad wk", "grad wv"))
 
 
+def test_weight_float8_copies_from_the_kernel_change_nothing(monkeypatch):
+    # kernels.WEIGHT_CASTS: the blocks' float8 products take their weights' float8 copies (rows, and
+    # transposed rows for the input gradient) from one kernel in the forward; the copies are bit-equal
+    # to to_fp8's, so a float8 training step gives exactly the same loss and gradients
+    import kernels
+    if not kernels.available or torch.cuda.is_available():
+        pytest.skip("CPU tensors through the kernels: Triton's interpreter, set where there is no GPU")
+    monkeypatch.setattr(kernels, "runs_on", lambda t: True)
+    torch.manual_seed(0)
+    model = Transformer(tiny(vocab_size=64)).train()
+    model.set_fp8("blocks")
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
+    results = []
+    for weight_casts in (False, True):
+        monkeypatch.setattr(kernels, "WEIGHT_CASTS", weight_casts)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
