@@ -183,11 +183,11 @@ if available:
                           ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr, TRANSPOSED: tl.constexpr,
                           WIDE: tl.constexpr, HARDWARE: tl.constexpr):
         # the split variant's pass 2: one ROWS x COLS tile per program, no loop
-        row = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # rows on the grid's first axis (no 65535 limit)
         row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
         target = tl.load(targets_ptr + row, mask=row < rows, other=-1)
         lse = tl.load(lse_ptr + row, mask=row < rows, other=0.0)
-        _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, tl.program_id(0) * COLS + tl.arange(0, COLS),
+        _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, tl.program_id(1) * COLS + tl.arange(0, COLS),
                          rows, vocab, lse, target, (row < rows) & (target >= 0), grad_scale, E5M2, TRANSPOSED, WIDE,
                          HARDWARE)
 
@@ -348,7 +348,7 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     _log_sum_exp_kernel[(triton.cdiv(rows, ROWS),)](logits, targets, loss, lse, rows, vocab, ROWS=ROWS, COLS=COLS,
                                                     WIDE=wide, num_warps=WARPS, num_stages=STAGES)
     tile_rows, tile_cols, tile_warps = SPLIT
-    _grad_tile_kernel[(triton.cdiv(vocab, tile_cols), triton.cdiv(rows, tile_rows))](
+    _grad_tile_kernel[(triton.cdiv(rows, tile_rows), triton.cdiv(vocab, tile_cols))](
         logits, targets, lse, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=tile_rows, COLS=tile_cols,
         E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=tile_warps)
     return loss, grad, grad_t
