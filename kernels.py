@@ -265,8 +265,9 @@ if available:
         col = tl.arange(0, BLOCK_DIM)[None, :]
         q_head, kv_head = tl.arange(0, BLOCK_Q)[:, None], tl.arange(0, BLOCK_KV)[:, None]
         q_ok, kv_ok = (q_head < Q_HEADS) & (col < HEAD_DIM), (kv_head < KV_HEADS) & (col < HEAD_DIM)
-        q_at = row * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM + q_head * HEAD_DIM + col
-        k_at = row * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM + (Q_HEADS + kv_head) * HEAD_DIM + col
+        row_at = row * (Q_HEADS + 2 * KV_HEADS) * HEAD_DIM
+        q_at = row_at + q_head * HEAD_DIM + col
+        k_at = row_at + (Q_HEADS + kv_head) * HEAD_DIM + col
         v_at = k_at + KV_HEADS * HEAD_DIM
         tl.store(grad_ptr + q_at, q, mask=q_ok)
         tl.store(grad_ptr + k_at, k, mask=kv_ok)
