@@ -66,11 +66,12 @@ if [ "$what" = bench ]; then
   done
   $py - "$out/bench.jsonl" <<'PY'
 import json, sys
-print(f"{'model':28s} {'train settings':40s} {'tok/s':>10s} {'ms/step':>8s} {'mfu':>6s} {'GiB':>5s}")
+print(f"{'model':28s} {'settings':50s} {'tok/s':>10s} {'ms/step':>8s} {'mfu':>6s} {'GiB':>5s}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    sets = " ".join([f"{k}={v}" for k, v in r.get("train_set", {}).items()] + r.get("set", []))
-    print(f"{r['model'].split('/')[-1]:28s} {sets[:40]:40s} {r['tokens_per_sec']:10,.0f} {r['ms_per_step']:8.1f} "
+    sets = " ".join([f"{k}={v}" for k, v in r.get("train_set", {}).items()] + r.get("set", [])
+                    + r.get("kernels_set", []) + ([] if r.get("kernels", True) else ["no-kernels"]))
+    print(f"{r['model'].split('/')[-1]:28s} {sets[-50:]:50s} {r['tokens_per_sec']:10,.0f} {r['ms_per_step']:8.1f} "
           f"{100 * (r['mfu'] or 0):5.1f}% {r['peak_mem_gib']:5.1f}")
 PY
 fi
