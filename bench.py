@@ -128,7 +128,7 @@ def main(argv=None):
     p.add_argument("--no-kernels", action="store_true",
                    help="leave kernels.py's Triton kernels out (PyTorch ops instead): their before/after")
     p.add_argument("--kernels-set", nargs="*", default=[], metavar="NAME=JSON",
-                   help="set kernels.py's settings, e.g. WEIGHT_CASTS=true 'SPLIT=[64,128,4]'")
+                   help="set kernels.py's settings, e.g. COLS=128 HARDWARE_FLOAT8=false")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)

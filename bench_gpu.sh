@@ -20,12 +20,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = kernels ] || [ "$what" = all ]; then
-  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, the float8 weight copies,
-  # attention backends
+  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends
   for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
     echo "== bench_kernels.py loss/attention $args"
-    $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-32,256,8 64,128,8 32,256,8,split:64:128:4 32,256,8,split:32:256:4 32,256,8,split:128:64:8 16,1024,8,split:64:128:4 8,2048,8,split:64:128:4} 2>&1 | grep -vE "Warn|warn"
-    $py bench_kernels.py weights $args 2>&1 | grep -vE "Warn|warn"
+    $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-32,256,8 64,128,8 32,256,8,sw} 2>&1 | grep -vE "Warn|warn"
     $py bench_kernels.py attention $args --backends cudnn,flash,flex 2>&1 | grep -vE "Warn|warn|return F"
   done
 fi

@@ -4,7 +4,6 @@ Single pieces of a training step on a GPU, for a model config's shapes (docs/BEN
     python bench_kernels.py attention -m config/model_56m.json -b 128
     python bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
     python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 32,128,8 64,64,8
-    python bench_kernels.py weights -m config/model_gpt2_124m.json -b 32
 
 attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
 v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
@@ -16,12 +15,8 @@ loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) unde
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
 (kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
 kernel with ROWS,COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in integer arithmetic
-rather than by the GPU's conversion instruction; ",split:R:C:W": kernels.SPLIT, the log-sum-exp pass
-with ROWS,COLS,WARPS and then the gradient in R x C tiles of W warps). GB/s counts two reads of the logits and two float8 writes.
-
-weights: the float8 copies of each of a block's weights that its float8 products need (per row for
-the forward product, transposed per row for the input gradient): Inductor's two casts against
-kernels.weight_to_float8_triton (one kernel for the amaxes, one for both casts), checked bit for bit.
+rather than by the GPU's conversion instruction). GB/s counts two reads of the logits and two float8
+writes.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """
@@ -118,8 +113,6 @@ def bench_loss(cfg, args):
             kernels.ROWS, kernels.COLS, kernels.WARPS = numbers[:3]
             kernels.STAGES = numbers[3] if len(numbers) > 3 else 3
             kernels.HARDWARE_FLOAT8 = "sw" not in config
-            split = [v for v in config if v.startswith("split:")]
-            kernels.SPLIT = tuple(int(v) for v in split[0].split(":")[1:]) if split else None
             return kernels.cross_entropy_grad_triton(logits, targets, FP8_GRADS, top, transposed=True)
         runs.append((f"kernel {config}", kernel))
     gigabytes = (2 * logits.numel() * 2 + 2 * logits.numel()) / 1e9
@@ -136,33 +129,9 @@ def bench_loss(cfg, args):
         print(f"{name:24s} {ms:8.3f} {gigabytes / ms * 1e3:8.0f} {loss_diff:10.2e} {grad_diff:10.2e}")
 
 
-def bench_weights(cfg, args):
-    from model import to_fp8
-    dim, hd = cfg.n_embd, cfg.head_dim
-    shapes = {"q/k/v": ((cfg.n_head + 2 * cfg.n_kv_head) * hd, dim), "wo": (dim, cfg.n_head * hd),
-              "gate/up": (2 * cfg.n_hidden, dim), "w2": (dim, cfg.n_hidden)}
-
-    def both(w):
-        return to_fp8(w, per_row=True), to_fp8(w.t().contiguous(), per_row=True)
-    inductor = torch.compile(both)
-    print(f"float8 copies of a weight, per row and transposed per row (x {cfg.n_layer} layers per step)")
-    print(f"{'weight':10s} {'shape':>12s} {'inductor ms':>12s} {'kernel ms':>10s}")
-    totals = [0.0, 0.0]
-    for name, shape in shapes.items():
-        w = torch.randn(shape, device="cuda") * 0.02
-        (ref8, ref_inv), (reft8, reft_inv) = inductor(w)
-        w8, w_inv, wt8, wt_inv = kernels.weight_to_float8_triton(w)
-        assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8)) and torch.equal(w_inv, ref_inv), name
-        assert torch.equal(wt8.view(torch.uint8), reft8.view(torch.uint8)) and torch.equal(wt_inv, reft_inv), name
-        times = [time_ms(lambda: inductor(w), args.iters), time_ms(lambda: kernels.weight_to_float8_triton(w), args.iters)]
-        totals = [t + cfg.n_layer * m for t, m in zip(totals, times)]
-        print(f"{name:10s} {str(tuple(shape)):>12s} {times[0]:12.4f} {times[1]:10.4f}")
-    print(f"{'per step':10s} {'':>12s} {totals[0]:12.3f} {totals[1]:10.3f}")
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("attention", "loss", "weights"))
+    p.add_argument("what", choices=("attention", "loss"))
     p.add_argument("-m", "--model", required=True, help="model config JSON")
     p.add_argument("-b", "--batch", type=int, required=True)
     p.add_argument("--iters", type=int, default=30)
@@ -171,12 +140,11 @@ def main():
                    help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
     p.add_argument("--configs", nargs="*", default=[f"{kernels.ROWS},{kernels.COLS},{kernels.WARPS}"],
-                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw][,split:R:C:W] (sw: float8 "
-                        "rounding in integer arithmetic instead of the GPU's conversion instruction; split: "
-                        "two kernels, the gradient in R x C tiles of W warps)")
+                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
+                        "integer arithmetic instead of the GPU's conversion instruction)")
     args = p.parse_args()
     cfg = load_json(args.model, ModelConfig)
-    {"attention": bench_attention, "loss": bench_loss, "weights": bench_weights}[args.what](cfg, args)
+    {"attention": bench_attention, "loss": bench_loss}[args.what](cfg, args)
 
 
 if __name__ == "__main__":

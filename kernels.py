@@ -42,15 +42,6 @@ def runs_on(t):
 # rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
 # bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
 ROWS, COLS, WARPS, STAGES = 32, 256, 8, 3
-# None: one kernel does both passes over a block of rows. (ROWS, COLS, WARPS): two kernels, the
-# log-sum-exp pass as above, then the gradient in independent tiles of that size, which a GPU can
-# stream with more in flight than a loop over the vocabulary (bench_kernels.py loss compares them)
-SPLIT = None
-
-# True: the blocks' float8 products take their weights' two float8 copies (rows; transposed rows)
-# from weight_to_float8 in the forward, instead of two Inductor casts (bench.py --kernels-set)
-WEIGHT_CASTS = False
-
 # float8 rounding by the GPU's conversion instruction where there is one (compute capability 8.9+),
 # else in integer arithmetic (_float8_bits); bench_kernels.py switches it off to compare
 HARDWARE_FLOAT8 = True
@@ -170,28 +161,6 @@ if available:
                              vocab, lse, target, valid, grad_scale, E5M2, TRANSPOSED, WIDE, HARDWARE)
 
     @triton.jit
-    def _log_sum_exp_kernel(logits_ptr, targets_ptr, loss_ptr, lse_ptr, rows, vocab, ROWS: tl.constexpr,
-                            COLS: tl.constexpr, WIDE: tl.constexpr):
-        # the split variant's pass 1: the loss and log-sum-exp of a block of rows
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
-        lse, _, _ = _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS)
-        tl.store(lse_ptr + row, lse, mask=row < rows)
-
-    @triton.jit
-    def _grad_tile_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, grad_t_ptr, rows, vocab, grad_scale,
-                          ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr, TRANSPOSED: tl.constexpr,
-                          WIDE: tl.constexpr, HARDWARE: tl.constexpr):
-        # the split variant's pass 2: one ROWS x COLS tile per program, no loop
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # rows on the grid's first axis (no 65535 limit)
-        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
-        target = tl.load(targets_ptr + row, mask=row < rows, other=-1)
-        lse = tl.load(lse_ptr + row, mask=row < rows, other=0.0)
-        _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, tl.program_id(1) * COLS + tl.arange(0, COLS),
-                         rows, vocab, lse, target, (row < rows) & (target >= 0), grad_scale, E5M2, TRANSPOSED, WIDE,
-                         HARDWARE)
-
-    @triton.jit
     def _e4m3_row_scale(amax):
         """448 / amax as model.to_fp8 computes it: torch's scalar / tensor is reciprocal, then multiply
         (and with IEEE division, not the GPU's faster approximate one), so that both give the same
@@ -280,39 +249,6 @@ if available:
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
-    @triton.jit
-    def _weight_amax_kernel(w_ptr, row_amax_ptr, col_amax_ptr, rows, cols, ROWS: tl.constexpr, COLS: tl.constexpr):
-        # one block of rows per program: each row's amax, and the block's amax of every column merged
-        # into col_amax with an atomic max (on the float bits: for values >= 0 their order as int32
-        # is their order as float32)
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_max = tl.zeros([ROWS], tl.float32)
-        for start in range(0, cols, COLS):
-            col = start + tl.arange(0, COLS)
-            ok = (row < rows)[:, None] & (col < cols)[None, :]
-            a = tl.abs(tl.load(w_ptr + row[:, None] * cols + col[None, :], mask=ok, other=0.0).to(tl.float32))
-            row_max = tl.maximum(row_max, tl.max(a, axis=1))
-            tl.atomic_max(col_amax_ptr + col, tl.max(a, axis=0).to(tl.int32, bitcast=True), mask=col < cols)
-        tl.store(row_amax_ptr + row, row_max, mask=row < rows)
-
-    @triton.jit
-    def _weight_cast_kernel(w_ptr, row_amax_ptr, col_amax_ptr, w8_ptr, row_inv_ptr, wt8_ptr, col_inv_ptr, rows, cols,
-                            ROWS: tl.constexpr, COLS: tl.constexpr, HARDWARE: tl.constexpr):
-        # one ROWS x COLS tile per program, cast twice: with its rows' scales into w8 [rows, cols], with
-        # its columns' scales into wt8 [cols, rows] (the transposed layout: runs of ROWS bytes)
-        row = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-        col = tl.program_id(0) * COLS + tl.arange(0, COLS)
-        ok = (row < rows)[:, None] & (col < cols)[None, :]
-        w = tl.load(w_ptr + row[:, None] * cols + col[None, :], mask=ok, other=0.0).to(tl.float32)
-        row_scale = _e4m3_row_scale(tl.load(row_amax_ptr + row, mask=row < rows, other=1.0))
-        col_scale = _e4m3_row_scale(tl.load(col_amax_ptr + col, mask=col < cols, other=0).to(tl.float32, bitcast=True))
-        tl.store(w8_ptr + row[:, None] * cols + col[None, :], _e4m3_scaled(w, row_scale[:, None], HARDWARE), mask=ok)
-        tl.store(wt8_ptr + col[None, :] * rows + row[:, None], _e4m3_scaled(w, col_scale[None, :], HARDWARE), mask=ok)
-        if tl.program_id(0) == 0:
-            tl.store(row_inv_ptr + row, tl.math.div_rn(1.0, row_scale), mask=row < rows)
-        if tl.program_id(1) == 0:
-            tl.store(col_inv_ptr + col, tl.math.div_rn(1.0, col_scale), mask=col < cols)
-
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
     """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
@@ -340,18 +276,9 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     assert e5m2 or grad_dtype.itemsize > 1, "float8 gradients: e5m2 only"
     bits = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
     wide, hardware = rows * vocab >= 2 ** 31, hardware_float8(logits)
-    if not SPLIT:
-        _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
-            logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=ROWS, COLS=COLS,
-            E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=WARPS, num_stages=STAGES)
-        return loss, grad, grad_t
-    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _log_sum_exp_kernel[(triton.cdiv(rows, ROWS),)](logits, targets, loss, lse, rows, vocab, ROWS=ROWS, COLS=COLS,
-                                                    WIDE=wide, num_warps=WARPS, num_stages=STAGES)
-    tile_rows, tile_cols, tile_warps = SPLIT
-    _grad_tile_kernel[(triton.cdiv(rows, tile_rows), triton.cdiv(vocab, tile_cols))](
-        logits, targets, lse, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=tile_rows, COLS=tile_cols,
-        E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=tile_warps)
+    _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
+        logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=ROWS, COLS=COLS,
+        E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=WARPS, num_stages=STAGES)
     return loss, grad, grad_t
 
 
@@ -465,38 +392,3 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
-
-
-def weight_to_float8_triton(weight):
-    """A weight [N, K] (contiguous, < 2^31 elements) in float8_e4m3fn both ways that float8 products
-    need it, from one read (and one re-read, from the L2 cache at these sizes): scaled per row, as
-    model.to_fp8(weight, per_row=True) makes it, and transposed and scaled per row of the transpose,
-    as model.to_fp8(weight.t().contiguous(), per_row=True) does. Returns (w8, w_inv [N, 1], wt8 [K, N],
-    wt_inv [K, 1]). The model uses it where WEIGHT_CASTS is set; bench_kernels.py weights compares it
-    with Inductor's two casts."""
-    rows, cols = weight.shape
-    assert weight.is_contiguous() and weight.numel() < 2 ** 31
-    row_amax = torch.empty(rows, dtype=torch.float32, device=weight.device)
-    col_amax = torch.zeros(cols, dtype=torch.int32, device=weight.device)  # float bits (atomic max)
-    _weight_amax_kernel[(triton.cdiv(rows, 16),)](weight, row_amax, col_amax, rows, cols, ROWS=16, COLS=256)
-    w8 = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=weight.device)
-    wt8 = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=weight.device)
-    w_inv = torch.empty(rows, 1, dtype=torch.float32, device=weight.device)
-    wt_inv = torch.empty(cols, 1, dtype=torch.float32, device=weight.device)
-    _weight_cast_kernel[(triton.cdiv(cols, 64), triton.cdiv(rows, 64))](
-        weight, row_amax, col_amax, w8.view(torch.uint8), w_inv, wt8.view(torch.uint8), wt_inv, rows, cols,
-        ROWS=64, COLS=64, HARDWARE=hardware_float8(weight))
-    return w8, w_inv, wt8, wt_inv
-
-
-@torch.library.custom_op("nano::weight_to_float8", mutates_args=())
-def weight_to_float8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return weight_to_float8_triton(weight)
-
-
-@weight_to_float8.register_fake
-def _(weight):
-    rows, cols = weight.shape
-    e4m3, f32 = torch.float8_e4m3fn, torch.float32
-    return (weight.new_empty(rows, cols, dtype=e4m3), weight.new_empty(rows, 1, dtype=f32),
-            weight.new_empty(cols, rows, dtype=e4m3), weight.new_empty(cols, 1, dtype=f32))

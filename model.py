@@ -240,7 +240,7 @@ def fusable(*linears):
     return all(type(m) is nn.Linear for m in linears)
 
 
-def fused_linear(x, linears, fp8=False):
+def fused_linear(x, linears, fp8=False, fast_accum=False):
     """x through several Linear layers as one matrix product over their stacked weights, split after.
     Training only: one large product keeps the GPU busier than three thin ones, and stacking the
     weights costs a copy of them per step, which is small next to the activations of a batch (but
@@ -249,7 +249,8 @@ def fused_linear(x, linears, fp8=False):
     product in float8 (fp8_linear)."""
     weight = torch.cat([m.weight for m in linears])
     bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    return (fp8_linear if fp8 else F.linear)(x, weight, bias).split([m.out_features for m in linears], dim=-1)
+    out = fp8_linear(x, weight, bias, fast_accum) if fp8 else F.linear(x, weight, bias)
+    return out.split([m.out_features for m in linears], dim=-1)
 
 
 # FP8 matrix products (train config fp8): Hopper-class GPUs (compute capability 8.9+) multiply
@@ -259,6 +260,12 @@ def fused_linear(x, linears, fp8=False):
 # scale per row (FP8RowsMatmul); the output head per tensor, its gradient with a fixed scale
 # (HeadCrossEntropy). The float32 master weights, the optimizer and everything outside these
 # products stay as they were. docs/BENCHMARKS.md has what it gains and what it does to the loss.
+#
+# fast_accum (train config fp8_fast_accum): the forward products and the blocks' input-gradient
+# products let the tensor cores keep their partial sums at reduced precision instead of adding them
+# into float32 as they go (cuBLAS's "fast accumulation"): 1-3% faster steps, no change in the loss
+# measured. The head's gradient products always accumulate exactly: they reduce over the 32k tokens
+# of a batch or the 50k-word vocabulary, and fast accumulation there moved the 124M config's loss.
 FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2
 
 
@@ -279,15 +286,15 @@ def fp8_fits(rows, inner, outer):
     return rows % 16 == 0 and inner % 16 == 0 and outer % 16 == 0
 
 
-def scaled_mm(a, b, scale_a, scale_b, out_dtype):
-    """torch._scaled_mm(a, b) with a row-major and b column-major. CPU kernels of torch before 2.13
-    take per-tensor scales only: there (tests) row-wise scales multiply the float32 product instead,
-    which is the same arithmetic."""
+def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
+    """torch._scaled_mm(a, b) with a row-major and b column-major (fast_accum: see above). CPU kernels
+    of torch before 2.13 take per-tensor scales only: there (tests) row-wise scales multiply the
+    float32 product instead, which is the same arithmetic."""
     if a.device.type == "cpu" and scale_a.numel() > 1:
         one = torch.ones((), device=a.device)
-        return (torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32) * scale_a * scale_b
-                ).to(out_dtype)
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        return (torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                 use_fast_accum=fast_accum) * scale_a * scale_b).to(out_dtype)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 class FP8RowsMatmul(torch.autograd.Function):
@@ -298,47 +305,35 @@ class FP8RowsMatmul(torch.autograd.Function):
     saves at these sizes."""
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype):
-        weight_fp8, weight_t_fp8 = fp8_weight_copies(weight)
-        ctx.save_for_backward(x, weight, *(weight_t_fp8 or (None, None)))
-        return fp8_rows_product(x, weight_fp8, out_dtype)
+    def forward(ctx, x, weight, out_dtype, fast_accum):
+        ctx.save_for_backward(x, weight)
+        ctx.fast_accum = fast_accum
+        return fp8_rows_product(x, weight, out_dtype, fast_accum)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, *weight_t_fp8 = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         grad_fp8 = to_fp8(grad_out.contiguous(), per_row=True) if ctx.needs_input_grad[0] else None
-        return *rows_product_backward(grad_out, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2]), None
+        grads = rows_product_backward(grad_out, grad_fp8, x, weight, ctx.needs_input_grad[:2], ctx.fast_accum)
+        return *grads, None, None
 
 
-def fp8_weight_copies(weight):
-    """weight [N, K] as float8 rows (with inverse scales) for the forward product and, where
-    kernels.py's weight kernel serves it (kernels.WEIGHT_CASTS), its transposed float8 rows for the
-    input-gradient product, made in the same pass (else None: the backward casts the transpose)."""
-    if kernels.WEIGHT_CASTS and kernels.runs_on(weight):
-        w8, w_inv, wt8, wt_inv = kernels.weight_to_float8(weight.contiguous())
-        return (w8, w_inv), (wt8, wt_inv)
-    return to_fp8(weight.contiguous(), per_row=True), None
-
-
-def fp8_rows_product(x, weight_fp8, out_dtype):
-    """x [M, K] @ weight.T in float8, x scaled per row here, the weight given as its float8 rows and
-    inverse scales (fp8_weight_copies)."""
+def fp8_rows_product(x, weight, out_dtype, fast_accum):
+    """x [M, K] @ weight.T in float8, x and the weight each scaled per row."""
     x8, x_inv = to_fp8(x.contiguous(), per_row=True)
-    return scaled_mm(x8, weight_fp8[0].t(), scale_a=x_inv, scale_b=weight_fp8[1].t(), out_dtype=out_dtype)
+    w8, w_inv = to_fp8(weight.contiguous(), per_row=True)
+    return scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype, fast_accum=fast_accum)
 
 
-def rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, needs_input_grad):
+def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad, fast_accum):
     """The gradients of x [M, K] @ weight.T from the output's gradient `grad` [M, N]: the input's
     from grad_fp8 (grad's float8 rows and inverse scales, from to_fp8 or a kernel that made them with
-    grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul).
-    weight_t_fp8: the weight's transposed float8 rows and scales if the forward made them, else
-    (None, None)."""
+    grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul)."""
     grad_x = grad_w = None
     if needs_input_grad[0] and grad_fp8 is not None:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
-        if weight_t_fp8[0] is None:  # float8 products: row-major first operand
-            weight_t_fp8 = to_fp8(weight.t().contiguous(), per_row=True)
-        grad_x = scaled_mm(grad_fp8[0], weight_t_fp8[0].t(), scale_a=grad_fp8[1], scale_b=weight_t_fp8[1].t(),
-                           out_dtype=grad.dtype)
+        w8, w_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
+        grad_x = scaled_mm(grad_fp8[0], w8.t(), scale_a=grad_fp8[1], scale_b=w_inv.t(), out_dtype=grad.dtype,
+                           fast_accum=fast_accum)
     elif needs_input_grad[0]:
         grad_x = grad @ weight.to(grad.dtype)
     if needs_input_grad[1]:
@@ -346,14 +341,14 @@ def rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, needs_input_g
     return grad_x, grad_w
 
 
-def fp8_linear(x, weight, bias=None):
+def fp8_linear(x, weight, bias=None, fast_accum=False):
     """F.linear with the products in float8 (FP8RowsMatmul); shapes that float8 kernels cannot take
     (a dimension not a multiple of 16) fall back to F.linear."""
     rows = x.numel() // x.size(-1)
     if not fp8_fits(rows, x.size(-1), weight.size(0)):
         return F.linear(x, weight, bias)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    out = FP8RowsMatmul.apply(x.reshape(rows, x.size(-1)), weight, dtype).view(*x.shape[:-1], weight.size(0))
+    out = FP8RowsMatmul.apply(x.reshape(rows, x.size(-1)), weight, dtype, fast_accum).view(*x.shape[:-1], weight.size(0))
     return out if bias is None else out + bias.to(out.dtype)
 
 
@@ -372,12 +367,12 @@ class HeadCrossEntropy(torch.autograd.Function):
     F.cross_entropy."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, fp8):
+    def forward(ctx, x, weight, targets, fp8, fast_accum):
         # x: [M, K] (the autocast dtype under autocast); weight: [V, K]; targets: [M]
         if fp8:
             x_op, x_inv = to_fp8(x)
             w_op, w_inv = to_fp8(weight)
-            logits = scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype)
+            logits = scaled_mm(x_op, w_op.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=x.dtype, fast_accum=fast_accum)
         else:
             x_op, w_op = x, weight.to(x.dtype)
             x_inv = w_inv = None
@@ -406,23 +401,21 @@ class HeadCrossEntropy(torch.autograd.Function):
             grad_x = ((grad @ w_op) * scale).to(ctx.out_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = ((grad.t() @ x_op).float() * scale).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
-def linear(x, layer, fp8):
+def linear(x, layer, fp8, fast_accum=False):
     """A Linear layer's product, in float8 when asked and the layer is a plain nn.Linear (not LoRA)."""
-    return fp8_linear(x, layer.weight, layer.bias) if fp8 and fusable(layer) else layer(x)
+    return fp8_linear(x, layer.weight, layer.bias, fast_accum) if fp8 and fusable(layer) else layer(x)
 
 
-def rows_product(x, weight, fp8):
+def rows_product(x, weight, fp8, fast_accum):
     """x [M, K] @ weight.T in the autocast dtype (else x's): in float8 with row scales if fp8 (the
-    caller checked fp8_fits), else as autocast's F.linear would. Returns the product and what
-    rows_product_backward takes as weight_t_fp8."""
+    caller checked fp8_fits), else as autocast's F.linear would."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     if not fp8:
-        return x.to(dtype) @ weight.to(dtype).t(), (None, None)
-    weight_fp8, weight_t_fp8 = fp8_weight_copies(weight)
-    return fp8_rows_product(x, weight_fp8, dtype), weight_t_fp8 or (None, None)
+        return x.to(dtype) @ weight.to(dtype).t()
+    return fp8_rows_product(x, weight, dtype, fast_accum)
 
 
 def rows_grad(kernel, reference, fp8, *tensors):
@@ -444,19 +437,19 @@ class SwiGLUProduct(torch.autograd.Function):
     rows of 2 x hidden values are too long for its one-pass kernels.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, fp8):
-        gate_up, weight_t_fp8 = rows_product(x, weight, fp8)
-        ctx.save_for_backward(x, weight, gate_up, *weight_t_fp8)
-        ctx.fp8 = fp8
+    def forward(ctx, x, weight, fp8, fast_accum):
+        gate_up = rows_product(x, weight, fp8, fast_accum)
+        ctx.save_for_backward(x, weight, gate_up)
+        ctx.fp8, ctx.fast_accum = fp8, fast_accum
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
     @staticmethod
     def backward(ctx, grad_h):
-        x, weight, gate_up, *weight_t_fp8 = ctx.saved_tensors
+        x, weight, gate_up = ctx.saved_tensors
         grad, grad_fp8 = rows_grad(kernels.swiglu_backward, kernels.swiglu_backward_reference, ctx.fp8,
                                    gate_up, grad_h.contiguous())
-        return *rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2]), None
+        return *rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2], ctx.fast_accum), None, None
 
 
 class RopeQKVProduct(torch.autograd.Function):
@@ -467,25 +460,25 @@ class RopeQKVProduct(torch.autograd.Function):
     looped reduction reading the rows twice for the concatenation and the float8 cast."""
 
     @staticmethod
-    def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, fp8):
+    def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, fp8, fast_accum):
         B, T, dim = x.shape
         x = x.reshape(B * T, dim)
-        qkv, weight_t_fp8 = rows_product(x, weight, fp8)
+        qkv = rows_product(x, weight, fp8, fast_accum)
         qkv = qkv.view(B, T, -1)
         head_dim = qkv.size(-1) // (n_head + 2 * n_kv_head)
         q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
-        ctx.save_for_backward(x, weight, cos, sin, *weight_t_fp8)
-        ctx.fp8 = fp8
+        ctx.save_for_backward(x, weight, cos, sin)
+        ctx.fp8, ctx.fast_accum = fp8, fast_accum
         return (apply_rope(q.view(B, T, n_head, head_dim), cos, sin),
                 apply_rope(k.view(B, T, n_kv_head, head_dim), cos, sin), v.view(B, T, n_kv_head, head_dim))
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        x, weight, cos, sin, *weight_t_fp8 = ctx.saved_tensors
+        x, weight, cos, sin = ctx.saved_tensors
         grad, grad_fp8 = rows_grad(kernels.qkv_rope_backward, kernels.qkv_rope_backward_reference, ctx.fp8,
                                    grad_q, grad_k, grad_v, cos, sin)
-        grad_x, grad_w = rows_product_backward(grad, grad_fp8, x, weight, weight_t_fp8, ctx.needs_input_grad[:2])
-        return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, None, None, None, None, None
+        grad_x, grad_w = rows_product_backward(grad, grad_fp8, x, weight, ctx.needs_input_grad[:2], ctx.fast_accum)
+        return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, *[None] * 6
 
 
 def _sdpa_backends(name):
@@ -504,7 +497,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
-        self.fp8 = False  # products in float8 while training (Transformer.set_fp8)
+        self.fp8 = self.fast_accum = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x, rope, cache=None, pos=0):
         B, T, _ = x.shape
@@ -513,10 +506,10 @@ class Attention(nn.Module):
         if self.training and plain and rope is not None and cache is None:
             weight = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
             q, k, v = RopeQKVProduct.apply(x, weight, *rope, self.n_head, self.n_kv_head,
-                                           fp8 and fp8_fits(B * T, x.size(-1), weight.size(0)))
+                                           fp8 and fp8_fits(B * T, x.size(-1), weight.size(0)), self.fast_accum)
         else:
             if self.training and fusable(self.wq, self.wk, self.wv):
-                q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8)
+                q, k, v = fused_linear(x, (self.wq, self.wk, self.wv), fp8, self.fast_accum)
             else:
                 q, k, v = self.wq(x), self.wk(x), self.wv(x)
             q = q.view(B, T, self.n_head, self.head_dim)
@@ -549,7 +542,7 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                 dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(linear(y, self.wo, fp8))
+        return self.resid_dropout(linear(y, self.wo, fp8, self.fast_accum))
 
 
 class FeedForward(nn.Module):
@@ -561,19 +554,19 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fp8 = False  # products in float8 while training (Transformer.set_fp8)
+        self.fp8 = self.fast_accum = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x):
         fp8 = self.fp8 and self.training
         if self.training and fusable(self.w1, self.w3) and self.w1.bias is None:
             rows, weight = x.numel() // x.size(-1), torch.cat([self.w1.weight, self.w3.weight])
-            h = SwiGLUProduct.apply(x.reshape(rows, x.size(-1)), weight,
-                                    fp8 and fp8_fits(rows, x.size(-1), weight.size(0))).view(*x.shape[:-1], -1)
+            h = SwiGLUProduct.apply(x.reshape(rows, x.size(-1)), weight, fp8 and fp8_fits(rows, x.size(-1), weight.size(0)),
+                                    self.fast_accum).view(*x.shape[:-1], -1)
         else:
-            gate, up = (fused_linear(x, (self.w1, self.w3), fp8) if self.training and fusable(self.w1, self.w3)
+            gate, up = (fused_linear(x, (self.w1, self.w3), fp8, self.fast_accum) if self.training and fusable(self.w1, self.w3)
                         else (self.w1(x), self.w3(x)))
             h = F.silu(gate) * up
-        return self.dropout(linear(h, self.w2, fp8))
+        return self.dropout(linear(h, self.w2, fp8, self.fast_accum))
 
 
 class Block(nn.Module):
@@ -606,7 +599,7 @@ class Transformer(nn.Module):
         # activation checkpointing (train config activation_checkpointing): a training choice, not
         # part of the architecture, so it is a plain attribute and not in the config or checkpoint
         self.checkpoint_layers = False
-        self.fp8_head = False  # likewise a training choice: see set_fp8
+        self.fp8_head = self.fp8_fast_accum = False  # likewise training choices: see set_fp8
         if cfg.use_rope:
             cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -661,7 +654,7 @@ class Transformer(nn.Module):
             rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), self.cfg.vocab_size
             fp8 = fp8 and fp8_fits(rows, dim, vocab)
             loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), self.tok_embeddings.weight,
-                                                  targets.reshape(rows), fp8)
+                                                  targets.reshape(rows), fp8, self.fp8_fast_accum)
             return logits.view(*x.shape[:-1], vocab), loss
         logits = F.linear(x, self.tok_embeddings.weight)  # tied output head
         if targets is None:
@@ -669,15 +662,16 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def set_fp8(self, mode):
+    def set_fp8(self, mode, fast_accum=False):
         """Which training-time products run in float8: "off", "head" (the output head), "blocks" (every
-        linear layer of the blocks) or "all" (both). Evaluation and generation always use the weights'
-        own precision."""
+        linear layer of the blocks) or "all" (both); fast_accum: their fast accumulation (see
+        scaled_mm). Evaluation and generation always use the weights' own precision."""
         if mode not in FP8_MODES:
             raise ConfigError(f"fp8 must be one of {FP8_MODES}, got {mode!r}")
         for layer in self.layers:
             layer.attn.fp8 = layer.ffn.fp8 = mode in ("blocks", "all")
-        self.fp8_head = mode in ("head", "all")
+            layer.attn.fast_accum = layer.ffn.fast_accum = fast_accum
+        self.fp8_head, self.fp8_fast_accum = mode in ("head", "all"), fast_accum
 
     # -- KV cache --------------------------------------------------------------
 

@@ -77,6 +77,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (output head, blocks' linear layers, both)
+    # fp8: the forward and blocks' input-gradient products accumulate in the tensor cores' faster mode (model.scaled_mm)
+    fp8_fast_accum: bool = True
 
     def validate(self, where="train config"):
         if self.mode not in ("pretrain", "sft", "lora"):
@@ -519,7 +521,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             model.load_state_dict(ck["model"])
     del base
     model.checkpoint_layers = cfg.activation_checkpointing
-    model.set_fp8(cfg.fp8)
+    model.set_fp8(cfg.fp8, cfg.fp8_fast_accum)
     fp8_device = device_type == "cpu" or (device_type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
     if cfg.fp8 != "off" and (ds_config is not None or not fp8_device):  # (the CPU runs float8 products too: tests)
         raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "

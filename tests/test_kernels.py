@@ -23,16 +23,11 @@ def reference_loss_grad(logits, targets):
 
 # sizes that are not multiples of the kernel's row block (32) or column step (256); logits whose
 # spread puts most of a row's probability on a few entries, as trained models do
-# the loss kernel as one kernel, and split into a log-sum-exp pass and a tiled gradient pass
-# (kernels.SPLIT: ROWS, COLS, WARPS of the tiles; 16 x 64 so that the test sizes leave partial tiles)
-split_variants = pytest.mark.parametrize("split", [None, (16, 64, 4)], ids=["one_kernel", "split"])
 
 
 @pytest.mark.parametrize("rows,vocab", [(70, 300), (32, 128), (5, 1000)])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-@split_variants
-def test_cross_entropy_grad_matches_pytorch(rows, vocab, grad_dtype, split, monkeypatch):
-    monkeypatch.setattr(kernels, "SPLIT", split)
+def test_cross_entropy_grad_matches_pytorch(rows, vocab, grad_dtype):
     torch.manual_seed(rows + vocab)
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(torch.bfloat16)
     targets = torch.randint(0, vocab, (rows,), device=DEVICE)
@@ -66,9 +61,7 @@ def test_float8_rounding_matches_torch_everywhere(dtype):
     assert torch.equal(got, want), x[got != want][:10]
 
 
-@split_variants
-def test_cross_entropy_grad_in_float8_matches_torch_in_both_layouts(split, monkeypatch):
-    monkeypatch.setattr(kernels, "SPLIT", split)
+def test_cross_entropy_grad_in_float8_matches_torch_in_both_layouts():
     torch.manual_seed(0)
     rows, vocab = (256, 50304) if DEVICE == "cuda" else (96, 3000)
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).to(torch.bfloat16)
@@ -96,7 +89,7 @@ def test_head_cross_entropy_with_the_kernel_matches_the_pytorch_path(monkeypatch
     def run(use_kernel):
         monkeypatch.setattr(kernels, "runs_on", lambda t: use_kernel)
         x.grad = w.grad = None
-        step = (lambda a, b, t: HeadCrossEntropy.apply(a, b, t, False))
+        step = (lambda a, b, t: HeadCrossEntropy.apply(a, b, t, False, False))
         if compiled:
             torch._dynamo.reset()
             step = torch.compile(step)
@@ -162,19 +155,3 @@ def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
     torch.testing.assert_close(grad, kernels.qkv_rope_backward_reference(*grads, cos, sin), rtol=1e-2, atol=1e-5)
     if fp8:
         check_row_float8(grad, grad8, inv_scale)
-
-
-@pytest.mark.parametrize("shape", [(96, 40), (70, 300), (130, 64)])
-def test_weight_to_float8_both_layouts_matches_to_fp8(shape):
-    # one read of a weight, both float8 copies that its products need: per row, and transposed per
-    # row of the transpose; bit for bit what model.to_fp8 makes of each
-    from model import to_fp8
-    torch.manual_seed(shape[0])
-    weight = torch.randn(shape, device=DEVICE) * torch.rand(shape[0], 1, device=DEVICE)
-    weight[3] = 0  # a zero row: the scale's floor (1e-12) and no division by zero
-    w8, w_inv, wt8, wt_inv = kernels.weight_to_float8_triton(weight)
-    ref8, ref_inv = to_fp8(weight, per_row=True)
-    reft8, reft_inv = to_fp8(weight.t().contiguous(), per_row=True)
-    assert torch.equal(w_inv, ref_inv) and torch.equal(wt_inv, reft_inv)
-    assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8))
-    assert torch.equal(wt8.view(torch.uint8), reft8.view(torch.uint8))

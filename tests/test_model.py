@@ -308,32 +308,36 @@ def use_kernels(request, monkeypatch):
     return request.param
 
 
-def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, use_kernels):
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, use_kernels, fast_accum):
     # torch._scaled_mm on a GPU takes a row-major first and a column-major second operand and float32
     # scales, per tensor or per row of each (the CPU kernel takes any layout): check every product of
     # a bf16 training step for that, with the head's gradient from PyTorch and from kernels.py (the
-    # GPU's path; on a CPU in Triton's interpreter)
+    # GPU's path; on a CPU in Triton's interpreter). fast_accum: every forward product and the blocks'
+    # input-gradient products ask for fast accumulation; the head's two gradient products never do
     import model as model_module
     real = model_module.scaled_mm
     seen = []
 
-    def checked(a, b, scale_a, scale_b, out_dtype):
+    def checked(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
         assert a.is_contiguous() and b.t().is_contiguous(), (a.shape, a.stride(), b.shape, b.stride())
         assert scale_a.dtype == scale_b.dtype == torch.float32
         rows_a = scale_a.numel() > 1
         assert scale_a.shape == ((a.size(0), 1) if rows_a else ()) and scale_b.shape == ((1, b.size(1)) if rows_a else ())
-        seen.append(a.dtype)
-        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+        seen.append((a.dtype, fast_accum))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, fast_accum=fast_accum)
 
     monkeypatch.setattr(model_module, "scaled_mm", checked)
     model = Transformer(tiny(vocab_size=64)).train()
-    model.set_fp8("all")
+    model.set_fp8("all", fast_accum)
     idx = torch.randint(0, 64, (2, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, idx.roll(-1, 1))
     loss.backward()
     assert len(seen) == 8 * 2 + 3  # blocks: forward and input gradient; head: all three
-    assert model_module.FP8_GRADS in seen  # the head's gradient
+    head_grads = [fast for dtype, fast in seen if dtype == model_module.FP8_GRADS]
+    assert head_grads == [False, False]  # the head's gradient (float8 e5m2): exact accumulation
+    assert sum(fast for _, fast in seen) == (8 * 2 + 1 if fast_accum else 0)
 
 
 def test_fp8_linear_handles_zeros_and_falls_back_on_odd_shapes():
@@ -395,7 +399,7 @@ def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, use_kernels):
     w = (torch.randn(80, 32) * 0.3).requires_grad_()
     targets = torch.randint(0, 80, (64,))
     targets[::7] = -1
-    loss, logits = HeadCrossEntropy.apply(x, w, targets, fp8)
+    loss, logits = HeadCrossEntropy.apply(x, w, targets, fp8, False)
     (loss * 3).backward()
     got = (loss.detach(), logits.detach(), x.grad.clone(), w.grad.clone())
     x.grad = w.grad = None
@@ -413,7 +417,7 @@ def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, use_kernels):
     assert not torch.equal(got[2], ref[2])  # float8 really ran
     w.requires_grad_(False)  # a frozen head (LoRA): no weight gradient, the same input gradient
     x.grad = w.grad = None
-    loss, _ = HeadCrossEntropy.apply(x, w, targets, fp8)
+    loss, _ = HeadCrossEntropy.apply(x, w, targets, fp8, False)
     (loss * 3).backward()
     assert w.grad is None and torch.equal(x.grad, got[2])
 
@@ -438,7 +442,7 @@ def test_swiglu_product_matches_autograd(fp8, use_kernels):
     x = torch.randn(48, 32, requires_grad=True)
     w1, w3 = (torch.randn(48, 32) * 0.2).requires_grad_(), (torch.randn(48, 32) * 0.2).requires_grad_()
     grad_h = torch.randn(48, 48)
-    h = SwiGLUProduct.apply(x, torch.cat([w1, w3]), fp8)
+    h = SwiGLUProduct.apply(x, torch.cat([w1, w3]), fp8, False)
     h.backward(grad_h)
     got = (h.detach(), x.grad.clone(), w1.grad.clone(), w3.grad.clone())
     x.grad = w1.grad = w3.grad = None
@@ -459,7 +463,7 @@ def test_rope_qkv_product_matches_autograd(fp8, use_kernels):
     x = torch.randn(B, T, dim, requires_grad=True)
     ws = [(torch.randn(h * head_dim, dim) * 0.2).requires_grad_() for h in (n_head, n_kv_head, n_kv_head)]
     grads = [torch.randn(B, h, T, head_dim).transpose(1, 2) for h in (n_head, n_kv_head, n_kv_head)]
-    out = RopeQKVProduct.apply(x, torch.cat(ws), cos, sin, n_head, n_kv_head, fp8)
+    out = RopeQKVProduct.apply(x, torch.cat(ws), cos, sin, n_head, n_kv_head, fp8, False)
     torch.autograd.backward(out, grads)
     got = (*[o.detach() for o in out], x.grad.clone(), *[w.grad.clone() for w in ws])
     x.grad = None
@@ -470,30 +474,6 @@ def test_rope_qkv_product_matches_autograd(fp8, use_kernels):
     torch.autograd.backward(ref, grads)
     check_grads(got, (*[r.detach() for r in ref], x.grad, *[w.grad for w in ws]), fp8,
                 ("q", "k", "v", "grad x", "grad wq", "grad wk", "grad wv"))
-
-
-def test_weight_float8_copies_from_the_kernel_change_nothing(monkeypatch):
-    # kernels.WEIGHT_CASTS: the blocks' float8 products take their weights' float8 copies (rows, and
-    # transposed rows for the input gradient) from one kernel in the forward; the copies are bit-equal
-    # to to_fp8's, so a float8 training step gives exactly the same loss and gradients
-    import kernels
-    if not kernels.available or torch.cuda.is_available():
-        pytest.skip("CPU tensors through the kernels: Triton's interpreter, set where there is no GPU")
-    monkeypatch.setattr(kernels, "runs_on", lambda t: True)
-    torch.manual_seed(0)
-    model = Transformer(tiny(vocab_size=64)).train()
-    model.set_fp8("blocks")
-    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
-    results = []
-    for weight_casts in (False, True):
-        monkeypatch.setattr(kernels, "WEIGHT_CASTS", weight_casts)
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss = model(idx, idx.roll(-1, 1))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    assert torch.equal(results[0][0], results[1][0])
-    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
 OLD_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)

@@ -215,15 +215,23 @@ def test_save_checkpoints_off_writes_nothing(data_dir, tmp_path):
     assert not list(tmp_path.glob("*.pt"))
 
 
-def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path):
+def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path, monkeypatch):
     # float8 products (train config fp8) are an approximation: the run must learn as well as the
-    # float32 one (same batches, same init) within a few percent of its loss
+    # float32 one (same batches, same init) within a few percent of its loss; fp8_fast_accum reaches
+    # the model (what it changes: test_fp8_products_have_the_layout_cuda_kernels_need)
+    from model import Transformer
+    settings, real_set_fp8 = [], Transformer.set_fp8
+    monkeypatch.setattr(Transformer, "set_fp8", lambda self, *a: settings.append(a) or real_set_fp8(self, *a))
     curves, vals = {}, {}
     for mode in ("off", "all"):
         stats = []
         train(tiny_model(), tiny_train(data_dir, tmp_path / mode, max_iters=60, fp8=mode), quiet=True, stats=stats)
         curves[mode] = [s["loss"] for s in stats]
         vals[mode] = load_checkpoint(str(tmp_path / mode / "last.pt"))["val_loss"]
+    assert settings == [("off", True), ("all", True)]  # fast accumulation unless the config says no
+    train(tiny_model(), tiny_train(data_dir, tmp_path / "exact", max_iters=1, fp8="all", fp8_fast_accum=False),
+          quiet=True)
+    assert settings[-1] == ("all", False)
     assert curves["all"] != curves["off"]  # the float8 path really ran
     assert curves["all"][-1] < 0.5 * curves["all"][0]
     assert abs(vals["all"] - vals["off"]) < 0.05 * vals["off"]
