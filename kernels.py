@@ -249,6 +249,22 @@ if available:
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
+    @triton.jit
+    def _transposed_float8_blocks_kernel(x_ptr, out_ptr, inv_scale_ptr, rows, cols, BLOCK_ROWS: tl.constexpr,
+                                         BLOCK_COLS: tl.constexpr, HARDWARE: tl.constexpr):
+        # one block of BLOCK_ROWS rows x BLOCK_COLS columns per program: each column's amax over the
+        # block's rows gives its scale; the float8 values go out transposed, each column of the block a
+        # run of BLOCK_ROWS contiguous bytes of out [cols, rows]
+        block = tl.program_id(0)
+        row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        ok = (row < rows)[:, None] & (col < cols)[None, :]
+        x = tl.load(x_ptr + row[:, None].to(tl.int64) * cols + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        scale = _e4m3_row_scale(tl.max(tl.abs(x), axis=0))
+        tl.store(out_ptr + col[None, :].to(tl.int64) * rows + row[:, None], _e4m3_scaled(x, scale[None, :], HARDWARE),
+                 mask=ok)
+        tl.store(inv_scale_ptr + block * cols + col, tl.math.div_rn(1.0, scale), mask=col < cols)
+
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
     """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
@@ -392,3 +408,36 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
+
+
+# Float8 weight gradients (not used by the model yet; bench_kernels.py wgrad measures whether they
+# would pay). A weight gradient grad.T @ x reduces over the tokens, and float8 products reduce over
+# both operands' contiguous dim, so both need transposed float8 copies. One scale per 128 tokens of
+# each feature (torch._scaled_mm's 1 x 128 block scales, DeepSeek-V3's recipe) needs no pass over all
+# tokens first: each 128-token block is scaled on its own.
+FLOAT8_BLOCK = 128
+
+
+def transposed_float8_blocks_reference(x):
+    """x [rows, cols] (rows a multiple of FLOAT8_BLOCK) as float8_e4m3fn [cols, rows], each column's
+    run of FLOAT8_BLOCK rows scaled so that its largest magnitude is 448 (as model.to_fp8 scales a row),
+    and the inverse scales [rows / FLOAT8_BLOCK, cols]: .t() of them is what torch._scaled_mm takes
+    for its first operand, themselves for its second."""
+    rows, cols = x.shape
+    assert rows % FLOAT8_BLOCK == 0, f"rows ({rows}) must be a multiple of {FLOAT8_BLOCK}"
+    blocks = x.float().view(rows // FLOAT8_BLOCK, FLOAT8_BLOCK, cols)
+    scale = 448.0 / blocks.abs().amax(dim=1).clamp(min=1e-12)
+    x8 = (blocks * scale.unsqueeze(1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(rows, cols)
+    return x8.t().contiguous(), scale.reciprocal()
+
+
+def transposed_float8_blocks_triton(x, block_cols=64):
+    """The same from one kernel: one read of x, one write of each copy."""
+    rows, cols = x.shape
+    assert rows % FLOAT8_BLOCK == 0 and x.is_contiguous(), f"x [rows, cols] contiguous, rows a multiple of {FLOAT8_BLOCK}"
+    out = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=x.device)
+    inv_scale = torch.empty(rows // FLOAT8_BLOCK, cols, dtype=torch.float32, device=x.device)
+    _transposed_float8_blocks_kernel[(rows // FLOAT8_BLOCK, triton.cdiv(cols, block_cols))](
+        x, out.view(torch.uint8), inv_scale, rows, cols, BLOCK_ROWS=FLOAT8_BLOCK, BLOCK_COLS=block_cols,
+        HARDWARE=hardware_float8(x), num_warps=4)
+    return out, inv_scale

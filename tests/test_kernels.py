@@ -155,3 +155,29 @@ def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
     torch.testing.assert_close(grad, kernels.qkv_rope_backward_reference(*grads, cos, sin), rtol=1e-2, atol=1e-5)
     if fp8:
         check_row_float8(grad, grad8, inv_scale)
+
+
+@pytest.mark.parametrize("rows,cols", [(256, 100), (128, 64)])
+def test_transposed_float8_blocks_match_the_reference_and_give_the_weight_gradient(rows, cols):
+    # the operands of a float8 weight gradient (bench_kernels.py wgrad): transposed, one scale per 128
+    # rows (tokens) of each column; the kernel is bit-equal to the PyTorch reference, every block fills
+    # the float8 range, and grad.T @ x from two such copies stays near the exact product
+    torch.manual_seed(rows + cols)
+    x = (torch.randn(rows, cols, device=DEVICE) * torch.rand(1, cols, device=DEVICE) * 3).to(torch.bfloat16)
+    x[:128, 5] = 0  # a block of zeros: the scale's floor, no division by zero
+    x8, inv = kernels.transposed_float8_blocks_triton(x, block_cols=32)
+    ref8, ref_inv = kernels.transposed_float8_blocks_reference(x)
+    assert x8.shape == (cols, rows) and inv.shape == (rows // 128, cols)
+    assert torch.equal(x8.view(torch.uint8), ref8.view(torch.uint8)) and torch.equal(inv, ref_inv)
+    blocks = x8.float().view(cols, rows // 128, 128)
+    amax = blocks.abs().amax(dim=2)
+    assert torch.all((amax == 448) | (amax == 0)) and amax[5, 0] == 0 and torch.isfinite(inv).all()
+
+    def dequantised(t8, t_inv):  # [cols, rows] back in float32
+        return (t8.float().view(t8.size(0), -1, 128) * t_inv.t().unsqueeze(2)).view(t8.shape)
+    torch.testing.assert_close(dequantised(x8, inv).t(), x.float(), rtol=0.07, atol=1e-6)
+    grad = torch.randn(rows, 48, device=DEVICE).to(torch.bfloat16)
+    g8, g_inv = kernels.transposed_float8_blocks_triton(grad, block_cols=32)
+    exact = grad.float().t() @ x.float()
+    approx = dequantised(g8, g_inv) @ dequantised(x8, inv).t()
+    assert 0 < ((approx - exact).norm() / exact.norm()).item() < 0.05
