@@ -56,6 +56,22 @@ KERNEL_FAMILIES = (("fused elementwise (triton)", ("triton",)),
                    ("copy / fill / cast", ("copy", "fill", "memcpy", "memset", "cat", "elementwise")))
 
 
+def busy_and_span(intervals):
+    """The time covered by the (start, end) intervals (overlaps counted once) and their span, from the
+    first start to the last end."""
+    busy, span_start, span_end, run_start, run_end = 0, None, None, None, None
+    for start, end in sorted(intervals):
+        if run_end is None or start > run_end:  # a new run of overlapping intervals
+            busy += 0 if run_end is None else run_end - run_start
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+        span_start = start if span_start is None else span_start
+        span_end = end if span_end is None else max(span_end, end)
+    busy += 0 if run_end is None else run_end - run_start
+    return busy, 0 if span_start is None else span_end - span_start
+
+
 def print_kernel_time(profiler, steps, top, gpu):
     """GPU time per step by kernel family, then the `top` kernels: each kernel counted once (its own
     time), so the shares add up to 100% of the GPU's busy time. (On a CPU: operators' own CPU time.)"""
@@ -69,6 +85,12 @@ def print_kernel_time(profiler, steps, top, gpu):
         family = next((f for f, words in KERNEL_FAMILIES if any(w in name for w in words)), "other")
         families[family] = families.get(family, 0) + self_us[e.key]
     print(f"{'GPU' if gpu else 'CPU'} busy time: {total / 1000 / steps:.1f} ms per step (the {steps} timed steps)")
+    # where the device waits: from the first kernel of the timed steps to the last, the time no kernel
+    # ran (between kernels of a step, and between steps while the host, slowed by the profiler, works)
+    ranges = [(e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == kind]
+    covered, span = busy_and_span(ranges)
+    print(f"{'GPU' if gpu else 'CPU'} span: {span / 1000 / steps:.1f} ms per step, {(span - covered) / 1000 / steps:.2f} "
+          f"ms of it with nothing running; {len(ranges) / steps:.0f} {'kernels' if gpu else 'operators'} per step")
     for family, t in sorted(families.items(), key=lambda kv: -kv[1]):
         print(f"  {family:28s} {t / 1000 / steps:7.2f} ms/step {100 * t / total:5.1f}%")
     for e in sorted(events, key=lambda e: -self_us[e.key])[:top]:

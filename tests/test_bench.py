@@ -20,6 +20,9 @@ def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
     assert json.loads((tmp_path / "out.jsonl").read_text()) == json.loads(json.dumps(result))
     out = capsys.readouterr().out
     busy = float(out.split("busy time: ")[1].split(" ms")[0])
+    span = float(out.split("CPU span: ")[1].split(" ms")[0])
+    idle = float(out.split("CPU span: ")[1].split("ms per step, ")[1].split(" ms")[0])
+    assert 0 <= idle < span and "operators per step" in out
     shares = [float(line.split("%")[0].split()[-1]) for line in out.splitlines() if "ms/step" in line and "%" in line
               and not line.strip()[0].isdigit()]
     assert busy > 0 and "matmul" in out and abs(sum(shares) - 100) < 0.5
@@ -43,3 +46,11 @@ def test_bench_sets_kernel_settings_and_refuses_unknown_ones(tmp_path, monkeypat
             bench.main(common + ["--kernels-set", bad])
         assert message in capsys.readouterr().err
     assert not bench.main(common + ["--no-kernels"])["kernels"] and kernels.available is False
+
+
+def test_busy_and_span_counts_overlaps_once():
+    assert bench.busy_and_span([]) == (0, 0)
+    assert bench.busy_and_span([(0, 10)]) == (10, 10)
+    # nested and overlapping intervals (CPU operators nest; kernels on two streams overlap), then a gap
+    assert bench.busy_and_span([(5, 8), (0, 10), (9, 12), (20, 25)]) == (17, 25)
+    assert bench.busy_and_span([(3, 4), (1, 2)]) == (2, 3)
