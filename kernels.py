@@ -15,6 +15,9 @@ and row scales (what model.to_fp8 would make) in one pass. Inductor made each a 
 that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
 values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
 
+One kernel the model does not use yet: transposed float8 copies with one scale per 128 rows, the
+operands a float8 weight gradient would need (bench_kernels.py wgrad measures whether it pays).
+
 Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
 the *_reference functions: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
 kernels to autograd and to those references, on the CPU under Triton's interpreter
