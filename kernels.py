@@ -108,14 +108,20 @@ if available:
         tl.store(out_ptr + i, _e4m3_bits(x, HARDWARE) if E4M3 else _e5m2_bits(x, HARDWARE), mask=i < n)
 
     @triton.jit
-    def _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS: tl.constexpr):
-        """Pass 1 over a block of rows: running max and sum of exponentials (online log-sum-exp),
-        one tile of COLS columns at a time. Stores each row's loss (0 where the target is -1, as
-        F.cross_entropy ignores it); returns the log-sum-exp, the targets and which rows count."""
+    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
+                                   grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
+                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
+        # one block of ROWS rows per program, both passes: the logits are read twice, the second time
+        # right after the first (element offsets in 64 bits only where the logits have 2^31 elements or
+        # more: the offset arithmetic is a good part of the instructions)
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         row_ok = row < rows
         target = tl.load(targets_ptr + row, mask=row_ok, other=-1)
-        run_max = tl.full(row.shape, float("-inf"), tl.float32)
-        run_sum = tl.zeros(row.shape, tl.float32)
+        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
+
+        # pass 1: running max and sum of exponentials (online log-sum-exp), one tile at a time
+        run_max = tl.full([ROWS], float("-inf"), tl.float32)
+        run_sum = tl.zeros([ROWS], tl.float32)
         for start in range(0, vocab, COLS):
             col = start + tl.arange(0, COLS)
             ok = row_ok[:, None] & (col < vocab)[None, :]
@@ -125,43 +131,26 @@ if available:
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
             run_max = new_max
         lse = run_max + tl.log(tl.where(row_ok, run_sum, 1.0))
-        valid = row_ok & (target >= 0)
+        valid = row_ok & (target >= 0)  # targets of -1 are ignored, as in F.cross_entropy
         picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0), mask=valid, other=0.0).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0), mask=row_ok)
-        return lse, target, valid
 
-    @triton.jit
-    def _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, col, rows, vocab, lse, target, valid,
-                         grad_scale, E5M2: tl.constexpr, TRANSPOSED: tl.constexpr, WIDE: tl.constexpr,
-                         HARDWARE: tl.constexpr):
-        """Pass 2 for one tile: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on
-        ignored rows), stored row-major and, if TRANSPOSED, as [vocab, rows] too."""
-        ok = (row < rows)[:, None] & (col < vocab)[None, :]
-        x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
+        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on ignored rows),
+        # stored row-major and, if TRANSPOSED, as [vocab, rows] too
         row_scale = tl.where(valid, grad_scale, 0.0)[:, None]
-        g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
-        if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
-            g = _e5m2_bits(g, HARDWARE)
-        else:
-            g = g.to(grad_ptr.dtype.element_ty)
-        tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
-        if TRANSPOSED:  # each column of the tile is a run of contiguous elements there
-            col_start = col.to(tl.int64) * rows if WIDE else col * rows
-            tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
-
-    @triton.jit
-    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
-                                   grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
-                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
-        # one block of ROWS rows per program, both passes: the logits are read twice, the second time
-        # right after the first (element offsets in 64 bits only where the logits have 2^31 elements or
-        # more: the offset arithmetic is a good part of the instructions)
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
-        lse, target, valid = _rows_loss(logits_ptr, targets_ptr, loss_ptr, row, rows, vocab, row_start, COLS)
         for start in range(0, vocab, COLS):
-            _store_grad_tile(logits_ptr, grad_ptr, grad_t_ptr, row, row_start, start + tl.arange(0, COLS), rows,
-                             vocab, lse, target, valid, grad_scale, E5M2, TRANSPOSED, WIDE, HARDWARE)
+            col = start + tl.arange(0, COLS)
+            ok = row_ok[:, None] & (col < vocab)[None, :]
+            x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
+            if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
+                g = _e5m2_bits(g, HARDWARE)
+            else:
+                g = g.to(grad_ptr.dtype.element_ty)
+            tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
+            if TRANSPOSED:  # each column of the tile is a run of ROWS contiguous elements there
+                col_start = col.to(tl.int64) * rows if WIDE else col * rows
+                tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
 
     @triton.jit
     def _e4m3_row_scale(amax):
