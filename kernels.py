@@ -410,21 +410,11 @@ def _(grad_q, grad_k, grad_v, cos, sin, fp8):
 FLOAT8_BLOCK = 128
 
 
-def transposed_float8_blocks_reference(x):
-    """x [rows, cols] (rows a multiple of FLOAT8_BLOCK) as float8_e4m3fn [cols, rows], each column's
-    run of FLOAT8_BLOCK rows scaled so that its largest magnitude is 448 (as model.to_fp8 scales a row),
-    and the inverse scales [rows / FLOAT8_BLOCK, cols]: .t() of them is what torch._scaled_mm takes
-    for its first operand, themselves for its second."""
-    rows, cols = x.shape
-    assert rows % FLOAT8_BLOCK == 0, f"rows ({rows}) must be a multiple of {FLOAT8_BLOCK}"
-    blocks = x.float().view(rows // FLOAT8_BLOCK, FLOAT8_BLOCK, cols)
-    scale = 448.0 / blocks.abs().amax(dim=1).clamp(min=1e-12)
-    x8 = (blocks * scale.unsqueeze(1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(rows, cols)
-    return x8.t().contiguous(), scale.reciprocal()
-
-
 def transposed_float8_blocks_triton(x, block_cols=64):
-    """The same from one kernel: one read of x, one write of each copy."""
+    """x [rows, cols] (rows a multiple of FLOAT8_BLOCK) as float8_e4m3fn [cols, rows], each column's
+    run of FLOAT8_BLOCK rows scaled as model.to_fp8 scales a row (its largest magnitude lands on 448),
+    and the inverse scales [rows / FLOAT8_BLOCK, cols]: .t() of them is what torch._scaled_mm takes
+    for its first operand, themselves for its second. One read of x, one write of each copy."""
     rows, cols = x.shape
     assert rows % FLOAT8_BLOCK == 0 and x.is_contiguous(), f"x [rows, cols] contiguous, rows a multiple of {FLOAT8_BLOCK}"
     out = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=x.device)
