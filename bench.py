@@ -121,6 +121,8 @@ def bench_once(model_cfg, args, data_dir, out_dir):
     wall = time.time() - t0
     if args.profile and args.rank0:
         print_kernel_time(profiler, args.steps, args.profile, on_gpu)
+        if args.trace:
+            profiler.export_chrome_trace(args.trace)
     timed = [s for s in stats if s["step"] > args.warmup]
     ms = statistics.median(s["ms_per_step"] for s in timed)
     mfus = [s["mfu"] for s in timed if s["mfu"] is not None]
@@ -147,6 +149,7 @@ def main(argv=None):
                    help="override train config keys, e.g. cuda_graph=true")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N GPU kernels that took the most time (torch.profiler)")
+    p.add_argument("--trace", metavar="FILE", help="with --profile: write the profiled steps as a Chrome trace (JSON)")
     p.add_argument("--no-kernels", action="store_true",
                    help="leave kernels.py's Triton kernels out (PyTorch ops instead): their before/after")
     p.add_argument("--kernels-set", nargs="*", default=[], metavar="NAME=JSON",

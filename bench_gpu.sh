@@ -20,12 +20,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = kernels ] || [ "$what" = all ]; then
-  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, float8 weight
-  # gradients against bf16, attention backends
+  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends
   for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
     echo "== bench_kernels.py loss/attention $args"
-    $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-32,256,8 64,128,8 32,256,8,sw} 2>&1 | grep -vE "Warn|warn"
-    $py bench_kernels.py wgrad $args 2>&1 | grep -vE "Warn|warn"
+    $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-8192,16 4096,8 8192,16,sw} 2>&1 | grep -vE "Warn|warn"
     $py bench_kernels.py attention $args --backends cudnn,flash,flex 2>&1 | grep -vE "Warn|warn|return F"
   done
 fi

@@ -3,8 +3,7 @@ Single pieces of a training step on a GPU, for a model config's shapes (docs/BEN
 
     python bench_kernels.py attention -m config/model_56m.json -b 128
     python bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
-    python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 32,128,8 64,64,8
-    python bench_kernels.py wgrad -m config/model_gpt2_124m.json -b 32
+    python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 8192,16 4096,8
 
 attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
 v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
@@ -15,16 +14,10 @@ backward.
 loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
 (kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
-kernel with ROWS,COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in integer arithmetic
-rather than by the GPU's conversion instruction). GB/s counts two reads of the logits and two float8
+kernel (one row per program) with COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in
+integer arithmetic rather than by the GPU's conversion instruction), followed by the transpose kernel
+for the transposed copy (also timed alone). GB/s counts two reads of the logits and two float8
 writes.
-
-wgrad: the weight gradients of a block's four products (q|k|v, wo, w1|w3, w2), grad.T @ x over the
-B·T tokens: in bf16 as the model computes them now, against float8 with one scale per 128 tokens of
-each feature (kernels.transposed_float8_blocks_triton makes both operands' transposed copies;
-torch._scaled_mm with 1 x 128 block scales multiplies them). Prints the product, the casts and the
-error of each against the float32 product, per layer and per step. Whether float8 weight gradients
-can pay, before building them into the kernels that make the gradients.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """
@@ -118,8 +111,8 @@ def bench_loss(cfg, args):
     for config in args.configs:
         def kernel(config=config.split(",")):
             numbers = [int(v) for v in config if v.isdigit()]
-            kernels.ROWS, kernels.COLS, kernels.WARPS = numbers[:3]
-            kernels.STAGES = numbers[3] if len(numbers) > 3 else 3
+            kernels.COLS, kernels.WARPS = numbers[:2]
+            kernels.STAGES = numbers[2] if len(numbers) > 2 else 3
             kernels.HARDWARE_FLOAT8 = "sw" not in config
             return kernels.cross_entropy_grad_triton(logits, targets, FP8_GRADS, top, transposed=True)
         runs.append((f"kernel {config}", kernel))
@@ -135,49 +128,16 @@ def bench_loss(cfg, args):
         loss_diff = (loss - reference[0]).abs().max().item()
         grad_diff = (grad.float() - reference[1].float()).abs().max().item()
         print(f"{name:24s} {ms:8.3f} {gigabytes / ms * 1e3:8.0f} {loss_diff:10.2e} {grad_diff:10.2e}")
-
-
-def bench_wgrad(cfg, args):
-    tokens, dim, hd = args.batch * cfg.block_size, cfg.n_embd, cfg.head_dim
-    shapes = {"q|k|v": ((cfg.n_head + 2 * cfg.n_kv_head) * hd, dim), "wo": (dim, cfg.n_head * hd),
-              "w1|w3": (2 * cfg.n_hidden, dim), "w2": (dim, cfg.n_hidden)}  # weight [out, in]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    print(f"weight gradients grad.T @ x over {tokens} tokens (x {cfg.n_layer} layers per step), ms; "
-          "error: relative to the float32 product")
-    print(f"{'weight':8s} {'[out, in]':>12s} {'bf16':>8s} {'fp8 mm':>8s} {'casts':>8s} {'fp8 all':>8s} "
-          f"{'bf16 err':>9s} {'fp8 err':>9s}")
-    totals = [0.0, 0.0, 0.0]
-    for name, (out_f, in_f) in shapes.items():
-        grad = (torch.randn(tokens, out_f, device="cuda", generator=gen) * 1e-3).to(torch.bfloat16)
-        x = torch.randn(tokens, in_f, device="cuda", generator=gen).to(torch.bfloat16)
-        exact = grad.float().t() @ x.float()
-
-        def casts():
-            return kernels.transposed_float8_blocks_triton(grad), kernels.transposed_float8_blocks_triton(x)
-        (g8, g_inv), (x8, x_inv) = casts()
-
-        def fp8_product():  # (scales: the first operand's outer-dim-major, the second's as made)
-            return torch._scaled_mm(g8, x8.t(), scale_a=g_inv.t(), scale_b=x_inv, out_dtype=torch.bfloat16).float()
-
-        def bf16_product():
-            return (grad.t() @ x).float()
-        try:
-            fp8_err = ((fp8_product() - exact).norm() / exact.norm()).item()
-            fp8_ms = time_ms(fp8_product, args.iters)
-        except (RuntimeError, ValueError) as e:  # not every torch / cuBLAS takes 1 x 128 scales on both operands
-            print(f"{name}: torch._scaled_mm with 1 x 128 block scales failed: {str(e).splitlines()[0]}")
-            fp8_err = fp8_ms = float("nan")
-        bf16_err = ((bf16_product() - exact).norm() / exact.norm()).item()
-        times = [time_ms(bf16_product, args.iters), fp8_ms, time_ms(casts, args.iters)]
-        totals = [t + cfg.n_layer * m for t, m in zip(totals, times)]
-        print(f"{name:8s} {str((out_f, in_f)):>12s} {times[0]:8.3f} {times[1]:8.3f} {times[2]:8.3f} "
-              f"{times[1] + times[2]:8.3f} {bf16_err:9.2e} {fp8_err:9.2e}")
-    print(f"{'per step':8s} {'':>12s} {totals[0]:8.2f} {totals[1]:8.2f} {totals[2]:8.2f} {totals[1] + totals[2]:8.2f}")
+    grad = reference[1]
+    for block, warps in ((64, 4), (128, 8)):  # the transpose kernel alone (part of each kernel run above)
+        ms = time_ms(lambda: kernels.transpose_triton(grad, block, warps), args.iters)
+        assert torch.equal(kernels.transpose_triton(grad, block, warps).view(torch.uint8), grad.view(torch.uint8).t())
+        print(f"{f'transpose {block},{warps}':24s} {ms:8.3f} {2 * grad.numel() / ms / 1e6:8.0f}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("attention", "loss", "wgrad"))
+    p.add_argument("what", choices=("attention", "loss"))
     p.add_argument("-m", "--model", required=True, help="model config JSON")
     p.add_argument("-b", "--batch", type=int, required=True)
     p.add_argument("--iters", type=int, default=30)
@@ -185,12 +145,12 @@ def main():
     p.add_argument("--flex-options", action="append", default=[],
                    help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
-    p.add_argument("--configs", nargs="*", default=[f"{kernels.ROWS},{kernels.COLS},{kernels.WARPS}"],
-                   help="loss: kernel configurations ROWS,COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
+    p.add_argument("--configs", nargs="*", default=[f"{kernels.COLS},{kernels.WARPS}"],
+                   help="loss: kernel configurations COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
                         "integer arithmetic instead of the GPU's conversion instruction)")
     args = p.parse_args()
     cfg = load_json(args.model, ModelConfig)
-    {"attention": bench_attention, "loss": bench_loss, "wgrad": bench_wgrad}[args.what](cfg, args)
+    {"attention": bench_attention, "loss": bench_loss}[args.what](cfg, args)
 
 
 if __name__ == "__main__":

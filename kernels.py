@@ -5,8 +5,9 @@ The cross-entropy loss and its gradient over the logits, for model.HeadCrossEntr
 are the step's biggest tensor (124M config: 32768 x 50304 in bf16, 3.3 GB). Inductor's kernel reads
 them twice and writes the gradient once; float8 training then needs a second, transposed copy of
 that gradient for the head's weight-gradient product (float8 products on these GPUs reduce over both
-operands' contiguous dim), which cost a kernel of its own. Here one kernel reads each block of rows
-twice (pass 1: log-sum-exp; pass 2: softmax - one-hot) and writes the gradient in both layouts.
+operands' contiguous dim). Here one kernel reads each row twice (pass 1: log-sum-exp; pass 2:
+softmax - one-hot, the second read mostly from L2) and writes the float8 gradient; a tiled
+transpose kernel then makes the transposed copy.
 
 Two row kernels for the backward of the blocks' stacked products (model.SwiGLUProduct and
 model.RopeQKVProduct): the gradient through silu(gate) * up, and the q/k/v gradients with RoPE's
@@ -14,9 +15,6 @@ rotation taken back, each written as the product's output rows together with the
 and row scales (what model.to_fp8 would make) in one pass. Inductor made each a looped reduction
 that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
 values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
-
-One kernel the model does not use yet: transposed float8 copies with one scale per 128 rows, the
-operands a float8 weight gradient would need (bench_kernels.py wgrad measures whether it pays).
 
 Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
 the *_reference functions: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
@@ -42,9 +40,9 @@ def runs_on(t):
     return available and t.is_cuda
 
 
-# rows per program: the transposed gradient is written as runs of ROWS contiguous elements (32 float8
-# bytes: one memory sector); vocabulary columns per inner step. Picked with bench_kernels.py loss.
-ROWS, COLS, WARPS, STAGES = 32, 256, 8, 3
+# the loss kernel's vocabulary columns per inner step, warps and pipeline stages: picked with
+# bench_kernels.py loss (docs/BENCHMARKS.md)
+COLS, WARPS, STAGES = 8192, 16, 3
 # float8 rounding by the GPU's conversion instruction where there is one (compute capability 8.9+),
 # else in integer arithmetic (_float8_bits); bench_kernels.py switches it off to compare
 HARDWARE_FLOAT8 = True
@@ -108,49 +106,41 @@ if available:
         tl.store(out_ptr + i, _e4m3_bits(x, HARDWARE) if E4M3 else _e5m2_bits(x, HARDWARE), mask=i < n)
 
     @triton.jit
-    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, grad_t_ptr, rows, vocab,
-                                   grad_scale, ROWS: tl.constexpr, COLS: tl.constexpr, E5M2: tl.constexpr,
-                                   TRANSPOSED: tl.constexpr, WIDE: tl.constexpr, HARDWARE: tl.constexpr):
-        # one block of ROWS rows per program, both passes: the logits are read twice, the second time
-        # right after the first (element offsets in 64 bits only where the logits have 2^31 elements or
-        # more: the offset arithmetic is a good part of the instructions)
-        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        row_ok = row < rows
-        target = tl.load(targets_ptr + row, mask=row_ok, other=-1)
+    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, vocab, grad_scale,
+                                   COLS: tl.constexpr, E5M2: tl.constexpr, WIDE: tl.constexpr,
+                                   HARDWARE: tl.constexpr):
+        # one row per program, both passes: the row (100 KB at the 124M config's vocabulary) is read a
+        # second time right after the first, mostly from L2 (element offsets in 64 bits only where the
+        # logits have 2^31 elements or more: the offset arithmetic is a good part of the instructions)
+        row = tl.program_id(0)
+        target = tl.load(targets_ptr + row)
         row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
 
         # pass 1: running max and sum of exponentials (online log-sum-exp), one tile at a time
-        run_max = tl.full([ROWS], float("-inf"), tl.float32)
-        run_sum = tl.zeros([ROWS], tl.float32)
+        run_max = tl.full([], float("-inf"), tl.float32)
+        run_sum = tl.zeros([], tl.float32)
         for start in range(0, vocab, COLS):
             col = start + tl.arange(0, COLS)
-            ok = row_ok[:, None] & (col < vocab)[None, :]
-            x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(run_max, tl.max(x, axis=1))
-            new_max = tl.where(row_ok, new_max, 0.0)  # rows past the end: keep the arithmetic finite
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+            x = tl.load(logits_ptr + row_start + col, mask=col < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, tl.max(x))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max))
             run_max = new_max
-        lse = run_max + tl.log(tl.where(row_ok, run_sum, 1.0))
-        valid = row_ok & (target >= 0)  # targets of -1 are ignored, as in F.cross_entropy
-        picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0), mask=valid, other=0.0).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0), mask=row_ok)
+        lse = run_max + tl.log(run_sum)
+        valid = target >= 0  # targets of -1 are ignored, as in F.cross_entropy
+        picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
 
-        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on ignored rows),
-        # stored row-major and, if TRANSPOSED, as [vocab, rows] too
-        row_scale = tl.where(valid, grad_scale, 0.0)[:, None]
+        # pass 2: the gradient softmax - one-hot (in [-1, 1]) times grad_scale (0 on ignored rows)
+        row_scale = tl.where(valid, grad_scale, 0.0)
         for start in range(0, vocab, COLS):
             col = start + tl.arange(0, COLS)
-            ok = row_ok[:, None] & (col < vocab)[None, :]
-            x = tl.load(logits_ptr + row_start[:, None] + col[None, :], mask=ok, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse[:, None]) * row_scale - tl.where(col[None, :] == target[:, None], row_scale, 0.0)
-            if E5M2:  # float8 e5m2 as uint8 bits (the pointers are uint8 views)
+            x = tl.load(logits_ptr + row_start + col, mask=col < vocab, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) * row_scale - tl.where(col == target, row_scale, 0.0)
+            if E5M2:  # float8 e5m2 as uint8 bits (the pointer is a uint8 view)
                 g = _e5m2_bits(g, HARDWARE)
             else:
                 g = g.to(grad_ptr.dtype.element_ty)
-            tl.store(grad_ptr + row_start[:, None] + col[None, :], g, mask=ok)
-            if TRANSPOSED:  # each column of the tile is a run of ROWS contiguous elements there
-                col_start = col.to(tl.int64) * rows if WIDE else col * rows
-                tl.store(grad_t_ptr + col_start[None, :] + row[:, None], g, mask=ok)
+            tl.store(grad_ptr + row_start + col, g, mask=col < vocab)
 
     @triton.jit
     def _e4m3_row_scale(amax):
@@ -241,21 +231,16 @@ if available:
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
+
+
     @triton.jit
-    def _transposed_float8_blocks_kernel(x_ptr, out_ptr, inv_scale_ptr, rows, cols, BLOCK_ROWS: tl.constexpr,
-                                         BLOCK_COLS: tl.constexpr, HARDWARE: tl.constexpr):
-        # one block of BLOCK_ROWS rows x BLOCK_COLS columns per program: each column's amax over the
-        # block's rows gives its scale; the float8 values go out transposed, each column of the block a
-        # run of BLOCK_ROWS contiguous bytes of out [cols, rows]
-        block = tl.program_id(0)
-        row = block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        col = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr):
+        # one BLOCK x BLOCK tile per program: read along x's rows, written along out's rows
+        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = (row < rows)[:, None] & (col < cols)[None, :]
-        x = tl.load(x_ptr + row[:, None].to(tl.int64) * cols + col[None, :], mask=ok, other=0.0).to(tl.float32)
-        scale = _e4m3_row_scale(tl.max(tl.abs(x), axis=0))
-        tl.store(out_ptr + col[None, :].to(tl.int64) * rows + row[:, None], _e4m3_scaled(x, scale[None, :], HARDWARE),
-                 mask=ok)
-        tl.store(inv_scale_ptr + block * cols + col, tl.math.div_rn(1.0, scale), mask=col < cols)
+        x = tl.load(x_ptr + row[:, None].to(tl.int64) * cols + col[None, :], mask=ok)
+        tl.store(out_ptr + col[:, None].to(tl.int64) * rows + row[None, :], tl.trans(x), mask=tl.trans(ok))
 
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
@@ -274,21 +259,32 @@ def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transp
 def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transposed):
     """Run the kernel (on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1): the loss of each
     row (0 where the target is -1), the gradient (softmax - one-hot) x grad_scale in grad_dtype,
-    and, if `transposed`, the same gradient as [vocab, rows] (else an empty tensor)."""
+    and, if `transposed`, the same gradient as [vocab, rows] (else an empty tensor). The transposed
+    copy comes from a transpose kernel afterwards: a loss kernel writing it too needs blocks of 32
+    rows per program (32-byte runs of the transposed copy), and their second read of the logits then
+    no longer fits in L2 (docs/BENCHMARKS.md: 4.5 ms against 2.7 + 1.2 ms at the 124M config)."""
     rows, vocab = logits.shape
     assert logits.is_contiguous() and targets.shape == (rows,), "logits [rows, vocab] contiguous, targets [rows]"
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     grad = torch.empty(rows, vocab, dtype=grad_dtype, device=logits.device)
-    grad_t = torch.empty((vocab, rows) if transposed else (0,), dtype=grad_dtype, device=logits.device)
     e5m2 = grad_dtype == torch.float8_e5m2
     assert e5m2 or grad_dtype.itemsize > 1, "float8 gradients: e5m2 only"
-    bits = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
-    wide, hardware = rows * vocab >= 2 ** 31, hardware_float8(logits)
-    _cross_entropy_grad_kernel[(triton.cdiv(rows, ROWS),)](
-        logits, targets, loss, bits(grad), bits(grad_t), rows, vocab, grad_scale, ROWS=ROWS, COLS=COLS,
-        E5M2=e5m2, TRANSPOSED=transposed, WIDE=wide, HARDWARE=hardware, num_warps=WARPS, num_stages=STAGES)
+    _cross_entropy_grad_kernel[(rows,)](
+        logits, targets, loss, grad.view(torch.uint8) if e5m2 else grad, vocab, grad_scale, COLS=COLS, E5M2=e5m2,
+        WIDE=rows * vocab >= 2 ** 31, HARDWARE=hardware_float8(logits), num_warps=WARPS, num_stages=STAGES)
+    grad_t = transpose_triton(grad) if transposed else grad.new_empty(0)
     return loss, grad, grad_t
 
+
+def transpose_triton(x, block=128, warps=8):
+    """x [rows, cols] contiguous -> x.t().contiguous(), tile by tile (float8 moved as its bytes)."""
+    rows, cols = x.shape
+    assert x.is_contiguous()
+    out = torch.empty(cols, rows, dtype=x.dtype, device=x.device)
+    bits = (lambda t: t.view(torch.uint8)) if x.element_size() == 1 else (lambda t: t)
+    _transpose_kernel[(triton.cdiv(rows, block), triton.cdiv(cols, block))](
+        bits(x), bits(out), rows, cols, BLOCK=block, num_warps=warps)
+    return out
 
 def to_float8_triton(x, dtype):
     """float32 tensor -> float8 (e4m3fn or e5m2) through the kernels' rounding: for the tests."""
@@ -400,26 +396,3 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
-
-
-# Float8 weight gradients (not used by the model yet; bench_kernels.py wgrad measures whether they
-# would pay). A weight gradient grad.T @ x reduces over the tokens, and float8 products reduce over
-# both operands' contiguous dim, so both need transposed float8 copies. One scale per 128 tokens of
-# each feature (torch._scaled_mm's 1 x 128 block scales, DeepSeek-V3's recipe) needs no pass over all
-# tokens first: each 128-token block is scaled on its own.
-FLOAT8_BLOCK = 128
-
-
-def transposed_float8_blocks_triton(x, block_cols=64):
-    """x [rows, cols] (rows a multiple of FLOAT8_BLOCK) as float8_e4m3fn [cols, rows], each column's
-    run of FLOAT8_BLOCK rows scaled as model.to_fp8 scales a row (its largest magnitude lands on 448),
-    and the inverse scales [rows / FLOAT8_BLOCK, cols]: .t() of them is what torch._scaled_mm takes
-    for its first operand, themselves for its second. One read of x, one write of each copy."""
-    rows, cols = x.shape
-    assert rows % FLOAT8_BLOCK == 0 and x.is_contiguous(), f"x [rows, cols] contiguous, rows a multiple of {FLOAT8_BLOCK}"
-    out = torch.empty(cols, rows, dtype=torch.float8_e4m3fn, device=x.device)
-    inv_scale = torch.empty(rows // FLOAT8_BLOCK, cols, dtype=torch.float32, device=x.device)
-    _transposed_float8_blocks_kernel[(rows // FLOAT8_BLOCK, triton.cdiv(cols, block_cols))](
-        x, out.view(torch.uint8), inv_scale, rows, cols, BLOCK_ROWS=FLOAT8_BLOCK, BLOCK_COLS=block_cols,
-        HARDWARE=hardware_float8(x), num_warps=4)
-    return out, inv_scale
