@@ -157,6 +157,8 @@ def main(argv=None):
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
+    if args.trace and not args.profile:
+        p.error("--trace writes the profiled steps: give --profile N too")
     if args.no_kernels:
         kernels.available = False
     for setting in args.kernels_set:

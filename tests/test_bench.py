@@ -11,8 +11,8 @@ def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
     model_file = tmp_path / "model.json"
     model_file.write_text(json.dumps(cfg))
     result = bench.main(["-m", str(model_file), "-b", "4", "--steps", "4", "--warmup", "2", "--log-interval", "2",
-                         "--device", "cpu", "--profile", "3", "--train-set", "fp8=all",
-                         "--json", str(tmp_path / "out.jsonl")])
+                         "--device", "cpu", "--profile", "3", "--trace", str(tmp_path / "trace.json"),
+                         "--json", str(tmp_path / "out.jsonl"), "--train-set", "fp8=all"])
     assert result["tokens_per_sec"] > 0
     assert abs(result["tokens_per_sec"] * result["ms_per_step"] / 1000 - 4 * 32) < 1e-6 * 4 * 32
     n_params = sum(p.numel() for p in Transformer(ModelConfig(**cfg)).parameters())
@@ -26,6 +26,9 @@ def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
     shares = [float(line.split("%")[0].split()[-1]) for line in out.splitlines() if "ms/step" in line and "%" in line
               and not line.strip()[0].isdigit()]
     assert busy > 0 and "matmul" in out and abs(sum(shares) - 100) < 0.5
+    # --trace: the profiled steps' operators as a Chrome trace, the matrix products among them
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    assert any(e.get("ph") == "X" and "mm" in e.get("name", "") for e in events)
 
 
 def test_bench_sets_kernel_settings_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
