@@ -6,8 +6,8 @@ are the step's biggest tensor (124M config: 32768 x 50304 in bf16, 3.3 GB). Indu
 them twice and writes the gradient once; float8 training then needs a second, transposed copy of
 that gradient for the head's weight-gradient product (float8 products on these GPUs reduce over both
 operands' contiguous dim). Here one kernel reads each row twice (pass 1: log-sum-exp; pass 2:
-softmax - one-hot, the second read mostly from L2) and writes the float8 gradient; a tiled
-transpose kernel then makes the transposed copy.
+softmax - one-hot, right after the first, while the row may still be in L2) and writes the float8
+gradient; a tiled transpose kernel then makes the transposed copy.
 
 Two row kernels for the backward of the blocks' stacked products (model.SwiGLUProduct and
 model.RopeQKVProduct): the gradient through silu(gate) * up, and the q/k/v gradients with RoPE's
@@ -110,8 +110,8 @@ if available:
                                    COLS: tl.constexpr, E5M2: tl.constexpr, WIDE: tl.constexpr,
                                    HARDWARE: tl.constexpr):
         # one row per program, both passes: the row (100 KB at the 124M config's vocabulary) is read a
-        # second time right after the first, mostly from L2 (element offsets in 64 bits only where the
-        # logits have 2^31 elements or more: the offset arithmetic is a good part of the instructions)
+        # second time right after the first, while it may still be in L2 (element offsets in 64 bits
+        # only where the logits have 2^31 elements or more: the offset arithmetic costs instructions)
         row = tl.program_id(0)
         target = tl.load(targets_ptr + row)
         row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
@@ -231,8 +231,6 @@ if available:
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
 
-
-
     @triton.jit
     def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr):
         # one BLOCK x BLOCK tile per program: read along x's rows, written along out's rows
@@ -261,8 +259,9 @@ def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transpose
     row (0 where the target is -1), the gradient (softmax - one-hot) x grad_scale in grad_dtype,
     and, if `transposed`, the same gradient as [vocab, rows] (else an empty tensor). The transposed
     copy comes from a transpose kernel afterwards: a loss kernel writing it too needs blocks of 32
-    rows per program (32-byte runs of the transposed copy), and their second read of the logits then
-    no longer fits in L2 (docs/BENCHMARKS.md: 4.5 ms against 2.7 + 1.2 ms at the 124M config)."""
+    rows per program (32-byte runs of the transposed copy), and with ~1,000 such blocks in flight
+    their second read of the logits cannot come from L2 (docs/BENCHMARKS.md: 4.5 ms against
+    2.7 + 1.2 ms at the 124M config)."""
     rows, vocab = logits.shape
     assert logits.is_contiguous() and targets.shape == (rows,), "logits [rows, vocab] contiguous, targets [rows]"
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
