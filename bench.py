@@ -59,17 +59,18 @@ KERNEL_FAMILIES = (("fused elementwise (triton)", ("triton",)),
 def busy_and_span(intervals):
     """The time covered by the (start, end) intervals (overlaps counted once) and their span, from the
     first start to the last end."""
-    busy, span_start, span_end, run_start, run_end = 0, None, None, None, None
-    for start, end in sorted(intervals):
-        if run_end is None or start > run_end:  # a new run of overlapping intervals
-            busy += 0 if run_end is None else run_end - run_start
+    if not intervals:
+        return 0, 0
+    intervals = sorted(intervals)
+    busy, (run_start, run_end) = 0, intervals[0]
+    for start, end in intervals[1:]:
+        if start > run_end:  # a new run of overlapping intervals
+            busy += run_end - run_start
             run_start, run_end = start, end
         else:
             run_end = max(run_end, end)
-        span_start = start if span_start is None else span_start
-        span_end = end if span_end is None else max(span_end, end)
-    busy += 0 if run_end is None else run_end - run_start
-    return busy, 0 if span_start is None else span_end - span_start
+    # each run starts after the previous one ends, so the last run's end is the last end of all
+    return busy + run_end - run_start, run_end - intervals[0][0]
 
 
 def print_kernel_time(profiler, steps, top, gpu):

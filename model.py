@@ -413,9 +413,7 @@ def rows_product(x, weight, fp8, fast_accum):
     """x [M, K] @ weight.T in the autocast dtype (else x's): in float8 with row scales if fp8 (the
     caller checked fp8_fits), else as autocast's F.linear would."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if not fp8:
-        return x.to(dtype) @ weight.to(dtype).t()
-    return fp8_rows_product(x, weight, dtype, fast_accum)
+    return fp8_rows_product(x, weight, dtype, fast_accum) if fp8 else x.to(dtype) @ weight.to(dtype).t()
 
 
 def rows_grad(kernel, reference, fp8, *tensors):
@@ -463,8 +461,7 @@ class RopeQKVProduct(torch.autograd.Function):
     def forward(ctx, x, weight, cos, sin, n_head, n_kv_head, fp8, fast_accum):
         B, T, dim = x.shape
         x = x.reshape(B * T, dim)
-        qkv = rows_product(x, weight, fp8, fast_accum)
-        qkv = qkv.view(B, T, -1)
+        qkv = rows_product(x, weight, fp8, fast_accum).view(B, T, -1)
         head_dim = qkv.size(-1) // (n_head + 2 * n_kv_head)
         q, k, v = qkv.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
         ctx.save_for_backward(x, weight, cos, sin)
