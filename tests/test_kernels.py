@@ -24,8 +24,6 @@ def reference_loss_grad(logits, targets):
 # vocabularies of one column step (128), of several with a ragged last one (300, 1000), and within the
 # shipped step; logits whose spread puts most of a row's probability on a few entries, as trained
 # models do
-
-
 @pytest.mark.parametrize("rows,vocab", [(70, 300), (32, 128), (5, 1000)])
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [128, kernels.COLS])
