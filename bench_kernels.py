@@ -46,6 +46,11 @@ def time_ms(fn, iters):
     return statistics.median(times)
 
 
+# --triton-configs keys and the kernels.py settings they change (from these defaults)
+SETTINGS = {"fwd": "ATTENTION_FORWARD", "dq": "ATTENTION_DQ", "dkdv": "ATTENTION_DKDV"}
+DEFAULTS = {key: dict(getattr(kernels, name)) for key, name in SETTINGS.items()}
+
+
 def bench_attention(cfg, args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -63,7 +68,15 @@ def bench_attention(cfg, args):
     block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
     runs = []
     for backend in args.backends.split(","):
-        if backend == "flex":
+        if backend == "triton":  # kernels.py's kernels through model.CausalAttention, [B, T, H, D] in and out
+            from model import CausalAttention
+            for options in args.triton_configs or ["{}"]:
+                def triton_attention(o=json.loads(options)):
+                    for key, name in SETTINGS.items():
+                        setattr(kernels, name, {**DEFAULTS[key], **o.get(key, {})})
+                    return CausalAttention.apply(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+                runs.append((f"triton {options}", triton_attention))
+        elif backend == "flex":
             for options in args.flex_options or ["{}"]:
                 compiled = torch.compile(flex_attention, mode=args.flex_mode)
                 runs.append((f"flex {options}", lambda o=json.loads(options) or None, f=compiled: f(
@@ -141,9 +154,12 @@ def main():
     p.add_argument("-m", "--model", required=True, help="model config JSON")
     p.add_argument("-b", "--batch", type=int, required=True)
     p.add_argument("--iters", type=int, default=30)
-    p.add_argument("--backends", default="cudnn,flash,mem_efficient,flex", help="attention: which to run")
+    p.add_argument("--backends", default="cudnn,flash,mem_efficient,flex,triton", help="attention: which to run")
     p.add_argument("--flex-options", action="append", default=[],
                    help="attention: JSON kernel options for FlexAttention (repeat for several runs)")
+    p.add_argument("--triton-configs", nargs="*", default=[],
+                   help='attention: kernels.py block settings as JSON, e.g. \'{"fwd": {"BLOCK_M": 64}, "dq": {...}, '
+                        '"dkdv": {...}}\' (keys BLOCK_M, BLOCK_N, num_warps, num_stages; the rest as kernels.py has them)')
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
     p.add_argument("--configs", nargs="*", default=[f"{kernels.COLS},{kernels.WARPS}"],
                    help="loss: kernel configurations COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "

@@ -240,6 +240,167 @@ if available:
         x = tl.load(x_ptr + row[:, None].to(tl.int64) * cols + col[None, :], mask=ok)
         tl.store(out_ptr + col[:, None].to(tl.int64) * rows + row[None, :], tl.trans(x), mask=tl.trans(ok))
 
+    # Causal attention (model.Attention with sdpa_kernel "triton"): q [B, T, heads, D] and k, v
+    # [B, T, kv heads, D] read in the layout the q/k/v product makes (no transposed copies), the
+    # output written as [B, T, heads, D] (what the out-projection reads). Scores are kept in log2
+    # units (the softmax scale times log2(e) folded into one multiply), so exp2 serves for exp.
+    # Blocks on the diagonal need the causal mask; the others are left of it and need none, so
+    # each loop runs in two stages (MASKED a constexpr: two copies of the loop body).
+    @triton.jit
+    def _attention_forward_block(acc, m_i, l_i, q, k_at, v_at, k_st, v_st, rows, lo, hi, seq_len, scale_log2,
+                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 MASKED: tl.constexpr):
+        dims = tl.arange(0, BLOCK_D)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k_ok = (dims < HEAD_DIM)[:, None] & (cols < seq_len)[None, :]  # keys past the end: diagonal blocks
+            k = tl.load(k_at + cols[None, :] * k_st + dims[:, None], mask=k_ok, other=0.0)
+            s = tl.dot(q, k) * scale_log2  # [BLOCK_M, BLOCK_N]
+            if MASKED:
+                s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_at + cols[:, None] * v_st + dims[None, :], mask=tl.trans(k_ok), other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _attention_forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, seq_len, scale_log2,
+                                  q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_st, o_sh,
+                                  HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one block of BLOCK_M queries of one head per program; the online softmax over the key blocks
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b, h = (bh // HEADS).to(tl.int64), bh % HEADS
+        rows = start_m + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        ok = (rows < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_st + dims[None, :], mask=ok, other=0.0)
+        k_at = k_ptr + b * k_sb + (h // GROUP) * k_sh
+        v_at = v_ptr + b * v_sb + (h // GROUP) * v_sh
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        acc, m_i, l_i = _attention_forward_block(acc, m_i, l_i, q, k_at, v_at, k_st, v_st, rows, 0, start_m,
+                                                 seq_len, scale_log2, BLOCK_N, BLOCK_D, HEAD_DIM, False)
+        acc, m_i, l_i = _attention_forward_block(acc, m_i, l_i, q, k_at, v_at, k_st, v_st, rows, start_m,
+                                                 tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2, BLOCK_N,
+                                                 BLOCK_D, HEAD_DIM, True)
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_st + dims[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=ok)
+        # log2 of the softmax's denominator, per row: what the backward recomputes the weights from
+        tl.store(lse_ptr + bh * seq_len + rows, m_i + tl.math.log2(l_i), mask=rows < seq_len)
+
+    @triton.jit
+    def _attention_dq_block(dq, q, do, lse, delta, k_at, v_at, k_st, v_st, rows, lo, hi, seq_len, scale_log2,
+                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            MASKED: tl.constexpr):
+        dims = tl.arange(0, BLOCK_D)
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k_ok = (dims < HEAD_DIM)[:, None] & (cols < seq_len)[None, :]
+            k_t = tl.load(k_at + cols[None, :] * k_st + dims[:, None], mask=k_ok, other=0.0)
+            v_t = tl.load(v_at + cols[None, :] * v_st + dims[:, None], mask=k_ok, other=0.0)
+            p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # the softmax weights again
+            if MASKED:
+                p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+            ds = p * (tl.dot(do, v_t) - delta[:, None])  # gradient of the scores
+            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+        return dq
+
+    @triton.jit
+    def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, seq_len,
+                             scale, scale_log2, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
+                             o_sb, o_st, o_sh, do_sb, do_st, do_sh, dq_sb, dq_st, dq_sh,
+                             HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one block of queries of one head per program, as in the forward. It first makes the rows'
+        # delta = sum(o * do) (the softmax backward's correction) and stores it for the dk/dv kernel,
+        # which runs after it.
+        start_m = tl.program_id(0) * BLOCK_M
+        bh = tl.program_id(1)
+        b, h = (bh // HEADS).to(tl.int64), bh % HEADS
+        rows = start_m + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        ok = (rows < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
+        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_st + dims[None, :], mask=ok, other=0.0)
+        do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_st + dims[None, :], mask=ok, other=0.0)
+        o = tl.load(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_st + dims[None, :], mask=ok, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + bh * seq_len + rows, delta, mask=rows < seq_len)
+        lse = tl.load(lse_ptr + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
+        k_at = k_ptr + b * k_sb + (h // GROUP) * k_sh
+        v_at = v_ptr + b * v_sb + (h // GROUP) * v_sh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = _attention_dq_block(dq, q, do, lse, delta, k_at, v_at, k_st, v_st, rows, 0, start_m, seq_len,
+                                 scale_log2, BLOCK_N, BLOCK_D, HEAD_DIM, False)
+        dq = _attention_dq_block(dq, q, do, lse, delta, k_at, v_at, k_st, v_st, rows, start_m,
+                                 tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2, BLOCK_N, BLOCK_D,
+                                 HEAD_DIM, True)
+        tl.store(dq_ptr + b * dq_sb + h * dq_sh + rows[:, None] * dq_st + dims[None, :],
+                 (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _attention_dkdv_block(dk, dv, k, v, q_at, do_at, lse_at, delta_at, q_st, do_st, cols, lo, hi, seq_len,
+                              scale_log2, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              MASKED: tl.constexpr):
+        dims = tl.arange(0, BLOCK_D)
+        for start in range(lo, hi, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            ok = (rows < seq_len)[None, :] & (dims < HEAD_DIM)[:, None]
+            q_t = tl.load(q_at + rows[None, :] * q_st + dims[:, None], mask=ok, other=0.0)
+            do_t = tl.load(do_at + rows[None, :] * do_st + dims[:, None], mask=ok, other=0.0)
+            # rows past the end: an infinite log-sum-exp makes their weights 0
+            lse = tl.load(lse_at + rows, mask=rows < seq_len, other=float("inf"))
+            delta = tl.load(delta_at + rows, mask=rows < seq_len, other=0.0)
+            p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :])  # [BLOCK_N, BLOCK_M]: keys x queries
+            if MASKED:
+                p_t = tl.where(rows[None, :] >= cols[:, None], p_t, 0.0)
+            dv += tl.dot(p_t.to(do_t.dtype), tl.trans(do_t))
+            ds_t = p_t * (tl.dot(v, do_t) - delta[None, :])
+            dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+        return dk, dv
+
+    @triton.jit
+    def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seq_len,
+                               scale, scale_log2, q_sb, q_st, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh,
+                               do_sb, do_st, do_sh, dk_sb, dk_st, dk_sh, dv_sb, dv_st, dv_sh,
+                               KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one block of BLOCK_N keys of one kv head per program, over the queries of every head that
+        # shares it (grouped-query attention): their dk and dv summed here, not by a kernel after
+        start_n = tl.program_id(0) * BLOCK_N
+        bh = tl.program_id(1)
+        b, kv_h = (bh // KV_HEADS).to(tl.int64), bh % KV_HEADS
+        cols = start_n + tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, BLOCK_D)
+        ok = (cols < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
+        k = tl.load(k_ptr + b * k_sb + kv_h * k_sh + cols[:, None] * k_st + dims[None, :], mask=ok, other=0.0)
+        v = tl.load(v_ptr + b * v_sb + kv_h * v_sh + cols[:, None] * v_st + dims[None, :], mask=ok, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for g in range(GROUP):
+            h = kv_h * GROUP + g
+            q_at = q_ptr + b * q_sb + h * q_sh
+            do_at = do_ptr + b * do_sb + h * do_sh
+            stats = (b * (KV_HEADS * GROUP) + h) * seq_len
+            diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
+            dk, dv = _attention_dkdv_block(dk, dv, k, v, q_at, do_at, lse_ptr + stats, delta_ptr + stats, q_st, do_st,
+                                           cols, start_n, diagonal_end, seq_len, scale_log2, BLOCK_M, BLOCK_D,
+                                           HEAD_DIM, True)
+            dk, dv = _attention_dkdv_block(dk, dv, k, v, q_at, do_at, lse_ptr + stats, delta_ptr + stats, q_st, do_st,
+                                           cols, diagonal_end, seq_len, seq_len, scale_log2, BLOCK_M, BLOCK_D,
+                                           HEAD_DIM, False)
+        tl.store(dk_ptr + b * dk_sb + kv_h * dk_sh + cols[:, None] * dk_st + dims[None, :],
+                 (dk * scale).to(dk_ptr.dtype.element_ty), mask=ok)
+        tl.store(dv_ptr + b * dv_sb + kv_h * dv_sh + cols[:, None] * dv_st + dims[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=ok)
+
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
     """What the kernel computes, in PyTorch ops: the path off CUDA, and the tests' and
@@ -395,3 +556,103 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
+
+
+# Block sizes of the attention kernels (queries x keys per inner step), warps and pipeline stages:
+# picked with bench_kernels.py attention (docs/BENCHMARKS.md). Forward and dq kernel: BLOCK_M a
+# multiple of BLOCK_N; dk/dv kernel: BLOCK_N a multiple of BLOCK_M (the diagonal blocks start on a
+# step boundary).
+ATTENTION_FORWARD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
+ATTENTION_DQ = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
+ATTENTION_DKDV = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+
+
+def attention_reference(q, k, v, scale):
+    """Causal attention in PyTorch ops, in the kernels' layout: q [B, T, heads, D], k and v
+    [B, T, kv heads, D]; returns [B, T, heads, D] (the tests' reference)."""
+    group = q.size(2) // k.size(2)
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    T = q.size(2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return (weights @ v).transpose(1, 2)
+
+
+def _check_heads(name, t, B, T, D):
+    assert t.dim() == 4 and t.shape[0] == B and t.shape[1] == T and t.shape[3] == D, \
+        f"{name}: expected [B={B}, T={T}, heads, D={D}], got {list(t.shape)}"
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward_triton(q, k, v, scale, forward=None):
+    """Causal attention through the forward kernel: q [B, T, heads, D], k and v [B, T, kv heads, D]
+    (any strides with D contiguous; heads a multiple of kv heads). Returns the output [B, T, heads, D]
+    contiguous and the rows' log2-sum-exp2 of the scaled scores [B, heads, T] (float32), which the
+    backward recomputes the weights from."""
+    B, T, H, D = q.shape
+    q, k, v = _check_heads("q", q, B, T, D), _check_heads("k", k, B, T, D), _check_heads("v", v, B, T, D)
+    KV = k.size(2)
+    assert k.shape == v.shape and H % KV == 0, f"heads ({H}) must be a multiple of kv heads ({KV})"
+    cfg = dict(forward or ATTENTION_FORWARD)
+    block_m = cfg.pop("BLOCK_M")
+    o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    _attention_forward_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, o, lse, T, scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *o.stride()[:3], HEADS=H, GROUP=H // KV, HEAD_DIM=D, BLOCK_M=block_m,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), **cfg)
+    return o, lse
+
+
+def attention_backward_triton(q, k, v, o, lse, grad_o, scale, dq_cfg=None, dkdv_cfg=None):
+    """The gradients of q, k and v (their shapes, contiguous) from the forward's inputs, output and
+    log2-sum-exp2 and the output's gradient: the dq kernel (which also makes each row's
+    delta = sum(o * grad_o)), then the dk/dv kernel (one program per block of keys of a kv head,
+    summing over the heads that share it)."""
+    B, T, H, D = q.shape
+    KV = k.size(2)
+    q, k, v = _check_heads("q", q, B, T, D), _check_heads("k", k, B, T, D), _check_heads("v", v, B, T, D)
+    grad_o = _check_heads("grad_o", grad_o, B, T, D)
+    delta = torch.empty_like(lse)
+    dq = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, T, KV, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, T, KV, D, dtype=v.dtype, device=v.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = dict(dq_cfg or ATTENTION_DQ)
+    block_m = cfg.pop("BLOCK_M")
+    _attention_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, o, grad_o, lse, delta, dq, T, scale, scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], *o.stride()[:3], *grad_o.stride()[:3], *dq.stride()[:3], HEADS=H, GROUP=H // KV,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, **cfg)
+    cfg = dict(dkdv_cfg or ATTENTION_DKDV)
+    block_n = cfg.pop("BLOCK_N")
+    _attention_dkdv_kernel[(triton.cdiv(T, block_n), B * KV)](
+        q, k, v, grad_o, lse, delta, dk, dv, T, scale, scale * 1.4426950408889634, *q.stride()[:3],
+        *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], KV_HEADS=KV,
+        GROUP=H // KV, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=block_d, **cfg)
+    return dq, dk, dv
+
+
+@torch.library.custom_op("nano::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward_triton(q, k, v, scale)
+
+
+@attention_forward.register_fake
+def _(q, k, v, scale):
+    B, T, H, D = q.shape
+    return q.new_empty(B, T, H, D), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nano::attention_backward", mutates_args=())
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                       grad_o: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward_triton(q, k, v, o, lse, grad_o, scale)
+
+
+@attention_backward.register_fake
+def _(q, k, v, o, lse, grad_o, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

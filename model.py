@@ -128,7 +128,7 @@ def load_torch_file(path, what="checkpoint"):
         raise ConfigError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
 
 
-SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
+SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math", "triton")
 FP8_MODES = ("off", "head", "blocks", "all")
 
 
@@ -148,7 +148,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
-    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | cudnn | math (honoured on CUDA)
+    # auto | flash | mem_efficient | cudnn | math: SDPA's backends; triton: kernels.py's causal attention
+    # (honoured on CUDA; triton without a cache, dropout or a float32 input, else as auto)
+    sdpa_kernel: str = "auto"
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
@@ -478,6 +480,25 @@ class RopeQKVProduct(torch.autograd.Function):
         return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, *[None] * 6
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal attention through kernels.py's Triton kernels (sdpa_kernel "triton"): q [B, T, heads, D],
+    k and v [B, T, kv heads, D] in the layout the q/k/v product makes them, the output [B, T, heads, D]
+    (the out-projection's rows without a transposed copy). The backward sums the gradients of k and v
+    over the heads that share them inside its kernel."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        scale = q.size(-1) ** -0.5
+        out, lse = kernels.attention_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return kernels.attention_backward(*ctx.saved_tensors, grad_out, ctx.scale)
+
+
 def _sdpa_backends(name):
     from torch.nn.attention import SDPBackend
     return {"flash": [SDPBackend.FLASH_ATTENTION], "mem_efficient": [SDPBackend.EFFICIENT_ATTENTION],
@@ -515,8 +536,19 @@ class Attention(nn.Module):
             if rope is not None:
                 cos, sin = rope
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
+        if (self.cfg.sdpa_kernel == "triton" and kernels.runs_on(q) and cache is None and self.cfg.is_causal
+                and q.dtype in (torch.bfloat16, torch.float16) and not (self.training and self.cfg.dropout)):
+            y = CausalAttention.apply(q, k, v)  # [B, T, H, D]
+        else:
+            y = self.sdpa(q, k, v, cache, pos)
+        y = y.reshape(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(linear(y, self.wo, fp8, self.fast_accum))
 
+    def sdpa(self, q, k, v, cache, pos):
+        """Attention through F.scaled_dot_product_attention, with the KV cache if one is given:
+        q [B, T, H, D], k and v [B, T, KV, D]; returns [B, T, H, D] (a transposed view)."""
+        B, T = q.shape[:2]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
         mask, causal = None, self.cfg.is_causal
         if cache is not None:
             # compact cache: [B, n_kv_head, max_len, head_dim]; new keys go to [pos, pos+T)
@@ -529,17 +561,16 @@ class Attention(nn.Module):
                 # queries sit at the bottom-right, so spell the mask out (or skip it for T=1)
                 causal = False
                 if T > 1:
-                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+                    mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
 
         gqa = self.n_head != self.n_kv_head
         kernel = self.cfg.sdpa_kernel
-        ctx = nn.attention.sdpa_kernel(_sdpa_backends(kernel)) if (kernel != "auto" and x.is_cuda) else nullcontext()
-        with ctx:
+        chosen = kernel not in ("auto", "triton") and q.is_cuda
+        with nn.attention.sdpa_kernel(_sdpa_backends(kernel)) if chosen else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                 dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(linear(y, self.wo, fp8, self.fast_accum))
+        return y.transpose(1, 2)
 
 
 class FeedForward(nn.Module):

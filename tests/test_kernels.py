@@ -168,3 +168,74 @@ def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
     torch.testing.assert_close(grad, kernels.qkv_rope_backward_reference(*grads, cos, sin), rtol=1e-2, atol=1e-5)
     if fp8:
         check_row_float8(grad, grad8, inv_scale)
+
+
+# the attention kernels' inputs in half precision: float16 on the CPU (Triton 3.9's interpreter
+# multiplies bfloat16 tiles wrongly: tl.dot of two bfloat16 16 x 16 tiles is off by ~1e10 there, while
+# the same tiles in float16 or float32 are right), bfloat16, what training gives them, on a GPU
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+
+
+# shapes: a ragged last block (T 37, 50) and whole ones (64), grouped-query heads (2 and 3 per kv
+# head) and plain ones, head_dim below the kernels' 16-wide tiles (8, padded) and between powers of
+# two (24); block settings of each kind: several key steps per query block and the reverse
+@pytest.mark.parametrize("B,T,heads,kv_heads,head_dim", [(2, 37, 4, 2, 16), (1, 64, 2, 2, 32), (1, 50, 3, 1, 24),
+                                                         (2, 20, 2, 1, 8)])
+@pytest.mark.parametrize("blocks", [((32, 16), (32, 16), (16, 32)), ((16, 16), (16, 16), (16, 16))])
+def test_attention_kernels_match_autograd(B, T, heads, kv_heads, head_dim, blocks):
+    torch.manual_seed(T * heads)
+    # q, k and v as strided views of one q/k/v product's rows, as model.Attention hands them over
+    qkv = torch.randn(B, T, heads + 2 * kv_heads, head_dim, device=DEVICE).to(HALF)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    assert not q.is_contiguous()
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    scale = head_dim ** -0.5
+    ref = kernels.attention_reference(*leaves, scale)
+    grad_out = torch.randn_like(ref).to(HALF)
+    ref.backward(grad_out.float())
+    (fm, fn), (qm, qn), (km, kn) = blocks
+    out, lse = kernels.attention_forward_triton(q, k, v, scale, dict(BLOCK_M=fm, BLOCK_N=fn))
+    assert out.shape == q.shape and out.dtype == HALF and out.is_contiguous()
+    # the log2-sum-exp2 of each row's scaled causal scores, which the backward recomputes the weights from
+    scores = (leaves[0].transpose(1, 2) @ leaves[1].repeat_interleave(heads // kv_heads, 2).permute(0, 2, 3, 1)) * scale
+    scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1) / 0.6931471805599453, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
+    grads = kernels.attention_backward_triton(q, k, v, out, lse, grad_out, scale, dict(BLOCK_M=qm, BLOCK_N=qn),
+                                              dict(BLOCK_M=km, BLOCK_N=kn))
+    for got, leaf, name in zip(grads, leaves, "qkv"):
+        assert got.shape == leaf.shape and got.dtype == HALF, name
+        torch.testing.assert_close(got.float(), leaf.grad, rtol=2e-2, atol=2e-2, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_model_with_triton_attention_matches_sdpa(monkeypatch, compiled):
+    # a model with sdpa_kernel "triton" (its kernels on a CPU only when the test asks), one training
+    # step under autocast, gives the loss and gradients of the SDPA path; compiled, the custom ops'
+    # fake versions give Inductor the shapes
+    from model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=24, vocab_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=96,
+                      sdpa_kernel="triton")
+    model = Transformer(cfg).to(DEVICE)
+    idx = torch.randint(0, 64, (2, 24), device=DEVICE)
+    calls = []
+    forward = kernels.attention_forward_triton
+    monkeypatch.setattr(kernels, "attention_forward_triton", lambda *a: calls.append(1) or forward(*a))
+
+    def run(use_kernels):
+        monkeypatch.setattr(kernels, "runs_on", lambda t: use_kernels)
+        model.zero_grad()
+        step = model
+        if compiled:
+            torch._dynamo.reset()
+            step = torch.compile(model)
+        with torch.autocast(DEVICE, dtype=HALF):  # as training runs it: q, k and v come in HALF
+            _, loss = step(idx, idx)
+        loss.backward()
+        return [loss.detach().float()] + [p.grad.float() for p in model.parameters()]
+
+    got, ref = run(True), run(False)
+    assert len(calls) == cfg.n_layer  # the kernels ran, once per layer
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=3e-2, atol=3e-3)
