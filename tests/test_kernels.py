@@ -237,5 +237,7 @@ def test_model_with_triton_attention_matches_sdpa(monkeypatch, compiled):
 
     got, ref = run(True), run(False)
     assert len(calls) == cfg.n_layer  # the kernels ran, once per layer
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, rtol=3e-2, atol=3e-3)
+    # each gradient within 1% of its largest entry (half precision's noise here: up to 0.2%; a dq
+    # with its softmax correction 10% off moved the q/k/v weights' by 24%)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert (g - r).abs().max() <= 1e-2 * r.abs().max(), f"entry {i} (0: loss, then the parameters' gradients)"
