@@ -247,6 +247,22 @@ if available:
     # Blocks on the diagonal need the causal mask; the others are left of it and need none, so
     # each loop runs in two stages (MASKED a constexpr: two copies of the loop body).
     @triton.jit
+    def _rows_at(ptr, b, h, stride_b, stride_h, stride_t, rows, dims):
+        """Pointers to the tile [rows, dims] of batch b, head h of a [B, T, heads, D] tensor."""
+        return ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + dims[None, :]
+
+    @triton.jit
+    def _head_block(seq_len, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+        """This program's block of positions, on the grid (blocks of T, B x HEADS): its first position,
+        the batch x head index, batch, head, the positions, the dims and which of them are in bounds."""
+        start = tl.program_id(0) * BLOCK
+        bh = tl.program_id(1)
+        positions, dims = start + tl.arange(0, BLOCK), tl.arange(0, BLOCK_D)
+        ok = (positions < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
+        return start, bh, (bh // HEADS).to(tl.int64), bh % HEADS, positions, dims, ok
+
+    @triton.jit
     def _attention_forward_block(acc, m_i, l_i, q, k_at, v_at, k_st, v_st, rows, lo, hi, seq_len, scale_log2,
                                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  MASKED: tl.constexpr):
@@ -273,13 +289,8 @@ if available:
                                   HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # one block of BLOCK_M queries of one head per program; the online softmax over the key blocks
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b, h = (bh // HEADS).to(tl.int64), bh % HEADS
-        rows = start_m + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        ok = (rows < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
-        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_st + dims[None, :], mask=ok, other=0.0)
+        start_m, bh, b, h, rows, dims, ok = _head_block(seq_len, HEADS, HEAD_DIM, BLOCK_M, BLOCK_D)
+        q = tl.load(_rows_at(q_ptr, b, h, q_sb, q_sh, q_st, rows, dims), mask=ok, other=0.0)
         k_at = k_ptr + b * k_sb + (h // GROUP) * k_sh
         v_at = v_ptr + b * v_sb + (h // GROUP) * v_sh
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -291,7 +302,7 @@ if available:
                                                  tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2, BLOCK_N,
                                                  BLOCK_D, HEAD_DIM, True)
         out = acc / l_i[:, None]
-        tl.store(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_st + dims[None, :],
+        tl.store(_rows_at(o_ptr, b, h, o_sb, o_sh, o_st, rows, dims),
                  out.to(o_ptr.dtype.element_ty), mask=ok)
         # log2 of the softmax's denominator, per row: what the backward recomputes the weights from
         tl.store(lse_ptr + bh * seq_len + rows, m_i + tl.math.log2(l_i), mask=rows < seq_len)
@@ -322,15 +333,10 @@ if available:
         # one block of queries of one head per program, as in the forward. It first makes the rows'
         # delta = sum(o * do) (the softmax backward's correction) and stores it for the dk/dv kernel,
         # which runs after it.
-        start_m = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b, h = (bh // HEADS).to(tl.int64), bh % HEADS
-        rows = start_m + tl.arange(0, BLOCK_M)
-        dims = tl.arange(0, BLOCK_D)
-        ok = (rows < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
-        q = tl.load(q_ptr + b * q_sb + h * q_sh + rows[:, None] * q_st + dims[None, :], mask=ok, other=0.0)
-        do = tl.load(do_ptr + b * do_sb + h * do_sh + rows[:, None] * do_st + dims[None, :], mask=ok, other=0.0)
-        o = tl.load(o_ptr + b * o_sb + h * o_sh + rows[:, None] * o_st + dims[None, :], mask=ok, other=0.0)
+        start_m, bh, b, h, rows, dims, ok = _head_block(seq_len, HEADS, HEAD_DIM, BLOCK_M, BLOCK_D)
+        q = tl.load(_rows_at(q_ptr, b, h, q_sb, q_sh, q_st, rows, dims), mask=ok, other=0.0)
+        do = tl.load(_rows_at(do_ptr, b, h, do_sb, do_sh, do_st, rows, dims), mask=ok, other=0.0)
+        o = tl.load(_rows_at(o_ptr, b, h, o_sb, o_sh, o_st, rows, dims), mask=ok, other=0.0)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + bh * seq_len + rows, delta, mask=rows < seq_len)
         lse = tl.load(lse_ptr + bh * seq_len + rows, mask=rows < seq_len, other=0.0)
@@ -342,7 +348,7 @@ if available:
         dq = _attention_dq_block(dq, q, do, lse, delta, k_at, v_at, k_st, v_st, rows, start_m,
                                  tl.minimum(start_m + BLOCK_M, seq_len), seq_len, scale_log2, BLOCK_N, BLOCK_D,
                                  HEAD_DIM, True)
-        tl.store(dq_ptr + b * dq_sb + h * dq_sh + rows[:, None] * dq_st + dims[None, :],
+        tl.store(_rows_at(dq_ptr, b, h, dq_sb, dq_sh, dq_st, rows, dims),
                  (dq * scale).to(dq_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -374,14 +380,9 @@ if available:
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # one block of BLOCK_N keys of one kv head per program, over the queries of every head that
         # shares it (grouped-query attention): their dk and dv summed here, not by a kernel after
-        start_n = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1)
-        b, kv_h = (bh // KV_HEADS).to(tl.int64), bh % KV_HEADS
-        cols = start_n + tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, BLOCK_D)
-        ok = (cols < seq_len)[:, None] & (dims < HEAD_DIM)[None, :]
-        k = tl.load(k_ptr + b * k_sb + kv_h * k_sh + cols[:, None] * k_st + dims[None, :], mask=ok, other=0.0)
-        v = tl.load(v_ptr + b * v_sb + kv_h * v_sh + cols[:, None] * v_st + dims[None, :], mask=ok, other=0.0)
+        start_n, bh, b, kv_h, cols, dims, ok = _head_block(seq_len, KV_HEADS, HEAD_DIM, BLOCK_N, BLOCK_D)
+        k = tl.load(_rows_at(k_ptr, b, kv_h, k_sb, k_sh, k_st, cols, dims), mask=ok, other=0.0)
+        v = tl.load(_rows_at(v_ptr, b, kv_h, v_sb, v_sh, v_st, cols, dims), mask=ok, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for g in range(GROUP):
@@ -396,9 +397,9 @@ if available:
             dk, dv = _attention_dkdv_block(dk, dv, k, v, q_at, do_at, lse_ptr + stats, delta_ptr + stats, q_st, do_st,
                                            cols, diagonal_end, seq_len, seq_len, scale_log2, BLOCK_M, BLOCK_D,
                                            HEAD_DIM, False)
-        tl.store(dk_ptr + b * dk_sb + kv_h * dk_sh + cols[:, None] * dk_st + dims[None, :],
+        tl.store(_rows_at(dk_ptr, b, kv_h, dk_sb, dk_sh, dk_st, cols, dims),
                  (dk * scale).to(dk_ptr.dtype.element_ty), mask=ok)
-        tl.store(dv_ptr + b * dv_sb + kv_h * dv_sh + cols[:, None] * dv_st + dims[None, :],
+        tl.store(_rows_at(dv_ptr, b, kv_h, dv_sb, dv_sh, dv_st, cols, dims),
                  dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
@@ -562,6 +563,7 @@ def _(grad_q, grad_k, grad_v, cos, sin, fp8):
 # picked with bench_kernels.py attention (docs/BENCHMARKS.md). Forward and dq kernel: BLOCK_M a
 # multiple of BLOCK_N; dk/dv kernel: BLOCK_N a multiple of BLOCK_M (the diagonal blocks start on a
 # step boundary).
+LOG2_E = 1.4426950408889634  # the kernels' scores are in log2 units: exp(x) = exp2(x log2(e))
 ATTENTION_FORWARD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
 ATTENTION_DQ = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
 ATTENTION_DKDV = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
@@ -600,7 +602,7 @@ def attention_forward_triton(q, k, v, scale, forward=None):
     o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, o, lse, T, scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, o, lse, T, scale * LOG2_E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *o.stride()[:3], HEADS=H, GROUP=H // KV, HEAD_DIM=D, BLOCK_M=block_m,
         BLOCK_D=max(16, triton.next_power_of_2(D)), **cfg)
     return o, lse
@@ -623,13 +625,13 @@ def attention_backward_triton(q, k, v, o, lse, grad_o, scale, dq_cfg=None, dkdv_
     cfg = dict(dq_cfg or ATTENTION_DQ)
     block_m = cfg.pop("BLOCK_M")
     _attention_dq_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, o, grad_o, lse, delta, dq, T, scale, scale * 1.4426950408889634, *q.stride()[:3], *k.stride()[:3],
+        q, k, v, o, grad_o, lse, delta, dq, T, scale, scale * LOG2_E, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], *o.stride()[:3], *grad_o.stride()[:3], *dq.stride()[:3], HEADS=H, GROUP=H // KV,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, **cfg)
     cfg = dict(dkdv_cfg or ATTENTION_DKDV)
     block_n = cfg.pop("BLOCK_N")
     _attention_dkdv_kernel[(triton.cdiv(T, block_n), B * KV)](
-        q, k, v, grad_o, lse, delta, dk, dv, T, scale, scale * 1.4426950408889634, *q.stride()[:3],
+        q, k, v, grad_o, lse, delta, dk, dv, T, scale, scale * LOG2_E, *q.stride()[:3],
         *k.stride()[:3], *v.stride()[:3], *grad_o.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], KV_HEADS=KV,
         GROUP=H // KV, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=block_d, **cfg)
     return dq, dk, dv
