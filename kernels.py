@@ -16,8 +16,16 @@ and row scales (what model.to_fp8 would make) in one pass. Inductor made each a 
 that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
 values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
 
+Causal attention (model.CausalAttention, chosen by the model config's sdpa_kernel "triton"): a
+FlashAttention-style forward, a dq kernel and a dk/dv kernel, written for the 56M config's head_dim
+of 32 with grouped-query heads, where cuDNN's backward ran at ~115 TFLOP/s and needed three helper
+kernels (dO.O, a dQ conversion from float32, the sum of dK/dV over the heads sharing a kv head).
+Here the dq kernel makes dO.O on the way, dq is written in bf16 by the program that owns it, and
+the dk/dv kernel loops over the group's heads. q, k, v are read where the q/k/v product put them and
+the output is written as the out-projection's rows. At head_dim 64 cuDNN stays faster.
+
 Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
-the *_reference functions: the same arithmetic in PyTorch ops. tests/test_kernels.py holds the
+the *_reference functions (the same arithmetic in PyTorch ops) and SDPA for attention. tests/test_kernels.py holds the
 kernels to autograd and to those references, on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, set by tests/conftest.py) and on a GPU compiled.
 """
