@@ -20,11 +20,11 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
 fi
 
 if [ "$what" = kernels ] || [ "$what" = all ]; then
-  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends
+  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends (cuDNN, FlashAttention-2, Flex, kernels.py's Triton)
   for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
     echo "== bench_kernels.py loss/attention $args"
     $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-8192,16 4096,8 8192,16,sw} 2>&1 | grep -vE "Warn|warn"
-    $py bench_kernels.py attention $args --backends cudnn,flash,flex 2>&1 | grep -vE "Warn|warn|return F"
+    $py bench_kernels.py attention $args --backends cudnn,flash,flex,triton 2>&1 | grep -vE "Warn|warn|return F"
   done
 fi
 
