@@ -148,8 +148,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
-    # auto | flash | mem_efficient | cudnn | math: SDPA's backends; triton: kernels.py's causal attention
-    # (honoured on CUDA; triton without a cache, dropout or a float32 input, else as auto)
+    # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA); triton: kernels.py's
+    # attention where it applies (CUDA, causal, no KV cache, no dropout while training, bf16/fp16 q, k, v:
+    # training under autocast), else as auto
     sdpa_kernel: str = "auto"
 
     def __post_init__(self):
