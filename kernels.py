@@ -393,12 +393,12 @@ if available:
         v = tl.load(_rows_at(v_ptr, b, kv_h, v_sb, v_sh, v_st, cols, dims), mask=ok, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
         for g in range(GROUP):
             h = kv_h * GROUP + g
             q_at = q_ptr + b * q_sb + h * q_sh
             do_at = do_ptr + b * do_sb + h * do_sh
             stats = (b * (KV_HEADS * GROUP) + h) * seq_len
-            diagonal_end = tl.minimum(start_n + BLOCK_N, seq_len)
             dk, dv = _attention_dkdv_block(dk, dv, k, v, q_at, do_at, lse_ptr + stats, delta_ptr + stats, q_st, do_st,
                                            cols, start_n, diagonal_end, seq_len, scale_log2, BLOCK_M, BLOCK_D,
                                            HEAD_DIM, True)
@@ -571,10 +571,10 @@ def _(grad_q, grad_k, grad_v, cos, sin, fp8):
 # picked with bench_kernels.py attention (docs/BENCHMARKS.md). Forward and dq kernel: BLOCK_M a
 # multiple of BLOCK_N; dk/dv kernel: BLOCK_N a multiple of BLOCK_M (the diagonal blocks start on a
 # step boundary).
-LOG2_E = 1.4426950408889634  # the kernels' scores are in log2 units: exp(x) = exp2(x log2(e))
 ATTENTION_FORWARD = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)
 ATTENTION_DQ = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3)
 ATTENTION_DKDV = dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)
+LOG2_E = 1.4426950408889634  # the kernels' scores are in log2 units: exp(x) = exp2(x log2(e))
 
 
 def attention_reference(q, k, v, scale):
@@ -590,10 +590,18 @@ def attention_reference(q, k, v, scale):
     return (weights @ v).transpose(1, 2)
 
 
-def _check_heads(name, t, B, T, D):
-    assert t.dim() == 4 and t.shape[0] == B and t.shape[1] == T and t.shape[3] == D, \
-        f"{name}: expected [B={B}, T={T}, heads, D={D}], got {list(t.shape)}"
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _attention_inputs(q, k, v, grad_o=None):
+    """The kernels' inputs checked (q [B, T, heads, D]; k, v [B, T, kv heads, D], heads a multiple of
+    kv heads; grad_o like q) and with D contiguous, and the tile width for D (at least 16, tl.dot's
+    smallest)."""
+    B, T, H, D = q.shape
+    KV = k.size(2)
+    assert k.shape == v.shape == (B, T, KV, D) and H % KV == 0, \
+        f"q [B, T, heads, D] {list(q.shape)}, k {list(k.shape)} and v {list(v.shape)} [B, T, kv heads, D]: " \
+        "heads must be a multiple of kv heads"
+    assert grad_o is None or grad_o.shape == q.shape, f"grad_o {list(grad_o.shape)} must be shaped as q"
+    inputs = [t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, grad_o) if t is not None]
+    return (*inputs, max(16, triton.next_power_of_2(D)))
 
 
 def attention_forward_triton(q, k, v, scale, forward=None):
@@ -601,18 +609,16 @@ def attention_forward_triton(q, k, v, scale, forward=None):
     (any strides with D contiguous; heads a multiple of kv heads). Returns the output [B, T, heads, D]
     contiguous and the rows' log2-sum-exp2 of the scaled scores [B, heads, T] (float32), which the
     backward recomputes the weights from."""
+    q, k, v, block_d = _attention_inputs(q, k, v)
     B, T, H, D = q.shape
-    q, k, v = _check_heads("q", q, B, T, D), _check_heads("k", k, B, T, D), _check_heads("v", v, B, T, D)
     KV = k.size(2)
-    assert k.shape == v.shape and H % KV == 0, f"heads ({H}) must be a multiple of kv heads ({KV})"
     cfg = dict(forward or ATTENTION_FORWARD)
     block_m = cfg.pop("BLOCK_M")
     o = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     _attention_forward_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, v, o, lse, T, scale * LOG2_E, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *o.stride()[:3], HEADS=H, GROUP=H // KV, HEAD_DIM=D, BLOCK_M=block_m,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), **cfg)
+        *o.stride()[:3], HEADS=H, GROUP=H // KV, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, **cfg)
     return o, lse
 
 
@@ -621,15 +627,13 @@ def attention_backward_triton(q, k, v, o, lse, grad_o, scale, dq_cfg=None, dkdv_
     log2-sum-exp2 and the output's gradient: the dq kernel (which also makes each row's
     delta = sum(o * grad_o)), then the dk/dv kernel (one program per block of keys of a kv head,
     summing over the heads that share it)."""
+    q, k, v, grad_o, block_d = _attention_inputs(q, k, v, grad_o)
     B, T, H, D = q.shape
     KV = k.size(2)
-    q, k, v = _check_heads("q", q, B, T, D), _check_heads("k", k, B, T, D), _check_heads("v", v, B, T, D)
-    grad_o = _check_heads("grad_o", grad_o, B, T, D)
     delta = torch.empty_like(lse)
     dq = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, T, KV, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, T, KV, D, dtype=v.dtype, device=v.device)
-    block_d = max(16, triton.next_power_of_2(D))
     cfg = dict(dq_cfg or ATTENTION_DQ)
     block_m = cfg.pop("BLOCK_M")
     _attention_dq_kernel[(triton.cdiv(T, block_m), B * H)](
