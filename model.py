@@ -340,8 +340,17 @@ def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad, fast_accu
     elif needs_input_grad[0]:
         grad_x = grad @ weight.to(grad.dtype)
     if needs_input_grad[1]:
-        grad_w = (grad.t() @ x.to(grad.dtype)).to(weight.dtype)
+        grad_w = weight_grad_product(grad.t(), x.to(grad.dtype), weight.dtype)
     return grad_x, grad_w
+
+
+def weight_grad_product(a, b, weight_dtype):
+    """a @ b for a weight gradient in weight_dtype. On CUDA a bf16/fp16 product writes float32 (the
+    master weights' dtype) straight from its float32 accumulators: no rounding to 16 bits and no
+    separate conversion pass over every weight gradient (124M: 85M values read and written again)."""
+    if a.is_cuda and weight_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).to(weight_dtype)
 
 
 def fp8_linear(x, weight, bias=None, fast_accum=False):

@@ -366,6 +366,30 @@ def make_optimizer(model, cfg: TrainConfig, device, capturable=False):
                              fused=device.startswith("cuda"), capturable=capturable)
 
 
+def clip_and_step(optimizer, params, grad_clip, scaler):
+    """Clip the gradients of `params` (a list) to a global norm of grad_clip (0: no clipping), take
+    the optimizer step and return the norm (None without clipping). Fused AdamW (CUDA) can divide
+    the gradients by a GPU scalar as it reads them (its `grad_scale`, the hook GradScaler uses), so
+    there the clipping factor goes in that way: no separate pass that reads and rewrites every
+    gradient. With a float16 loss scaler, GradScaler owns that hook and clip_grad_norm_ rescales."""
+    if not (grad_clip > 0 and optimizer.defaults.get("fused") and not scaler.is_enabled()):
+        grad_norm = None
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        return grad_norm
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # clip_grad_norm_ multiplies by grad_clip / (norm + 1e-6) where that is below 1: divide by its inverse
+    optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / grad_clip, min=1.0)
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return grad_norm
+
+
 def set_lr(optimizer, lr):
     """Set every group's learning rate; a tensor learning rate (capturable optimizer) is filled in place,
     so that a captured CUDA graph, which reads that tensor, sees the new value."""
@@ -702,18 +726,14 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
             loss_sum += loss.detach()
         return loss_sum
 
+    clip_params = list(raw_model.parameters())
+
     def update():
         """Clip and take the optimizer step (gradients are left for the caller to clear); the grad norm."""
         if engine is not None:
             grad_norm = engine.get_global_grad_norm()
             return None if grad_norm is None else torch.as_tensor(float(grad_norm))
-        grad_norm = None
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        return grad_norm
+        return clip_and_step(optimizer, clip_params, cfg.grad_clip, scaler)
 
     # cuda_graph: the first GRAPH_WARMUP steps run eagerly on a side stream (compilation, cuBLAS
     # workspaces, optimizer state), then one whole step (every micro-step's forward and backward,

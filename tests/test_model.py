@@ -340,6 +340,26 @@ def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, use_kernels
     assert sum(fast for _, fast in seen) == (8 * 2 + 1 if fast_accum else 0)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine"))])
+def test_weight_gradient_product_comes_out_in_the_weights_dtype(device):
+    # a bf16 product for a float32 weight's gradient: on CUDA written in float32 from the float32
+    # accumulators (closer to the exact product than bf16-rounded values), elsewhere rounded and cast
+    from model import weight_grad_product
+    torch.manual_seed(0)
+    a, b = (torch.randn(64, 512, device=device).bfloat16(), torch.randn(512, 48, device=device).bfloat16())
+    exact = a.double() @ b.double()
+    out = weight_grad_product(a, b, torch.float32)
+    assert out.dtype == torch.float32 and out.shape == (64, 48)
+    rounded = (a @ b).float()
+    torch.testing.assert_close(out, exact.float(), rtol=0, atol=1e-2 * exact.abs().max().item())
+    if device == "cuda":  # not rounded to bf16 on the way: nearer than the rounded product
+        assert (out.double() - exact).abs().max() < 0.25 * (rounded.double() - exact).abs().max()
+    else:
+        assert torch.equal(out, rounded)
+    assert weight_grad_product(a, b, torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_fp8_linear_handles_zeros_and_falls_back_on_odd_shapes():
     from model import fp8_linear
     w = torch.randn(32, 16, requires_grad=True)

@@ -179,6 +179,43 @@ def test_set_lr_fills_a_tensor_learning_rate_in_place():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_clipping_through_fused_adamw_matches_clip_grad_norm(device):
+    # fused AdamW gets the clipping factor as its grad_scale instead of a pass that rescales the
+    # gradients: the same steps as clip_grad_norm_ followed by the plain AdamW step, with gradients
+    # both above the threshold (by a factor that changes from step to step) and below it
+    from train import clip_and_step
+    scaler = torch.amp.GradScaler(device, enabled=False)
+
+    def run(fused, grad_clip, batches):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).to(device)
+        params = list(net.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-2, fused=fused)
+        norms = []
+        for x, loss_scale in batches:
+            (net(x).pow(2).sum() * loss_scale).backward()
+            norms.append(clip_and_step(opt, params, grad_clip, scaler))
+            opt.zero_grad()
+        return torch.cat([p.detach().flatten() for p in params]), norms
+
+    gen = torch.Generator().manual_seed(1)
+    for size in (3.0, 1e-3):  # gradient norms far above 1.0, then far below it
+        batches = [(torch.randn(8, 16, generator=gen).to(device), size * (1 + i)) for i in range(6)]
+        plain, plain_norms = run(False, 1.0, batches)
+        fused, fused_norms = run(True, 1.0, batches)
+        unclipped, none = run(True, 0.0, batches)
+        assert none == [None] * 6
+        torch.testing.assert_close(torch.stack(fused_norms), torch.stack(plain_norms))
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+        clipped = bool((torch.stack(plain_norms) > 1.0).all())
+        assert clipped == (size > 1)
+        if clipped:  # and the clipping changed the result: the test would see it missing
+            assert (fused - unclipped).abs().max() > 100 * (fused - plain).abs().max() + 1e-4
+        else:
+            torch.testing.assert_close(fused, unclipped, rtol=1e-5, atol=1e-6)
+
+
 @needs_cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_cuda_graph_step_follows_the_eager_curve(data_dir, tmp_path, compile):
