@@ -302,6 +302,29 @@ def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tm
 
 
 @needs_cuda
+def test_fp8_blocks_run_cublaslt_without_a_workspace_and_still_learn(data_dir, tmp_path):
+    # train() sets CUBLASLT_WORKSPACE_SIZE=0 for float8 blocks before the process's first cuBLASLt
+    # product (torch reads it then): a fresh process, so that no earlier test's product came first
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 products need compute capability 8.9+")
+    script = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+os.environ.pop("CUBLASLT_WORKSPACE_SIZE", None)
+from test_train import tiny_model, tiny_train
+from train import train
+stats = []
+train(tiny_model(), tiny_train({data_dir!r}, {str(tmp_path)!r}, device="cuda", dtype="bfloat16", max_iters=60,
+      cuda_graph=True, fp8="all", log_interval=5), quiet=True, stats=stats)
+print("workspace", os.environ.get("CUBLASLT_WORKSPACE_SIZE"), stats[0]["loss"], stats[-1]["loss"])
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, size, first, last = out.stdout.split()[-4:]
+    assert size == "0" and float(last) < 0.6 * float(first)
+
+
+@needs_cuda
 def test_fp8_compiled_cuda_graph_run_follows_the_bf16_curve(data_dir, tmp_path):
     # the configuration bench.py measures: compiled, CUDA-graph step, bf16 autocast, float8 products
     if torch.cuda.get_device_capability() < (8, 9):
