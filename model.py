@@ -284,6 +284,16 @@ def to_fp8(t, dtype=FP8_VALUES, per_row=False):
     return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
+def to_fp8_columns(t, dtype=FP8_VALUES):
+    """t.t() as float8 rows with their inverse scales ([K, N] contiguous, [K, 1]): the same values
+    as to_fp8(t.t().contiguous(), per_row=True), but each column's amax reduces down t's rows as
+    they lie in memory. (Compiled, the amax of the transposed copy became a reduction along the
+    strided dim, reading the weights, cold at the start of the backward, in short scattered runs.)"""
+    top = torch.finfo(dtype).max
+    scale = top / t.abs().amax(dim=0, keepdim=True).float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype).t().contiguous(), scale.reciprocal().t()
+
+
 def fp8_fits(rows, inner, outer):
     """Whether float8 kernels take a [rows, inner] x [inner, outer] product: every dim a multiple of 16."""
     return rows % 16 == 0 and inner % 16 == 0 and outer % 16 == 0
@@ -334,7 +344,7 @@ def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad, fast_accu
     grad) in float8 if given, else in grad's dtype; the weight's in grad's dtype (see FP8RowsMatmul)."""
     grad_x = grad_w = None
     if needs_input_grad[0] and grad_fp8 is not None:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
-        w8, w_inv = to_fp8(weight.t().contiguous(), per_row=True)  # float8 products: row-major first operand
+        w8, w_inv = to_fp8_columns(weight)  # float8 products: row-major first operand
         grad_x = scaled_mm(grad_fp8[0], w8.t(), scale_a=grad_fp8[1], scale_b=w_inv.t(), out_dtype=grad.dtype,
                            fast_accum=fast_accum)
     elif needs_input_grad[0]:

@@ -340,6 +340,23 @@ def test_fp8_products_have_the_layout_cuda_kernels_need(monkeypatch, use_kernels
     assert sum(fast for _, fast in seen) == (8 * 2 + 1 if fast_accum else 0)
 
 
+def test_weight_columns_cast_equals_the_cast_of_the_transposed_copy():
+    # the input-gradient products take the weight transposed, in float8 rows: to_fp8_columns makes it
+    # without a transposed float32 copy, and must give the very same bytes and scales (also for a
+    # column of zeros and a weight made by concatenation, as the q|k|v and w1|w3 weights are)
+    from model import to_fp8, to_fp8_columns
+    torch.manual_seed(0)
+    for shape in [(96, 64), (48, 160)]:
+        w = torch.randn(shape) * torch.rand(shape[1]) * 3
+        w[:, 5] = 0
+        w = torch.cat([w[: shape[0] // 2], 2 * w[shape[0] // 2:]])
+        ref8, ref_inv = to_fp8(w.t().contiguous(), per_row=True)
+        w8, w_inv = to_fp8_columns(w)
+        assert w8.shape == (shape[1], shape[0]) and w8.is_contiguous() and w_inv.shape == (shape[1], 1)
+        assert torch.equal(w8.view(torch.uint8), ref8.view(torch.uint8)) and torch.equal(w_inv, ref_inv)
+        assert w_inv.t().is_contiguous()  # (scaled_mm takes the scales as a [1, K] row)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine"))])
 def test_weight_gradient_product_comes_out_in_the_weights_dtype(device):
@@ -388,8 +405,9 @@ def test_fp8_mode_sends_the_training_products_through_float8(mode, casts, monkey
         model.set_fp8(m)
         model.train().zero_grad()
         calls = []
-        real_to_fp8 = model_module.to_fp8
-        monkeypatch.setattr(model_module, "to_fp8", lambda *a, **k: calls.append(1) or real_to_fp8(*a, **k))
+        for name in ("to_fp8", "to_fp8_columns"):  # (the second: the weights' transposed casts)
+            real = getattr(model_module, name)
+            monkeypatch.setattr(model_module, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
         _, loss = model(idx, idx.roll(-1, 1))
         loss.backward()
         model.eval()
