@@ -554,7 +554,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     if cfg.fp8 in ("blocks", "all") and device_type == "cuda":
         # The blocks' float8 products go through cuBLASLt. Given a workspace, it picks kernels that
         # clear part of it before each product: a memset and a few microseconds' gap, about 100 times
-        # a step for the 124M config. Without one it picks kernels that need none: +1.9% (124M
+        # a step for the 124M config. Without one it picks kernels that need none: +1.5% (124M
         # fp8=all); for bf16 and fp8=head steps it made no difference (docs/BENCHMARKS.md). torch
         # reads the size at its first cuBLASLt product, so it holds for the whole process from then.
         os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
