@@ -354,11 +354,14 @@ def rows_product_backward(grad, grad_fp8, x, weight, needs_input_grad, fast_accu
     return grad_x, grad_w
 
 
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): not in older torch
+
+
 def weight_grad_product(a, b, weight_dtype):
     """a @ b for a weight gradient in weight_dtype. On CUDA a bf16/fp16 product writes float32 (the
     master weights' dtype) straight from its float32 accumulators: no rounding to 16 bits and no
     separate conversion pass over every weight gradient (124M: 85M values read and written again)."""
-    if a.is_cuda and weight_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and weight_dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
     return (a @ b).to(weight_dtype)
 

@@ -372,7 +372,8 @@ def clip_and_step(optimizer, params, grad_clip, scaler):
     the gradients by a GPU scalar as it reads them (its `grad_scale`, the hook GradScaler uses), so
     there the clipping factor goes in that way: no separate pass that reads and rewrites every
     gradient. With a float16 loss scaler, GradScaler owns that hook and clip_grad_norm_ rescales."""
-    if not (grad_clip > 0 and optimizer.defaults.get("fused") and not scaler.is_enabled()):
+    fold = optimizer.defaults.get("fused") and not scaler.is_enabled() and hasattr(torch.nn.utils, "get_total_norm")
+    if not (grad_clip > 0 and fold):  # (older torch has no get_total_norm: clip_grad_norm_ then)
         grad_norm = None
         if grad_clip > 0:
             scaler.unscale_(optimizer)
