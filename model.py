@@ -278,10 +278,7 @@ def to_fp8(t, dtype=FP8_VALUES, per_row=False):
     gradients: a wider range); with the inverse scale (float32: a scalar, or [rows, 1]) that undoes
     it. Row scales take one pass over each row, which torch.compile fuses into the kernel that makes
     the rows (the norm, SwiGLU, ...); a tensor's scale needs its whole amax first."""
-    top = torch.finfo(dtype).max
-    amax = t.abs().amax(dim=-1, keepdim=True) if per_row else t.abs().amax()
-    scale = top / amax.float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
+    return fp8_cast(t, t.abs().amax(dim=-1, keepdim=True) if per_row else t.abs().amax(), dtype)
 
 
 def to_fp8_columns(t, dtype=FP8_VALUES):
@@ -289,9 +286,16 @@ def to_fp8_columns(t, dtype=FP8_VALUES):
     as to_fp8(t.t().contiguous(), per_row=True), but each column's amax reduces down t's rows as
     they lie in memory. (Compiled, the amax of the transposed copy became a reduction along the
     strided dim, reading the weights, cold at the start of the backward, in short scattered runs.)"""
+    t8, inv_scale = fp8_cast(t, t.abs().amax(dim=0, keepdim=True), dtype)
+    return t8.t().contiguous(), inv_scale.t()
+
+
+def fp8_cast(t, amax, dtype):
+    """t scaled so that amax (broadcast over t) lands on dtype's largest finite value, and cast; with
+    the inverse scale. The scaling rule of to_fp8 and to_fp8_columns."""
     top = torch.finfo(dtype).max
-    scale = top / t.abs().amax(dim=0, keepdim=True).float().clamp(min=1e-12)
-    return (t.float() * scale).clamp(-top, top).to(dtype).t().contiguous(), scale.reciprocal().t()
+    scale = top / amax.float().clamp(min=1e-12)
+    return (t.float() * scale).clamp(-top, top).to(dtype), scale.reciprocal()
 
 
 def fp8_fits(rows, inner, outer):
