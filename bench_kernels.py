@@ -4,6 +4,7 @@ Single pieces of a training step on a GPU, for a model config's shapes (docs/BEN
     python bench_kernels.py attention -m config/model_56m.json -b 128
     python bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
     python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 8192,16 4096,8
+    python bench_kernels.py norm -m config/model_gpt2_124m.json -b 32 --configs 4,8,8 1,32,4
 
 attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
 v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
@@ -18,6 +19,14 @@ kernel (one row per program) with COLS,WARPS[,STAGES] as given (",sw": its float
 integer arithmetic rather than by the GPU's conversion instruction), followed by the transpose kernel
 for the transposed copy (also timed alone). GB/s counts two reads of the logits and two float8
 writes.
+
+norm: the backward of model.ResidualNorm's norm under float8 training ([B·T, n_embd] bf16): the
+residual stream's gradient (the one from above plus the norm's), its float8 rows and the norm
+weight's gradient. "inductor" is that arithmetic (kernels.residual_norm_backward_reference, then
+model.to_fp8) compiled by torch.compile; the others are kernels.py's kernel with TILE,TILES,WARPS[,STAGES]
+(rows per tile, tiles per program, warps, pipeline stages of the loop over tiles). GB/s counts three bf16 reads, one bf16 and one float8 write.
+Each runs 20 times in a CUDA graph (as in training): launching a kernel from Python takes longer than
+the kernel.
 
 Every figure is the median of --iters timed runs after one warm-up run.
 """
@@ -44,6 +53,18 @@ def time_ms(fn, iters):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def time_ms_graphed(fn, iters, calls=20):
+    """time_ms for kernels shorter than launching them from Python takes: `calls` calls captured in
+    one CUDA graph (as training runs them), replayed; the time per call."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return time_ms(graph.replay, iters) / calls
 
 
 # --triton-configs keys and the kernels.py settings they change (from these defaults)
@@ -148,9 +169,38 @@ def bench_loss(cfg, args):
         print(f"{f'transpose {block},{warps}':24s} {ms:8.3f} {2 * grad.numel() / ms / 1e6:8.0f}")
 
 
+def bench_norm(cfg, args):
+    from model import to_fp8
+    rows, dim = args.batch * cfg.block_size, cfg.n_embd
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    grad_out, grad_normed, x = (torch.randn(rows, dim, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))
+    weight = torch.rand(dim, device="cuda", generator=gen) + 0.5
+    eps = cfg.norm_eps
+
+    def inductor_path(*tensors):
+        grad, grad_weight = kernels.residual_norm_backward_reference(*tensors, weight, eps)
+        return (grad, *to_fp8(grad, per_row=True), grad_weight)
+    inductor = torch.compile(inductor_path)
+    runs = [("inductor", lambda: inductor(grad_out, grad_normed, x))]
+    for config in args.configs:
+        tile, tiles, warps, *stages = (int(v) for v in config.split(","))
+        runs.append((f"kernel {config}", lambda t=tile, n=tiles, w=warps, s=stages: kernels.residual_norm_backward_triton(
+            grad_out, grad_normed, x, weight, eps, True, t, n, w, *s)))
+    gigabytes = rows * dim * (3 * 2 + 2 + 1) / 1e9
+    reference = runs[0][1]()
+    print(f"residual norm backward + float8 rows: {rows} x {dim} bf16")
+    print(f"{'kernel':24s} {'ms':>8s} {'GB/s':>8s} {'grad diff':>10s} {'weight diff':>11s} {'fp8 same':>9s}")
+    for name, run in runs:
+        grad, grad8, inv_scale, grad_weight = run()
+        ms = time_ms_graphed(run, args.iters)
+        same = (grad8.view(torch.uint8) == reference[1].view(torch.uint8)).float().mean().item()
+        print(f"{name:24s} {ms:8.3f} {gigabytes / ms * 1e3:8.0f} {(grad.float() - reference[0].float()).abs().max().item():10.2e} "
+              f"{(grad_weight - reference[3]).abs().max().item():11.2e} {same:9.4f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("attention", "loss"))
+    p.add_argument("what", choices=("attention", "loss", "norm"))
     p.add_argument("-m", "--model", required=True, help="model config JSON")
     p.add_argument("-b", "--batch", type=int, required=True)
     p.add_argument("--iters", type=int, default=30)
@@ -161,12 +211,15 @@ def main():
                    help='attention: kernels.py block settings as JSON, e.g. \'{"fwd": {"BLOCK_M": 64}, "dq": {...}, '
                         '"dkdv": {...}}\' (keys BLOCK_M, BLOCK_N, num_warps, num_stages; the rest as kernels.py has them)')
     p.add_argument("--flex-mode", default=None, help="attention: torch.compile mode for FlexAttention")
-    p.add_argument("--configs", nargs="*", default=[f"{kernels.COLS},{kernels.WARPS}"],
+    p.add_argument("--configs", nargs="*", default=None,
                    help="loss: kernel configurations COLS,WARPS[,STAGES][,sw] (sw: float8 rounding in "
-                        "integer arithmetic instead of the GPU's conversion instruction)")
+                        "integer arithmetic instead of the GPU's conversion instruction); norm: TILE,TILES,WARPS[,STAGES]")
     args = p.parse_args()
+    if args.configs is None:
+        args.configs = ([f"{kernels.NORM_TILE},{kernels.NORM_TILES},{kernels.NORM_WARPS}"] if args.what == "norm"
+                        else [f"{kernels.COLS},{kernels.WARPS}"])
     cfg = load_json(args.model, ModelConfig)
-    {"attention": bench_attention, "loss": bench_loss}[args.what](cfg, args)
+    {"attention": bench_attention, "loss": bench_loss, "norm": bench_norm}[args.what](cfg, args)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,13 @@ and row scales (what model.to_fp8 would make) in one pass. Inductor made each a 
 that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
 values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
 
+The backward of the RMSNorm after each projection into the residual stream (model.ResidualNorm,
+float8 blocks): the residual stream's gradient (the one from the layers above plus the norm's),
+which is also the projection's output gradient, with its float8 copy, and the norm weight's
+gradient summed over each program's rows. Inductor's norm backward (a "mix-order" reduction: along
+the rows and down the columns in one kernel) would not take the float8 cast, which then needed a
+kernel of its own that read every gradient again.
+
 Causal attention (model.CausalAttention, chosen by the model config's sdpa_kernel "triton"): a
 FlashAttention-style forward, a dq kernel and a dk/dv kernel, written for the 56M config's head_dim
 of 32 with grouped-query heads, where cuDNN's backward ran at ~115 TFLOP/s and needed three helper
@@ -238,6 +245,47 @@ if available:
             tl.store(grad8_ptr + k_at, _e4m3_scaled(k, scale, HARDWARE), mask=kv_ok)
             tl.store(grad8_ptr + v_at, _e4m3_scaled(v, scale, HARDWARE), mask=kv_ok)
             tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale))
+
+    @triton.jit
+    def _add_pairs(a, b, c, d):
+        return a + c, b + d
+
+    @triton.jit
+    def _residual_norm_backward_kernel(grad_out_ptr, grad_normed_ptr, x_ptr, weight_ptr, grad_ptr, grad8_ptr,
+                                       inv_scale_ptr, partial_ptr, rows, dim, eps, TILE: tl.constexpr,
+                                       TILES: tl.constexpr, STAGES: tl.constexpr, BLOCK: tl.constexpr,
+                                       FP8: tl.constexpr, HARDWARE: tl.constexpr):
+        # TILES tiles of TILE rows per program. Per row: the RMSNorm's input gradient (its rows' sums
+        # recomputed from x) plus the gradient that came down the residual stream, stored, and (fp8)
+        # its float8 copy. The norm weight's gradient, a sum over all rows, is summed over this
+        # program's rows in registers (element by element, one sum down the tile at the end) and
+        # stored as one partial row, which the caller adds up.
+        col = tl.arange(0, BLOCK)[None, :]
+        col_ok = col < dim
+        weight = tl.load(weight_ptr + col, mask=col_ok, other=0.0).to(tl.float32)
+        grad_weight = tl.zeros([TILE, BLOCK], tl.float32)
+        for tile in tl.range(TILES, num_stages=STAGES):  # STAGES: later tiles' loads start early
+            row = (tl.program_id(0) * TILES + tile) * TILE + tl.arange(0, TILE)[:, None].to(tl.int64)
+            ok = (row < rows) & col_ok
+            at = row * dim + col
+            x = tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            grad_normed = tl.load(grad_normed_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            grad_out = tl.load(grad_out_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            grad_hat = grad_normed * weight  # the gradient of the normalised x, before the weight
+            # both of a row's sums in one reduction (one exchange between the warps, not two)
+            sum_squares, sum_grad_x = tl.reduce((x * x, grad_hat * x), 1, _add_pairs)
+            rstd = 1.0 / tl.sqrt(sum_squares[:, None] / dim + eps)
+            x_hat = x * rstd
+            grad = grad_out + rstd * (grad_hat - x_hat * (rstd * sum_grad_x[:, None] / dim))
+            grad = grad.to(grad_ptr.dtype.element_ty)
+            tl.store(grad_ptr + at, grad, mask=ok)
+            grad_weight += grad_normed * x_hat
+            if FP8:  # each row's float8 copy with one scale, from the values just stored (as to_fp8 would)
+                grad = grad.to(tl.float32)
+                scale = _e4m3_row_scale(tl.max(tl.abs(grad), 1)[:, None])
+                tl.store(grad8_ptr + at, _e4m3_scaled(grad, scale, HARDWARE), mask=ok)
+                tl.store(inv_scale_ptr + row, tl.math.div_rn(1.0, scale), mask=row < rows)
+        tl.store(partial_ptr + tl.program_id(0) * dim + col, tl.sum(grad_weight, 0)[None, :], mask=col_ok)
 
     @triton.jit
     def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr):
@@ -535,6 +583,43 @@ def qkv_rope_backward_triton(grad_q, grad_k, grad_v, cos, sin, fp8):
     return grad, grad8, inv_scale
 
 
+def residual_norm_backward_reference(grad_out, grad_normed, x, weight, eps):
+    """The backward of out = rms_norm(x) * weight (x [rows, dim]) for a residual stream x whose own
+    gradient grad_out comes down from the layers above: x's whole gradient, grad_out plus the norm's
+    (in x's dtype), and the norm weight's (float32). The path off CUDA (PyTorch ops)."""
+    x = x.float()
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x_hat, grad_normed = x * rstd, grad_normed.float()
+    grad_hat = grad_normed * weight.float()
+    grad = grad_out.float() + rstd * (grad_hat - x_hat * (grad_hat * x_hat).mean(-1, keepdim=True))
+    return grad.to(grad_out.dtype), (grad_normed * x_hat).sum(0)
+
+
+# the residual-norm backward kernel's rows per tile, tiles per program, warps and pipeline stages of its loop
+# over the tiles: picked with bench_kernels.py norm (docs/BENCHMARKS.md)
+NORM_TILE, NORM_TILES, NORM_WARPS, NORM_STAGES = 1, 64, 4, 4
+
+
+def residual_norm_backward_triton(grad_out, grad_normed, x, weight, eps, fp8, tile=None, tiles=None, warps=None,
+                                  stages=None):
+    """The kernel: grad_out, grad_normed and x [rows, dim] contiguous, weight [dim]. Returns what
+    residual_norm_backward_reference does, with (if fp8) x's gradient's float8_e4m3fn copy scaled per
+    row and the inverse scales [rows, 1] (else two empty tensors) between: grad, grad8, inv_scale,
+    grad_weight."""
+    rows, dim = x.shape
+    assert grad_out.shape == grad_normed.shape == x.shape and weight.shape == (dim,)
+    assert grad_out.is_contiguous() and grad_normed.is_contiguous() and x.is_contiguous()
+    tile, tiles, warps, stages = tile or NORM_TILE, tiles or NORM_TILES, warps or NORM_WARPS, stages or NORM_STAGES
+    programs = triton.cdiv(rows, tile * tiles)
+    grad, grad8, inv_scale = _row_grad_outputs(grad_out, rows, dim, fp8)
+    partial = torch.empty(programs, dim, dtype=torch.float32, device=x.device)
+    _residual_norm_backward_kernel[(programs,)](
+        grad_out, grad_normed, x, weight, grad, grad8.view(torch.uint8), inv_scale, partial, rows, dim, eps,
+        TILE=tile, TILES=tiles, STAGES=stages, BLOCK=triton.next_power_of_2(dim), FP8=fp8, HARDWARE=hardware_float8(x),
+        num_warps=warps)
+    return grad, grad8, inv_scale, partial.sum(0)
+
+
 def _row_grad_outputs(like, rows, width, fp8):
     """The outputs of a row kernel: a gradient [rows, width] in like's dtype; with fp8 its
     float8_e4m3fn copy and inverse row scales [rows, 1], else empty tensors in their place."""
@@ -565,6 +650,17 @@ def qkv_rope_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.
 def _(grad_q, grad_k, grad_v, cos, sin, fp8):
     B, T, q_heads, head_dim = grad_q.shape
     return _row_grad_outputs(grad_q, B * T, (q_heads + 2 * grad_k.size(2)) * head_dim, fp8)
+
+
+@torch.library.custom_op("nano::residual_norm_backward", mutates_args=())
+def residual_norm_backward(grad_out: torch.Tensor, grad_normed: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                           eps: float, fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return residual_norm_backward_triton(grad_out, grad_normed, x, weight, eps, fp8)
+
+
+@residual_norm_backward.register_fake
+def _(grad_out, grad_normed, x, weight, eps, fp8):
+    return (*_row_grad_outputs(grad_out, *x.shape, fp8), weight.new_empty(weight.shape, dtype=torch.float32))
 
 
 # Block sizes of the attention kernels (queries x keys per inner step), warps and pipeline stages:

@@ -195,9 +195,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 even under autocast: the mean of squares is precision-sensitive
-        # (F.rms_norm is x * rsqrt(mean(x^2) + eps): one fused kernel on CUDA instead of four)
-        return (F.rms_norm(x.float(), (x.size(-1),), eps=self.eps) * self.weight).type_as(x)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x, weight, eps):
+    # normalise in float32 even under autocast: the mean of squares is precision-sensitive
+    # (F.rms_norm is x * rsqrt(mean(x^2) + eps): one fused kernel on CUDA instead of four)
+    return (F.rms_norm(x.float(), (x.size(-1),), eps=eps) * weight).type_as(x)
 
 
 def rope_tables(head_dim, max_len, theta):
@@ -507,6 +511,48 @@ class RopeQKVProduct(torch.autograd.Function):
         return grad_x if grad_x is None else grad_x.view(*grad_q.shape[:2], -1), grad_w, *[None] * 6
 
 
+class ResidualNorm(torch.autograd.Function):
+    """out = x + y @ weight.T (a projection into the residual stream x) and rms_norm(out) * norm_weight,
+    for training with float8 products. Both outputs go on: out down the residual stream, its norm into
+    the next attention or feed-forward. So out's gradient in the backward is their sum, the
+    residual's gradient plus the norm's; it is also the projection's output gradient, which its
+    float8 input-gradient product needs as float8 rows. Here one pass over each row makes both (on
+    CUDA a kernels.py kernel, which also sums the norm weight's gradient): separately, Inductor's
+    norm backward (a reduction along the rows and down the columns at once) would not fuse the
+    float8 cast, which then read every gradient once more in its own kernel. (Compiled, this needs
+    train.py's FP8_BLOCKS_COMPILE, or Inductor recomputes the residual stream in chains of adds.)"""
+
+    @staticmethod
+    def forward(ctx, x, y, weight, norm_weight, eps, fp8, fast_accum):
+        ctx.y_shape = y.shape
+        y = y.reshape(-1, y.size(-1))
+        out = x + rows_product(y, weight, fp8, fast_accum).view(x.shape)
+        ctx.save_for_backward(y, weight, out, norm_weight)
+        ctx.eps, ctx.fp8, ctx.fast_accum = eps, fp8, fast_accum
+        return out, rms_norm(out, norm_weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_normed):
+        y, weight, out, norm_weight = ctx.saved_tensors
+        rows = [t.reshape(-1, out.size(-1)).contiguous() for t in (grad_out, grad_normed, out)]
+        if kernels.runs_on(out):
+            grad, grad8, inv_scale, grad_norm = kernels.residual_norm_backward(*rows, norm_weight, ctx.eps, ctx.fp8)
+            grad_fp8 = (grad8, inv_scale) if ctx.fp8 else None
+        else:
+            grad, grad_norm = kernels.residual_norm_backward_reference(*rows, norm_weight, ctx.eps)
+            grad_fp8 = to_fp8(grad, per_row=True) if ctx.fp8 else None
+        grad_y, grad_w = rows_product_backward(grad, grad_fp8, y, weight, ctx.needs_input_grad[1:3], ctx.fast_accum)
+        grad_y = grad_y if grad_y is None else grad_y.view(ctx.y_shape)
+        return grad.view(out.shape), grad_y, grad_w, grad_norm.to(norm_weight.dtype), None, None, None
+
+
+def residual_norm(x, y, weight, norm, fast_accum):
+    """ResidualNorm of x [B, T, dim] and y [B, T, K] through weight [dim, K] (float8 where the shapes
+    allow) and the RMSNorm module norm: (x + y @ weight.T, norm of it)."""
+    fp8 = fp8_fits(y.numel() // y.size(-1), y.size(-1), weight.size(0))
+    return ResidualNorm.apply(x, y, weight, norm.weight, norm.eps, fp8, fast_accum)
+
+
 class CausalAttention(torch.autograd.Function):
     """Causal attention through kernels.py's Triton kernels (sdpa_kernel "triton"): q [B, T, heads, D],
     k and v [B, T, kv heads, D] in the layout the q/k/v product makes them, the output [B, T, heads, D]
@@ -545,6 +591,11 @@ class Attention(nn.Module):
         self.fp8 = self.fast_accum = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x, rope, cache=None, pos=0):
+        y = self.mix(x, rope, cache, pos)
+        return self.resid_dropout(linear(y, self.wo, self.fp8 and self.training, self.fast_accum))
+
+    def mix(self, x, rope, cache=None, pos=0):
+        """Attention up to the out-projection: its input [B, T, heads * head_dim]."""
         B, T, _ = x.shape
         fp8 = self.fp8 and self.training
         plain = fusable(self.wq, self.wk, self.wv) and self.wq.bias is None
@@ -568,8 +619,7 @@ class Attention(nn.Module):
             y = CausalAttention.apply(q, k, v)  # [B, T, H, D]
         else:
             y = self.sdpa(q, k, v, cache, pos)
-        y = y.reshape(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(linear(y, self.wo, fp8, self.fast_accum))
+        return y.reshape(B, T, self.n_head * self.head_dim)
 
     def sdpa(self, q, k, v, cache, pos):
         """Attention through F.scaled_dot_product_attention, with the KV cache if one is given:
@@ -612,16 +662,18 @@ class FeedForward(nn.Module):
         self.fp8 = self.fast_accum = False  # products in float8 while training (Transformer.set_fp8)
 
     def forward(self, x):
+        return self.dropout(linear(self.hidden(x), self.w2, self.fp8 and self.training, self.fast_accum))
+
+    def hidden(self, x):
+        """silu(w1 x) * w3 x: the input of w2."""
         fp8 = self.fp8 and self.training
         if self.training and fusable(self.w1, self.w3) and self.w1.bias is None:
             rows, weight = x.numel() // x.size(-1), torch.cat([self.w1.weight, self.w3.weight])
-            h = SwiGLUProduct.apply(x.reshape(rows, x.size(-1)), weight, fp8 and fp8_fits(rows, x.size(-1), weight.size(0)),
-                                    self.fast_accum).view(*x.shape[:-1], -1)
-        else:
-            gate, up = (fused_linear(x, (self.w1, self.w3), fp8, self.fast_accum) if self.training and fusable(self.w1, self.w3)
-                        else (self.w1(x), self.w3(x)))
-            h = F.silu(gate) * up
-        return self.dropout(linear(h, self.w2, fp8, self.fast_accum))
+            return SwiGLUProduct.apply(x.reshape(rows, x.size(-1)), weight, fp8 and fp8_fits(rows, x.size(-1), weight.size(0)),
+                                       self.fast_accum).view(*x.shape[:-1], -1)
+        gate, up = (fused_linear(x, (self.w1, self.w3), fp8, self.fast_accum) if self.training and fusable(self.w1, self.w3)
+                    else (self.w1(x), self.w3(x)))
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -635,6 +687,21 @@ class Block(nn.Module):
     def forward(self, x, rope, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), rope, cache, pos)
         return x + self.ffn(self.ffn_norm(x))
+
+    def fuses_residuals(self):
+        """Whether forward_fused serves this block: training with float8 blocks, plain projections
+        into the residual stream (no bias, no LoRA) and no dropout after them."""
+        return (self.training and self.attn.fp8 and fusable(self.attn.wo, self.ffn.w2) and self.attn.wo.bias is None
+                and self.ffn.w2.bias is None and self.attn.resid_dropout.p == 0 and self.ffn.dropout.p == 0)
+
+    def forward_fused(self, x, h, rope, next_norm):
+        """The same block for training with float8 products, given h = attn_norm(x); returns its output
+        and next_norm of it (the next block's attn_norm, or the final norm). Each projection into
+        the residual stream, the residual add and the norm after it are one ResidualNorm: the
+        norm's backward then also makes the float8 copy of the projection's output gradient."""
+        attn, ffn = self.attn, self.ffn
+        x, h = residual_norm(x, attn.mix(h, rope), attn.wo.weight, self.ffn_norm, attn.fast_accum)
+        return residual_norm(x, ffn.hidden(h), ffn.w2.weight, next_norm, ffn.fast_accum)
 
 
 # ---------------------------------------------------------------------------
@@ -694,13 +761,20 @@ class Transformer(nn.Module):
             # the residual stream in the autocast dtype (bf16): every residual add and norm then moves
             # half the bytes of float32, most of a GPU step's memory traffic (norms still compute in fp32)
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        for i, layer in enumerate(self.layers):
-            if self.checkpoint_layers and self.training and cache is None and torch.is_grad_enabled():
-                # keep only each layer's input; its activations are recomputed in the backward pass
-                x = torch.utils.checkpoint.checkpoint(layer, x, rope, use_reentrant=False)
-            else:
-                x = layer(x, rope, None if cache is None else cache[i], pos)
-        x = self.norm(x)
+        def run(f, *args):  # activation checkpointing: keep each layer's input, recompute the rest in the backward
+            if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(f, *args, use_reentrant=False)
+            return f(*args)
+
+        if cache is None and all(layer.fuses_residuals() for layer in self.layers):
+            h = self.layers[0].attn_norm(x)  # each layer's normalised input, made by the layer before it
+            for layer, next_norm in zip(self.layers, [layer.attn_norm for layer in self.layers[1:]] + [self.norm]):
+                x, h = run(layer.forward_fused, x, h, rope, next_norm)
+            x = h
+        else:
+            for i, layer in enumerate(self.layers):
+                x = run(layer, x, rope) if cache is None else layer(x, rope, cache[i], pos)
+            x = self.norm(x)
         if last_only:
             x = x[:, -1:]
         fp8 = self.fp8_head and self.training

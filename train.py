@@ -314,6 +314,20 @@ def pick_dtype(name, device):
 # (Inductor's multi_kernel, persistent beside looped reductions, gained 2% more on the 124M config
 # but fails to reload its kernels from the compile cache on torch 2.11: docs/BENCHMARKS.md.)
 COMPILE_TUNING = {"coordinate_descent_tuning": True}
+# Inductor setting for float8 blocks (train config fp8 blocks or all). Inductor writes a pointwise
+# result that several kernels read only once it takes 4 reads to recompute; until then each reader
+# recomputes it. The residual stream's x + projection (model.ResidualNorm) then became chains of adds
+# recomputed in later layers' kernels, and the copies saved for the backward were written by extra
+# kernels (124M: 0.7 ms per step). With 1 each layer's residual is written where it is made, by its
+# norm's kernel.
+FP8_BLOCKS_COMPILE = {"realize_reads_threshold": 1}
+
+
+def compile_options(cfg):
+    """The Inductor options torch.compile gets for train config cfg (None: its defaults)."""
+    options = {**(COMPILE_TUNING if cfg.compile_tuning else {}),
+               **(FP8_BLOCKS_COMPILE if cfg.fp8 in ("blocks", "all") else {})}
+    return options or None
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -615,7 +629,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
 
     raw_model = model
     if cfg.compile and engine is None:
-        model = torch.compile(model, options=COMPILE_TUNING if cfg.compile_tuning else None)
+        model = torch.compile(model, options=compile_options(cfg))
     if engine is not None:
         model = engine
     elif world > 1:

@@ -170,6 +170,37 @@ def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
         check_row_float8(grad, grad8, inv_scale)
 
 
+# widths below and between powers of two (48, 200; 768 is the 124M config's), rows that leave the last
+# program's tiles ragged, and tilings of one and of several rows per tile
+@pytest.mark.parametrize("rows,dim", [(7, 48), (70, 200), (33, 768)])
+@pytest.mark.parametrize("tiling", [(1, 4), (4, 2)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_residual_norm_backward_matches_autograd(rows, dim, tiling, fp8):
+    # the gradient of a residual stream x that is normalised (out = rms_norm(x) * w) and also carried
+    # on: the norm's gradient plus the one from above, and the norm weight's gradient
+    torch.manual_seed(rows + dim)
+    eps = 1e-5
+    x = (torch.randn(rows, dim, device=DEVICE) * 3).to(torch.bfloat16)
+    weight = torch.rand(dim, device=DEVICE) + 0.5
+    grad_out = torch.randn(rows, dim, device=DEVICE).to(torch.bfloat16)
+    grad_normed = torch.randn(rows, dim, device=DEVICE).to(torch.bfloat16)
+    leaf, leaf_weight = x.float().requires_grad_(), weight.clone().requires_grad_()
+    (F.rms_norm(leaf, (dim,), eps=eps) * leaf_weight).backward(grad_normed.float())
+    want = grad_out.float() + leaf.grad
+    grad, grad8, inv_scale, grad_weight = kernels.residual_norm_backward_triton(
+        grad_out, grad_normed, x, weight, eps, fp8, *tiling, 4)
+    assert grad.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    torch.testing.assert_close(grad.float(), want, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(grad_weight, leaf_weight.grad, rtol=1e-4, atol=1e-3)
+    ref_grad, ref_weight = kernels.residual_norm_backward_reference(grad_out, grad_normed, x, weight, eps)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-2, atol=1e-5)
+    torch.testing.assert_close(grad_weight, ref_weight, rtol=1e-4, atol=1e-4)
+    if fp8:
+        check_row_float8(grad, grad8, inv_scale)
+    else:
+        assert grad8.numel() == inv_scale.numel() == 0
+
+
 # the attention kernels' inputs in half precision: float16 on the CPU (Triton 3.9's interpreter
 # multiplies bfloat16 tiles wrongly: tl.dot of two bfloat16 16 x 16 tiles is off by ~1e10 there, while
 # the same tiles in float16 or float32 are right), bfloat16, what training gives them, on a GPU

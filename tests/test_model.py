@@ -460,6 +460,47 @@ def test_head_cross_entropy_matches_linear_then_cross_entropy(fp8, use_kernels):
     assert w.grad is None and torch.equal(x.grad, got[2])
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_float8_blocks_fuse_each_residual_add_with_the_norm_after_it(monkeypatch, use_kernels, checkpointing):
+    # training with float8 blocks: every projection into the residual stream, the add and the next
+    # norm are one ResidualNorm (Block.forward_fused), whose backward also makes the float8 copy of
+    # the projection's output gradient. The same loss as the separate modules, bit for bit (the
+    # forward is the same arithmetic), and the same gradients up to float32 rounding (the two norm
+    # backwards order their sums differently: here no float8 value rounds the other way, which
+    # could happen in other cases); activation checkpointing changes nothing
+    import model as model_module
+    idx = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    real, fused = model_module.residual_norm, []
+    monkeypatch.setattr(model_module, "residual_norm", lambda *a: fused.append(1) or real(*a))
+
+    def step(fuse, checkpoint=False):
+        torch.manual_seed(0)
+        model = Transformer(tiny(vocab_size=64)).train()
+        model.set_fp8("blocks")
+        model.checkpoint_layers = checkpoint
+        if not fuse:
+            monkeypatch.setattr(model_module.Block, "fuses_residuals", lambda self: False)
+        fused.clear()
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        monkeypatch.setattr(model_module.Block, "fuses_residuals", real_fuses)
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, len(fused)
+
+    real_fuses = model_module.Block.fuses_residuals
+    loss, grads, calls = step(True, checkpointing)
+    assert calls == 2 * 2 * (2 if checkpointing else 1)  # two per layer (checkpointing: again in the backward)
+    ref_loss, ref_grads, ref_calls = step(False)
+    assert ref_calls == 0 and torch.equal(loss, ref_loss)
+    for name, ref in ref_grads.items():
+        error = (grads[name] - ref).norm() / ref.norm()
+        assert error < 1e-5, (name, error)
+    if checkpointing:
+        same_loss, same_grads, _ = step(True)
+        assert torch.equal(loss, same_loss)
+        for name, grad in same_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
 def check_grads(got, ref, fp8, names):
     """Outputs and gradients equal to those of plain autograd (float32), or in float8 close to them."""
     for a, b, name in zip(got, ref, names):

@@ -296,6 +296,14 @@ def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tm
         train(tiny_model(), cfg, quiet=True, stats=stats)
         curves[tuning] = torch.tensor([s["loss"] for s in stats])
     assert seen == [None, train_module.COMPILE_TUNING]
+    # float8 blocks add their own setting (every layer's residual written where it is made)
+    def options(fp8, tuning):
+        return train_module.compile_options(tiny_train(data_dir, tmp_path, compile=True, compile_tuning=tuning, fp8=fp8))
+    tuned, fp8_blocks = train_module.COMPILE_TUNING, train_module.FP8_BLOCKS_COMPILE
+    for fp8 in ("off", "head"):
+        assert options(fp8, False) is None and options(fp8, True) == tuned
+    for fp8 in ("blocks", "all"):
+        assert options(fp8, False) == fp8_blocks and options(fp8, True) == {**tuned, **fp8_blocks}
     torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="compile_tuning needs compile=true"):
         tiny_train(data_dir, tmp_path, compile_tuning=True).validate()
