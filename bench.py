@@ -25,7 +25,8 @@ import torch
 
 import kernels
 import train
-from model import ModelConfig, Transformer, load_json
+from files import load_json
+from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer
 
 

@@ -39,7 +39,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import FP8_GRADS, ModelConfig, load_json
+from fast import FP8_GRADS
+from files import load_json
+from model import ModelConfig
 
 
 def time_ms(fn, iters):
@@ -170,7 +172,7 @@ def bench_loss(cfg, args):
 
 
 def bench_norm(cfg, args):
-    from model import to_fp8
+    from fast import to_fp8
     rows, dim = args.batch * cfg.block_size, cfg.n_embd
     gen = torch.Generator(device="cuda").manual_seed(0)
     grad_out, grad_normed, x = (torch.randn(rows, dim, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(3))

@@ -19,19 +19,20 @@ import sys
 import tempfile
 import time
 
+import corpus
 import data
 from tokenizer import BPETokenizer, TrieTokenizer
 
 
 def english_chapters():
-    bible, books = data.default_corpus_files()
+    bible, books = corpus.default_corpus_files()
     with open(bible, "rb") as f:
-        return [doc[0] for doc in data._bible_chapters(f, books)]
+        return [doc[0] for doc in corpus.bible_chapters(f, books)]
 
 
 def japanese_text():
     # lines like "Ge 1:1 創世記 1:1 元始に神天地を創造たまへり ": keep the verse text
-    path = os.path.join(os.path.dirname(os.path.dirname(data.default_corpus_files()[0])), "kougo", "kougo.txt.gz")
+    path = os.path.join(os.path.dirname(os.path.dirname(corpus.default_corpus_files()[0])), "kougo", "kougo.txt.gz")
     with gzip.open(path, "rt", encoding="utf-8-sig") as f:
         verses = re.findall(r"^\S+ \d+:\d+ \S+ \d+:\d+ (.*?) *$", f.read(), re.MULTILINE)
     return "\n".join(verses) + "\n"
@@ -68,10 +69,10 @@ def main():
               ("GPT-2 BPE (reference)", "multilingual/CJK (Kougo)", bpe, japanese)]
 
     print(f"{'tokenizer':<24}{'text':<26}{'MB':>6}{'chars/token':>13}{'MB/s/core':>11}")
-    for name, corpus, tok, text in cases:
+    for name, text_name, tok, text in cases:
         nbytes = len(text.encode("utf-8"))
         seconds = median_seconds(lambda: tok.encode(text), args.runs)
-        print(f"{name:<24}{corpus:<26}{nbytes / 1e6:>6.2f}{len(text) / len(tok.encode(text)):>13.2f}"
+        print(f"{name:<24}{text_name:<26}{nbytes / 1e6:>6.2f}{len(text) / len(tok.encode(text)):>13.2f}"
               f"{nbytes / 1e6 / seconds:>11.1f}")
 
     if not args.no_pipeline:

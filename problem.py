@@ -56,10 +56,11 @@ PROCESS_START = time.time()  # the wall time reported runs from here to the fina
 import numpy as np
 import torch
 
-from data import DataError, dtype_for_vocab
-from model import ConfigError, ModelConfig, Transformer
+from data import dtype_for_vocab
+from files import ConfigError, DataError, load_checkpoint
+from model import ModelConfig, Transformer, model_from_checkpoint
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, TrieTokenizer
-from train import TrainConfig, load_checkpoint, model_from_checkpoint, train
+from train import TrainConfig, train
 
 PLACEHOLDER = "_"  # stands where a bidirectional model must write an answer digit
 

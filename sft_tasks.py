@@ -16,16 +16,9 @@ import os
 import random
 import re
 
+from corpus import corpus_verses
+
 WORD = re.compile(r"[A-Za-z]+(?:'[a-z]+)?")
-
-
-def corpus_verses():
-    """Verses of the default corpus (World English Bible), via data.py's reader."""
-    from data import default_corpus_documents
-    verses = []
-    for doc in default_corpus_documents():
-        verses.extend(line for line in doc.split("\n")[1:] if line.strip())  # line 0 is "Book N"
-    return verses
 
 
 def _phrase(rnd, words, lo, hi):

@@ -5,8 +5,10 @@ Train a Nano model: one training loop for every entry point.
     python train.py ... --resume                                       # continue from out_dir/last.pt
     torchrun --nproc_per_node 2 train_ddp.py -m ... -t ...             # DDP (same loop, see train_ddp.py)
 
-The loop is plain and visible: sample a batch, forward, backward (with gradient
-accumulation), clip, step, and now and then evaluate, log and checkpoint.
+The loop (train(), at the end) is plain and visible: sample a batch, forward, backward (with
+gradient accumulation), clip, step, and now and then log, evaluate and checkpoint. What it calls
+is above it, in the order a run needs it: the config, the data, the model and optimizer, how a step
+runs (eagerly, as a CUDA graph, or under DeepSpeed), checkpoints and logs.
 
 Checkpoints are plain dicts of tensors and JSON-able values (torch.load(weights_only=True)),
 written atomically (temp file, then rename):
@@ -32,9 +34,11 @@ import torch
 PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist
 
-from model import (FP8_MODES, ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint,
-                   dataclass_from_dict, load_json, load_torch_file, read_json, weights_fingerprint)
-from data import DataError, write_json
+import fast
+from data import load_meta, load_sft_meta, load_sft_rows, load_tokens
+from files import (ConfigError, DataError, dataclass_from_dict, load_checkpoint, load_json, load_training_state,
+                   read_json, save_checkpoint, weights_fingerprint, write_json)
+from model import LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint
 from tokenizer import TokenizerError
 
 
@@ -76,8 +80,11 @@ class TrainConfig:
     save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
+    # auto | true | false: train through fast.py's fused operations (auto: on CUDA without DeepSpeed,
+    # and whenever fp8 is on); false: the reference model.py as it reads
+    fast_path: str = "auto"
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (output head, blocks' linear layers, both)
-    # fp8: the forward and blocks' input-gradient products accumulate in the tensor cores' faster mode (model.scaled_mm)
+    # fp8: the forward and blocks' input-gradient products accumulate in the tensor cores' faster mode (fast.scaled_mm)
     fp8_fast_accum: bool = True
 
     def validate(self, where="train config"):
@@ -104,8 +111,12 @@ class TrainConfig:
                               "use bfloat16")
         if self.compile_tuning and not self.compile:
             raise ConfigError(f"{where}: compile_tuning needs compile=true")
-        if self.fp8 not in FP8_MODES:
-            raise ConfigError(f"{where}: fp8 must be one of {FP8_MODES}, got {self.fp8!r}")
+        if self.fp8 not in fast.FP8_MODES:
+            raise ConfigError(f"{where}: fp8 must be one of {fast.FP8_MODES}, got {self.fp8!r}")
+        if self.fast_path not in ("auto", "true", "false"):
+            raise ConfigError(f"{where}: fast_path must be auto, true or false, got {self.fast_path!r}")
+        if self.fast_path == "false" and self.fp8 != "off":
+            raise ConfigError(f"{where}: fp8 runs in the fast path (fast.py): set fast_path to auto or true, or fp8 off")
         if self.mode == "lora":
             self.lora_config()  # validates the nested dict
         elif self.lora is not None:
@@ -123,8 +134,7 @@ class PretrainData:
     """Token stream in train.bin / val.bin (np.memmap); a batch is B random windows of block_size + 1."""
 
     def __init__(self, data_dir, block_size, model_vocab):
-        from data import load_meta, load_tokens  # load_meta checks meta.json against the .bin files
-        meta = load_meta(data_dir)
+        meta = load_meta(data_dir)  # checks meta.json against the .bin files
         self.meta = meta
         with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
             self.tokenizer_spec = json.load(f)
@@ -177,7 +187,6 @@ class SFTData:
     The rows keep data.py's length of block_size + 1 (its size checks apply); the last column is unused."""
 
     def __init__(self, data_dir, block_size, model_vocab):
-        from data import load_sft_meta, load_sft_rows
         meta = self.meta = load_sft_meta(data_dir)
         if meta["block_size"] != block_size:
             raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but the model's is "
@@ -252,44 +261,6 @@ def eval_loss(model, data, n, batch_size, autocast=nullcontext(), to_device=lamb
 
 
 # ---------------------------------------------------------------------------
-# Checkpoints: plain dicts, written atomically
-
-
-def save_checkpoint(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
-
-
-def load_checkpoint(path):
-    """Load a Nano checkpoint (on the CPU) with weights_only=True; errors name the file and what is wrong."""
-    ck = load_torch_file(path)
-    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
-        raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
-    return ck
-
-
-def load_training_state(path):
-    """A checkpoint to resume from: a full Nano checkpoint or a LoRA run's adapter checkpoint."""
-    ck = load_torch_file(path)
-    if not isinstance(ck, dict) or "optimizer" not in ck or "step" not in ck:
-        raise ConfigError(f"{path} holds no training state to resume from")
-    return ck
-
-
-def model_from_checkpoint(ck, path="checkpoint", device="cpu"):
-    cfg = ModelConfig.from_dict(ck["model_config"], f"{path}: model_config")
-    model = Transformer(cfg)
-    try:
-        model.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"{path}: weights do not match its model_config: {e}") from None
-    return model.to(device)
-
-
-# ---------------------------------------------------------------------------
 # Device, precision, distributed set-up
 
 
@@ -311,23 +282,8 @@ def pick_dtype(name, device):
 
 # Inductor setting behind train config compile_tuning (a torch.compile option): coordinate descent
 # tries neighbouring block sizes and warp counts for each generated kernel and keeps the fastest.
-# (Inductor's multi_kernel, persistent beside looped reductions, gained 2% more on the 124M config
-# but fails to reload its kernels from the compile cache on torch 2.11: docs/BENCHMARKS.md.)
-COMPILE_TUNING = {"coordinate_descent_tuning": True}
-# Inductor setting for float8 blocks (train config fp8 blocks or all). Inductor writes a pointwise
-# result that several kernels read only once it takes 4 reads to recompute; until then each reader
-# recomputes it. The residual stream's x + projection (model.ResidualNorm) then became chains of adds
-# recomputed in later layers' kernels, and the copies saved for the backward were written by extra
-# kernels (124M: 0.7 ms per step). With 1 each layer's residual is written where it is made, by its
-# norm's kernel.
-FP8_BLOCKS_COMPILE = {"realize_reads_threshold": 1}
 
 
-def compile_options(cfg):
-    """The Inductor options torch.compile gets for train config cfg (None: its defaults)."""
-    options = {**(COMPILE_TUNING if cfg.compile_tuning else {}),
-               **(FP8_BLOCKS_COMPILE if cfg.fp8 in ("blocks", "all") else {})}
-    return options or None
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
@@ -352,6 +308,110 @@ def init_distributed():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
     return rank, local_rank, world
+
+
+
+
+@dataclass
+class Env:
+    """Where this process trains: its rank among `world` processes, its device and dtype."""
+    rank: int
+    local_rank: int
+    world: int
+    device: str
+    dtype: str  # float32 | bfloat16 | float16
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):
+        return "cuda" if self.device.startswith("cuda") else "cpu"
+
+
+def setup_env(cfg):
+    """Join the process group under torchrun, pick the device and dtype, seed torch's RNG."""
+    rank, local_rank, world = init_distributed()
+    device = pick_device(cfg.device)
+    if device.startswith("cuda") and world > 1:
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    env = Env(rank, local_rank, world, device, pick_dtype(cfg.dtype, device))
+    if cfg.grad_accum % world:
+        raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the "
+                          f"number of processes ({world})")
+    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; data sampling is shared (the sampler)
+    if env.device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return env
+
+
+def check_devices(cfg, env, deepspeed):
+    """Refuse the train-config choices that this device or launcher cannot run; whether the step
+    goes through the fast path (fast.py)."""
+    where = f"device {env.device}, {env.world} processes{', DeepSpeed' if deepspeed else ''}"
+    fp8_device = env.device_type == "cpu" or (env.device_type == "cuda"
+                                              and torch.cuda.get_device_capability(env.device) >= (8, 9))
+    if cfg.fp8 != "off" and (deepspeed or not fp8_device):  # (the CPU runs float8 products too: tests)
+        raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
+                          f"or the CPU, and train.py or train_ddp.py (here: {where}); turn it off with --set fp8=off")
+    if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or deepspeed):
+        raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
+                          "turn it off with --set cuda_graph=false")
+    if cfg.fast_path == "true" and deepspeed:
+        # ZeRO-3 gathers a module's parameters when that module runs: the fast path reads them itself
+        raise ConfigError("train config: fast_path does not run under DeepSpeed; use auto or false")
+    if cfg.fast_path == "auto":
+        return not deepspeed and (env.device_type == "cuda" or cfg.fp8 != "off")
+    return cfg.fast_path == "true"
+
+
+# ---------------------------------------------------------------------------
+# The model and its optimizer
+
+
+def starting_point(model_cfg, cfg, resume, deepspeed):
+    """The checkpoint to resume (or None), the base checkpoint (init_from, or None) and the model
+    config the run trains: the base's, else the resumed run's, else the one given."""
+    ck = load_training_state(resume) if (resume and not deepspeed) else None
+    base = load_checkpoint(cfg.init_from) if cfg.init_from else None
+    if base is not None:
+        model_cfg = ModelConfig.from_dict(base["model_config"], f"{cfg.init_from}: model_config")
+    elif ck is not None:
+        model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
+    if cfg.dropout is not None:
+        model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
+    return ck, base, model_cfg
+
+
+def build_model(model_cfg, cfg, env, base, ck, resume):
+    """The reference model on env.device: fresh (pretrain), or the base checkpoint's weights (sft,
+    lora and pretrain with init_from), with a resumed run's own weights on top; mode lora freezes
+    the base and adds adapters. Returns the model and, for lora, the identity of its base."""
+    # On a GPU the weights are made there: a multi-billion-parameter model (bench_multi_gpu.sh) would
+    # otherwise spend minutes being initialised and copied from host memory, on every rank.
+    with torch.device(env.device) if env.device_type == "cuda" else nullcontext():
+        model = Transformer(model_cfg)
+    if base is not None:
+        model.load_state_dict(base["model"])
+    lora_base = None  # mode lora: the identity of the frozen base, recorded in every adapter checkpoint
+    if cfg.mode == "lora":
+        lora_base = {"model_config": base["model_config"], "fingerprint": weights_fingerprint(
+            base["model_config"], base["model"]), "path": cfg.init_from}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        add_lora(model, cfg.lora_config())  # only the adapters train (and reach the optimizer)
+    if ck is not None:
+        if cfg.mode == "lora":
+            if ck.get("base", {}).get("fingerprint") != lora_base["fingerprint"]:
+                raise ConfigError(f"{resume} is an adapter for another base than {cfg.init_from}")
+            model.load_state_dict(ck["adapter"], strict=False)
+        else:
+            model.load_state_dict(ck["model"])
+    model.checkpoint_layers = cfg.activation_checkpointing
+    return model.to(env.device), lora_base
 
 
 def lr_at(step, cfg: TrainConfig):
@@ -415,6 +475,231 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
+
+def precision(env, cuda_graph):
+    """The float16 loss scaler (off for other dtypes) and the autocast context of env.dtype."""
+    scaler = torch.amp.GradScaler(env.device_type, enabled=(env.dtype == "float16"))
+    # (under cuda_graph without autocast's weight cache: a cache made during capture cannot outlive it)
+    autocast = (torch.autocast(env.device_type, dtype=getattr(torch, env.dtype), cache_enabled=not cuda_graph)
+                if env.dtype != "float32" else nullcontext())
+    return scaler, autocast
+
+
+def step_model(model, cfg, env, use_fast):
+    """What a training step calls: the reference model, or the fast path built from it
+    (fast.FastTransformer), compiled if asked, wrapped for DDP under torchrun."""
+    if use_fast:
+        model = fast.FastTransformer(model, cfg.fp8, cfg.fp8_fast_accum)
+        if cfg.fp8 in ("blocks", "all") and env.device_type == "cuda":
+            fast.cublaslt_without_workspace()
+    if cfg.compile:
+        model = torch.compile(model, options=fast.compile_options(cfg))
+    if env.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+    return model
+
+
+# ---------------------------------------------------------------------------
+# One training run: its parts, and how it resumes
+
+
+@dataclass
+class Run:
+    """What one training run holds, for the functions below: configs, data, the model (the
+    reference, unwrapped) and what a step calls, the optimizer, and the progress that resume restores."""
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    env: Env
+    data: object  # PretrainData or SFTData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: object
+    sampler: torch.Generator  # draws every batch: seeded the same on every rank
+    lora_base: Optional[dict] = None
+    engine: object = None  # the DeepSpeed engine (train_ds.py), which then runs the model and the step
+    step_model: object = None  # what a step calls: the fast path, compiled, DDP or the DeepSpeed engine
+    step: int = 0
+    best_val: float = float("inf")
+    tokens_seen: int = 0
+    data_on_device: bool = False  # the token files copied into GPU memory (train config data_on_device)
+    flops_per_token: int = 0  # for MFU, counted before ZeRO-3 partitions the parameters
+    n_params: int = 0
+
+    def to_device(self, x):
+        if x.device.type == self.env.device_type:
+            return x
+        if self.env.device_type == "cuda":
+            return x.pin_memory().to(self.env.device, non_blocking=True)
+        return x.to(self.env.device)
+
+
+def restore(run, ck):
+    """Continue from checkpoint ck: optimizer, loss scaler, progress, and the sampler's and this
+    rank's RNG state, so that the run goes on exactly as if it had not stopped."""
+    rank, optimizer = run.env.rank, run.optimizer
+    optimizer.load_state_dict(ck["optimizer"])
+    for group in optimizer.param_groups:  # a number, or a GPU tensor for a capturable optimizer
+        lr = float(group["lr"])
+        group["lr"] = torch.tensor(lr, device=run.env.device) if run.cfg.cuda_graph else lr
+    if ck.get("scaler"):
+        run.scaler.load_state_dict(ck["scaler"])
+    run.step, run.best_val, run.tokens_seen = ck["step"], ck["best_val_loss"], ck["tokens_seen"]
+    run.sampler.set_state(ck["rng"]["sampler"])
+    torch.set_rng_state(ck["rng"]["torch"][rank] if rank < len(ck["rng"]["torch"]) else ck["rng"]["torch"][0])
+    if run.env.device_type == "cuda" and ck["rng"].get("cuda"):
+        torch.cuda.set_rng_state(ck["rng"]["cuda"][min(rank, len(ck["rng"]["cuda"]) - 1)].cpu())
+
+
+def next_batches(run):
+    """This rank's micro-batches of the next optimizer step, on the device. One generator draws the
+    offsets of all grad_accum micro-batches; rank r takes micro-batches r, r+world, ... So ranks
+    read disjoint data and a DDP run sees exactly the batches of a single-process run."""
+    cfg, env = run.cfg, run.env
+    starts = torch.randint(run.data.num_windows("train"), (cfg.grad_accum, cfg.batch_size), generator=run.sampler)
+    if run.data_on_device and env.device_type == "cuda":
+        starts = starts.pin_memory().to(env.device, non_blocking=True)  # (pageable would wait for the GPU)
+    batches = [run.data.batch("train", starts[env.rank + micro * env.world]) for micro in range(cfg.grad_accum // env.world)]
+    return [(run.to_device(x), run.to_device(y)) for x, y in batches]
+
+
+def evaluate(run):
+    return eval_loss(run.model, run.data, run.cfg.eval_iters * run.cfg.batch_size, run.cfg.batch_size,
+                     run.autocast, run.to_device)
+
+
+# ---------------------------------------------------------------------------
+# A training step: forward and backward over the micro-batches, clipping, the optimizer step
+
+
+def forward_backward(run, batches):
+    """The micro-steps of one optimizer step (this rank's share of grad_accum); the mean loss."""
+    cfg, world, model = run.cfg, run.env.world, run.step_model
+    loss_sum = torch.zeros((), device=run.env.device)
+    for micro, (x, y) in enumerate(batches):
+        if run.engine is not None:  # DeepSpeed scales for accumulation, syncs, clips and steps itself
+            _, loss = run.engine(x, y)
+            run.engine.backward(loss)
+            run.engine.step()
+            loss_sum += loss.detach().float() / cfg.grad_accum * world
+            continue
+        last_micro = micro == len(batches) - 1
+        with model.no_sync() if (world > 1 and not last_micro) else nullcontext():  # DDP: sync once
+            with run.autocast:
+                _, loss = model(x, y)
+            loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
+            run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def update(run, params):
+    """Clip and take the optimizer step (gradients are left for the caller to clear); the grad norm."""
+    if run.engine is not None:
+        grad_norm = run.engine.get_global_grad_norm()
+        return None if grad_norm is None else torch.as_tensor(float(grad_norm))
+    return clip_and_step(run.optimizer, params, run.cfg.grad_clip, run.scaler)
+
+
+def eager_step(run, params, batches):
+    """One optimizer step, run op by op: (mean loss, grad norm) as tensors."""
+    loss_sum = forward_backward(run, batches)
+    grad_norm = update(run, params)
+    if run.engine is None:  # (DeepSpeed's step clears its own)
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+class CudaGraphStep:
+    """train config cuda_graph: the first WARMUP steps run eagerly on a side stream (compilation,
+    cuBLAS workspaces, optimizer state), then one whole step (every micro-step's forward and
+    backward, clipping, AdamW) is captured once and replayed: one launch per step instead of
+    hundreds of kernels, which is what a small model on a large GPU waits for. Replays read the
+    batch from fixed input buffers and write the gradients into the tensors made during capture, so
+    the gradients are not cleared between replays (the captured backward overwrites them)."""
+    WARMUP = 3
+
+    def __init__(self, run, params):
+        self.run, self.params = run, params
+        self.graph = self.inputs = self.outputs = None  # the graph, its input buffers and its outputs
+        self.eager_steps = 0
+        self.side_stream = torch.cuda.Stream()
+
+    def __call__(self, batches):
+        if self.graph is not None:
+            for (x, y), (gx, gy) in zip(batches, self.inputs):
+                gx.copy_(x, non_blocking=True)
+                gy.copy_(y, non_blocking=True)
+            self.graph.replay()
+        elif self.eager_steps < self.WARMUP:
+            self.eager_steps += 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                out = eager_step(self.run, self.params, batches)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return out
+        else:
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records, does not run: the replay below runs this step
+                self.outputs = (forward_backward(self.run, batches), update(self.run, self.params))
+            self.inputs = batches
+            self.graph.replay()
+        return self.outputs
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and logs
+
+
+def training_state(run, val_loss):
+    """The checkpoint dict of the run now: weights (or a LoRA run's adapters), configs, tokenizer,
+    optimizer, scaler, progress and every RNG. A collective under DDP: every rank calls it."""
+    cfg, env = run.cfg, run.env
+    rng_torch = [torch.get_rng_state()]
+    rng_cuda = [torch.cuda.get_rng_state()] if env.device_type == "cuda" else None
+    if env.world > 1:  # every rank's dropout RNG, so that resume continues each rank's stream
+        gathered = [None] * env.world
+        dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
+        rng_torch = [g[0] for g in gathered]
+        rng_cuda = [g[1] for g in gathered] if rng_cuda else None
+    training = {
+        "train_config": asdict(cfg), "tokenizer": run.data.tokenizer_spec,
+        "data_meta": {k: run.data.meta[k] for k in ("fingerprint", "vocab_size")},
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "step": run.step, "best_val_loss": run.best_val, "val_loss": val_loss, "tokens_seen": run.tokens_seen,
+        "rng": {"torch": rng_torch, "cuda": rng_cuda, "sampler": run.sampler.get_state()},
+    }
+    if cfg.mode == "lora":  # adapter-only: the base stays where init_from points
+        return adapter_checkpoint(run.model, run.lora_base["model_config"], run.lora_base["fingerprint"],
+                                  extra={**training, "model_config": run.model_cfg.to_dict()})
+    return {"format": "nano-checkpoint", "version": 1, "model_config": run.model_cfg.to_dict(),
+            "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, **training}
+
+
+def save(run, val_loss=None, best=False):
+    """Write last.pt (and best.pt, a LoRA run's adapter.pt, step_N.pt where due)."""
+    cfg = run.cfg
+    if not cfg.save_checkpoints:
+        return
+    if run.engine is not None:
+        return save_deepspeed(run, val_loss, best)
+    st = training_state(run, val_loss)
+    if not run.env.master:
+        return
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
+    if best:
+        save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
+        if cfg.mode == "lora":  # the adapter alone, without training state: the file to share
+            slim = {k: st[k] for k in ("format", "version", "lora_config", "base", "adapter", "tokenizer")}
+            save_checkpoint(slim, os.path.join(cfg.out_dir, "adapter.pt"))
+    if cfg.save_interval and run.step % cfg.save_interval == 0:
+        save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{run.step}.pt"))
+
+
 class Logger:
     """Plain-text log (out_dir/train.log) plus TensorBoard scalars; only the master process writes."""
 
@@ -446,6 +731,65 @@ class Logger:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+class Throughput:
+    """Tokens/s and ms/step over the steps since the last log line (evaluation time left out)."""
+
+    def __init__(self, step):
+        self.reset(step)
+
+    def reset(self, step):
+        self.time, self.step = time.time(), step
+
+    def measure(self, step, tokens_per_step):
+        dt, steps = time.time() - self.time, max(1, step - self.step)
+        self.reset(step)
+        return steps * tokens_per_step / max(dt, 1e-9), 1000 * dt / steps
+
+
+def log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats):
+    """The step's log line and TensorBoard scalars (.item() syncs with the GPU: only at log time)."""
+    if run.env.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    loss = loss_sum.item()
+    tokens_per_step = run.cfg.batch_size * run.cfg.grad_accum * run.model_cfg.block_size
+    tok_s, ms = throughput.measure(run.step, tokens_per_step)
+    mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None  # per device
+    gn = grad_norm.item() if grad_norm is not None else None
+    log.line(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {gn if gn is None else f'{gn:.3f}'} | "
+             f"{tok_s:,.0f} tok/s | {ms:.1f} ms/step" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
+    log.scalars(run.step, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
+                             "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
+    if stats is not None:
+        stats.append({"step": run.step, "loss": loss, "tokens_per_sec": tok_s, "ms_per_step": ms, "mfu": mfu})
+
+
+def eval_and_save(run, log):
+    """Evaluate (rank 0; under ZeRO-3 every rank, a collective forward), log, checkpoint as the
+    config says; whether the run reached its target_val_loss."""
+    cfg = run.cfg
+    val = evaluate(run) if (run.env.master or run.engine is not None) else None
+    if run.env.world > 1:
+        box = [val]
+        dist.broadcast_object_list(box, src=0)
+        val = box[0]
+    best = val < run.best_val
+    run.best_val = min(run.best_val, val)
+    log.line(f"eval step {run.step} | val loss {val:.4f} | best {run.best_val:.4f} | "
+             f"{time.time() - PROCESS_START:.1f} s since start")
+    log.scalars(run.step, **{"val/loss": val})
+    reached = cfg.target_val_loss is not None and val <= cfg.target_val_loss
+    if cfg.save_on_eval or run.step == cfg.max_iters or reached:
+        save(run, val, best)
+    if reached:
+        log.line(f"reached target val loss {cfg.target_val_loss} at step {run.step}, "
+                 f"{time.time() - PROCESS_START:.1f} s after process start")
+    return reached
+
+
+# ---------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 (train_ds.py): the engine runs the model, the backward and the optimizer step
 
 
 def deepspeed_batch_config(ds, cfg: TrainConfig, world):
@@ -492,8 +836,96 @@ def consolidate_deepspeed(ds_dir, tag="last"):
             "model": {k: v.detach().float().contiguous().cpu() for k, v in state.items()}}
 
 
+
+def deepspeed_engine(run, ds_config):
+    """Hand the model (and Nano's optimizer, unless the config names DeepSpeed's own) to a
+    DeepSpeed engine; the run then trains in the engine's precision."""
+    import deepspeed
+    if run.cfg.mode == "lora":
+        raise ConfigError("LoRA trains a few parameters and gains nothing from ZeRO-3: use train.py or train_ddp.py")
+    ds_config = deepspeed_batch_config(ds_config, run.cfg, run.env.world)
+    if "optimizer" in ds_config:  # DeepSpeed's own (e.g. its CPU Adam when the optimizer is offloaded)
+        run.engine, run.optimizer, _, _ = deepspeed.initialize(
+            model=run.model, model_parameters=param_groups(run.model, run.cfg), config=ds_config)
+    else:
+        run.engine, run.optimizer, _, _ = deepspeed.initialize(model=run.model, optimizer=run.optimizer,
+                                                               config=ds_config)
+    run.env.dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else (
+        "float16" if ds_config.get("fp16", {}).get("enabled") else "float32")
+    run.autocast = nullcontext()  # the engine keeps the model in its own precision
+    run.step_model = run.engine
+
+
+def restore_deepspeed(run, out_dir):
+    """Resume from DeepSpeed's own sharded checkpoint in out_dir/ds (model, optimizer, ...)."""
+    _, client = run.engine.load_checkpoint(os.path.join(out_dir, "ds"), tag="last")
+    if client is None:
+        raise ConfigError(f"no DeepSpeed checkpoint to resume in {out_dir}/ds")
+    run.step, run.best_val, run.tokens_seen = client["step"], client["best_val_loss"], client["tokens_seen"]
+    run.sampler.set_state(client["sampler"])
+    torch.set_rng_state(client["torch_rng"][min(run.env.rank, len(client["torch_rng"]) - 1)])
+
+
+def save_deepspeed(run, val_loss, best):
+    """Every rank writes its shard (resumable); rank 0 then consolidates Nano's plain checkpoint."""
+    cfg, world = run.cfg, run.env.world
+    ds_dir = os.path.join(cfg.out_dir, "ds")
+    rngs = [None] * world
+    dist.all_gather_object(rngs, torch.get_rng_state())
+    client = {"step": run.step, "best_val_loss": run.best_val, "tokens_seen": run.tokens_seen,
+              "sampler": run.sampler.get_state(), "torch_rng": rngs}
+    run.engine.save_checkpoint(ds_dir, tag="last", client_state=client)
+    dist.barrier()  # all shards on disk before rank 0 reads them
+    if not run.env.master:
+        return
+    write_json({"model_config": run.model_cfg.to_dict(), "tokenizer": run.data.tokenizer_spec,
+                "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
+    st = consolidate_deepspeed(ds_dir, "last")
+    st.update(step=run.step, val_loss=val_loss, best_val_loss=run.best_val, tokens_seen=run.tokens_seen)
+    save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
+    if best:
+        save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
+    if cfg.save_interval and run.step % cfg.save_interval == 0:
+        save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{run.step}.pt"))
+
+
 # ---------------------------------------------------------------------------
 # The training loop
+
+
+def prepare(model_cfg, cfg, resume, ds_config):
+    """Everything a run needs before its first step (the Run), from the configs, the data and, when
+    resuming, the checkpoint."""
+    env = setup_env(cfg)
+    deepspeed = ds_config is not None
+    use_fast = check_devices(cfg, env, deepspeed)
+    ck, base, model_cfg = starting_point(model_cfg, cfg, resume, deepspeed)
+    data = open_data(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+    if base is not None and base.get("tokenizer") != data.tokenizer_spec:
+        raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
+                          f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
+    model, lora_base = build_model(model_cfg, cfg, env, base, ck, resume)
+    del base
+    optimizer = make_optimizer(model, cfg, env.device, capturable=cfg.cuda_graph)
+    scaler, autocast = precision(env, cfg.cuda_graph)
+    run = Run(cfg, model_cfg, env, data, model, optimizer, scaler, autocast,
+              sampler=torch.Generator().manual_seed(cfg.seed), lora_base=lora_base,
+              flops_per_token=model.flops_per_token(), n_params=model.num_params())  # (before ZeRO-3 partitions them)
+    if deepspeed:
+        deepspeed_engine(run, ds_config)
+    if ck is not None:
+        restore(run, ck)
+    if deepspeed and resume:
+        restore_deepspeed(run, resume)
+    if not deepspeed:
+        run.step_model = step_model(model, cfg, env, use_fast)
+    on_device = {"true": True, "false": False}.get(cfg.data_on_device)
+    if on_device is None:
+        on_device = env.device_type == "cuda" and isinstance(data, PretrainData) and data.nbytes() < 2 ** 30
+    if on_device:
+        data.to_device(env.device)
+        run.data_on_device = True
+    return run
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None,
@@ -505,368 +937,66 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     the gradient sync and the optimizer step; `resume` is then the run's out_dir. `stats`: a list
     that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it;
     `profiler`: a torch.profiler.profile whose step() is called after every optimizer step."""
-    rank, local_rank, world = init_distributed()
-    master = rank == 0
-    device = pick_device(cfg.device)
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = pick_dtype(cfg.dtype, device)
-    if cfg.grad_accum % world:
-        raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the "
-                          f"number of processes ({world})")
-    local_accum = cfg.grad_accum // world
-
-    torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; data sampling is shared (below)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    # The model: fresh (pretrain), or the base checkpoint's config and weights (sft, lora and
-    # pretrain with init_from); a resumed run restores its own weights on top below.
-    ck = load_training_state(resume) if (resume and ds_config is None) else None
-    base = load_checkpoint(cfg.init_from) if cfg.init_from else None
-    if base is not None:
-        model_cfg = ModelConfig.from_dict(base["model_config"], f"{cfg.init_from}: model_config")
-    elif ck is not None:
-        model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
-    if cfg.dropout is not None:
-        model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
-    data = open_data(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
-    if base is not None and base.get("tokenizer") != data.tokenizer_spec:
-        raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
-                          f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
-
-    # On a GPU the weights are made there: a multi-billion-parameter model (bench_multi_gpu.sh) would
-    # otherwise spend minutes being initialised and copied from host memory, on every rank.
-    with torch.device(device) if device_type == "cuda" else nullcontext():
-        model = Transformer(model_cfg)
-    if base is not None:
-        model.load_state_dict(base["model"])
-    lora_base = None  # mode lora: the identity of the frozen base, recorded in every adapter checkpoint
-    if cfg.mode == "lora":
-        lora_base = {"model_config": base["model_config"], "fingerprint": weights_fingerprint(
-            base["model_config"], base["model"]), "path": cfg.init_from}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        add_lora(model, cfg.lora_config())  # only the adapters train (and reach the optimizer)
-    if ck is not None:
-        if cfg.mode == "lora":
-            if ck.get("base", {}).get("fingerprint") != lora_base["fingerprint"]:
-                raise ConfigError(f"{resume} is an adapter for another base than {cfg.init_from}")
-            model.load_state_dict(ck["adapter"], strict=False)
-        else:
-            model.load_state_dict(ck["model"])
-    del base
-    model.checkpoint_layers = cfg.activation_checkpointing
-    model.set_fp8(cfg.fp8, cfg.fp8_fast_accum)
-    fp8_device = device_type == "cpu" or (device_type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
-    if cfg.fp8 != "off" and (ds_config is not None or not fp8_device):  # (the CPU runs float8 products too: tests)
-        raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
-                          f"or the CPU, and train.py or train_ddp.py (here: device {device}"
-                          f"{', DeepSpeed' if ds_config is not None else ''}); turn it off with --set fp8=off")
-    if cfg.fp8 in ("blocks", "all") and device_type == "cuda":
-        # The blocks' float8 products go through cuBLASLt. Given a workspace, it picks kernels that
-        # clear part of it before each product: a memset and a few microseconds' gap, about 100 times
-        # a step for the 124M config. Without one it picks kernels that need none: +1.5% (124M
-        # fp8=all); for bf16 and fp8=head steps it made no difference (docs/BENCHMARKS.md). torch
-        # reads the size at its first cuBLASLt product, so it holds for the whole process from then.
-        os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
-    model.to(device)
-    n_params, flops_per_token = model.num_params(), model.flops_per_token()  # before ZeRO-3 partitions them
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    use_graph = cfg.cuda_graph
-    if use_graph and (device_type != "cuda" or world > 1 or ds_config is not None):
-        raise ConfigError("train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed "
-                          f"(here: device {device}, {world} processes{', DeepSpeed' if ds_config else ''}); "
-                          "turn it off with --set cuda_graph=false")
-    optimizer = make_optimizer(model, cfg, device, capturable=use_graph)
-    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    # (under cuda_graph without autocast's weight cache: a cache made during capture cannot outlive it)
-    autocast = (torch.autocast(device_type, dtype=getattr(torch, dtype), cache_enabled=not use_graph)
-                if dtype != "float32" else nullcontext())
-    engine = None
-    if ds_config is not None:
-        if cfg.mode == "lora":
-            raise ConfigError("LoRA trains a few parameters and gains nothing from ZeRO-3: use train.py or train_ddp.py")
-        import deepspeed
-        ds_config = deepspeed_batch_config(ds_config, cfg, world)
-        if "optimizer" in ds_config:  # DeepSpeed's own (e.g. its CPU Adam when the optimizer is offloaded)
-            engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg),
-                                                           config=ds_config)
-        else:
-            engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else (
-            "float16" if ds_config.get("fp16", {}).get("enabled") else "float32")
-        autocast = nullcontext()  # the engine keeps the model in its own precision
-
-    # The sampler: one generator, seeded the same on every rank, draws the offsets of all
-    # grad_accum micro-batches of a step; rank r takes micro-batches r, r+world, ... So ranks read
-    # disjoint data and a DDP run sees exactly the batches of a single-process run.
-    sampler = torch.Generator().manual_seed(cfg.seed)
-    step, best_val, tokens_seen = 0, float("inf"), 0
-    if ck is not None:
-        optimizer.load_state_dict(ck["optimizer"])
-        for group in optimizer.param_groups:  # a number, or a GPU tensor for a capturable optimizer
-            lr = float(group["lr"])
-            group["lr"] = torch.tensor(lr, device=device) if use_graph else lr
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, best_val, tokens_seen = ck["step"], ck["best_val_loss"], ck["tokens_seen"]
-        sampler.set_state(ck["rng"]["sampler"])
-        torch.set_rng_state(ck["rng"]["torch"][rank] if rank < len(ck["rng"]["torch"]) else ck["rng"]["torch"][0])
-        if device_type == "cuda" and ck["rng"].get("cuda"):
-            torch.cuda.set_rng_state(ck["rng"]["cuda"][min(rank, len(ck["rng"]["cuda"]) - 1)].cpu())
-
-    if engine is not None and resume:  # DeepSpeed's own sharded checkpoint (model, optimizer, ...)
-        _, client = engine.load_checkpoint(os.path.join(resume, "ds"), tag="last")
-        if client is None:
-            raise ConfigError(f"no DeepSpeed checkpoint to resume in {resume}/ds")
-        step, best_val, tokens_seen = client["step"], client["best_val_loss"], client["tokens_seen"]
-        sampler.set_state(client["sampler"])
-        torch.set_rng_state(client["torch_rng"][min(rank, len(client["torch_rng"]) - 1)])
-
-    raw_model = model
-    if cfg.compile and engine is None:
-        model = torch.compile(model, options=compile_options(cfg))
-    if engine is not None:
-        model = engine
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-
-    log = Logger(cfg.out_dir, master and not quiet, cfg.tensorboard)
-    peak = peak_flops_for(device, cfg.peak_flops)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.block_size
-    if master and not quiet:
-        log.line(f"mode {cfg.mode} | model: {n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M "
-                 f"trained | device {device} {dtype} | "
-                 f"world {world} | {tokens_per_step} tokens/step | "
-                 f"{'resume from ' + resume + ' at step ' + str(step) if resume else 'fresh start'}")
-
-    on_device = {"true": True, "false": False}.get(cfg.data_on_device)
-    if on_device is None:
-        on_device = device_type == "cuda" and isinstance(data, PretrainData) and data.nbytes() < 2 ** 30
-    if on_device:
-        data.to_device(device)
-
-    def to_device(x):
-        if x.device.type == device_type:
-            return x
-        if device_type == "cuda":
-            return x.pin_memory().to(device, non_blocking=True)
-        return x.to(device)
-
-    def evaluate():
-        return eval_loss(raw_model, data, cfg.eval_iters * cfg.batch_size, cfg.batch_size, autocast, to_device)
-
-    def deepspeed_checkpoint(val_loss, best):
-        """Every rank writes its shard (resumable); rank 0 then consolidates Nano's plain checkpoint."""
-        ds_dir = os.path.join(cfg.out_dir, "ds")
-        rngs = [None] * world
-        dist.all_gather_object(rngs, torch.get_rng_state())
-        client = {"step": step, "best_val_loss": best_val, "tokens_seen": tokens_seen,
-                  "sampler": sampler.get_state(), "torch_rng": rngs}
-        engine.save_checkpoint(ds_dir, tag="last", client_state=client)
-        dist.barrier()  # all shards on disk before rank 0 reads them
-        if not master:
-            return
-        write_json({"model_config": model_cfg.to_dict(), "tokenizer": data.tokenizer_spec,
-                    "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
-        st = consolidate_deepspeed(ds_dir, "last")
-        st.update(step=step, val_loss=val_loss, best_val_loss=best_val, tokens_seen=tokens_seen)
-        save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
-        if best:
-            save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
-        if cfg.save_interval and step % cfg.save_interval == 0:
-            save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{step}.pt"))
-
-    def state(val_loss):
-        rng_torch = [torch.get_rng_state()]
-        rng_cuda = [torch.cuda.get_rng_state()] if device_type == "cuda" else None
-        if world > 1:  # every rank's dropout RNG, so that resume continues each rank's stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
-            rng_torch = [g[0] for g in gathered]
-            rng_cuda = [g[1] for g in gathered] if rng_cuda else None
-        training = {
-            "train_config": asdict(cfg), "tokenizer": data.tokenizer_spec,
-            "data_meta": {k: data.meta[k] for k in ("fingerprint", "vocab_size")},
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "step": step, "best_val_loss": best_val, "val_loss": val_loss, "tokens_seen": tokens_seen,
-            "rng": {"torch": rng_torch, "cuda": rng_cuda, "sampler": sampler.get_state()},
-        }
-        if cfg.mode == "lora":  # adapter-only: the base stays where init_from points
-            return adapter_checkpoint(raw_model, lora_base["model_config"], lora_base["fingerprint"],
-                                      extra={**training, "model_config": model_cfg.to_dict()})
-        return {"format": "nano-checkpoint", "version": 1, "model_config": model_cfg.to_dict(),
-                "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}, **training}
-
-    def checkpoint(val_loss=None, best=False):
-        if not cfg.save_checkpoints:
-            return
-        if engine is not None:
-            return deepspeed_checkpoint(val_loss, best)
-        st = state(val_loss)  # collective under DDP: every rank takes part
-        if not master:
-            return
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
-        if best:
-            save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
-            if cfg.mode == "lora":  # the adapter alone, without training state: the file to share
-                slim = {k: st[k] for k in ("format", "version", "lora_config", "base", "adapter", "tokenizer")}
-                save_checkpoint(slim, os.path.join(cfg.out_dir, "adapter.pt"))
-        if cfg.save_interval and step % cfg.save_interval == 0:
-            save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{step}.pt"))
-
-    if cfg.mode in ("sft", "lora") and step == 0:
+    run = prepare(model_cfg, cfg, resume, ds_config)
+    env = run.env
+    log = Logger(cfg.out_dir, env.master and not quiet, cfg.tensorboard)
+    peak = peak_flops_for(env.device, cfg.peak_flops)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
+    n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained | "
+             f"device {env.device} {env.dtype} | world {env.world} | {tokens_per_step} tokens/step | "
+             f"{'resume from ' + resume + ' at step ' + str(run.step) if resume else 'fresh start'}")
+    if cfg.mode in ("sft", "lora") and run.step == 0:
         # the base model's held-out answer loss: the "before" that fine-tuning is measured against
-        val0 = evaluate() if (master or engine is not None) else None
+        val0 = evaluate(run) if (env.master or run.engine is not None) else None
         if val0 is not None:
             log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
             log.scalars(0, **{"val/loss": val0})
 
-    def forward_backward(batches):
-        """The micro-steps of one optimizer step (this rank's share of grad_accum); the mean loss."""
-        loss_sum = torch.zeros((), device=device)
-        for micro, (x, y) in enumerate(batches):
-            if engine is not None:  # DeepSpeed scales for accumulation, syncs, clips and steps itself
-                _, loss = engine(x, y)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach().float() / cfg.grad_accum * world
-                continue
-            last_micro = micro == len(batches) - 1
-            sync = model.no_sync() if (world > 1 and not last_micro) else nullcontext()
-            with sync:
-                with autocast:
-                    _, loss = model(x, y)
-                loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        return loss_sum
-
-    clip_params = list(raw_model.parameters())
-
-    def update():
-        """Clip and take the optimizer step (gradients are left for the caller to clear); the grad norm."""
-        if engine is not None:
-            grad_norm = engine.get_global_grad_norm()
-            return None if grad_norm is None else torch.as_tensor(float(grad_norm))
-        return clip_and_step(optimizer, clip_params, cfg.grad_clip, scaler)
-
-    # cuda_graph: the first GRAPH_WARMUP steps run eagerly on a side stream (compilation, cuBLAS
-    # workspaces, optimizer state), then one whole step (every micro-step's forward and backward,
-    # clipping, AdamW) is captured once and replayed: one launch per step instead of hundreds of
-    # kernels, which is what a small model on a large GPU waits for. Replays read the batch from fixed
-    # input buffers and write the gradients into the tensors made during capture, so the gradients
-    # are not cleared between replays (the captured backward overwrites them).
-    GRAPH_WARMUP = 3
-    graph = graph_batches = graph_loss = graph_norm = None  # the graph, its inputs and outputs
-    side_stream = torch.cuda.Stream() if use_graph else None
-
-    model.train()
-    t_last, step_last, interrupted, steps_run = time.time(), step, False, 0
+    params = list(run.model.parameters())  # what clipping measures
+    take_step = CudaGraphStep(run, params) if cfg.cuda_graph else lambda batches: eager_step(run, params, batches)
+    throughput = Throughput(run.step)
+    run.step_model.train()
+    interrupted = False
     try:
-        while step < cfg.max_iters:
-            lr = lr_at(step, cfg)
-            set_lr(optimizer, lr)
-            starts = torch.randint(data.num_windows("train"), (cfg.grad_accum, cfg.batch_size), generator=sampler)
-            if on_device and device_type == "cuda":  # from pinned memory: a pageable copy would wait for the GPU
-                starts = starts.pin_memory().to(device, non_blocking=True)
-            batches = [data.batch("train", starts[rank + micro * world]) for micro in range(local_accum)]
-            batches = [(to_device(x), to_device(y)) for x, y in batches]
-            if graph is not None:
-                for (x, y), (gx, gy) in zip(batches, graph_batches):
-                    gx.copy_(x, non_blocking=True)
-                    gy.copy_(y, non_blocking=True)
-                graph.replay()
-                loss_sum, grad_norm = graph_loss, graph_norm
-            elif use_graph and steps_run >= GRAPH_WARMUP:
-                torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # records, does not run: the replay below runs this step
-                    graph_loss = loss_sum = forward_backward(batches)
-                    graph_norm = grad_norm = update()
-                graph_batches = batches
-                graph.replay()
-            else:
-                if use_graph:
-                    side_stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side_stream) if use_graph else nullcontext():
-                    loss_sum = forward_backward(batches)
-                    grad_norm = update()
-                    if engine is None:  # (DeepSpeed's step clears its own)
-                        optimizer.zero_grad(set_to_none=True)
-                if use_graph:
-                    torch.cuda.current_stream().wait_stream(side_stream)
-            steps_run += 1
+        while run.step < cfg.max_iters:
+            lr = lr_at(run.step, cfg)
+            set_lr(run.optimizer, lr)
+            loss_sum, grad_norm = take_step(next_batches(run))
             if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
                 profiler.step()
-            step += 1
-            tokens_seen += tokens_per_step
+            run.step += 1
+            run.tokens_seen += tokens_per_step
 
-            if step % cfg.log_interval == 0 or step == cfg.max_iters:
-                if world > 1:
-                    dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-                loss_val = loss_sum.item()  # .item() syncs: done only at log time
-                dt = time.time() - t_last
-                tok_s = (step - step_last) * tokens_per_step / max(dt, 1e-9)
-                mfu = flops_per_token * tok_s / (peak * world) if peak else None  # per device
-                gn = grad_norm.item() if grad_norm is not None else None
-                log.line(f"step {step} | loss {loss_val:.4f} | lr {lr:.2e} | grad_norm "
-                         f"{gn if gn is None else f'{gn:.3f}'} | {tok_s:,.0f} tok/s | "
-                         f"{1000 * dt / max(1, step - step_last):.1f} ms/step"
-                         + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-                log.scalars(step, **{"train/loss": loss_val, "train/lr": lr, "train/grad_norm": gn,
-                                     "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
-                if stats is not None:
-                    stats.append({"step": step, "loss": loss_val, "tokens_per_sec": tok_s,
-                                  "ms_per_step": 1000 * dt / max(1, step - step_last), "mfu": mfu})
-                t_last, step_last = time.time(), step
-
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                val = evaluate() if (master or engine is not None) else None  # ZeRO-3: a collective forward
-                if world > 1:
-                    box = [val]
-                    dist.broadcast_object_list(box, src=0)
-                    val = box[0]
-                best = val < best_val
-                best_val = min(best_val, val)
-                log.line(f"eval step {step} | val loss {val:.4f} | best {best_val:.4f} | "
-                         f"{time.time() - PROCESS_START:.1f} s since start")
-                log.scalars(step, **{"val/loss": val})
-                if cfg.save_on_eval or step == cfg.max_iters:
-                    checkpoint(val, best)
-                t_last = time.time()  # evaluation time is not training throughput
-                if cfg.target_val_loss is not None and val <= cfg.target_val_loss:
-                    if not cfg.save_on_eval:
-                        checkpoint(val, best)
-                    log.line(f"reached target val loss {cfg.target_val_loss} at step {step}, "
-                             f"{time.time() - PROCESS_START:.1f} s after process start")
-                    break
-                saved = cfg.save_on_eval or step == cfg.max_iters
-            elif cfg.save_interval and step % cfg.save_interval == 0:
-                checkpoint()
+            if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
+                log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats)
+            saved = False
+            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
+                if eval_and_save(run, log):
+                    break  # reached target_val_loss
+                saved = cfg.save_on_eval or run.step == cfg.max_iters
+                throughput.reset(run.step)  # evaluation time is not training throughput
+            elif cfg.save_interval and run.step % cfg.save_interval == 0:
+                save(run)
                 saved = True
-            else:
-                saved = False
-            if stop_at is not None and step >= stop_at and step < cfg.max_iters:
+            if stop_at is not None and stop_at <= run.step < cfg.max_iters:
                 if not saved:
-                    checkpoint()
-                log.line(f"stopped at step {step} (--stop-at); continue with --resume")
+                    save(run)
+                log.line(f"stopped at step {run.step} (--stop-at); continue with --resume")
                 break
     except KeyboardInterrupt:
         interrupted = True
-        log.line(f"interrupted at step {step}: writing {cfg.out_dir}/last.pt")
-        checkpoint()
+        log.line(f"interrupted at step {run.step}: writing {cfg.out_dir}/last.pt")
+        save(run)
     finally:
         log.close()
     if interrupted:
         sys.exit(130)
-    return raw_model
+    return run.model
+
+
+# ---------------------------------------------------------------------------
+# Command line
 
 
 def build_parser(description="Train a Nano model (pretrain / sft / lora)."):
@@ -908,10 +1038,10 @@ def load_configs(args):
 
 
 def main(argv=None):
-    run(build_parser().parse_args(argv))
+    cli(build_parser().parse_args(argv))
 
 
-def run(args, load_ds_config=None):
+def cli(args, load_ds_config=None):
     """Load the configs named on the command line and train; user errors exit with code 2."""
     code = 0
     try:

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
 
 import train  # noqa: E402
-from model import ConfigError, read_json  # noqa: E402
+from files import ConfigError, read_json  # noqa: E402
 
 
 def load_ds_config(path):
@@ -66,7 +66,7 @@ def main(argv=None):
             sys.exit(2)
         print(f"wrote {args.output}")
         return
-    train.run(args, load_ds_config=lambda: load_ds_config(args.deepspeed_config))
+    train.cli(args, load_ds_config=lambda: load_ds_config(args.deepspeed_config))
 
 
 if __name__ == "__main__":

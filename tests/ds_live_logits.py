@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
 import train_ds  # noqa: E402
-from model import ModelConfig, load_json  # noqa: E402
+from files import load_json  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 model_json, train_json, ds_json, out = sys.argv[1:5]
 model_cfg = load_json(model_json, ModelConfig)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from model import ConfigError
+from files import ConfigError
 from train import TrainConfig, deepspeed_batch_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +97,8 @@ def test_zero3_trains_checkpoints_resumes_and_consolidates(setup, single):
     consolidated = weights(setup / "zero3" / "last.pt")
     assert_same_weights(consolidated, one_weights, atol=1e-5)  # same curve as one process
     # the consolidated checkpoint gives the live engine's logits in infer.py's loader
-    from train import load_checkpoint, model_from_checkpoint
+    from files import load_checkpoint
+    from model import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(str(setup / "zero3" / "last.pt"))).eval()
     with torch.no_grad():
         logits, _ = model(torch.arange(1, 17).view(1, 16) % 64)

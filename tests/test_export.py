@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402
 from export import ExportError  # noqa: E402
-from model import ModelConfig, Transformer, rope_tables, weights_fingerprint  # noqa: E402
+from files import weights_fingerprint  # noqa: E402
+from model import ModelConfig, Transformer, rope_tables  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer  # noqa: E402
 
 TEXT = "hello world, héllo wörld! 你好 😀 the cat sat on the mat " * 3

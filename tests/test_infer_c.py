@@ -477,7 +477,8 @@ def test_lora_from_model_py_and_chat_toggle(engine, workdir, trained):
     """An adapter made with model.py's own LoRA API (add_lora / adapter_checkpoint / weights_fingerprint),
     as train.py saves it; the engine with it equals PyTorch with the adapter enabled, and the chat's
     /lora toggles it like infer.py's."""
-    from model import LoRAConfig, add_lora, adapter_checkpoint, set_lora_enabled, weights_fingerprint
+    from files import weights_fingerprint
+    from model import LoRAConfig, add_lora, adapter_checkpoint, set_lora_enabled
     ck, tok = trained
     model = load_model(ck, torch.float32)
     add_lora(model, LoRAConfig(rank=4, alpha=8.0, targets=list(export.LORA_TARGETS)))

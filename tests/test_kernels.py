@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from model import FP8_GRADS, HeadCrossEntropy
+from fast import FP8_GRADS, HeadCrossEntropy
 
 pytestmark = pytest.mark.skipif(not kernels.available, reason="Triton is not installed (requirements-dev.txt has it)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,7 +117,7 @@ def test_head_cross_entropy_with_the_kernel_matches_the_pytorch_path(monkeypatch
 def check_row_float8(grad, grad8, inv_scale):
     """grad8 * inv_scale is grad's per-row float8 copy, bit for bit what model.to_fp8 makes of grad
     (the same scales, the same rounding), and within float8's precision of grad."""
-    from model import to_fp8
+    from fast import to_fp8
     ref8, ref_inv = to_fp8(grad, per_row=True)
     assert torch.equal(inv_scale, ref_inv)
     assert torch.equal(grad8.view(torch.uint8), ref8.view(torch.uint8))
@@ -150,7 +150,7 @@ def test_swiglu_backward_matches_autograd(rows, hidden, fp8):
 def test_qkv_rope_backward_matches_autograd(q_heads, kv_heads, head_dim, fp8):
     # the gradients of rope(q), rope(k), v taken back to the stacked q/k/v product's rows, from
     # gradients in the strided [B, H, T, D]-transposed layout that attention kernels return
-    from model import rope_real, rope_tables
+    from model import apply_rope as rope_real, rope_tables
     torch.manual_seed(q_heads * head_dim)
     B, T = 2, 5
     cos, sin = rope_tables(head_dim, T, 10000.0)
@@ -241,14 +241,16 @@ def test_attention_kernels_match_autograd(B, T, heads, kv_heads, head_dim, block
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_model_with_triton_attention_matches_sdpa(monkeypatch, compiled):
-    # a model with sdpa_kernel "triton" (its kernels on a CPU only when the test asks), one training
+    # a model with sdpa_kernel "triton" through the fast path (its kernels on a CPU only when the test
+    # asks), one training
     # step under autocast, gives the loss and gradients of the SDPA path; compiled, the custom ops'
     # fake versions give Inductor the shapes
+    from fast import FastTransformer
     from model import ModelConfig, Transformer
     torch.manual_seed(0)
     cfg = ModelConfig(block_size=24, vocab_size=64, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=96,
                       sdpa_kernel="triton")
-    model = Transformer(cfg).to(DEVICE)
+    model = FastTransformer(Transformer(cfg).to(DEVICE)).train()  # the fast path runs sdpa_kernel "triton"
     idx = torch.randint(0, 64, (2, 24), device=DEVICE)
     calls = []
     forward = kernels.attention_forward_triton

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from data import load_sft_rows, prepare_pretrain, prepare_sft, sft_encode
-from model import (ConfigError, LoRAConfig, ModelConfig, Transformer, add_lora, attach_lora, check_adapter,
-                   detach_lora, load_adapter, load_json, merge_lora, set_lora_enabled)
+from files import ConfigError, check_adapter, load_adapter, load_checkpoint, load_json
+from model import (LoRAConfig, ModelConfig, Transformer, add_lora, attach_lora, detach_lora, merge_lora,
+                   model_from_checkpoint, set_lora_enabled)
 from tokenizer import load_tokenizer
-from train import SFTData, TrainConfig, eval_loss, load_checkpoint, model_from_checkpoint, sft_targets, train
+from train import SFTData, TrainConfig, eval_loss, sft_targets, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANIMALS = ["cat", "dog", "bird", "fish", "cow", "pig", "owl", "fox"]

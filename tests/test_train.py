@@ -6,8 +6,9 @@ import sys
 import pytest
 import torch
 
-from model import ConfigError, ModelConfig
-from train import TrainConfig, load_checkpoint, lr_at, train
+from files import ConfigError, load_checkpoint
+from model import ModelConfig
+from train import TrainConfig, lr_at, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +158,7 @@ def test_cuda_graph_is_refused_where_it_cannot_work(data_dir, tmp_path):
     # the CUDA-graph step is GPU-only (measured in docs/BENCHMARKS.md); here: its guard rails
     with pytest.raises(ConfigError, match="cuda_graph needs one CUDA device"):
         train(tiny_model(), tiny_train(data_dir, tmp_path, cuda_graph=True), quiet=True)
-    from model import dataclass_from_dict
+    from files import dataclass_from_dict
     with pytest.raises(ConfigError, match="cuda_graph does not support float16"):
         dataclass_from_dict(TrainConfig, {"cuda_graph": True, "dtype": "float16"})
 
@@ -256,16 +257,19 @@ def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path, monke
     # float8 products (train config fp8) are an approximation: the run must learn as well as the
     # float32 one (same batches, same init) within a few percent of its loss; fp8_fast_accum reaches
     # the model (what it changes: test_fp8_products_have_the_layout_cuda_kernels_need)
-    from model import Transformer
-    settings, real_set_fp8 = [], Transformer.set_fp8
-    monkeypatch.setattr(Transformer, "set_fp8", lambda self, *a: settings.append(a) or real_set_fp8(self, *a))
+    import fast
+    settings, real_init = [], fast.FastTransformer.__init__
+    monkeypatch.setattr(fast.FastTransformer, "__init__",
+                        lambda self, model, *a: settings.append(a) or real_init(self, model, *a))
     curves, vals = {}, {}
     for mode in ("off", "all"):
         stats = []
         train(tiny_model(), tiny_train(data_dir, tmp_path / mode, max_iters=60, fp8=mode), quiet=True, stats=stats)
         curves[mode] = [s["loss"] for s in stats]
         vals[mode] = load_checkpoint(str(tmp_path / mode / "last.pt"))["val_loss"]
-    assert settings == [("off", True), ("all", True)]  # fast accumulation unless the config says no
+    # the float32 run trains the reference model (no fast path on a CPU unless asked); fp8 runs the
+    # fast path, with fast accumulation unless the config says no
+    assert settings == [("all", True)]
     train(tiny_model(), tiny_train(data_dir, tmp_path / "exact", max_iters=1, fp8="all", fp8_fast_accum=False),
           quiet=True)
     assert settings[-1] == ("all", False)
@@ -280,7 +284,7 @@ def test_fp8_training_follows_the_full_precision_curve(data_dir, tmp_path, monke
 
 def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tmp_path, monkeypatch):
     # compile_tuning only changes how Inductor picks its kernels, never what they compute
-    import train as train_module
+    import fast
     seen, real_compile = [], torch.compile
 
     def spy(model, **kw):
@@ -295,11 +299,11 @@ def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tm
                          compile=True, compile_tuning=tuning)
         train(tiny_model(), cfg, quiet=True, stats=stats)
         curves[tuning] = torch.tensor([s["loss"] for s in stats])
-    assert seen == [None, train_module.COMPILE_TUNING]
+    assert seen == [None, fast.COMPILE_TUNING]
     # float8 blocks add their own setting (every layer's residual written where it is made)
     def options(fp8, tuning):
-        return train_module.compile_options(tiny_train(data_dir, tmp_path, compile=True, compile_tuning=tuning, fp8=fp8))
-    tuned, fp8_blocks = train_module.COMPILE_TUNING, train_module.FP8_BLOCKS_COMPILE
+        return fast.compile_options(tiny_train(data_dir, tmp_path, compile=True, compile_tuning=tuning, fp8=fp8))
+    tuned, fp8_blocks = fast.COMPILE_TUNING, fast.FP8_BLOCKS_COMPILE
     for fp8 in ("off", "head"):
         assert options(fp8, False) is None and options(fp8, True) == tuned
     for fp8 in ("blocks", "all"):
@@ -307,6 +311,26 @@ def test_compile_tuning_passes_inductor_options_and_keeps_the_curve(data_dir, tm
     torch.testing.assert_close(curves[True], curves[False], rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="compile_tuning needs compile=true"):
         tiny_train(data_dir, tmp_path, compile_tuning=True).validate()
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_fast_path_run_follows_the_reference_run(data_dir, tmp_path, compile):
+    # train.py through fast.py (what GPU runs use) and through the reference model.py: the same
+    # batches, the same losses step by step and the same weights at the end, within float32 rounding
+    curves, weights = {}, {}
+    for fast_path in ("false", "true"):
+        stats = []
+        cfg = tiny_train(data_dir, tmp_path / fast_path, max_iters=8, log_interval=1, eval_interval=8,
+                         fast_path=fast_path, compile=compile)
+        weights[fast_path] = train(tiny_model(), cfg, quiet=True, stats=stats).state_dict()
+        curves[fast_path] = torch.tensor([s["loss"] for s in stats])
+    torch.testing.assert_close(curves["true"], curves["false"], rtol=1e-5, atol=1e-6)
+    for name, w in weights["false"].items():
+        torch.testing.assert_close(weights["true"][name], w, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ConfigError, match="fp8 runs in the fast path"):
+        tiny_train(data_dir, tmp_path, fast_path="false", fp8="head").validate()
+    with pytest.raises(ConfigError, match="fast_path does not run under DeepSpeed"):
+        train(tiny_model(), tiny_train(data_dir, tmp_path / "ds", fast_path="true"), quiet=True, ds_config={})
 
 
 @needs_cuda

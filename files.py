@@ -1,0 +1,198 @@
+"""
+Nano's files: JSON configs and torch checkpoints, read with errors that name the file and the key.
+
+Every script reads its configs and checkpoints through here, so that a misspelt key, a wrong type,
+a truncated file or a pickle holding code stops with one line that says what is wrong and where.
+
+  * Configs are dataclasses (model.ModelConfig, train.TrainConfig, model.LoRAConfig) filled from
+    plain JSON by dataclass_from_dict, which refuses unknown keys and wrong types.
+  * Checkpoints are plain dicts of tensors and JSON-able values, loaded with
+    torch.load(weights_only=True) and written atomically (temp file, then rename).
+  * An adapter records the identity of its base model (weights_fingerprint) and is refused on
+    any other base (check_adapter).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import torch
+
+
+class ConfigError(ValueError):
+    """A config or checkpoint is malformed; the message names the file, the key and the problem."""
+
+
+class DataError(ValueError):
+    """Bad input or a broken dataset; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------
+# JSON configs
+
+
+def dataclass_from_dict(cls, d, where="config"):
+    """Build dataclass `cls` from a plain dict, refusing unknown keys and wrong types.
+
+    Shared by every JSON config in Nano (model, training, SFT, LoRA) so that a
+    misspelt key or a string where a number belongs stops with a message naming it.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key.startswith("_"):  # "_comment" and friends are allowed and ignored
+            continue
+        if key not in fields:
+            close = [k for k in fields if k.lower() == key.lower() or _edit_distance(k, key) <= 2]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        kwargs[key] = _check_type(value, fields[key].type, f"{where}: key {key!r}")
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+    if hasattr(obj, "validate"):
+        obj.validate(where)
+    return obj
+
+
+def _edit_distance(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _check_type(value, annotation, where):
+    """Check a JSON value against a (string) dataclass annotation; ints may stand for floats."""
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    ann = ann.replace("typing.", "")
+    optional = ann.startswith("Optional[") or ann.endswith("| None")
+    base = ann.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base == "str":
+        ok = isinstance(value, str)
+    elif base.startswith("list"):
+        ok = isinstance(value, list)
+    elif base.startswith("dict"):
+        ok = isinstance(value, dict)
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{where} must be {base}, got {json.dumps(value)}")
+    return value
+
+
+def read_json(path, what="config file", error=ConfigError):
+    """Parse a JSON file; a missing or malformed file raises `error` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise error(f"{path}: not valid JSON: {e}") from None
+
+
+def load_json(path, cls, where=None):
+    """Read a JSON file into dataclass `cls`, with errors that name the file and key."""
+    return dataclass_from_dict(cls, read_json(path), where or str(path))
+
+
+def write_json(obj, path, indent=None):
+    """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=indent)
+    os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: plain dicts, loaded weights-only, written atomically
+
+
+def load_torch_file(path, what="checkpoint"):
+    """torch.load(weights_only=True) with errors that name the file: missing, truncated, not a
+    torch file, or holding objects other than tensors and plain data."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except Exception as e:
+        raise ConfigError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
+
+
+def save_checkpoint(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+
+
+def load_checkpoint(path):
+    """Load a Nano checkpoint (on the CPU) with weights_only=True; errors name the file and what is wrong."""
+    ck = load_torch_file(path)
+    if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
+        raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
+    return ck
+
+
+def load_training_state(path):
+    """A checkpoint to resume from: a full Nano checkpoint or a LoRA run's adapter checkpoint."""
+    ck = load_torch_file(path)
+    if not isinstance(ck, dict) or "optimizer" not in ck or "step" not in ck:
+        raise ConfigError(f"{path} holds no training state to resume from")
+    return ck
+
+
+# ---------------------------------------------------------------------------
+# The identity of a base model, which LoRA adapters record
+
+
+def weights_fingerprint(model_config, state_dict):
+    """Identity of a base model: sha256 over its config (JSON, sorted keys) and every base tensor's
+    name, shape and float32 bytes (names sorted; LoRA tensors excluded). Adapters record it so that
+    attaching one to a different base fails loudly instead of producing garbage."""
+    h = hashlib.sha256(json.dumps(model_config, sort_keys=True).encode())
+    for name in sorted(k for k in state_dict if ".lora_" not in k):
+        t = state_dict[name].detach().cpu().float().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_adapter(adapter, base_ck, where="adapter"):
+    """Refuse an adapter whose base is not this checkpoint's model (config and weights)."""
+    if not isinstance(adapter, dict) or adapter.get("format") != "nano-lora" or "adapter" not in adapter:
+        raise ConfigError(f"{where} is not a Nano LoRA adapter checkpoint")
+    base = adapter.get("base", {})
+    if base.get("model_config") != base_ck["model_config"]:
+        raise ConfigError(f"{where} was made for a different model shape than this base "
+                          f"({base.get('model_config')} vs {base_ck['model_config']})")
+    fp = weights_fingerprint(base_ck["model_config"], base_ck["model"])
+    if base.get("fingerprint") != fp:
+        raise ConfigError(f"{where} was trained on a different base model (weight fingerprint "
+                          f"{str(base.get('fingerprint'))[:12]}... vs this base {fp[:12]}...)")
+
+
+def load_adapter(path, base_ck):
+    """Load an adapter checkpoint (weights_only) and check that it belongs to base_ck."""
+    adapter = load_torch_file(path, "adapter")
+    check_adapter(adapter, base_ck, path)
+    return adapter
