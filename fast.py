@@ -53,16 +53,16 @@ class FastPathError(ConfigError):
 # fingerprint(function) of each piece of model.py that FastTransformer computes its own way (not
 # the modules it calls, such as LoRA layers, dropout or Attention.attend, whose changes it follows)
 REFERENCE = {
-    "Transformer.forward": "3eb9d136b3665757",
-    "Block.forward": "7cf110667cadb56c",
-    "Attention.forward": "902f46285e42543d",
-    "FeedForward.forward": "a87e56fb19e6fafc",
-    "RMSNorm.forward": "5ba023e26f036f53",
-    "rms_norm": "e66f8f1f415b9274",
-    "apply_rope": "fdc1d6d70bdb8937",
+    "Transformer.forward": "80dbdb0c4fbd3976",
+    "Block.forward": "7575f94248d20670",
+    "Attention.forward": "0b55156306332b01",
+    "FeedForward.forward": "ef580ecdf8c4ec66",
+    "RMSNorm.forward": "d59f149f6aae93d5",
+    "rms_norm": "8fe326151adcaa3e",
+    "apply_rope": "fb8874109c04a851",
 }
 # ...and with the Triton attention (sdpa_kernel "triton"), which replaces Attention.attend
-TRITON_REFERENCE = {"Attention.attend": "a9839a6ba5ee2588"}
+TRITON_REFERENCE = {"Attention.attend": "446288dff307fd66"}
 # the module types whose forward passes it re-implements, by attribute path in the Transformer
 MODULE_TYPES = {"": ref.Transformer, "norm": ref.RMSNorm}
 LAYER_TYPES = {"": ref.Block, "attn_norm": ref.RMSNorm, "attn": ref.Attention, "ffn_norm": ref.RMSNorm,
@@ -70,15 +70,27 @@ LAYER_TYPES = {"": ref.Block, "attn_norm": ref.RMSNorm, "attn": ref.Attention, "
 
 
 def fingerprint(fn):
-    """sha256 of a function's code, without its name, decorators, docstring, comments and layout:
-    what it computes, as far as its source says."""
+    """sha256 of a function's syntax tree without its name, decorators and docstring: what it
+    computes, as far as its source says, whatever its comments and layout."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
     tree.name, tree.decorator_list = "_", []
     body = tree.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
             and isinstance(body[0].value.value, str):
         tree.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+    return hashlib.sha256(syntax_text(tree).encode()).hexdigest()[:16]
+
+
+def syntax_text(node):
+    """A syntax tree as text, the same on every Python version that parses it alike (ast.dump and
+    ast.unparse differ between versions; newer ones add fields such as type_params)."""
+    if isinstance(node, list):
+        return "[" + ", ".join(map(syntax_text, node)) + "]"
+    if not isinstance(node, ast.AST):
+        return repr(node)
+    fields = (f"{name}={syntax_text(getattr(node, name, None))}" for name in node._fields
+              if name not in ("type_params", "type_comment"))
+    return f"{type(node).__name__}({', '.join(fields)})"
 
 
 def reference_function(name):

@@ -242,8 +242,7 @@ def test_attention_kernels_match_autograd(B, T, heads, kv_heads, head_dim, block
 @pytest.mark.parametrize("compiled", [False, True])
 def test_model_with_triton_attention_matches_sdpa(monkeypatch, compiled):
     # a model with sdpa_kernel "triton" through the fast path (its kernels on a CPU only when the test
-    # asks), one training
-    # step under autocast, gives the loss and gradients of the SDPA path; compiled, the custom ops'
+    # asks), one training step under autocast, gives the loss and gradients of the SDPA path; compiled, the custom ops'
     # fake versions give Inductor the shapes
     from fast import FastTransformer
     from model import ModelConfig, Transformer

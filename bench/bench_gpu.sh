@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
-# time-to-loss). Run from the repo root on the GPU machine:
-#   bash bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|all]
+# time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
+#   bash bench/bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|compare|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
+cd "$(dirname "$0")/.."  # the repository: configs, data and scripts are named from there
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 out=${OUT:-/tmp/nano_bench}
@@ -15,16 +16,16 @@ $py -c "import torch; print('torch', torch.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  echo "== GPU-only tests (CUDA graph step vs eager step, resume)"
-  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_kernels.py tests/test_bench.py 2>&1 | tail -3
+  echo "== GPU tests (the fast path against the reference, CUDA graph step vs eager step, resume)"
+  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_fast.py tests/test_kernels.py tests/test_bench.py 2>&1 | tail -3
 fi
 
 if [ "$what" = kernels ] || [ "$what" = all ]; then
   # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends (cuDNN, FlashAttention-2, Flex, kernels.py's Triton)
   for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
-    echo "== bench_kernels.py loss/attention $args"
-    $py bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-8192,16 4096,8 8192,16,sw} 2>&1 | grep -vE "Warn|warn"
-    $py bench_kernels.py attention $args --backends cudnn,flash,flex,triton 2>&1 | grep -vE "Warn|warn|return F"
+    echo "== bench/bench_kernels.py loss/attention $args"
+    $py bench/bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-8192,16 4096,8 8192,16,sw} 2>&1 | grep -vE "Warn|warn"
+    $py bench/bench_kernels.py attention $args --backends cudnn,flash,flex,triton 2>&1 | grep -vE "Warn|warn|return F"
   done
 fi
 
@@ -57,7 +58,7 @@ fi
 
 if [ "$what" = bench ]; then
   # one bench.py run per line of stdin (its arguments), then a table of all of them, e.g.
-  #   echo "-m config/model_56m.json -b 128 --compile --train-set fp8=all" | bash bench_gpu.sh bench
+  #   echo "-m config/model_56m.json -b 128 --compile --train-set fp8=all" | bash bench/bench_gpu.sh bench
   while read -r a; do
     [ -z "$a" ] && continue
     echo "== bench.py $a"
@@ -75,13 +76,13 @@ for line in open(sys.argv[1]):
 PY
 fi
 
-if [ "$what" = ttl ] || [ "$what" = sweep ] || [ "$what" = all ]; then
+if [ "$what" = ttl ] || [ "$what" = sweep ] || [ "$what" = compare ] || [ "$what" = all ]; then
   src=${SHAKESPEARE:-../shared/data/tinyshakespeare.txt}
   $py data.py --input "$src" --vocab-size 0 --val-tail 0.1 --out dataset/shakespeare_char 2>&1 | tail -1
 fi
 
 if [ "$what" = sweep ]; then
-  # one run per line of stdin (train config overrides), e.g. echo "batch_size=128" | bash bench_gpu.sh sweep
+  # one run per line of stdin (train config overrides), e.g. echo "batch_size=128" | bash bench/bench_gpu.sh sweep
   # (MODEL=path picks another model config)
   while read -r v; do
     [ -z "$v" ] && continue
@@ -97,4 +98,33 @@ if [ "$what" = ttl ] || [ "$what" = all ]; then
     /usr/bin/time -f "wall %e s" $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
         --set out_dir="$out/ttl$i" ${TTL_SET:-} 2>&1 | grep -E "^(eval|reached|mode|wall)|rror"
   done
+fi
+
+if [ "$what" = compare ]; then
+  # A/B against another checkout of the repository in $BEFORE (e.g. the commit before a change):
+  # the throughput lines untuned and the time to loss, alternating between the two trees on the
+  # same GPU, each throughput figure the median of REPEAT runs; a table at the end
+  before=${BEFORE:?set BEFORE to the other checkout}
+  mkdir -p "$before/dataset" && ln -sfn "$PWD/dataset/shakespeare_char" "$before/dataset/shakespeare_char"
+  : > "$out/compare.txt"
+  for args in \
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all" \
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true" \
+      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head"; do
+    [[ "$args" == *${ONLY:-}* ]] || continue
+    for tree in "$before" "$PWD"; do
+      echo "== $tree: bench.py $args"
+      line=$(cd "$tree" && $py bench.py $args --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | tee /dev/stderr | grep "^median")
+      echo "$(basename "$tree") | ${args#-m config/} | ${line#*: }" >> "$out/compare.txt"
+    done
+  done
+  for i in $(seq "${TTL_RUNS:-3}"); do
+    for tree in "$before" "$PWD"; do
+      echo "== $tree: time to loss, run $i"
+      line=$(cd "$tree" && $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
+          --set out_dir="$out/cmp_ttl" 2>&1 | grep -E "^reached|rror" | tail -1)
+      echo "$(basename "$tree") | time to loss, run $i | $line" >> "$out/compare.txt"
+    done
+  done
+  cat "$out/compare.txt"
 fi

@@ -2,7 +2,7 @@
 bench_browser.py: decode speed of the browser engine (infer/nano.wasm in headless Chromium,
 through the chat page and its worker) against the native C engine on one thread.
 
-    python bench_browser.py [--shapes 56m] [--quants fp32,q8] [--tokens 128] [--runs 5] [--out out/bench_c]
+    python bench/bench_browser.py [--shapes 56m] [--quants fp32,q8] [--tokens 128] [--runs 5] [--out out/bench_c]
 
 Both run the same random-weight model files (bench_c.py's shapes and files, exported into --out
 when missing) and the same work: greedy decoding of --tokens tokens after <|bos|>. Native:
@@ -27,7 +27,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 from bench_c import SHAPES, build_engine, make_files  # noqa: E402

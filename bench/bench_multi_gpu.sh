@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Multi-GPU runs behind docs/BENCHMARKS.md (2 GPUs): DDP scaling 1 -> 2 GPUs, and the largest
 # model that trains under plain DDP, ZeRO-3 and ZeRO-3 with CPU offload.
-#   bash bench_multi_gpu.sh [scaling|zero|all]        (deepspeed must be importable)
+#   bash bench/bench_multi_gpu.sh [scaling|zero|all]        (deepspeed must be importable)
 set -u
+cd "$(dirname "$0")/.."  # the repository: configs, data and scripts are named from there
 export PYTHONUNBUFFERED=1
 what=${1:-all}
 py=${PYTHON:-python3}

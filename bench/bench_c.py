@@ -1,8 +1,8 @@
 """
 bench_c.py: decode speed of the C engine (infer_c/) against the memory-bandwidth bound.
 
-    python bench_c.py [--shapes 56m,110m] [--threads 1,2] [--tokens 256] [--runs 3] [--hugepages off|on|both]
-                      [--out out/bench_c]
+    python bench/bench_c.py [--shapes 56m,110m] [--threads 1,2] [--tokens 256] [--runs 3] [--hugepages off|on|both]
+                            [--out out/bench_c]
 
 For each shape (random weights: speed does not depend on their values) it exports fp32 and Q8 files
 into --out (git-ignored), runs greedy decoding of --tokens tokens with 1 and 2 threads (median of
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402

@@ -1,10 +1,10 @@
 """
 Single pieces of a training step on a GPU, for a model config's shapes (docs/BENCHMARKS.md):
 
-    python bench_kernels.py attention -m config/model_56m.json -b 128
-    python bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
-    python bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 8192,16 4096,8
-    python bench_kernels.py norm -m config/model_gpt2_124m.json -b 32 --configs 4,8,8 1,32,4
+    python bench/bench_kernels.py attention -m config/model_56m.json -b 128
+    python bench/bench_kernels.py attention -m config/model_56m.json -b 128 --flex-options '{"BLOCK_M": 64}'
+    python bench/bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 8192,16 4096,8
+    python bench/bench_kernels.py norm -m config/model_gpt2_124m.json -b 32 --configs 4,8,8 1,32,4
 
 attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
 v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
@@ -33,15 +33,18 @@ Every figure is the median of --iters timed runs after one warm-up run.
 
 import argparse
 import json
+import os
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
 
-import kernels
-from fast import FP8_GRADS
-from files import load_json
-from model import ModelConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+import kernels  # noqa: E402
+from fast import FP8_GRADS  # noqa: E402
+from files import load_json  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 
 def time_ms(fn, iters):
