@@ -1,7 +1,7 @@
 """
 Hand-written Triton kernels for GPU training, where torch.compile's own kernels leave time behind.
 
-The cross-entropy loss and its gradient over the logits, for model.HeadCrossEntropy. The logits
+The cross-entropy loss and its gradient over the logits, for fast.HeadCrossEntropy. The logits
 are the step's biggest tensor (124M config: 32768 x 50304 in bf16, 3.3 GB). Inductor's kernel reads
 them twice and writes the gradient once; float8 training then needs a second, transposed copy of
 that gradient for the head's weight-gradient product (float8 products on these GPUs reduce over both
@@ -9,21 +9,21 @@ operands' contiguous dim). Here one kernel reads each row twice (pass 1: log-sum
 softmax - one-hot, right after the first, while the row may still be in L2) and writes the float8
 gradient; a tiled transpose kernel then makes the transposed copy.
 
-Two row kernels for the backward of the blocks' stacked products (model.SwiGLUProduct and
-model.RopeQKVProduct): the gradient through silu(gate) * up, and the q/k/v gradients with RoPE's
+Two row kernels for the backward of the blocks' stacked products (fast.SwiGLUProduct and
+fast.RopeQKVProduct): the gradient through silu(gate) * up, and the q/k/v gradients with RoPE's
 rotation taken back, each written as the product's output rows together with their float8 copy
-and row scales (what model.to_fp8 would make) in one pass. Inductor made each a looped reduction
+and row scales (what fast.to_fp8 would make) in one pass. Inductor made each a looped reduction
 that read every row twice (the float8 cast needs the row's amax first, and rows of 2,304-4,096
 values are too long for its one-pass kernels), plus a separate kernel for RoPE's backward.
 
-The backward of the RMSNorm after each projection into the residual stream (model.ResidualNorm,
+The backward of the RMSNorm after each projection into the residual stream (fast.ResidualNorm,
 float8 blocks): the residual stream's gradient (the one from the layers above plus the norm's),
 which is also the projection's output gradient, with its float8 copy, and the norm weight's
 gradient summed over each program's rows. Inductor's norm backward (a "mix-order" reduction: along
 the rows and down the columns in one kernel) would not take the float8 cast, which then needed a
 kernel of its own that read every gradient again.
 
-Causal attention (model.CausalAttention, chosen by the model config's sdpa_kernel "triton"): a
+Causal attention (fast.CausalAttention, chosen by the model config's sdpa_kernel "triton"): a
 FlashAttention-style forward, a dq kernel and a dk/dv kernel, written for the 56M config's head_dim
 of 32 with grouped-query heads, where cuDNN's backward ran at ~115 TFLOP/s and needed three helper
 kernels (dO.O, a dQ conversion from float32, the sum of dK/dV over the heads sharing a kv head).
@@ -31,7 +31,7 @@ Here the dq kernel makes dO.O on the way, dq is written in bf16 by the program t
 the dk/dv kernel loops over the group's heads. q, k, v are read where the q/k/v product put them and
 the output is written as the out-projection's rows. At head_dim 64 cuDNN stays faster.
 
-Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), the model uses
+Triton ships with CUDA builds of PyTorch. Off CUDA, or without Triton (a CPU build), fast.py uses
 the *_reference functions (the same arithmetic in PyTorch ops) and SDPA for attention. tests/test_kernels.py holds the
 kernels to autograd and to those references, on the CPU under Triton's interpreter
 (TRITON_INTERPRET=1, set by tests/conftest.py) and on a GPU compiled.
@@ -51,7 +51,7 @@ available = triton is not None
 
 
 def runs_on(t):
-    """Whether the kernels serve tensor t's computation (model.py asks; tests widen it to CPU)."""
+    """Whether the kernels serve tensor t's computation (fast.py asks; tests widen it to CPU)."""
     return available and t.is_cuda
 
 
@@ -159,14 +159,14 @@ if available:
 
     @triton.jit
     def _e4m3_row_scale(amax):
-        """448 / amax as model.to_fp8 computes it: torch's scalar / tensor is reciprocal, then multiply
+        """448 / amax as fast.to_fp8 computes it: torch's scalar / tensor is reciprocal, then multiply
         (and with IEEE division, not the GPU's faster approximate one), so that both give the same
         scale and hence the same float8 values."""
         return tl.math.div_rn(1.0, tl.maximum(amax, 1e-12)) * 448.0
 
     @triton.jit
     def _e4m3_scaled(x, scale, HARDWARE: tl.constexpr):
-        """x * scale as float8_e4m3fn bits, clamped to its range (448), as model.to_fp8 casts."""
+        """x * scale as float8_e4m3fn bits, clamped to its range (448), as fast.to_fp8 casts."""
         return _e4m3_bits(tl.minimum(tl.maximum(x * scale, -448.0), 448.0), HARDWARE)
 
     @triton.jit
@@ -539,7 +539,7 @@ def swiglu_backward_reference(gate_up, grad_h):
 def swiglu_backward_triton(gate_up, grad_h, fp8):
     """The kernel: gate_up [rows, 2 hidden] and grad_h [rows, hidden], contiguous. Returns the gradient
     of gate_up in its dtype and, if fp8, its float8_e4m3fn copy scaled per row and the inverse scales
-    [rows, 1] (model.to_fp8's layout); else two empty tensors."""
+    [rows, 1] (fast.to_fp8's layout); else two empty tensors."""
     rows, hidden = grad_h.shape
     assert gate_up.is_contiguous() and grad_h.is_contiguous() and gate_up.shape == (rows, 2 * hidden)
     grad, grad8, inv_scale = _row_grad_outputs(gate_up, rows, 2 * hidden, fp8)

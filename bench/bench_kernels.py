@@ -6,13 +6,13 @@ Single pieces of a training step on a GPU, for a model config's shapes (docs/BEN
     python bench/bench_kernels.py loss -m config/model_gpt2_124m.json -b 32 --configs 8192,16 4096,8
     python bench/bench_kernels.py norm -m config/model_gpt2_124m.json -b 32 --configs 4,8,8 1,32,4
 
-attention: causal attention of one layer, forward + backward, in the layout model.py gives it (q, k,
+attention: causal attention of one layer, forward + backward, in the layout the fast path gives it (q, k,
 v made as [B, T, H, D] and viewed as [B, H, T, D]), through each SDPA backend and through torch's
 FlexAttention (Triton kernels made by torch.compile; one run per --flex-options JSON, with
 --flex-mode as its compile mode). TFLOP/s counts the causal half of 4·B·H·T²·D forward, 2.5× that
 backward.
 
-loss: what model.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
+loss: what fast.HeadCrossEntropy does with the logits ([B·T, vocab] bf16) under fp8 training: the
 per-row loss and the float8 gradient in both layouts. "inductor" is that arithmetic
 (kernels.cross_entropy_grad_reference) compiled by torch.compile; the others are kernels.py's
 kernel (one row per program) with COLS,WARPS[,STAGES] as given (",sw": its float8 rounding in
@@ -20,10 +20,10 @@ integer arithmetic rather than by the GPU's conversion instruction), followed by
 for the transposed copy (also timed alone). GB/s counts two reads of the logits and two float8
 writes.
 
-norm: the backward of model.ResidualNorm's norm under float8 training ([B·T, n_embd] bf16): the
+norm: the backward of fast.ResidualNorm's norm under float8 training ([B·T, n_embd] bf16): the
 residual stream's gradient (the one from above plus the norm's), its float8 rows and the norm
 weight's gradient. "inductor" is that arithmetic (kernels.residual_norm_backward_reference, then
-model.to_fp8) compiled by torch.compile; the others are kernels.py's kernel with TILE,TILES,WARPS[,STAGES]
+fast.to_fp8) compiled by torch.compile; the others are kernels.py's kernel with TILE,TILES,WARPS[,STAGES]
 (rows per tile, tiles per program, warps, pipeline stages of the loop over tiles). GB/s counts three bf16 reads, one bf16 and one float8 write.
 Each runs 20 times in a CUDA graph (as in training): launching a kernel from Python takes longer than
 the kernel.
@@ -94,8 +94,8 @@ def bench_attention(cfg, args):
     block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device="cuda")
     runs = []
     for backend in args.backends.split(","):
-        if backend == "triton":  # kernels.py's kernels through model.CausalAttention, [B, T, H, D] in and out
-            from model import CausalAttention
+        if backend == "triton":  # kernels.py's kernels through fast.CausalAttention, [B, T, H, D] in and out
+            from fast import CausalAttention
             for options in args.triton_configs or ["{}"]:
                 def triton_attention(o=json.loads(options)):
                     for key, name in SETTINGS.items():
