@@ -524,8 +524,9 @@ class Run:
     best_val: float = float("inf")
     tokens_seen: int = 0
     data_on_device: bool = False  # the token files copied into GPU memory (train config data_on_device)
-    flops_per_token: int = 0  # for MFU, counted before ZeRO-3 partitions the parameters
+    flops_per_token: int = 0  # for MFU; these three counted before ZeRO-3 partitions the parameters
     n_params: int = 0
+    n_trainable: int = 0
 
     def to_device(self, x):
         if x.device.type == self.env.device_type:
@@ -910,7 +911,8 @@ def prepare(model_cfg, cfg, resume, ds_config):
     scaler, autocast = precision(env, cfg.cuda_graph)
     run = Run(cfg, model_cfg, env, data, model, optimizer, scaler, autocast,
               sampler=torch.Generator().manual_seed(cfg.seed), lora_base=lora_base,
-              flops_per_token=model.flops_per_token(), n_params=model.num_params())  # (before ZeRO-3 partitions them)
+              flops_per_token=model.flops_per_token(), n_params=model.num_params(),
+              n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if deepspeed:
         deepspeed_engine(run, ds_config)
     if ck is not None:
@@ -942,8 +944,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     log = Logger(cfg.out_dir, env.master and not quiet, cfg.tensorboard)
     peak = peak_flops_for(env.device, cfg.peak_flops)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
-    n_trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trained | "
+    log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {run.n_trainable / 1e6:.3f}M trained | "
              f"device {env.device} {env.dtype} | world {env.world} | {tokens_per_step} tokens/step | "
              f"{'resume from ' + resume + ' at step ' + str(run.step) if resume else 'fresh start'}")
     if cfg.mode in ("sft", "lora") and run.step == 0:

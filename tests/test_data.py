@@ -8,8 +8,10 @@ import time
 import numpy as np
 import pytest
 
+import corpus
 import data
-from data import DataError, dtype_for_vocab, load_meta, load_tokens, prepare_pretrain
+from data import dtype_for_vocab, load_meta, load_tokens, prepare_pretrain
+from files import DataError
 from tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, TrieTokenizer, load_tokenizer
 
 
@@ -198,9 +200,9 @@ def test_bad_inputs(tmp_path, capsys):
 
 
 def test_default_corpus_reader_first_chapters():
-    bible, books = data.default_corpus_files()
+    bible, books = corpus.default_corpus_files()
     with open(bible, "rb") as f:
-        chapters = [doc[0] for _, doc in zip(range(3), data._bible_chapters(f, books))]
+        chapters = [doc[0] for _, doc in zip(range(3), corpus.bible_chapters(f, books))]
     assert chapters[0].startswith("Genesis 1\nIn the beginning God created the heavens and the earth.\n")
     assert chapters[1].startswith("Genesis 2\n") and chapters[2].startswith("Genesis 3\n")
     assert chapters[0].count("\n") == 32 and "{" not in "".join(chapters) and "  " not in "".join(chapters)
