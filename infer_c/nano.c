@@ -1762,7 +1762,8 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
         unsigned kind = d[p + 2], zero = d[p + 3];
         uint32_t rank = rd_u32(d + p + 4);
         if (len == 0) return errf(err, "BPE tokenizer section: token %zu is empty", i);
-        if (kind > 1 || zero) return errf(err, "BPE tokenizer section: token %zu has kind %u (0 = merged, 1 = special)", i, kind);
+        if (kind > 1) return errf(err, "BPE tokenizer section: token %zu has kind %u (0 = merged, 1 = special)", i, kind);
+        if (zero) return errf(err, "BPE tokenizer section: token %zu's reserved byte is %u, not 0 (corrupted)", i, zero);
         if ((kind == 1) != (rank == BPE_NO_RANK))
             return errf(err, "BPE tokenizer section: token %zu: %s", i, kind ? "a special token with a merge rank"
                                                                               : "a merged token without a merge rank");
