@@ -108,7 +108,10 @@ def load_checkpoint(path_or_dict):
     if not isinstance(tok, dict):
         raise ExportError("checkpoint has no 'tokenizer' dict")
     if tok.get("type") == "bpe":
-        tokens = BPETokenizer(tok.get("name", "gpt2"))  # "tokens" is then the tokenizer itself
+        try:
+            tokens = BPETokenizer(tok.get("name", "gpt2"))  # "tokens" is then the tokenizer itself
+        except TokenizerError as e:
+            raise ExportError(str(e)) from None
         n_tokens = tokens.vocab_size
     elif tok.get("type") != "trie":
         raise ExportError(f"unknown tokenizer type {tok.get('type')!r}")
