@@ -719,6 +719,14 @@ typedef struct {
     const float *bias[N_TARGETS]; /* NULL without biases */
 } Layer;
 
+/* a slot of the BPE tokenizer's bytes -> token map: all that a probe reads, in 16 bytes */
+typedef struct {
+    uint32_t hash; /* the low 32 bits of the token bytes' hash: most mismatches end here */
+    uint32_t id1;  /* token id + 1; 0 marks an empty slot */
+    uint32_t rank; /* the token's merge rank */
+    uint32_t len;  /* its length in bytes */
+} BpeSlot;
+
 typedef struct {
     int kind;             /* NANO_TOK_TRIE or NANO_TOK_BPE (the header's tokenizer kind) */
     int n;                /* tokens */
@@ -734,8 +742,7 @@ typedef struct {
     int pattern;          /* BPE_GPT2, BPE_LLAMA3, BPE_QWEN2 */
     int whole_first;      /* a piece that is a token is taken whole (tiktoken's rule) */
     uint32_t *rank;       /* [n] merge rank; BPE_NO_RANK for special tokens */
-    uint32_t *map_id;     /* bytes -> mergeable token: id + 1 per slot (0 = empty), open addressing */
-    uint32_t *map_hash;   /* the low 32 bits of each slot's hash, to skip most byte compares */
+    BpeSlot *map;         /* bytes -> merged token, open addressing (linear probing) */
     size_t map_mask;
     int32_t byte_id[256]; /* the token of each single byte */
     int32_t *special;     /* special token ids, sorted by first byte */
@@ -1145,8 +1152,7 @@ static int alloc_state(Nano *m, char *err)
 
 static void tok_free(Tokenizer *t)
 {
-    void *bufs[] = {t->text, t->text_off, t->node_token, t->hkeys, t->hvals, t->rank, t->map_id, t->map_hash,
-                    t->special};
+    void *bufs[] = {t->text, t->text_off, t->node_token, t->hkeys, t->hvals, t->rank, t->map, t->special};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
@@ -1583,16 +1589,14 @@ static uint64_t hash_bytes(const uint8_t *p, size_t n)
     return hash64(h ^ w);
 }
 
-/* the mergeable token whose bytes are p[0..n), or -1 */
-static int map_find(const Tokenizer *t, const uint8_t *p, size_t n)
+/* the slot of the merged (kind 0) token whose bytes are p[0..n), or NULL */
+static const BpeSlot *map_find(const Tokenizer *t, const uint8_t *p, size_t n)
 {
     uint64_t h = hash_bytes(p, n);
     for (size_t i = h & t->map_mask;; i = (i + 1) & t->map_mask) {
-        uint32_t e = t->map_id[i];
-        if (!e) return -1;
-        int id = (int)e - 1;
-        if (t->map_hash[i] == (uint32_t)h && tok_len(t, id) == n && !memcmp(t->text + t->text_off[id], p, n))
-            return id;
+        const BpeSlot *e = &t->map[i];
+        if (!e->id1) return NULL;
+        if (e->hash == (uint32_t)h && e->len == n && !memcmp(t->text + t->text_off[e->id1 - 1], p, n)) return e;
     }
 }
 
@@ -1639,17 +1643,17 @@ static int parts_reserve(Parts *w, size_t n)
 
 static void pair_of(const Tokenizer *t, const uint8_t *s, Part *p, size_t k)
 {
-    int id = map_find(t, s + p[k].start, p[k + 2].start - p[k].start);
-    p[k].pair = id;
-    p[k].rank = id >= 0 ? t->rank[id] : BPE_NO_RANK;
+    const BpeSlot *e = map_find(t, s + p[k].start, p[k + 2].start - p[k].start);
+    p[k].pair = e ? (int32_t)e->id1 - 1 : -1;
+    p[k].rank = e ? e->rank : BPE_NO_RANK;
 }
 
 /* step 3 for one piece s[0..n), n >= 1; -1 when out of memory */
 static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Parts *w, Ids *o)
 {
-    int id = n == 1 ? t->byte_id[s[0]] : t->whole_first ? map_find(t, s, n) : -1;
-    if (id >= 0) {
-        put_id(o, id);
+    const BpeSlot *whole = n > 1 && t->whole_first ? map_find(t, s, n) : NULL;
+    if (n == 1 || whole) {
+        put_id(o, n == 1 ? t->byte_id[s[0]] : (int)whole->id1 - 1);
         return 0;
     }
     if (parts_reserve(w, n + 1)) return -1;
@@ -1786,10 +1790,9 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
     t->text = malloc(total + 1);
     t->text_off = malloc((n + 1) * sizeof *t->text_off);
     t->rank = malloc(n * sizeof *t->rank);
-    t->map_id = calloc(cap, sizeof *t->map_id);
-    t->map_hash = malloc(cap * sizeof *t->map_hash);
+    t->map = calloc(cap, sizeof *t->map);
     t->special = malloc((n_special ? n_special : 1) * sizeof *t->special);
-    if (!t->text || !t->text_off || !t->rank || !t->map_id || !t->map_hash || !t->special)
+    if (!t->text || !t->text_off || !t->rank || !t->map || !t->special)
         return errf(err, "out of memory (tokenizer)");
     t->map_mask = cap - 1;
     t->n_special = (int)n_special;
@@ -1811,14 +1814,12 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
             continue;
         }
         if (len == 1) t->byte_id[b[0]] = (int32_t)i;
-        t->text_off[i + 1] = tp; /* for map_find's compare */
-        int same = map_find(t, b, len);
-        if (same >= 0) return errf(err, "BPE tokenizer section: tokens %d and %zu have the same bytes", same, i);
+        const BpeSlot *same = map_find(t, b, len);
+        if (same) return errf(err, "BPE tokenizer section: tokens %u and %zu have the same bytes", same->id1 - 1, i);
         uint64_t h = hash_bytes(b, len);
         size_t slot = h & t->map_mask;
-        while (t->map_id[slot]) slot = (slot + 1) & t->map_mask;
-        t->map_id[slot] = (uint32_t)i + 1;
-        t->map_hash[slot] = (uint32_t)h;
+        while (t->map[slot].id1) slot = (slot + 1) & t->map_mask;
+        t->map[slot] = (BpeSlot){(uint32_t)h, (uint32_t)i + 1, t->rank[i], (uint32_t)len};
     }
     t->text_off[n] = tp;
     for (int b = 0; b < 256; b++) {

@@ -9,12 +9,11 @@ Byte-level BPE in the C engine (infer_c/nano.c, tokenizer kind 2) against its re
   * greedy generation of a tiny BPE model: PyTorch, infer.py and the C engine, fp32 and Q8;
   * damaged BPE files under AddressSanitizer: clear one-line errors, never a crash.
 
-The many-string checks call the engine in-process through ctypes (infer_c/libnano.so, the release
-build of nano.c), the rest run the CLI (release and ASan builds).
+The many-string checks call the engine in-process through ctypes (infer_c/nanolib.py over
+infer_c/libnano.so, the release build of nano.c), the rest run the CLI (release and ASan builds).
 """
 
 import contextlib
-import ctypes
 import io
 import random
 import re
@@ -38,6 +37,7 @@ import bpe_models  # noqa: E402
 import data  # noqa: E402
 import export  # noqa: E402
 import gen_unicode  # noqa: E402
+from nanolib import NanoLib  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import GPT2_PATTERN, BPETokenizer  # noqa: E402
 
@@ -50,62 +50,14 @@ PATTERNS = {"gpt2": GPT2_PATTERN, "llama3": LLAMA3_PATTERN, "qwen2": LLAMA3_PATT
 UC = {"L": 1, "N": 2, "S": 3}  # gen_unicode's classes (0: other)
 
 
-# ---------------------------------------------------------------------------------------------
-# the engine through ctypes
+class Engine(NanoLib):
+    """libnano.so through nanolib, freeing the models it loaded at the end of the module"""
 
+    models = []
 
-class NanoUtf8Stream(ctypes.Structure):
-    _fields_ = [("held", ctypes.c_uint8 * 3), ("n_held", ctypes.c_int)]
-
-
-class Engine:
-    """nano.h's tokenizer and text-stream functions, from libnano.so."""
-
-    def __init__(self, lib_path):
-        lib = self.lib = ctypes.CDLL(str(lib_path))
-        lib.nano_load_file.restype = ctypes.c_void_p
-        lib.nano_load_file.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-        lib.nano_free.argtypes = [ctypes.c_void_p]
-        lib.nano_encode.restype = ctypes.c_size_t
-        lib.nano_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
-                                    ctypes.POINTER(ctypes.c_int), ctypes.c_size_t]
-        lib.nano_token_text.restype = ctypes.POINTER(ctypes.c_char)
-        lib.nano_token_text.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t)]
-        lib.nano_utf8_stream.restype = ctypes.c_size_t
-        out = ctypes.POINTER(ctypes.c_char)  # a writable buffer (c_char_p would pass a copy)
-        lib.nano_utf8_stream.argtypes = [ctypes.POINTER(NanoUtf8Stream), ctypes.c_char_p, ctypes.c_size_t, out]
-        lib.nano_utf8_finish.restype = ctypes.c_size_t
-        lib.nano_utf8_finish.argtypes = [ctypes.POINTER(NanoUtf8Stream), out]
-        self.models = []
-
-    def load(self, path):
-        err = ctypes.create_string_buffer(256)
-        m = self.lib.nano_load_file(str(path).encode(), 1, err)
-        assert m, err.value.decode()
-        self.models.append(m)
-        return m
-
-    def encode(self, m, data):
-        n = self.lib.nano_encode(m, data, len(data), None, 0)
-        ids = (ctypes.c_int * max(n, 1))()
-        assert self.lib.nano_encode(m, data, len(data), ids, n) == n
-        return ids[:n]
-
-    def token_bytes(self, m, i):
-        n = ctypes.c_size_t()
-        p = self.lib.nano_token_text(m, i, ctypes.byref(n))
-        return ctypes.string_at(p, n.value)
-
-    def stream(self, chunks):
-        """The text nano_utf8_stream makes of these byte chunks, as a list: one entry per chunk, then the finish."""
-        st, out = NanoUtf8Stream(), []
-        for c in chunks:
-            buf = ctypes.create_string_buffer(3 * (len(c) + 3))
-            n = self.lib.nano_utf8_stream(ctypes.byref(st), c, len(c), buf)
-            out.append(buf.raw[:n])
-        buf = ctypes.create_string_buffer(3)
-        n = self.lib.nano_utf8_finish(ctypes.byref(st), buf)
-        return out + [buf.raw[:n]]
+    def load(self, path, verify=True):
+        self.models.append(super().load(path, verify))
+        return self.models[-1]
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +65,10 @@ def builds():
     for target in ("lib", "infer", "asan"):
         r = subprocess.run(["make", "-C", str(ENGINE_DIR), target], capture_output=True, text=True)
         assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
-    engine = Engine(ENGINE_DIR / "libnano.so")
+    engine = Engine(build=False)
     yield {"engine": engine, "release": str(ENGINE_DIR / "infer"), "asan": str(ENGINE_DIR / "infer_asan")}
     for m in engine.models:
-        engine.lib.nano_free(m)
+        engine.free(m)
 
 
 @pytest.fixture(scope="module")
