@@ -1469,7 +1469,7 @@ enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3 };               /* pre-token
 #define BPE_FLAG_WHOLE 1u       /* section flag: whole_first */
 #define BPE_HEADER 48           /* section bytes before the first token entry */
 #define BPE_ENTRY 8             /* bytes of an entry before the token's own bytes */
-#define PIECE_STACK 128         /* pieces of up to this many bytes merge in stack memory */
+#define PIECE_STACK 128         /* pieces of up to this many bytes merge in stack memory (merge_short) */
 
 static uint32_t rd_u16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
 
@@ -1664,34 +1664,14 @@ static void put_id(Ids *o, int id)
     o->count++;
 }
 
-/* The parts of a piece being merged: part k is s[start[k] .. start[k+1]) and is token id; rank and
- * pair say which token it would make joined with part k+1 (BPE_NO_RANK: none). */
+/* Short pieces (up to PIECE_STACK bytes: nearly all of them) merge as tiktoken does it: an array
+ * of parts, a scan for the lowest-ranked pair, the joined pair's neighbours looked up again.
+ * Part k is s[start[k] .. start[k+1]) and is token id; rank and pair say which token it would make
+ * joined with part k+1 (BPE_NO_RANK: none). */
 typedef struct {
-    size_t start;
-    uint32_t rank;
+    uint32_t start, rank;
     int32_t id, pair;
 } Part;
-
-/* room for the parts of one piece: on the stack for short pieces, on the heap (grown, kept for the
- * rest of the call) for longer ones */
-typedef struct {
-    Part *p;
-    size_t cap;
-    Part *heap;
-    Part local[PIECE_STACK + 1];
-} Parts;
-
-static int parts_reserve(Parts *w, size_t n)
-{
-    if (n <= w->cap) return 0;
-    size_t cap = n > 2 * w->cap ? n : 2 * w->cap;
-    Part *p = cap < (size_t)-1 / sizeof(Part) ? malloc(cap * sizeof(Part)) : NULL;
-    if (!p) return -1;
-    free(w->heap);
-    w->p = w->heap = p;
-    w->cap = cap;
-    return 0;
-}
 
 static void pair_of(const Tokenizer *t, const uint8_t *s, Part *p, size_t k)
 {
@@ -1700,22 +1680,12 @@ static void pair_of(const Tokenizer *t, const uint8_t *s, Part *p, size_t k)
     p[k].rank = e ? e->rank : BPE_NO_RANK;
 }
 
-/* step 3 for one piece s[0..n), n >= 1; -1 when out of memory */
-static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Parts *w, Ids *o)
+static void merge_short(const Tokenizer *t, const uint8_t *s, size_t n, Ids *o)
 {
-    const BpeSlot *whole = n > 1 && t->whole_first ? map_find(t, s, n) : NULL;
-    if (n == 1 || whole) {
-        put_id(o, n == 1 ? t->byte_id[s[0]] : (int)whole->id1 - 1);
-        return 0;
-    }
-    if (parts_reserve(w, n + 1)) return -1;
-    Part *p = w->p;
+    Part p[PIECE_STACK + 1];
     size_t m = n; /* parts; p[m] marks the end */
-    for (size_t k = 0; k <= n; k++) {
-        p[k].start = k;
-        p[k].id = k < n ? t->byte_id[s[k]] : -1;
-        p[k].rank = BPE_NO_RANK;
-    }
+    for (size_t k = 0; k <= n; k++)
+        p[k] = (Part){(uint32_t)k, BPE_NO_RANK, k < n ? t->byte_id[s[k]] : -1, -1};
     for (size_t k = 0; k + 1 < m; k++) pair_of(t, s, p, k);
     for (;;) {
         size_t best = 0;
@@ -1734,6 +1704,103 @@ static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Parts *w, I
         if (best > 0) pair_of(t, s, p, best - 1);
     }
     for (size_t k = 0; k < m; k++) put_id(o, p[k].id);
+}
+
+/* Long pieces give the same merges through a min-heap of candidate pairs ordered by (rank, start):
+ * O(n log n) where the scan above is O(n^2), which for a megabyte without a space (one piece) would
+ * take hours. The parts are a linked list over their first bytes; a candidate that a merge has made
+ * stale (its left part absorbed, or either part grown) is skipped when it comes up. */
+typedef struct {
+    uint32_t rank, left, end; /* joining the parts s[left .. end) would make token id */
+    int32_t id;
+} Cand;
+
+/* the scratch memory of one nano_encode call for its long pieces: grown as needed, freed at its end */
+typedef struct {
+    void *mem;
+    size_t cap;
+} Scratch;
+
+static int cand_less(const Cand *a, const Cand *b) { return a->rank < b->rank || (a->rank == b->rank && a->left < b->left); }
+
+static void cand_push(Cand *h, size_t *n, Cand c)
+{
+    size_t i = (*n)++;
+    for (; i > 0 && cand_less(&c, &h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
+    h[i] = c;
+}
+
+static Cand cand_pop(Cand *h, size_t *n)
+{
+    Cand top = h[0], last = h[--*n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && cand_less(&h[c + 1], &h[c])) c++;
+        if (!cand_less(&h[c], &last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = last;
+    return top;
+}
+
+/* the candidate of joining the parts s[left .. end), if that is a token */
+static void cand_try(const Tokenizer *t, const uint8_t *s, Cand *h, size_t *nh, uint32_t left, uint32_t end)
+{
+    const BpeSlot *e = map_find(t, s + left, end - left);
+    if (e) cand_push(h, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1});
+}
+
+static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    /* next/prev: the start of the following / preceding part (next = 0: absorbed); at most n - 1
+     * first candidates and 2 per merge (at most n - 1 merges) */
+    const size_t per_byte = 3 * sizeof(Cand) + 2 * sizeof(uint32_t) + sizeof(int32_t);
+    if (n >= UINT32_MAX || n > (size_t)-1 / per_byte) return -1;
+    if (n * per_byte > w->cap) {
+        void *mem = malloc(n * per_byte);
+        if (!mem) return -1;
+        free(w->mem);
+        w->mem = mem;
+        w->cap = n * per_byte;
+    }
+    Cand *h = w->mem;
+    uint32_t *next = (uint32_t *)(h + 3 * n), *prev = next + n;
+    int32_t *id = (int32_t *)(prev + n);
+    size_t nh = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        next[k] = k + 1;
+        prev[k] = k - 1; /* prev[0] is never read */
+        id[k] = t->byte_id[s[k]];
+    }
+    for (uint32_t k = 0; k + 1 < n; k++) cand_try(t, s, h, &nh, k, k + 2);
+    while (nh) {
+        Cand c = cand_pop(h, &nh);
+        uint32_t mid = next[c.left];
+        if ((c.left && !mid) || mid >= n || next[mid] != c.end) continue; /* stale */
+        id[c.left] = c.id; /* join [left, mid) and [mid, end) */
+        next[c.left] = c.end;
+        next[mid] = 0;
+        if (c.end < n) prev[c.end] = c.left;
+        if (c.left) cand_try(t, s, h, &nh, prev[c.left], c.end);
+        if (c.end < n) cand_try(t, s, h, &nh, c.left, next[c.end]);
+    }
+    for (uint32_t k = 0; k < n; k = next[k]) put_id(o, id[k]);
+    return 0;
+}
+
+/* step 3 for one piece s[0..n), n >= 1; -1 when out of memory */
+static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    const BpeSlot *whole = n > 1 && t->whole_first ? map_find(t, s, n) : NULL;
+    if (n == 1 || whole) {
+        put_id(o, n == 1 ? t->byte_id[s[0]] : (int)whole->id1 - 1);
+        return 0;
+    }
+    if (n > PIECE_STACK) return merge_long(t, s, n, w, o);
+    merge_short(t, s, n, o);
     return 0;
 }
 
@@ -1769,10 +1836,7 @@ static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
         s = clean;
     }
     Ids o = {ids, max_ids, 0};
-    Parts w;
-    w.p = w.local;
-    w.cap = PIECE_STACK + 1;
-    w.heap = NULL;
+    Scratch w = {NULL, 0};
     int bad = 0;
     for (size_t i = 0; i < len && !bad;) {
         size_t at;
@@ -1785,7 +1849,7 @@ static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
         if (sp >= 0) put_id(&o, sp);
         i = sp >= 0 ? at + tok_len(t, sp) : at;
     }
-    free(w.heap);
+    free(w.mem);
     free(clean);
     return bad ? (size_t)-1 : o.count;
 }

@@ -229,6 +229,9 @@ def make_strings(version_gap):
     }
     for make in makers.values():
         out += [make() for _ in range(820)]
+    # pieces longer than nano.c's PIECE_STACK (128 bytes), which take its heap-ordered merge
+    alphabets = ["ab", "abc", "the", "aeiou", "你好世界", "ÿé", "😀", "0123456789", " \t", "!?.", "ab12 "]
+    out += ["".join(rng.choice(a) for _ in range(rng.randrange(130, 300))) for a in alphabets for _ in range(4)]
     # long runs: pieces of a thousand bytes and more (longer than PIECE_STACK in nano.c)
     out += [" " * 1500 + "x", "9" * 1500, "a" * 1500, "\n" * 600 + "end", "!" * 800, "😀" * 300]
     assert len(out) >= 10_000
@@ -300,6 +303,21 @@ def test_invalid_utf8_is_replaced_like_python(builds, files, strings, tok):
     assert len(cases) > 500
     for b in cases:
         assert eng.encode(m, b) == tok.encode(b.decode("utf-8", "replace")), b
+
+
+def test_a_megabyte_in_one_piece(builds, files):
+    """One piece of a megabyte (letters, no space) merges in O(n log n): seconds, not hours; and the
+    sanitized CLI on a smaller one."""
+    eng = builds["engine"]
+    m = eng.load(files["gpt2"])
+    rng = random.Random(11)
+    big = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(1 << 20)).encode()
+    ids = eng.encode(m, big)
+    assert b"".join(eng.token_bytes(m, i) for i in ids) == big and len(ids) < len(big) / 1.5
+    f = files["dir"] / "piece.txt"
+    f.write_bytes(big[:30_000])
+    got = run(builds["asan"], files["gpt2"], "--tokenize-file", f).stdout.split()
+    assert list(map(int, got)) == eng.encode(m, big[:30_000])
 
 
 # ---------------------------------------------------------------------------------------------
