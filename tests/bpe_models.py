@@ -35,6 +35,25 @@ def _tokenizer():
     return BPETokenizer()
 
 
+def train_on_windows(model, data, starts, bos, steps, lr=1e-2, batch=8):
+    """Trains a tiny model in place on windows of `data` (token ids) that start at `starts`, each
+    after the id `bos` ([1] tensor), as the engines' prompts start; checks that it learned."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # much faster than two contended threads for a model this small
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        for _ in range(steps):
+            ix = starts[torch.randint(len(starts), (batch,))]
+            seq = torch.stack([torch.cat([bos, data[i:i + model.cfg.block_size]]) for i in ix])
+            _, loss = model(seq[:, :-1], seq[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    assert loss.item() < 0.5, f"the tiny model did not learn (loss {loss.item():.2f})"
+
+
 def random_bpe_checkpoint(seed=0, n_embd=16, **kw):
     cfg = ModelConfig(**dict(dict(block_size=32, vocab_size=BPE_VOCAB, n_layer=1, n_embd=n_embd, n_head=2,
                                   n_kv_head=1, n_hidden=32), **kw))
@@ -54,22 +73,9 @@ def trained_bpe_checkpoint(steps=150):
     starts = torch.tensor([0] + [i + 1 for i in range(len(data) - 70) if int(data[i]) in period])
     bos = torch.tensor([compact[tok.bos_id]])
     small = ModelConfig(block_size=64, vocab_size=len(used), n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=128)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # faster than two contended threads for a model this small
-    try:
-        torch.manual_seed(0)
-        model = Transformer(small)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(steps):
-            ix = starts[torch.randint(len(starts), (8,))]
-            seq = torch.stack([torch.cat([bos, data[i:i + small.block_size]]) for i in ix])
-            _, loss = model(seq[:, :-1], seq[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 0.5, f"the tiny model did not learn (loss {loss.item():.2f})"
+    torch.manual_seed(0)
+    model = Transformer(small)
+    train_on_windows(model, data, starts, bos, steps)
     cfg = ModelConfig(**dict(small.to_dict(), vocab_size=BPE_VOCAB))
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     gen = torch.Generator().manual_seed(1)

@@ -38,6 +38,7 @@ import data  # noqa: E402
 import export  # noqa: E402
 import gen_unicode  # noqa: E402
 from nanolib import NanoLib  # noqa: E402
+from test_infer_c import run  # noqa: E402  (the CLI under the sanitizers: any report fails the test)
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import GPT2_PATTERN, BPETokenizer  # noqa: E402
 
@@ -363,17 +364,6 @@ def test_text_stream_equals_python_decode(builds, tok):
 
 # ---------------------------------------------------------------------------------------------
 # the CLI and its sanitized build
-
-
-def run(binary, *args, check=True, input=None, timeout=120):
-    env = {"OMP_NUM_THREADS": "1", "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0"}
-    r = subprocess.run([binary, *map(str, args)], capture_output=True, input=input, env=env, timeout=timeout)
-    err = r.stderr.decode(errors="replace")
-    assert "AddressSanitizer" not in err and "runtime error" not in err and "LeakSanitizer" not in err, err
-    assert r.returncode >= 0, f"killed by signal {-r.returncode}: {err}"
-    if check:
-        assert r.returncode == 0, err
-    return r
 
 
 def test_asan_tokenize_file(builds, files, strings, tok, oracle):
