@@ -627,6 +627,44 @@ __attribute__((target("avx2,fma"))) static float dot_q8_avx2(const int8_t *w, co
     return hsum256(acc);
 }
 
+/* dot_q8_avx2 over `rows` consecutive rows, four at a time (see rows_q8_avx512, below, for why) */
+__attribute__((target("avx2,fma"))) static void rows_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
+                                                              const float *xs, float *out, int rows, int n, int gs)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int groups = n / gs;
+    const size_t stride = (size_t)n;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const int8_t *w0 = w + r * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
+        const float *s0 = ws + (size_t)r * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int g = 0; g < groups; g++) {
+            __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+            for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j)), ax = _mm256_sign_epi8(xv, xv);
+#define Q8_ROW(k, wr)                                                                                          \
+    {                                                                                                          \
+        PREFETCH(wr + j);                                                                                      \
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + j));                                            \
+        i##k = _mm256_add_epi32(i##k, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones)); \
+    }
+                Q8_ROW(0, w0) Q8_ROW(1, w1) Q8_ROW(2, w2) Q8_ROW(3, w3)
+#undef Q8_ROW
+            }
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(s0[g] * xs[g]), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(s1[g] * xs[g]), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_set1_ps(s2[g] * xs[g]), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_set1_ps(s3[g] * xs[g]), a3);
+        }
+        out[r] = hsum256(a0);
+        out[r + 1] = hsum256(a1);
+        out[r + 2] = hsum256(a2);
+        out[r + 3] = hsum256(a3);
+    }
+    for (; r < rows; r++) out[r] = dot_q8_avx2(w + r * stride, ws + (size_t)r * groups, x, xs, n, gs);
+}
+
 /* gs % 64 == 0: VNNI's vpdpbusd (u8 x s8 -> i32, 64 products per instruction), same sign trick */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx512(const int8_t *w, const float *ws,
                                                                                    const int8_t *x, const float *xs,
@@ -703,7 +741,7 @@ static dot_q8_fn g_q8_256, g_q8_512; /* NULL where the CPU lacks them */
 /* Q8 over a range of rows (the matvec kernel); NULL: call the dot_q8_fn row by row */
 typedef void (*rows_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, float *out, int rows,
                            int n, int gs);
-static rows_q8_fn g_rows_q8_512;
+static rows_q8_fn g_rows_q8_256, g_rows_q8_512; /* paired with g_q8_256 and g_q8_512 */
 static const char *g_kernel_name = "scalar";
 
 /* Pick kernels once. NANO_SIMD=scalar|avx2|avx512 caps the choice (tests compare the paths). */
@@ -723,6 +761,7 @@ static void simd_init(void)
         g_softmax = softmax_avx2;
         g_swiglu = swiglu_avx2;
         g_q8_256 = dot_q8_avx2;
+        g_rows_q8_256 = rows_q8_avx2;
         g_kernel_name = "avx2";
     }
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -890,7 +929,7 @@ static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_
     }
     if (n % (size_t)gs) return errf(c->err, "%s: %zu elements are not a multiple of the group size %d", what, n, gs);
     M->kq = pick_q8(gs);
-    M->kr = M->kq == g_q8_512 ? g_rows_q8_512 : NULL;
+    M->kr = M->kq == g_q8_512 ? g_rows_q8_512 : M->kq == g_q8_256 ? g_rows_q8_256 : NULL;
     M->q = (const int8_t *)take(c, n, 1, align, what, layer);
     if (!M->q) return -1;
     M->s = take_f32(c, n / gs, align, what, layer);
