@@ -235,11 +235,12 @@ int EXPORT(wa_is_causal)(const WModel *w) { return nano_config(w->m)->is_causal;
 
 /* -- tokenizer ----------------------------------------------------------------------------- */
 
-/* len bytes of UTF-8 -> at most max_ids ids; returns how many the text needs */
+/* len bytes of UTF-8 -> at most max_ids ids; returns how many the text needs, or -1 when that is
+ * more than a buffer of ids in wasm32's memory can hold (or a huge BPE piece ran out of memory) */
 int EXPORT(wa_encode)(const WModel *w, const char *text, size_t len, int *ids, int max_ids)
 {
     size_t n = nano_encode(w->m, text, len, ids, max_ids > 0 ? (size_t)max_ids : 0);
-    return n > 0x7fffffff ? 0x7fffffff : (int)n;
+    return n > 0x1fffffff ? -1 : (int)n;
 }
 
 /* UTF-8 of a token: the pointer, then its length from wa_token_len() */

@@ -221,7 +221,11 @@ function encode(text) {
     const tp = ptr(E.wa_malloc(bytes.length));
     u8().set(bytes, tp);
     const n = E.wa_encode(model, tp, bytes.length, 0, 0);
-    const ip = ptr(E.wa_malloc(4 * n));
+    const ip = n < 0 ? 0 : ptr(E.wa_malloc(4 * n));
+    if (!ip) {
+        E.wa_free(tp);
+        throw new Error('out of memory: the prompt is too long for the engine');
+    }
     E.wa_encode(model, tp, bytes.length, ip, n);
     const ids = Array.from(new Int32Array(E.memory.buffer, ip, n));
     E.wa_free(tp);

@@ -190,13 +190,22 @@ static char *read_line(FILE *f)
     return buf;
 }
 
-/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|> */
+/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>;
+ * NULL (with a message) when out of memory or when the tokenizer lacks one of those tokens */
 static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct, int *n_ids)
 {
     const int *sp = nano_config(m)->special;
+    if (sp[NANO_BOS] < 0 || (instruct && (sp[NANO_INSTRUCT] < 0 || sp[NANO_RESPONSE] < 0))) {
+        fprintf(stderr, "error: the model's tokenizer has no <|bos|>%s token: give the prompt as --ids\n",
+                instruct ? ", <|instruct_mark|> or <|response_mark|>" : "");
+        return NULL;
+    }
     int pre = instruct ? 2 : 1, n;
     int *ids = encode_alloc(m, text, len, pre, 1, &n);
-    if (!ids) return NULL;
+    if (!ids) {
+        fprintf(stderr, "error: out of memory\n");
+        return NULL;
+    }
     ids[0] = sp[NANO_BOS];
     *n_ids = n + pre;
     if (instruct) {
@@ -262,10 +271,7 @@ static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
         int n;
         int *ids = prompt_ids(m, line, strlen(line), instruct, &n);
         free(line);
-        if (!ids) {
-            fprintf(stderr, "error: out of memory\n");
-            return 1;
-        }
+        if (!ids) return 1;
         int r = nano_prefill(m, ids, n);
         free(ids);
         if (r != NANO_OK) {
@@ -483,7 +489,6 @@ int main(int argc, char **argv)
         const char *text = instruct ? instruct : cont;
         ids = prompt_ids(m, text, strlen(text), instruct != NULL, &n_ids);
         if (!ids) {
-            fprintf(stderr, "error: out of memory\n");
             rc = 1;
             goto done;
         }

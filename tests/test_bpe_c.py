@@ -493,6 +493,17 @@ def test_bpe_section_errors_are_clear(builds, small_file):
         assert r.returncode == 1 and err.startswith("error:") and msg in err and err.count("\n") == 1, (msg, err)
 
 
+def test_a_tokenizer_without_the_template_tokens(builds, small_file):
+    """The section may leave Nano's special tokens out (id -1): the templates then need --ids."""
+    data = patch_all(small_file.read_bytes(), [(256 + 24 + 4 * 2, "<i", -1), (256 + 24 + 4 * 4, "<i", -1)])
+    p = small_file.parent / "no_bos.bin"
+    p.write_bytes(bpe_models.with_crc(data))
+    for flag in ("-g", "-i"):
+        r = run(builds["asan"], p, flag, "hello", check=False)
+        assert r.returncode == 1 and b"has no <|bos|>" in r.stderr, r.stderr
+    assert run(builds["asan"], p, "--ids", "104,101", "-n", 2, "-t", 0, "--print-ids").stdout.split()
+
+
 def patch_all(data, edits):
     b = bytearray(data)
     for off, fmt, value in edits:
