@@ -1512,7 +1512,10 @@ enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3 };               /* pre-token
 
 static uint32_t rd_u16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
 
-/* class of a code point: the run of the table it falls in (binary search) */
+/* Class of a code point: the run of the table it falls in (binary search). The tables follow the
+ * Unicode version of the Python that generated them (UC_UNICODE_VERSION); a code point assigned in a
+ * later version is UC_OTHER here even where a newer regex engine (tiktoken's) calls it a letter or
+ * number, so text with such characters can pre-tokenize differently (gen_unicode.py says more). */
 static int uc_class(uint32_t cp)
 {
     if (cp < 128) return UC_ASCII[cp];

@@ -422,6 +422,26 @@ def test_greedy_text_equals_pytorch_and_infer_py(builds, trained, tok):
     assert r.stdout.endswith(b"\n")
 
 
+def test_lora_adapter_on_a_bpe_model(builds, files, tok):
+    """An adapter file has no tokenizer: it attaches to a BPE base like to any other (fp32 and Q8)."""
+    from test_infer_c import engine_logits, make_adapter, merged, reference_logits
+    ck = bpe_models.random_bpe_checkpoint(seed=3)
+    adapter = make_adapter(ck, export.LORA_TARGETS)
+    apath = files["dir"] / "bpe_adapter.bin"
+    export.write_lora(str(apath), adapter)
+    ids = [tok.bos_id] + tok.encode("Hello, world! It's 😀 here.")
+    ref, ref_off = reference_logits(merged(ck, adapter), ids), reference_logits(ck, ids)
+    assert abs(ref - ref_off).max() > 1e-2  # the adapter does something
+    for quant in ("fp32", "q8"):
+        base = files["dir"] / f"lora_base.{quant}.bin"
+        export.write_model(str(base), ck, quant)
+        got = engine_logits(builds["release"], base, ids, files["dir"] / "lora.f32", "-l", apath)
+        if quant == "fp32":
+            assert abs(got - ref).max() <= 1e-4
+        else:
+            assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
 # ---------------------------------------------------------------------------------------------
 # damaged files
 
