@@ -627,42 +627,38 @@ __attribute__((target("avx2,fma"))) static float dot_q8_avx2(const int8_t *w, co
     return hsum256(acc);
 }
 
-/* dot_q8_avx2 over `rows` consecutive rows, four at a time (see rows_q8_avx512, below, for why) */
+/* dot_q8_avx2 over `rows` consecutive rows, Q8_ROWS at a time (see rows_q8_avx512, below, for why) */
+#define Q8_ROWS 4
 __attribute__((target("avx2,fma"))) static void rows_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
                                                               const float *xs, float *out, int rows, int n, int gs)
 {
     const __m256i ones = _mm256_set1_epi16(1);
     const int groups = n / gs;
-    const size_t stride = (size_t)n;
     int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const int8_t *w0 = w + r * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
-        const float *s0 = ws + (size_t)r * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; r + Q8_ROWS <= rows; r += Q8_ROWS) {
+        const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
+        const float *sr = ws + (size_t)r * groups;
+        __m256 acc[Q8_ROWS];
+        for (int k = 0; k < Q8_ROWS; k++) acc[k] = _mm256_setzero_ps();
         for (int g = 0; g < groups; g++) {
-            __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
+            __m256i isum[Q8_ROWS];
+            for (int k = 0; k < Q8_ROWS; k++) isum[k] = _mm256_setzero_si256();
             for (int j = g * gs; j < (g + 1) * gs; j += 32) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j)), ax = _mm256_sign_epi8(xv, xv);
-#define Q8_ROW(k, wr)                                                                                          \
-    {                                                                                                          \
-        PREFETCH(wr + j);                                                                                      \
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(wr + j));                                            \
-        i##k = _mm256_add_epi32(i##k, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv)), ones)); \
-    }
-                Q8_ROW(0, w0) Q8_ROW(1, w1) Q8_ROW(2, w2) Q8_ROW(3, w3)
-#undef Q8_ROW
+                for (int k = 0; k < Q8_ROWS; k++) {
+                    const int8_t *p = wr + (size_t)k * n + j;
+                    PREFETCH(p);
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)p);
+                    __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                    isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(pairs, ones));
+                }
             }
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), _mm256_set1_ps(s0[g] * xs[g]), a0);
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), _mm256_set1_ps(s1[g] * xs[g]), a1);
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), _mm256_set1_ps(s2[g] * xs[g]), a2);
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), _mm256_set1_ps(s3[g] * xs[g]), a3);
+            for (int k = 0; k < Q8_ROWS; k++)
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), _mm256_set1_ps(sr[k * groups + g] * xs[g]), acc[k]);
         }
-        out[r] = hsum256(a0);
-        out[r + 1] = hsum256(a1);
-        out[r + 2] = hsum256(a2);
-        out[r + 3] = hsum256(a3);
+        for (int k = 0; k < Q8_ROWS; k++) out[r + k] = hsum256(acc[k]);
     }
-    for (; r < rows; r++) out[r] = dot_q8_avx2(w + r * stride, ws + (size_t)r * groups, x, xs, n, gs);
+    for (; r < rows; r++) out[r] = dot_q8_avx2(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
 }
 
 /* gs % 64 == 0: VNNI's vpdpbusd (u8 x s8 -> i32, 64 products per instruction), same sign trick */
@@ -685,49 +681,44 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx51
     return _mm512_reduce_add_ps(acc);
 }
 
-/* dot_q8_avx512 for `rows` consecutive rows (out[r] = w[r] . x), four rows at a time: each 64-byte
- * slice of x, its absolute value and its sign mask are loaded and made once for the four, and the
+/* dot_q8_avx512 for `rows` consecutive rows (out[r] = w[r] . x), Q8_ROWS rows at a time: each
+ * 64-byte slice of x, its absolute value and its sign mask are loaded and made once for them, and the
  * per-call and per-row costs (the group count, the horizontal sums) are shared. It matters for short
  * rows, where those costs are a large part of a row: the output head of a small model with a large
  * vocabulary (GPT-2's 50,304 rows of 256 bytes) took 78% of a Q8 token in dot_q8_avx512. Each row's
- * arithmetic is dot_q8_avx512's, in the same order. */
+ * arithmetic is dot_q8_avx512's, in the same order; the rows stream as one (consecutive), and are
+ * prefetched like the fp32 ones. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx512(const int8_t *w, const float *ws,
                                                                                    const int8_t *x, const float *xs,
                                                                                    float *out, int rows, int n, int gs)
 {
     const __m512i zero = _mm512_setzero_si512();
     const int groups = n / gs;
-    const size_t stride = (size_t)n;
     int r = 0;
-    for (; r + 4 <= rows; r += 4) {
-        const int8_t *w0 = w + r * stride, *w1 = w0 + stride, *w2 = w1 + stride, *w3 = w2 + stride;
-        const float *s0 = ws + (size_t)r * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; r + Q8_ROWS <= rows; r += Q8_ROWS) {
+        const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
+        const float *sr = ws + (size_t)r * groups;
+        __m512 acc[Q8_ROWS];
+        for (int k = 0; k < Q8_ROWS; k++) acc[k] = _mm512_setzero_ps();
         for (int g = 0; g < groups; g++) {
-            __m512i i0 = zero, i1 = zero, i2 = zero, i3 = zero;
+            __m512i isum[Q8_ROWS];
+            for (int k = 0; k < Q8_ROWS; k++) isum[k] = zero;
             for (int j = g * gs; j < (g + 1) * gs; j += 64) {
                 __m512i xv = _mm512_loadu_si512((const void *)(x + j)), ax = _mm512_abs_epi8(xv);
                 __mmask64 neg = _mm512_movepi8_mask(xv);
-#define Q8_ROW(k, wr)                                                                   \
-    {                                                                                   \
-        PREFETCH(wr + j);                                                               \
-        __m512i wv = _mm512_loadu_si512((const void *)(wr + j));                        \
-        i##k = _mm512_dpbusd_epi32(i##k, ax, _mm512_mask_sub_epi8(wv, neg, zero, wv)); \
-    }
-                Q8_ROW(0, w0) Q8_ROW(1, w1) Q8_ROW(2, w2) Q8_ROW(3, w3)
-#undef Q8_ROW
+                for (int k = 0; k < Q8_ROWS; k++) {
+                    const int8_t *p = wr + (size_t)k * n + j;
+                    PREFETCH(p);
+                    __m512i wv = _mm512_loadu_si512((const void *)p);
+                    isum[k] = _mm512_dpbusd_epi32(isum[k], ax, _mm512_mask_sub_epi8(wv, neg, zero, wv));
+                }
             }
-            a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), _mm512_set1_ps(s0[g] * xs[g]), a0);
-            a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), _mm512_set1_ps(s1[g] * xs[g]), a1);
-            a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i2), _mm512_set1_ps(s2[g] * xs[g]), a2);
-            a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i3), _mm512_set1_ps(s3[g] * xs[g]), a3);
+            for (int k = 0; k < Q8_ROWS; k++)
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[k]), _mm512_set1_ps(sr[k * groups + g] * xs[g]), acc[k]);
         }
-        out[r] = _mm512_reduce_add_ps(a0);
-        out[r + 1] = _mm512_reduce_add_ps(a1);
-        out[r + 2] = _mm512_reduce_add_ps(a2);
-        out[r + 3] = _mm512_reduce_add_ps(a3);
+        for (int k = 0; k < Q8_ROWS; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
     }
-    for (; r < rows; r++) out[r] = dot_q8_avx512(w + r * stride, ws + (size_t)r * groups, x, xs, n, gs);
+    for (; r < rows; r++) out[r] = dot_q8_avx512(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
 }
 #endif
 
