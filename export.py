@@ -29,7 +29,7 @@ import torch
 
 from files import ConfigError, weights_fingerprint
 from model import ModelConfig, rope_tables
-from tokenizer import SPECIAL_TOKENS, TokenizerError
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError
 
 MAGIC = (0x42443453, 0x55524C4D)
 VERSION = (2026, 11)
@@ -41,6 +41,12 @@ QUANTS = {"fp32": QUANT_F32, "q8": QUANT_Q8}
 HEADER_SIZE = 256
 ALIGN = 64  # every tensor of a 2026.11 file starts on a 64-byte boundary (cache line, AVX-512 load)
 TOKENIZER_TRIE = 1
+TOKENIZER_BPE = 2  # byte-level BPE section (docs/FORMAT.md, "Byte-level BPE section")
+BPE_SECTION_VERSION = 1
+BPE_PATTERNS = {"gpt2": 1, "llama3": 2, "qwen2": 3}  # pre-tokenization pattern ids
+BPE_WHOLE_PIECE_FIRST = 1  # section flag: a piece that is a token is taken whole (tiktoken)
+BPE_NO_RANK = 0xFFFFFFFF  # the rank field of a special token
+BPE_HEADER = 48  # section bytes before the first token entry
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # bit i of the targets mask = LORA_TARGETS[i]
 OLD_LORA_TARGETS = ("wq", "wk", "wv", "wo")
 
@@ -90,7 +96,8 @@ def _torch_load(path):
 
 
 def load_checkpoint(path_or_dict):
-    """-> (ModelConfig, state_dict, tokens, fingerprint hex) from a train.py checkpoint (path or dict)."""
+    """-> (ModelConfig, state_dict, tokens, fingerprint hex) from a train.py checkpoint (path or dict);
+    tokens: the trie tokenizer's list of strings, or a tokenizer.BPETokenizer."""
     ck = _torch_load(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ExportError("not a Nano checkpoint: expected a dict with 'model_config' and 'model'")
@@ -102,16 +109,21 @@ def load_checkpoint(path_or_dict):
     if not isinstance(tok, dict):
         raise ExportError("checkpoint has no 'tokenizer' dict")
     if tok.get("type") == "bpe":
-        raise ExportError("the C engine's encoder supports only the trie tokenizer, and this checkpoint uses "
-                          f"the BPE tokenizer ({tok.get('name', 'gpt2')}); export is refused")
-    if tok.get("type") != "trie":
+        try:
+            tokens = BPETokenizer(tok.get("name", "gpt2"))  # "tokens" is then the tokenizer itself
+        except TokenizerError as e:
+            raise ExportError(str(e)) from None
+        n_tokens = tokens.vocab_size
+    elif tok.get("type") != "trie":
         raise ExportError(f"unknown tokenizer type {tok.get('type')!r}")
-    tokens = tok.get("tokens")
-    if (not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens)
-            or tokens[:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS):
-        raise ExportError(f"trie tokenizer: 'tokens' must be a list of non-empty strings starting with {SPECIAL_TOKENS}")
-    if len(tokens) > cfg.vocab_size:
-        raise ExportError(f"the tokenizer has {len(tokens)} tokens but the model only {cfg.vocab_size} embedding rows")
+    else:
+        tokens = tok.get("tokens")
+        if (not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens)
+                or tokens[:len(SPECIAL_TOKENS)] != SPECIAL_TOKENS):
+            raise ExportError(f"trie tokenizer: 'tokens' must be a list of non-empty strings starting with {SPECIAL_TOKENS}")
+        n_tokens = len(tokens)
+    if n_tokens > cfg.vocab_size:
+        raise ExportError(f"the tokenizer has {n_tokens} tokens but the model only {cfg.vocab_size} embedding rows")
     sd = _clean_state_dict(ck["model"])
     _check_state_dict(cfg, sd)
     return cfg, sd, tokens, base_fingerprint(ck["model_config"], ck["model"])
@@ -239,6 +251,40 @@ def tokenizer_section(tokens):
     return struct.pack("<II", 8 + len(body), len(tokens)) + body
 
 
+def bpe_section(tokens, pattern, special_ids, whole_piece_first=True):
+    """The 2026.11 byte-level BPE section (docs/FORMAT.md). tokens: [(bytes, merge rank)] in id order,
+    rank None for a special token (matched in the text, never merged); pattern: a key of BPE_PATTERNS;
+    special_ids: the ids of Nano's SPECIAL_TOKENS, in that order (-1 where the tokenizer has none)."""
+    parts = []
+    for i, (b, rank) in enumerate(tokens):
+        if not 1 <= len(b) <= 0xFFFF:
+            raise ExportError(f"BPE token {i} is {len(b)} bytes long; the file's BPE section allows 1 to 65535")
+        parts.append(struct.pack("<HBBI", len(b), rank is None, 0, BPE_NO_RANK if rank is None else rank) + b)
+    body = b"".join(parts)
+    n_special = sum(rank is None for _, rank in tokens)
+    head = struct.pack("<6I6i", BPE_HEADER + len(body), len(tokens), BPE_SECTION_VERSION, BPE_PATTERNS[pattern],
+                       BPE_WHOLE_PIECE_FIRST if whole_piece_first else 0, n_special, *special_ids)
+    return head + body
+
+
+def gpt2_bpe_section(tok):
+    """The BPE section of a tokenizer.BPETokenizer: GPT-2's tokens (tiktoken's ids are their merge
+    ranks), then the special tokens, <|endoftext|> and Nano's six."""
+    by_id = {rank: (b, rank) for b, rank in tok.mergeable_ranks.items()}
+    by_id.update({i: (s.encode("utf-8"), None) for s, i in tok.special_tokens.items()})
+    if sorted(by_id) != list(range(len(by_id))):
+        raise ExportError("the BPE tokenizer's ids are not 0 .. N-1 without gaps")
+    tokens = [by_id[i] for i in range(len(by_id))]
+    return bpe_section(tokens, "gpt2", [tok.special_tokens[s] for s in SPECIAL_TOKENS]), len(tokens)
+
+
+def _tokenizer_for_file(tokens):
+    """-> (tokenizer kind, section bytes, number of tokens) for load_checkpoint's tokens."""
+    if isinstance(tokens, BPETokenizer):
+        return (TOKENIZER_BPE, *gpt2_bpe_section(tokens))
+    return TOKENIZER_TRIE, tokenizer_section(tokens), len(tokens)
+
+
 def pack_header(fields, model_type):
     """The 256-byte 2026.11 header from a dict of HEADER_FIELDS values (missing ones are zero)."""
     h = bytearray(HEADER_SIZE)
@@ -284,16 +330,19 @@ def write_model(path, checkpoint, quant="fp32", group_size=64, fmt="2026.11"):
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {FORMATS}, got {fmt!r}")
     cfg, sd, tokens, fingerprint = load_checkpoint(checkpoint)
-    tok = tokenizer_section(tokens)
+    kind, tok, n_tokens = _tokenizer_for_file(tokens)
     if fmt == "2024.10":
+        if kind != TOKENIZER_TRIE:
+            raise ExportError("the 2024.10 layout cannot represent this model: the BPE tokenizer (2024.10 has "
+                              "the trie tokenizer's section only); use --format 2026.11")
         return _write_model_2024(path, cfg, sd, tok, quant, group_size)
     gs = choose_group_size(group_size, cfg) if quant == "q8" else 0
     if quant == "q8" and gs != group_size:
         print(f"export.py: note: group size {gs} instead of {group_size}, so that groups divide every row",
               file=sys.stderr)
     fields = _config_fields(cfg)
-    fields.update(quant_type=QUANTS[quant], group_size=gs, tokenizer_kind=TOKENIZER_TRIE,
-                  tokenizer_vocab=len(tokens), tokenizer_offset=HEADER_SIZE, tokenizer_size=len(tok),
+    fields.update(quant_type=QUANTS[quant], group_size=gs, tokenizer_kind=kind,
+                  tokenizer_vocab=n_tokens, tokenizer_offset=HEADER_SIZE, tokenizer_size=len(tok),
                   fingerprint=bytes.fromhex(fingerprint))
 
     def matrix(t):

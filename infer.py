@@ -32,20 +32,28 @@ def prompt_ids(tok, text, instruct):
 
 class StreamPrinter:
     """Prints text as tokens arrive. Re-decodes the whole answer so multi-token characters
-    (byte-level BPE) print once complete; a trailing U+FFFD means 'incomplete, wait'."""
+    (byte-level BPE) print once complete; a trailing U+FFFD means 'incomplete, wait'. finish()
+    prints what is still held back: a reply that ends inside a character ends in U+FFFD, as the C
+    engine's and the browser page's do (so all three print tok.decode of the reply)."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], 0
 
     def __call__(self, token_id):
         self.ids.append(token_id)
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return False
+        self._show(text)
+        return False
+
+    def finish(self):
+        self._show(self.tok.decode(self.ids))
+
+    def _show(self, text):
         self.out.write(text[self.shown:])
         self.out.flush()
         self.shown = len(text)
-        return False
 
 
 def generate_text(model, tok, text, args, instruct, stream=True):
@@ -69,6 +77,7 @@ def generate_text(model, tok, text, args, instruct, stream=True):
                          callback=on_token, generator=gen)
     t1 = time.perf_counter()
     if stream:
+        printer.finish()
         print()
     if args.profile and out:
         ttft = first_token_at[0] - t0

@@ -142,6 +142,10 @@ class TrieTokenizer:
         return cls(SPECIAL_TOKENS + char_list + sorted(ranked[:room]))
 
 
+# GPT-2's pre-tokenization pattern (tiktoken's r50k/gpt2); the C engine's pattern 1 (docs/FORMAT.md)
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 class BPETokenizer:
     """GPT-2 BPE (tiktoken) from local files; Nano's special tokens follow GPT-2's 50257 ids."""
     kind = "bpe"
@@ -159,10 +163,12 @@ class BPETokenizer:
         base = len(ranks) + 1  # 50256 merges/bytes + <|endoftext|>
         specials = {"<|endoftext|>": 50256, **{t: base + i for i, t in enumerate(SPECIAL_TOKENS)}}
         self.enc = tiktoken.Encoding(
-            name="nano-gpt2", explicit_n_vocab=base + len(SPECIAL_TOKENS),
-            pat_str=r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+            name="nano-gpt2", explicit_n_vocab=base + len(SPECIAL_TOKENS), pat_str=GPT2_PATTERN,
             mergeable_ranks=ranks, special_tokens=specials)
         self.name = name
+        # what export.py writes into a model file for the C engine (token bytes and ranks; tiktoken
+        # uses a token's merge rank as its id)
+        self.mergeable_ranks, self.special_tokens = ranks, specials
         (self.pad_id, self.unk_id, self.bos_id, self.eos_id,
          self.instruct_id, self.response_id) = (base + i for i in range(len(SPECIAL_TOKENS)))
         self.vocab_size = base + len(SPECIAL_TOKENS)

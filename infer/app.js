@@ -111,7 +111,8 @@ const handlers = {
             ui.modelName.textContent = m.name;
             const c = m.info;
             ui.modelInfo.textContent = `${c.quant}${c.quant === 'q8' ? ` (groups of ${c.group_size})` : ''}, ` +
-                `${c.n_layer} layers × ${c.n_embd}, ${c.n_head} heads (${c.n_kv_head} KV), vocab ${c.tok_vocab}, ` +
+                `${c.n_layer} layers × ${c.n_embd}, ${c.n_head} heads (${c.n_kv_head} KV), ` +
+                `vocab ${c.tok_vocab}${c.tokenizer === 'bpe' ? ' (byte-level BPE)' : ''}, ` +
                 `context ${c.block_size}, layout ${c.layout}`;
             setStatus(`Model “${m.name}” loaded (${state.kernels} kernels). Type a message.`);
         } else {

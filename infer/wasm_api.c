@@ -213,17 +213,20 @@ void EXPORT(wa_model_free)(WModel *w)
     free(w);
 }
 
-/* The configuration as a JSON object (for the page's status line); valid until the next call. */
+/* The configuration as a JSON object (for the page's status line, and the special token ids of the
+ * prompt templates: 2..5 for the trie tokenizer, after GPT-2's ids for BPE); valid until the next call. */
 const char *EXPORT(wa_model_info)(const WModel *w)
 {
     const NanoConfig *c = nano_config(w->m);
     snprintf(g_info, sizeof g_info,
              "{\"layout\":\"%d.%d\",\"quant\":\"%s\",\"group_size\":%d,\"block_size\":%d,\"vocab_size\":%d,"
              "\"tok_vocab\":%d,\"n_layer\":%d,\"n_embd\":%d,\"n_head\":%d,\"n_kv_head\":%d,\"n_hidden\":%d,"
-             "\"head_dim\":%d,\"use_rope\":%d,\"is_causal\":%d,\"has_fingerprint\":%d}",
+             "\"head_dim\":%d,\"use_rope\":%d,\"is_causal\":%d,\"has_fingerprint\":%d,\"tokenizer\":\"%s\","
+             "\"bos\":%d,\"eos\":%d,\"instruct\":%d,\"response\":%d}",
              c->major, c->minor, c->quant == NANO_QUANT_Q8 ? "q8" : "fp32", c->group_size, c->block_size,
              c->vocab_size, c->tok_vocab, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->n_hidden, c->head_dim,
-             c->use_rope, c->is_causal, c->has_fingerprint);
+             c->use_rope, c->is_causal, c->has_fingerprint, c->tok_kind == NANO_TOK_BPE ? "bpe" : "trie",
+             c->special[NANO_BOS], c->special[NANO_EOS], c->special[NANO_INSTRUCT], c->special[NANO_RESPONSE]);
     return g_info;
 }
 
@@ -232,11 +235,12 @@ int EXPORT(wa_is_causal)(const WModel *w) { return nano_config(w->m)->is_causal;
 
 /* -- tokenizer ----------------------------------------------------------------------------- */
 
-/* len bytes of UTF-8 -> at most max_ids ids; returns how many the text needs */
+/* len bytes of UTF-8 -> at most max_ids ids; returns how many the text needs, or -1 when that is
+ * more than a buffer of ids in wasm32's memory can hold (or a huge BPE piece ran out of memory) */
 int EXPORT(wa_encode)(const WModel *w, const char *text, size_t len, int *ids, int max_ids)
 {
     size_t n = nano_encode(w->m, text, len, ids, max_ids > 0 ? (size_t)max_ids : 0);
-    return n > 0x7fffffff ? 0x7fffffff : (int)n;
+    return n > 0x1fffffff ? -1 : (int)n;
 }
 
 /* UTF-8 of a token: the pointer, then its length from wa_token_len() */

@@ -26,7 +26,6 @@
  */
 'use strict';
 
-const BOS = 2, EOS = 3, INSTRUCT = 4, RESPONSE = 5; // nano.h: fixed special token ids
 const NANO_OK = 0;
 const VERIFY = 1; // check the CRC-32 of 2026.11 files: cheap next to reading them
 
@@ -222,7 +221,11 @@ function encode(text) {
     const tp = ptr(E.wa_malloc(bytes.length));
     u8().set(bytes, tp);
     const n = E.wa_encode(model, tp, bytes.length, 0, 0);
-    const ip = ptr(E.wa_malloc(4 * n));
+    const ip = n < 0 ? 0 : ptr(E.wa_malloc(4 * n));
+    if (!ip) {
+        E.wa_free(tp);
+        throw new Error('out of memory: the prompt is too long for the engine');
+    }
     E.wa_encode(model, tp, bytes.length, ip, n);
     const ids = Array.from(new Int32Array(E.memory.buffer, ip, n));
     E.wa_free(tp);
@@ -254,9 +257,11 @@ async function generate({id, text, mode, settings}) {
     E.wa_sampler_set(model, s.temperature, s.top_k, s.top_p, s.rep_penalty);
     E.wa_sampler_seed(model, seed);
 
-    // infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>
+    // infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>, with the
+    // special ids of the model's tokenizer (wa_model_info: 2..5 for the trie, after GPT-2's for BPE)
+    const {bos, instruct, response, eos} = modelInfo;
     const textIds = encode(text);
-    const ids = mode === 'instruct' ? [BOS, INSTRUCT, ...textIds, RESPONSE] : [BOS, ...textIds];
+    const ids = mode === 'instruct' ? [bos, instruct, ...textIds, response] : [bos, ...textIds];
     const block = modelInfo.block_size;
     const start = Math.max(0, ids.length - block); // nano_prefill keeps the end of a long prompt
     post({type: 'prompt', id, text: decode(textIds), tokens: ids.length, kept: ids.length - start});
@@ -290,7 +295,7 @@ async function generate({id, text, mode, settings}) {
     slice = performance.now();
     for (let i = 0; i < s.max_new; i++) {
         const tok = E.wa_sample(model);
-        if (tok < 0 || tok === EOS) {
+        if (tok < 0 || tok === eos) {
             reason = tok < 0 ? 'error' : 'eos';
             break;
         }

@@ -117,16 +117,19 @@ static int *encode_alloc(const Nano *m, const char *text, size_t len, int pre, i
 typedef struct {
     int max_new, print_ids, ignore_eos;
     NanoSampler sampler;
+    NanoUtf8Stream text; /* a byte-level BPE token can end inside a character: held back until complete */
 } GenOpts;
 
-static void emit(const Nano *m, int tok, int print_ids, int first)
+static void emit(const Nano *m, GenOpts *o, int tok, int first)
 {
-    if (print_ids) {
+    if (o->print_ids) {
         printf(first ? "%d" : " %d", tok);
     } else {
         size_t len;
         const char *s = nano_token_text(m, tok, &len);
-        fwrite(s, 1, len, stdout);
+        char out[NANO_UTF8_OUT(256)];
+        for (size_t i = 0; i < len; i += 256) /* in slices: the buffer stays small (wasm's stack) */
+            fwrite(out, 1, nano_utf8_stream(&o->text, s + i, len - i < 256 ? len - i : 256, out), stdout);
     }
     fflush(stdout);
 }
@@ -136,15 +139,17 @@ static void emit(const Nano *m, int tok, int print_ids, int first)
 static int generate(Nano *m, GenOpts *o, double *t_decode, int *n_out)
 {
     double t0 = now_s();
-    int last = -1, n = 0;
+    int last = -1, n = 0, eos = nano_config(m)->special[NANO_EOS];
     for (int i = 0; i < o->max_new; i++) {
         int tok = nano_sample(m, &o->sampler);
         last = tok;
-        if (tok < 0 || (tok == NANO_EOS && !o->ignore_eos)) break;
-        emit(m, tok, o->print_ids, n == 0);
+        if (tok < 0 || (tok == eos && !o->ignore_eos)) break;
+        emit(m, o, tok, n == 0);
         n++;
         if (nano_feed(m, tok) != NANO_OK) break;
     }
+    char tail[3];
+    fwrite(tail, 1, nano_utf8_finish(&o->text, tail), stdout); /* an unfinished character: U+FFFD */
     *t_decode = now_s() - t0;
     *n_out = n;
     return last;
@@ -185,17 +190,27 @@ static char *read_line(FILE *f)
     return buf;
 }
 
-/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|> */
+/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>;
+ * NULL (with a message) when out of memory or when the tokenizer lacks one of those tokens */
 static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct, int *n_ids)
 {
+    const int *sp = nano_config(m)->special;
+    if (sp[NANO_BOS] < 0 || (instruct && (sp[NANO_INSTRUCT] < 0 || sp[NANO_RESPONSE] < 0))) {
+        fprintf(stderr, "error: the model's tokenizer has no <|bos|>%s token: give the prompt as --ids\n",
+                instruct ? ", <|instruct_mark|> or <|response_mark|>" : "");
+        return NULL;
+    }
     int pre = instruct ? 2 : 1, n;
     int *ids = encode_alloc(m, text, len, pre, 1, &n);
-    if (!ids) return NULL;
-    ids[0] = NANO_BOS;
+    if (!ids) {
+        fprintf(stderr, "error: out of memory\n");
+        return NULL;
+    }
+    ids[0] = sp[NANO_BOS];
     *n_ids = n + pre;
     if (instruct) {
-        ids[1] = NANO_INSTRUCT;
-        ids[(*n_ids)++] = NANO_RESPONSE;
+        ids[1] = sp[NANO_INSTRUCT];
+        ids[(*n_ids)++] = sp[NANO_RESPONSE];
     }
     return ids;
 }
@@ -256,10 +271,7 @@ static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
         int n;
         int *ids = prompt_ids(m, line, strlen(line), instruct, &n);
         free(line);
-        if (!ids) {
-            fprintf(stderr, "error: out of memory\n");
-            return 1;
-        }
+        if (!ids) return 1;
         int r = nano_prefill(m, ids, n);
         free(ids);
         if (r != NANO_OK) {
@@ -312,6 +324,7 @@ static void print_info(const Nano *m)
     const NanoConfig *c = nano_config(m);
     printf("layout %d.%d, %s", c->major, c->minor, c->quant == NANO_QUANT_Q8 ? "Q8_0" : "fp32");
     if (c->quant == NANO_QUANT_Q8) printf(" (group size %d)", c->group_size);
+    printf(", %s tokenizer", c->tok_kind == NANO_TOK_BPE ? "byte-level BPE" : "trie");
     printf("\nblock_size %d vocab_size %d (tokenizer %d) n_layer %d n_embd %d n_head %d n_kv_head %d head_dim %d "
            "n_hidden %d\n%s (theta %g), norm_eps %g, %s, bias %d, tied head %d, kernels %s\n",
            c->block_size, c->vocab_size, c->tok_vocab, c->n_layer, c->n_embd, c->n_head, c->n_kv_head, c->head_dim,
@@ -476,7 +489,6 @@ int main(int argc, char **argv)
         const char *text = instruct ? instruct : cont;
         ids = prompt_ids(m, text, strlen(text), instruct != NULL, &n_ids);
         if (!ids) {
-            fprintf(stderr, "error: out of memory\n");
             rc = 1;
             goto done;
         }

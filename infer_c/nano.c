@@ -5,7 +5,8 @@
  *   1. platform, errors, checked arithmetic, CRC-32
  *   2. SIMD kernels (fp32 and int8 dot products) with runtime dispatch and scalar fallbacks
  *   3. file loading and validation (2026.11 and 2024.10 layouts), weights, run state
- *   4. tokenizer (trie, greedy longest match over code points)
+ *   4. tokenizers: UTF-8; the trie (greedy longest match over code points); byte-level BPE
+ *      (tiktoken's, with the GPT-2 and Llama-3 pre-tokenizers); text streams of token bytes
  *   5. forward pass (one token through the KV cache)
  *   6. generation context and sampler
  *   7. LoRA adapters
@@ -626,6 +627,40 @@ __attribute__((target("avx2,fma"))) static float dot_q8_avx2(const int8_t *w, co
     return hsum256(acc);
 }
 
+/* dot_q8_avx2 over `rows` consecutive rows, Q8_ROWS at a time (see rows_q8_avx512, below, for why) */
+#define Q8_ROWS 4
+__attribute__((target("avx2,fma"))) static void rows_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
+                                                              const float *xs, float *out, int rows, int n, int gs)
+{
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int groups = n / gs;
+    int r = 0;
+    for (; r + Q8_ROWS <= rows; r += Q8_ROWS) {
+        const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
+        const float *sr = ws + (size_t)r * groups;
+        __m256 acc[Q8_ROWS];
+        for (int k = 0; k < Q8_ROWS; k++) acc[k] = _mm256_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            __m256i isum[Q8_ROWS];
+            for (int k = 0; k < Q8_ROWS; k++) isum[k] = _mm256_setzero_si256();
+            for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(x + j)), ax = _mm256_sign_epi8(xv, xv);
+                for (int k = 0; k < Q8_ROWS; k++) {
+                    const int8_t *p = wr + (size_t)k * n + j;
+                    PREFETCH(p);
+                    __m256i wv = _mm256_loadu_si256((const __m256i *)p);
+                    __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                    isum[k] = _mm256_add_epi32(isum[k], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            for (int k = 0; k < Q8_ROWS; k++)
+                acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[k]), _mm256_set1_ps(sr[k * groups + g] * xs[g]), acc[k]);
+        }
+        for (int k = 0; k < Q8_ROWS; k++) out[r + k] = hsum256(acc[k]);
+    }
+    for (; r < rows; r++) out[r] = dot_q8_avx2(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
+}
+
 /* gs % 64 == 0: VNNI's vpdpbusd (u8 x s8 -> i32, 64 products per instruction), same sign trick */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx512(const int8_t *w, const float *ws,
                                                                                    const int8_t *x, const float *xs,
@@ -645,6 +680,46 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx51
     }
     return _mm512_reduce_add_ps(acc);
 }
+
+/* dot_q8_avx512 for `rows` consecutive rows (out[r] = w[r] . x), Q8_ROWS rows at a time: each
+ * 64-byte slice of x, its absolute value and its sign mask are loaded and made once for them, and the
+ * per-call and per-row costs (the group count, the horizontal sums) are shared. It matters for short
+ * rows, where those costs are a large part of a row: the output head of a small model with a large
+ * vocabulary (GPT-2's 50,304 rows of 256 bytes) took 78% of a Q8 token in dot_q8_avx512. Each row's
+ * arithmetic is dot_q8_avx512's, in the same order; the rows stream as one (consecutive), and are
+ * prefetched like the fp32 ones. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx512(const int8_t *w, const float *ws,
+                                                                                   const int8_t *x, const float *xs,
+                                                                                   float *out, int rows, int n, int gs)
+{
+    const __m512i zero = _mm512_setzero_si512();
+    const int groups = n / gs;
+    int r = 0;
+    for (; r + Q8_ROWS <= rows; r += Q8_ROWS) {
+        const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
+        const float *sr = ws + (size_t)r * groups;
+        __m512 acc[Q8_ROWS];
+        for (int k = 0; k < Q8_ROWS; k++) acc[k] = _mm512_setzero_ps();
+        for (int g = 0; g < groups; g++) {
+            __m512i isum[Q8_ROWS];
+            for (int k = 0; k < Q8_ROWS; k++) isum[k] = zero;
+            for (int j = g * gs; j < (g + 1) * gs; j += 64) {
+                __m512i xv = _mm512_loadu_si512((const void *)(x + j)), ax = _mm512_abs_epi8(xv);
+                __mmask64 neg = _mm512_movepi8_mask(xv);
+                for (int k = 0; k < Q8_ROWS; k++) {
+                    const int8_t *p = wr + (size_t)k * n + j;
+                    PREFETCH(p);
+                    __m512i wv = _mm512_loadu_si512((const void *)p);
+                    isum[k] = _mm512_dpbusd_epi32(isum[k], ax, _mm512_mask_sub_epi8(wv, neg, zero, wv));
+                }
+            }
+            for (int k = 0; k < Q8_ROWS; k++)
+                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[k]), _mm512_set1_ps(sr[k * groups + g] * xs[g]), acc[k]);
+        }
+        for (int k = 0; k < Q8_ROWS; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
+    }
+    for (; r < rows; r++) out[r] = dot_q8_avx512(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
+}
 #endif
 
 /* out[r] = w[r] . x for `rows` consecutive rows of n floats (the matvec kernel) */
@@ -654,6 +729,10 @@ static wsum_fn g_wsum = wsum_scalar;
 static softmax_fn g_softmax = softmax_scalar;
 static swiglu_fn g_swiglu = swiglu_scalar;
 static dot_q8_fn g_q8_256, g_q8_512; /* NULL where the CPU lacks them */
+/* Q8 over a range of rows (the matvec kernel); NULL: call the dot_q8_fn row by row */
+typedef void (*rows_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, float *out, int rows,
+                           int n, int gs);
+static rows_q8_fn g_rows_q8_256, g_rows_q8_512; /* paired with g_q8_256 and g_q8_512 */
 static const char *g_kernel_name = "scalar";
 
 /* Pick kernels once. NANO_SIMD=scalar|avx2|avx512 caps the choice (tests compare the paths). */
@@ -673,6 +752,7 @@ static void simd_init(void)
         g_softmax = softmax_avx2;
         g_swiglu = swiglu_avx2;
         g_q8_256 = dot_q8_avx2;
+        g_rows_q8_256 = rows_q8_avx2;
         g_kernel_name = "avx2";
     }
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -682,6 +762,7 @@ static void simd_init(void)
         g_softmax = softmax_avx512;
         g_swiglu = swiglu_avx512;
         g_q8_512 = dot_q8_avx512;
+        g_rows_q8_512 = rows_q8_avx512;
         g_kernel_name = "avx512-vnni";
     }
 #endif
@@ -707,6 +788,7 @@ static dot_q8_fn pick_q8(int gs)
 typedef struct {
     int type, rows, cols, gs; /* type: NANO_QUANT_F32 or NANO_QUANT_Q8 */
     dot_q8_fn kq;             /* Q8: the row kernel for this group size */
+    rows_q8_fn kr;            /* Q8: a kernel over a range of rows, or NULL (then kq, row by row) */
     const float *w;           /* fp32 [rows*cols] */
     const int8_t *q;          /* q8 [rows*cols] */
     const float *s;           /* q8 scales [rows*cols/gs]; groups never span rows */
@@ -718,15 +800,35 @@ typedef struct {
     const float *bias[N_TARGETS]; /* NULL without biases */
 } Layer;
 
+/* a slot of the BPE tokenizer's bytes -> token map: all that a probe reads, in 16 bytes */
 typedef struct {
+    uint32_t hash; /* the low 32 bits of the token bytes' hash: most mismatches end here */
+    uint32_t id1;  /* token id + 1; 0 marks an empty slot */
+    uint32_t rank; /* the token's merge rank */
+    uint32_t len;  /* its length in bytes */
+} BpeSlot;
+
+typedef struct {
+    int kind;             /* NANO_TOK_TRIE or NANO_TOK_BPE (the header's tokenizer kind) */
     int n;                /* tokens */
-    char *text;           /* UTF-8 of every token, back to back */
+    char *text;           /* the bytes of every token, back to back (trie: UTF-8) */
     size_t *text_off;     /* [n+1] */
+    /* trie */
     int32_t *node_token;  /* trie node -> token id ending there, or -1; node 0 is the root */
     size_t n_nodes;
     uint64_t *hkeys;      /* edge hash: key = (node << 21 | code point) + 1, 0 = empty slot */
     int32_t *hvals;       /* child node */
     size_t hmask;
+    /* byte-level BPE (section 4b) */
+    int pattern;          /* BPE_GPT2, BPE_LLAMA3, BPE_QWEN2 */
+    int whole_first;      /* a piece that is a token is taken whole (tiktoken's rule) */
+    uint32_t *rank;       /* [n] merge rank; BPE_NO_RANK for special tokens */
+    BpeSlot *map;         /* bytes -> merged token, open addressing (linear probing) */
+    size_t map_mask;
+    int32_t byte_id[256]; /* the token of each single byte */
+    int32_t *special;     /* special token ids, sorted by first byte */
+    int n_special;
+    int32_t special_from[257]; /* special[special_from[b] .. special_from[b + 1]) start with byte b */
 } Tokenizer;
 
 struct NanoLora {
@@ -818,6 +920,7 @@ static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_
     }
     if (n % (size_t)gs) return errf(c->err, "%s: %zu elements are not a multiple of the group size %d", what, n, gs);
     M->kq = pick_q8(gs);
+    M->kr = M->kq == g_q8_512 ? g_rows_q8_512 : M->kq == g_q8_256 ? g_rows_q8_256 : NULL;
     M->q = (const int8_t *)take(c, n, 1, align, what, layer);
     if (!M->q) return -1;
     M->s = take_f32(c, n / gs, align, what, layer);
@@ -922,8 +1025,10 @@ static int read_config_2026(const uint8_t *d, NanoConfig *c, char *err)
     return check_dims(c, err);
 }
 
-/* Tokenizer section (same encoding in both layouts); fills m->tok. Section at [off, off+size). */
+/* Tokenizer sections (section 4); fill m->tok. The trie section (both layouts) starts at off, the
+ * byte-level BPE one (2026.11, tokenizer kind 2) is [off, off + size). */
 static int tok_build(Nano *m, size_t off, char *err);
+static int bpe_build(Nano *m, size_t off, size_t size, char *err);
 
 static int alloc_state(Nano *m, char *err);
 
@@ -941,7 +1046,9 @@ static int load_2026(Nano *m, char *err)
     } else if (c->quant != NANO_QUANT_F32) {
         return errf(err, "unknown quant type %d (0 = fp32, 800 = Q8_0)", c->quant);
     }
-    if (rd_i32(d + 96) != 1) return errf(err, "tokenizer kind %d: this engine supports only the trie tokenizer (1)", rd_i32(d + 96));
+    c->tok_kind = rd_i32(d + 96);
+    if (c->tok_kind != NANO_TOK_TRIE && c->tok_kind != NANO_TOK_BPE)
+        return errf(err, "unknown tokenizer kind %d (1 = trie, 2 = byte-level BPE)", c->tok_kind);
     uint64_t tok_off = rd_u64(d + 104), tok_size = rd_u64(d + 112), par_off = rd_u64(d + 120), par_size = rd_u64(d + 128);
     if (tok_off != HEADER_SIZE || tok_size < 8 || tok_size > size - HEADER_SIZE || par_off % ALIGN ||
         par_off < tok_off + tok_size || par_off > size || par_size != size - par_off)
@@ -950,7 +1057,8 @@ static int load_2026(Nano *m, char *err)
                     (unsigned long long)par_size, size);
     if (rd_u32(d + tok_off) != tok_size) return errf(err, "tokenizer section size %u disagrees with the header's %llu",
                                                     rd_u32(d + tok_off), (unsigned long long)tok_size);
-    if (tok_build(m, (size_t)tok_off, err)) return -1;
+    if (c->tok_kind == NANO_TOK_TRIE ? tok_build(m, (size_t)tok_off, err) : bpe_build(m, (size_t)tok_off, (size_t)tok_size, err))
+        return -1;
     if (m->tok.n != c->tok_vocab) return errf(err, "tokenizer has %d tokens, header says %d", m->tok.n, c->tok_vocab);
 
     Cur cur = {&m->blob, (size_t)par_off, size, err};
@@ -1016,6 +1124,7 @@ static int load_2024(Nano *m, char *err)
     } else {
         return errf(err, "unknown quant type %d (0 = fp32, 800 = Q8_0)", c->quant);
     }
+    c->tok_kind = NANO_TOK_TRIE;
     if (tok_build(m, HEADER_SIZE, err)) return -1;
     c->tok_vocab = m->tok.n;
 
@@ -1125,11 +1234,8 @@ static int alloc_state(Nano *m, char *err)
 
 static void tok_free(Tokenizer *t)
 {
-    free(t->text);
-    free(t->text_off);
-    free(t->node_token);
-    free(t->hkeys);
-    free(t->hvals);
+    void *bufs[] = {t->text, t->text_off, t->node_token, t->hkeys, t->hvals, t->rank, t->map, t->special};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
 }
 
 void nano_free(Nano *m)
@@ -1146,7 +1252,7 @@ void nano_free(Nano *m)
 
 static Nano *load(Nano *m, int verify, char *err)
 {
-    int major, minor, type;
+    int major = 0, minor = 0, type = 0; /* set by check_magic (zeros: no false "maybe uninitialized" warning) */
     simd_init();
     if (check_magic(m->blob.data, m->blob.size, &major, &minor, &type, err)) goto fail;
     if (type == TYPE_LORA) {
@@ -1200,7 +1306,7 @@ Nano *nano_load_buffer(const void *data, size_t size, int verify, char err[NANO_
 }
 
 /* ============================================================================================
- * 4. tokenizer
+ * 4. tokenizers (4a: UTF-8 and the trie; 4b: byte-level BPE and text streams)
  * ============================================================================================ */
 
 static const char UNKNOWN_TEXT[] = "<|unknown|>";
@@ -1333,13 +1439,13 @@ static int tok_build(Nano *m, size_t off, char *err)
         p += 4 * len;
     }
     t->text_off[n] = tp;
+    for (int i = 0; i < NANO_N_SPECIAL; i++) m->c.special[i] = i; /* tokenizer.py's fixed ids */
+    t->kind = NANO_TOK_TRIE;
     return 0;
 }
 
-size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t max_ids)
+static size_t trie_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
 {
-    const Tokenizer *t = &m->tok;
-    const uint8_t *s = (const uint8_t *)text;
     size_t i = 0, count = 0;
     while (i < len) {
         /* greedy: walk the trie as far as the text allows, remember the last complete token */
@@ -1367,6 +1473,581 @@ size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t
         i = best_end;
     }
     return count;
+}
+
+/* --------------------------------------------------------------------------------------------
+ * 4b. byte-level BPE (tokenizer kind 2), tiktoken's algorithm
+ *
+ * Encoding a text:
+ *   1. special token strings are found first (the leftmost; the longest if several start there),
+ *      and the text between two of them is encoded on its own, as if it were the whole text;
+ *   2. the pre-tokenizer splits that text into pieces with the model's pattern (the regular
+ *      expressions below, written out as matchers: no regex engine);
+ *   3. each piece's UTF-8 bytes are merged: one token per byte to start with, then, again and
+ *      again, the adjacent pair whose joined bytes are the token of lowest merge rank is joined
+ *      (the leftmost such pair on a tie), until no adjacent pair joins into a token. With
+ *      whole_first (tiktoken's rule) a piece that is itself a token becomes that token at once.
+ * The text reaches step 1 as valid UTF-8: ill-formed bytes are replaced by U+FFFD first, as
+ * Python's errors="replace" (tokenizer.py encodes str, never bytes).
+ * ------------------------------------------------------------------------------------------ */
+
+#include "unicode_tables.h" /* UC_START, UC_CLASS, UC_ASCII: made by gen_unicode.py */
+
+enum { UC_OTHER = 0, UC_LETTER = 1, UC_NUMBER = 2, UC_SPACE = 3 }; /* as gen_unicode.py numbers them */
+enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3 };               /* pre-tokenization patterns */
+#define BPE_NO_RANK 0xFFFFFFFFu /* special tokens: never made by merging */
+#define BPE_FLAG_WHOLE 1u       /* section flag: whole_first */
+#define BPE_HEADER 48           /* section bytes before the first token entry */
+#define BPE_ENTRY 8             /* bytes of an entry before the token's own bytes */
+#define PIECE_STACK 128         /* pieces of up to this many bytes merge in stack memory (merge_short) */
+
+static uint32_t rd_u16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
+
+/* Class of a code point: the run of the table it falls in (binary search). The tables follow the
+ * Unicode version of the Python that generated them (UC_UNICODE_VERSION); a code point assigned in a
+ * later version is UC_OTHER here even where a newer regex engine (tiktoken's) calls it a letter or
+ * number, so text with such characters can pre-tokenize differently (gen_unicode.py says more). */
+static int uc_class(uint32_t cp)
+{
+    if (cp < 128) return UC_ASCII[cp];
+    int lo = 0, hi = UC_RUNS - 1; /* the last run that starts at or before cp */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (UC_START[mid] <= cp) lo = mid;
+        else hi = mid - 1;
+    }
+    return UC_CLASS[lo];
+}
+
+typedef struct {
+    uint32_t cp;
+    int cls, len; /* len: bytes */
+} Ch;
+
+/* the character at s[i], i < n, in valid UTF-8 */
+static Ch ch_at(const uint8_t *s, size_t n, size_t i)
+{
+    Ch c;
+    if (s[i] < 0x80) {
+        c.cp = s[i];
+        c.len = 1;
+        c.cls = UC_ASCII[s[i]];
+        return c;
+    }
+    c.len = (int)utf8_next(s + i, n - i, &c.cp);
+    c.cls = uc_class(c.cp);
+    return c;
+}
+
+/* the end of the run of characters of class cls that starts at i; at most max of them (0: any) */
+static size_t run_end(const uint8_t *s, size_t n, size_t i, int cls, int max)
+{
+    for (int count = 0; i < n && (max == 0 || count < max); count++) {
+        if (s[i] < 0x80) {
+            if (UC_ASCII[s[i]] != cls) break;
+            i++;
+        } else {
+            Ch c = ch_at(s, n, i);
+            if (c.cls != cls) break;
+            i += (size_t)c.len;
+        }
+    }
+    return i;
+}
+
+/* bytes of the contraction 's 'd 'm 't 'll 've 're at s[i] (an apostrophe), or 0. GPT-2's pattern
+ * takes them in lower case; Llama-3's (?i:...) in any case, which under Unicode case folding lets
+ * the long s (U+017F) stand for 's' as well. */
+static size_t contraction(const uint8_t *s, size_t n, size_t i, int any_case)
+{
+    if (i + 1 >= n) return 0;
+    uint8_t a = s[i + 1], b = i + 2 < n ? s[i + 2] : 0;
+    if (any_case) {
+        if (a == 0xC5 && b == 0xBF) return 3; /* 'ſ */
+        a = a >= 'A' && a <= 'Z' ? a + 32 : a;
+        b = b >= 'A' && b <= 'Z' ? b + 32 : b;
+    }
+    if (a == 's' || a == 'd' || a == 'm' || a == 't') return 2;
+    if ((a == 'l' && b == 'l') || (a == 'v' && b == 'e') || (a == 'r' && b == 'e')) return 3;
+    return 0;
+}
+
+/* From a space character at i: with with_newlines (Llama-3) and a line break in the run of spaces,
+ * the end of \s*[\r\n]+ (just after the run's last line break); else that of \s+(?!\S)|\s+ (the
+ * run, less its last character when a non-space follows, since that one joins the next piece;
+ * a single space before a non-space is a piece of its own). */
+static size_t space_end(const uint8_t *s, size_t n, size_t i, int with_newlines)
+{
+    size_t j = i, last = i, nl_end = 0;
+    while (j < n) {
+        Ch c = ch_at(s, n, j);
+        if (c.cls != UC_SPACE) break;
+        if (c.cp == '\r' || c.cp == '\n') nl_end = j + 1;
+        last = j;
+        j += (size_t)c.len;
+    }
+    if (with_newlines && nl_end) return nl_end;
+    return j == n || last == i ? j : last;
+}
+
+/* GPT-2 (also SmolLM-style models without digit splitting):
+ *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ * Returns the end of the piece that starts at i. */
+static size_t pre_gpt2(const uint8_t *s, size_t n, size_t i)
+{
+    Ch c = ch_at(s, n, i);
+    size_t k;
+    if (c.cp == '\'' && (k = contraction(s, n, i, 0))) return i + k;
+    if (c.cls != UC_SPACE) return run_end(s, n, i, c.cls, 0); /* letters, numbers or others */
+    if (c.cp == ' ' && i + 1 < n) {                           /* " ?" before one of those runs */
+        Ch d = ch_at(s, n, i + 1);
+        if (d.cls != UC_SPACE) return run_end(s, n, i + 1, d.cls, 0);
+    }
+    return space_end(s, n, i, 0);
+}
+
+/* Llama-3 (max_digits 3) and Qwen2 (max_digits 1):
+ *   (?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|
+ *   \s*[\r\n]+|\s+(?!\S)|\s+
+ * The alternatives are tried in this order, as the regex does. */
+static size_t pre_llama3(const uint8_t *s, size_t n, size_t i, int max_digits)
+{
+    Ch c = ch_at(s, n, i);
+    size_t k;
+    if (c.cp == '\'' && (k = contraction(s, n, i, 1))) return i + k;
+    if (c.cls == UC_LETTER) return run_end(s, n, i, UC_LETTER, 0);
+    /* one character that is not a line break, letter or number, then letters: " word", "(word" */
+    if (c.cls != UC_NUMBER && c.cp != '\r' && c.cp != '\n' && i + (size_t)c.len < n &&
+        ch_at(s, n, i + (size_t)c.len).cls == UC_LETTER)
+        return run_end(s, n, i + (size_t)c.len, UC_LETTER, 0);
+    if (c.cls == UC_NUMBER) return run_end(s, n, i, UC_NUMBER, max_digits);
+    /* " ?[^\s\p{L}\p{N}]+[\r\n]*": others (after one space, if there is one), then any line breaks */
+    size_t j = c.cp == ' ' && i + 1 < n && ch_at(s, n, i + 1).cls == UC_OTHER ? i + 1 : i;
+    if (j > i || c.cls == UC_OTHER) {
+        j = run_end(s, n, j, UC_OTHER, 0);
+        while (j < n && (s[j] == '\r' || s[j] == '\n')) j++;
+        return j;
+    }
+    return space_end(s, n, i, 1);
+}
+
+static size_t pretokenize(int pattern, const uint8_t *s, size_t n, size_t i)
+{
+    if (pattern == BPE_GPT2) return pre_gpt2(s, n, i);
+    return pre_llama3(s, n, i, pattern == BPE_LLAMA3 ? 3 : 1);
+}
+
+static size_t tok_len(const Tokenizer *t, int id) { return t->text_off[id + 1] - t->text_off[id]; }
+
+/* The first special token in s[i..n): its id, and where it starts in *at (-1 and n: none). */
+static int find_special(const Tokenizer *t, const uint8_t *s, size_t n, size_t i, size_t *at)
+{
+    for (; t->n_special && i < n; i++) {
+        int best = -1;
+        size_t best_len = 0;
+        for (int k = t->special_from[s[i]]; k < t->special_from[s[i] + 1]; k++) {
+            int id = t->special[k];
+            size_t len = tok_len(t, id);
+            if (len > best_len && len <= n - i && !memcmp(s + i, t->text + t->text_off[id], len)) {
+                best = id;
+                best_len = len;
+            }
+        }
+        if (best >= 0) {
+            *at = i;
+            return best;
+        }
+    }
+    *at = n;
+    return -1;
+}
+
+static uint64_t hash_bytes(const uint8_t *p, size_t n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ n, w;
+    for (; n >= 8; p += 8, n -= 8) {
+        memcpy(&w, p, 8);
+        h = hash64(h ^ w);
+    }
+    w = 0;
+    memcpy(&w, p, n);
+    return hash64(h ^ w);
+}
+
+/* the slot of the merged (kind 0) token whose bytes are p[0..n), or NULL */
+static const BpeSlot *map_find(const Tokenizer *t, const uint8_t *p, size_t n)
+{
+    uint64_t h = hash_bytes(p, n);
+    for (size_t i = h & t->map_mask;; i = (i + 1) & t->map_mask) {
+        const BpeSlot *e = &t->map[i];
+        if (!e->id1) return NULL;
+        if (e->hash == (uint32_t)h && e->len == n && !memcmp(t->text + t->text_off[e->id1 - 1], p, n)) return e;
+    }
+}
+
+/* ids out of an encoder: written while there is room, counted always */
+typedef struct {
+    int *ids;
+    size_t max, count;
+} Ids;
+
+static void put_id(Ids *o, int id)
+{
+    if (o->count < o->max) o->ids[o->count] = id;
+    o->count++;
+}
+
+/* Short pieces (up to PIECE_STACK bytes: nearly all of them) merge as tiktoken does it: an array
+ * of parts, a scan for the lowest-ranked pair, the joined pair's neighbours looked up again.
+ * Part k is s[start[k] .. start[k+1]) and is token id; rank and pair say which token it would make
+ * joined with part k+1 (BPE_NO_RANK: none). */
+typedef struct {
+    uint32_t start, rank;
+    int32_t id, pair;
+} Part;
+
+static void pair_of(const Tokenizer *t, const uint8_t *s, Part *p, size_t k)
+{
+    const BpeSlot *e = map_find(t, s + p[k].start, p[k + 2].start - p[k].start);
+    p[k].pair = e ? (int32_t)e->id1 - 1 : -1;
+    p[k].rank = e ? e->rank : BPE_NO_RANK;
+}
+
+static void merge_short(const Tokenizer *t, const uint8_t *s, size_t n, Ids *o)
+{
+    Part p[PIECE_STACK + 1];
+    size_t m = n; /* parts; p[m] marks the end */
+    for (size_t k = 0; k <= n; k++)
+        p[k] = (Part){(uint32_t)k, BPE_NO_RANK, k < n ? t->byte_id[s[k]] : -1, -1};
+    for (size_t k = 0; k + 1 < m; k++) pair_of(t, s, p, k);
+    for (;;) {
+        size_t best = 0;
+        uint32_t r = BPE_NO_RANK;
+        for (size_t k = 0; k + 1 < m; k++)
+            if (p[k].rank < r) {
+                r = p[k].rank;
+                best = k;
+            }
+        if (r == BPE_NO_RANK) break;
+        p[best].id = p[best].pair; /* join parts best and best+1 */
+        memmove(p + best + 1, p + best + 2, (m - best - 1) * sizeof *p);
+        m--;
+        if (best + 1 < m) pair_of(t, s, p, best);
+        else p[best].rank = BPE_NO_RANK;
+        if (best > 0) pair_of(t, s, p, best - 1);
+    }
+    for (size_t k = 0; k < m; k++) put_id(o, p[k].id);
+}
+
+/* Long pieces give the same merges through a min-heap of candidate pairs ordered by (rank, start):
+ * O(n log n) where the scan above is O(n^2), which for a megabyte without a space (one piece) would
+ * take hours. The parts are a linked list over their first bytes; a candidate that a merge has made
+ * stale (its left part absorbed, or either part grown) is skipped when it comes up. */
+typedef struct {
+    uint32_t rank, left, end; /* joining the parts s[left .. end) would make token id */
+    int32_t id;
+} Cand;
+
+/* the scratch memory of one nano_encode call for its long pieces: grown as needed, freed at its end */
+typedef struct {
+    void *mem;
+    size_t cap;
+} Scratch;
+
+static int cand_less(const Cand *a, const Cand *b) { return a->rank < b->rank || (a->rank == b->rank && a->left < b->left); }
+
+static void cand_push(Cand *h, size_t *n, Cand c)
+{
+    size_t i = (*n)++;
+    for (; i > 0 && cand_less(&c, &h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
+    h[i] = c;
+}
+
+static Cand cand_pop(Cand *h, size_t *n)
+{
+    Cand top = h[0], last = h[--*n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= *n) break;
+        if (c + 1 < *n && cand_less(&h[c + 1], &h[c])) c++;
+        if (!cand_less(&h[c], &last)) break;
+        h[i] = h[c];
+        i = c;
+    }
+    if (*n) h[i] = last;
+    return top;
+}
+
+/* the candidate of joining the parts s[left .. end), if that is a token */
+static void cand_try(const Tokenizer *t, const uint8_t *s, Cand *h, size_t *nh, uint32_t left, uint32_t end)
+{
+    const BpeSlot *e = map_find(t, s + left, end - left);
+    if (e) cand_push(h, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1});
+}
+
+static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    /* next/prev: the start of the following / preceding part (next = 0: absorbed); at most n - 1
+     * first candidates and 2 per merge (at most n - 1 merges) */
+    const size_t per_byte = 3 * sizeof(Cand) + 2 * sizeof(uint32_t) + sizeof(int32_t);
+    if (n >= UINT32_MAX || n > (size_t)-1 / per_byte) return -1;
+    if (n * per_byte > w->cap) {
+        void *mem = malloc(n * per_byte);
+        if (!mem) return -1;
+        free(w->mem);
+        w->mem = mem;
+        w->cap = n * per_byte;
+    }
+    Cand *h = w->mem;
+    uint32_t *next = (uint32_t *)(h + 3 * n), *prev = next + n;
+    int32_t *id = (int32_t *)(prev + n);
+    size_t nh = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        next[k] = k + 1;
+        prev[k] = k - 1; /* prev[0] is never read */
+        id[k] = t->byte_id[s[k]];
+    }
+    for (uint32_t k = 0; k + 1 < n; k++) cand_try(t, s, h, &nh, k, k + 2);
+    while (nh) {
+        Cand c = cand_pop(h, &nh);
+        uint32_t mid = next[c.left];
+        if ((c.left && !mid) || mid >= n || next[mid] != c.end) continue; /* stale */
+        id[c.left] = c.id; /* join [left, mid) and [mid, end) */
+        next[c.left] = c.end;
+        next[mid] = 0;
+        if (c.end < n) prev[c.end] = c.left;
+        if (c.left) cand_try(t, s, h, &nh, prev[c.left], c.end);
+        if (c.end < n) cand_try(t, s, h, &nh, c.left, next[c.end]);
+    }
+    for (uint32_t k = 0; k < n; k = next[k]) put_id(o, id[k]);
+    return 0;
+}
+
+/* step 3 for one piece s[0..n), n >= 1; -1 when out of memory */
+static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    const BpeSlot *whole = n > 1 && t->whole_first ? map_find(t, s, n) : NULL;
+    if (n == 1 || whole) {
+        put_id(o, n == 1 ? t->byte_id[s[0]] : (int)whole->id1 - 1);
+        return 0;
+    }
+    if (n > PIECE_STACK) return merge_long(t, s, n, w, o);
+    merge_short(t, s, n, o);
+    return 0;
+}
+
+/* Decodes s[0..n) into UTF-8 with every ill-formed sequence as U+FFFD (3 bytes: out needs 3n of
+ * room). Unless final, a partial sequence at the end is left undecoded: *rest is its length. */
+static size_t utf8_clean(const uint8_t *s, size_t n, char *out, size_t *rest, int final);
+
+static int utf8_valid(const uint8_t *s, size_t n)
+{
+    size_t i = 0;
+    while (i < n) {
+        uint64_t w;
+        if (n - i >= 8 && (memcpy(&w, s + i, 8), !(w & 0x8080808080808080ULL))) {
+            i += 8; /* eight ASCII bytes */
+            continue;
+        }
+        uint32_t cp;
+        size_t k = utf8_next(s + i, n - i, &cp);
+        if (cp == 0xFFFD && !(k == 3 && s[i] == 0xEF)) return 0; /* not a real U+FFFD (EF BF BD) */
+        i += k;
+    }
+    return 1;
+}
+
+static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
+{
+    uint8_t *clean = NULL;
+    if (!utf8_valid(s, len)) {
+        size_t rest;
+        clean = len < (size_t)-1 / 3 ? malloc(3 * len) : NULL;
+        if (!clean) return (size_t)-1;
+        len = utf8_clean(s, len, (char *)clean, &rest, 1);
+        s = clean;
+    }
+    Ids o = {ids, max_ids, 0};
+    Scratch w = {NULL, 0};
+    int bad = 0;
+    for (size_t i = 0; i < len && !bad;) {
+        size_t at;
+        int sp = find_special(t, s, len, i, &at);
+        for (size_t j = i; j < at && !bad;) { /* the text before it, on its own */
+            size_t e = pretokenize(t->pattern, s, at, j);
+            bad = bpe_piece(t, s + j, e - j, &w, &o);
+            j = e;
+        }
+        if (sp >= 0) put_id(&o, sp);
+        i = sp >= 0 ? at + tok_len(t, sp) : at;
+    }
+    free(w.mem);
+    free(clean);
+    return bad ? (size_t)-1 : o.count;
+}
+
+/* The BPE section (docs/FORMAT.md) at [off, off + size) of the file, inside it (load_2026 checked). */
+static int bpe_build(Nano *m, size_t off, size_t size, char *err)
+{
+    const uint8_t *d = m->blob.data + off;
+    Tokenizer *t = &m->tok;
+    if (size < BPE_HEADER) return errf(err, "BPE tokenizer section: %zu bytes, shorter than its %d-byte header", size, BPE_HEADER);
+    size_t n = rd_u32(d + 4), n_special = rd_u32(d + 20);
+    uint32_t version = rd_u32(d + 8), pattern = rd_u32(d + 12), flags = rd_u32(d + 16);
+    if (version != 1) return errf(err, "BPE tokenizer section version %u (this engine reads version 1)", version);
+    if (pattern < BPE_GPT2 || pattern > BPE_QWEN2)
+        return errf(err, "BPE pre-tokenization pattern %u unknown (1 = GPT-2, 2 = Llama-3, 3 = Qwen2)", pattern);
+    if (flags & ~BPE_FLAG_WHOLE) return errf(err, "BPE tokenizer flags 0x%x hold unknown bits", flags);
+    if (n < 256 || n > (size_t)m->c.vocab_size)
+        return errf(err, "BPE tokenizer has %zu tokens; expected 256 .. vocab_size (%d)", n, m->c.vocab_size);
+    if (n_special > n) return errf(err, "BPE tokenizer: %zu special tokens of %zu tokens", n_special, n);
+    for (int i = 0; i < NANO_N_SPECIAL; i++) {
+        int32_t id = rd_i32(d + 24 + 4 * i);
+        if (id < -1 || id >= (int64_t)n) return errf(err, "BPE tokenizer: special token id %d out of range", (int)id);
+        m->c.special[i] = id;
+    }
+    /* pass 1: every entry inside the section, kinds and ranks consistent; count the bytes */
+    size_t p = BPE_HEADER, total = 0, specials = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (size - p < BPE_ENTRY) return errf(err, "BPE tokenizer section: token %zu runs past the section's end", i);
+        size_t len = rd_u16(d + p);
+        unsigned kind = d[p + 2], zero = d[p + 3];
+        uint32_t rank = rd_u32(d + p + 4);
+        if (len == 0) return errf(err, "BPE tokenizer section: token %zu is empty", i);
+        if (kind > 1) return errf(err, "BPE tokenizer section: token %zu has kind %u (0 = merged, 1 = special)", i, kind);
+        if (zero) return errf(err, "BPE tokenizer section: token %zu's reserved byte is %u, not 0 (corrupted)", i, zero);
+        if ((kind == 1) != (rank == BPE_NO_RANK))
+            return errf(err, "BPE tokenizer section: token %zu: %s", i, kind ? "a special token with a merge rank"
+                                                                              : "a merged token without a merge rank");
+        specials += kind;
+        p += BPE_ENTRY;
+        if (size - p < len) return errf(err, "BPE tokenizer section: token %zu runs past the section's end", i);
+        p += len;
+        total += len;
+    }
+    if (p != size) return errf(err, "BPE tokenizer section: %zu bytes left after %zu tokens (corrupted)", size - p, n);
+    if (specials != n_special)
+        return errf(err, "BPE tokenizer section: %zu special tokens, its header says %zu", specials, n_special);
+    /* pass 2: the bytes and ranks, the bytes -> token map, the single bytes, the special tokens */
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    t->kind = NANO_TOK_BPE;
+    t->n = (int)n;
+    t->pattern = (int)pattern;
+    t->whole_first = (flags & BPE_FLAG_WHOLE) != 0;
+    t->text = malloc(total + 1);
+    t->text_off = malloc((n + 1) * sizeof *t->text_off);
+    t->rank = malloc(n * sizeof *t->rank);
+    t->map = calloc(cap, sizeof *t->map);
+    t->special = malloc((n_special ? n_special : 1) * sizeof *t->special);
+    if (!t->text || !t->text_off || !t->rank || !t->map || !t->special)
+        return errf(err, "out of memory (tokenizer)");
+    t->map_mask = cap - 1;
+    t->n_special = (int)n_special;
+    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
+    memset(t->special_from, 0, sizeof t->special_from);
+    size_t tp = 0;
+    p = BPE_HEADER;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = rd_u16(d + p);
+        t->rank[i] = rd_u32(d + p + 4);
+        p += BPE_ENTRY;
+        t->text_off[i] = tp;
+        memcpy(t->text + tp, d + p, len);
+        tp += len;
+        p += len;
+        const uint8_t *b = (const uint8_t *)t->text + t->text_off[i];
+        if (t->rank[i] == BPE_NO_RANK) {
+            t->special_from[b[0] + 1]++; /* counted here, placed below */
+            continue;
+        }
+        if (len == 1) t->byte_id[b[0]] = (int32_t)i;
+        const BpeSlot *same = map_find(t, b, len);
+        if (same) return errf(err, "BPE tokenizer section: tokens %u and %zu have the same bytes", same->id1 - 1, i);
+        uint64_t h = hash_bytes(b, len);
+        size_t slot = h & t->map_mask;
+        while (t->map[slot].id1) slot = (slot + 1) & t->map_mask;
+        t->map[slot] = (BpeSlot){(uint32_t)h, (uint32_t)i + 1, t->rank[i], (uint32_t)len};
+    }
+    t->text_off[n] = tp;
+    for (int b = 0; b < 256; b++) {
+        if (t->byte_id[b] < 0) return errf(err, "BPE tokenizer section: byte 0x%02x has no token of its own", b);
+        t->special_from[b + 1] += t->special_from[b];
+    }
+    int32_t next[256];
+    memcpy(next, t->special_from, sizeof next);
+    for (size_t i = 0; i < n; i++)
+        if (t->rank[i] == BPE_NO_RANK) t->special[next[(uint8_t)t->text[t->text_off[i]]]++] = (int32_t)i;
+    return 0;
+}
+
+/* -- text streams ---------------------------------------------------------------------------- */
+
+static size_t utf8_need(uint8_t b0) /* bytes of the sequence a byte starts (1: ASCII or invalid) */
+{
+    return b0 >= 0xC2 && b0 <= 0xDF ? 2 : b0 >= 0xE0 && b0 <= 0xEF ? 3 : b0 >= 0xF0 && b0 <= 0xF4 ? 4 : 1;
+}
+
+/* 1 if s[0..n) is well formed so far but a sequence that needs more bytes */
+static int utf8_partial(const uint8_t *s, size_t n)
+{
+    uint32_t cp;
+    return n < utf8_need(s[0]) && utf8_next(s, n, &cp) == n;
+}
+
+static size_t utf8_clean(const uint8_t *s, size_t n, char *out, size_t *rest, int final)
+{
+    size_t i = 0, k = 0;
+    while (i < n && (final || !utf8_partial(s + i, n - i))) {
+        uint32_t cp;
+        i += utf8_next(s + i, n - i, &cp);
+        k += utf8_put(cp, out + k);
+    }
+    *rest = n - i;
+    return k;
+}
+
+size_t nano_utf8_stream(NanoUtf8Stream *st, const char *in, size_t n, char *out)
+{
+    const uint8_t *s = (const uint8_t *)in;
+    size_t k = 0, rest;
+    if (st->n_held) { /* the held bytes and up to 4 new ones decide the held sequence */
+        uint8_t tmp[7];
+        size_t h = (size_t)st->n_held, take = n < 4 ? n : 4, i = 0;
+        memcpy(tmp, st->held, h);
+        memcpy(tmp + h, s, take);
+        while (i < h && !utf8_partial(tmp + i, h + take - i)) {
+            uint32_t cp;
+            i += utf8_next(tmp + i, h + take - i, &cp);
+            k += utf8_put(cp, out + k);
+        }
+        if (i < h) { /* still partial: then all of `in` (under 4 bytes) joined it */
+            st->n_held = (int)(h + take - i);
+            memmove(st->held, tmp + i, (size_t)st->n_held);
+            return k;
+        }
+        s += i - h;
+        n -= i - h;
+    }
+    k += utf8_clean(s, n, out + k, &rest, 0);
+    memcpy(st->held, s + n - rest, rest);
+    st->n_held = (int)rest;
+    return k;
+}
+
+size_t nano_utf8_finish(NanoUtf8Stream *st, char *out)
+{
+    size_t k = st->n_held ? utf8_put(0xFFFD, out) : 0;
+    st->n_held = 0;
+    return k;
+}
+
+size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t max_ids)
+{
+    const uint8_t *s = (const uint8_t *)text;
+    if (m->tok.kind == NANO_TOK_BPE) return bpe_encode(&m->tok, s, len, ids, max_ids);
+    return trie_encode(&m->tok, s, len, ids, max_ids);
 }
 
 const char *nano_token_text(const Nano *m, int id, size_t *len)
@@ -1407,6 +2088,10 @@ static void mat_rows(const Mat *W, int r0, int r1, float *out, const float *x, c
     size_t c = (size_t)W->cols;
     if (W->type == NANO_QUANT_F32) {
         g_rows_f32(W->w + r0 * c, x, out + r0, r1 - r0, W->cols);
+        return;
+    }
+    if (W->kr) {
+        W->kr(W->q + r0 * c, W->s + r0 * (c / W->gs), xq, xs, out + r0, r1 - r0, W->cols, W->gs);
         return;
     }
     for (int r = r0; r < r1; r++) out[r] = W->kq(W->q + r * c, W->s + r * (c / W->gs), xq, xs, W->cols, W->gs);
@@ -1777,7 +2462,7 @@ static NanoLora *lora_load(NanoLora *a, int verify, char *err)
 {
     const uint8_t *d = a->blob.data;
     size_t size = a->blob.size;
-    int type;
+    int type = 0;
     if (check_magic(d, size, &a->major, &a->minor, &type, err)) goto fail;
     if (type != TYPE_LORA) {
         errf(err, "this file is a model, not a LoRA adapter (model type %d)", type);

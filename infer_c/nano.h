@@ -4,8 +4,9 @@
  *
  * Reads two file layouts: Nano's 2026.11 (docs/FORMAT.md) and the original 2024.10
  * (../shared/docs/nano-bin-2024.10.md), fp32 and Q8_0, base models and LoRA adapters.
- * Numerics follow model.py; sampling follows model.sample_next; the tokenizer follows
- * tokenizer.TrieTokenizer (greedy longest match over code points).
+ * Numerics follow model.py; sampling follows model.sample_next; the tokenizers follow
+ * tokenizer.TrieTokenizer (greedy longest match over code points) and tiktoken's byte-level BPE
+ * (GPT-2's encoding, and the Llama-3 and Qwen2 pre-tokenization patterns).
  *
  * Errors: loaders return NULL and write a message into `err` (NANO_ERRLEN bytes). Nothing in here
  * aborts or exits on bad input.
@@ -20,8 +21,12 @@
 #define NANO_QUANT_F32 0
 #define NANO_QUANT_Q8 800
 
-/* fixed special token ids (tokenizer.py) */
-enum { NANO_PAD = 0, NANO_UNK = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5 };
+/* Nano's special tokens, as indices into NanoConfig.special (which holds their ids). The trie
+ * tokenizer has them at ids 0..5 (tokenizer.py); a BPE tokenizer names their ids in its section. */
+enum { NANO_PAD = 0, NANO_UNK = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5, NANO_N_SPECIAL = 6 };
+
+/* tokenizer kinds (the header's field at 96) */
+enum { NANO_TOK_TRIE = 1, NANO_TOK_BPE = 2 };
 
 /* return codes of nano_feed and friends */
 enum { NANO_OK = 0, NANO_ERR = -1, NANO_FULL = 2 };
@@ -33,7 +38,10 @@ typedef struct {
     int quant, group_size;  /* NANO_QUANT_*; group size actually used */
     int use_rope, is_causal, bias;
     double rope_theta, norm_eps;
+    int tok_kind;           /* NANO_TOK_TRIE or NANO_TOK_BPE */
     int tok_vocab;          /* tokenizer size (<= vocab_size) */
+    int special[NANO_N_SPECIAL]; /* id of <|padding|>, <|unknown|>, <|bos|>, <|eos|>, <|instruct_mark|>,
+                                  * <|response_mark|> (index NANO_PAD ...); -1 where the tokenizer has none */
     int has_fingerprint;    /* 2026.11 files carry the base model's SHA-256 */
     uint8_t fingerprint[32];
 } NanoConfig;
@@ -59,11 +67,28 @@ const NanoConfig *nano_config(const Nano *m);
 const char *nano_kernel_name(void); /* which SIMD kernels the dispatcher picked */
 
 /* -- tokenizer ----------------------------------------------------------------------------- */
-/* Encodes `len` bytes of UTF-8 (invalid bytes become U+FFFD like Python's errors="replace").
- * Writes at most max_ids ids and returns how many the text needs (call again with more room). */
+/* Encodes `len` bytes of UTF-8 (invalid bytes become U+FFFD like Python's errors="replace"; special
+ * token strings in the text become their ids). Writes at most max_ids ids and returns how many the
+ * text needs (call again with more room); (size_t)-1 when memory for a huge BPE piece ran out. */
 size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t max_ids);
-/* UTF-8 text of a token; ids outside the tokenizer give "<|unknown|>". */
+/* The bytes of a token; ids outside the tokenizer give "<|unknown|>". Trie tokens are whole UTF-8
+ * characters; a byte-level BPE token may end inside a character: print through a NanoUtf8Stream. */
 const char *nano_token_text(const Nano *m, int id, size_t *len);
+
+/* -- text streams: the bytes of consecutive tokens -> text ---------------------------------- */
+/* A partial UTF-8 sequence at the end of what was fed is held back until it is complete (like
+ * infer.py's StreamPrinter); ill-formed bytes become U+FFFD exactly as Python's
+ * bytes.decode("utf-8", errors="replace") makes them, so the text streamed token by token is the
+ * text of all the bytes decoded at once. Start from a zeroed struct. */
+typedef struct {
+    uint8_t held[3];
+    int n_held;
+} NanoUtf8Stream;
+#define NANO_UTF8_OUT(n) (3 * ((size_t)(n) + 3)) /* room `out` needs for n input bytes */
+/* feeds n bytes; writes the text that is complete into out; returns its length in bytes */
+size_t nano_utf8_stream(NanoUtf8Stream *s, const char *in, size_t n, char *out);
+/* end of the stream: a held-back partial sequence becomes U+FFFD (writes 0 or 3 bytes) */
+size_t nano_utf8_finish(NanoUtf8Stream *s, char *out);
 
 /* -- forward ------------------------------------------------------------------------------- */
 /* One token at position pos through the KV cache (causal models); returns logits[vocab_size]

@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import bpe_models  # noqa: E402  (tests/: tiny GPT-2-BPE models)
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from tokenizer import TrieTokenizer  # noqa: E402
+from tokenizer import BPETokenizer, TrieTokenizer  # noqa: E402
 
 INFER = ROOT / "infer"
 ENGINE_DIR = ROOT / "infer_c"
@@ -62,30 +63,15 @@ def need(ok, why):
 
 def trained_checkpoint():
     """A tiny model trained for ~2 s on repetitive text: confident, readable greedy output."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # much faster than 2 contended threads for a model this small
-    try:
-        tok = TrieTokenizer.build([TRAIN_TEXT], 96)
-        data = torch.tensor(tok.encode(TRAIN_TEXT))
-        bos = torch.tensor([tok.bos_id])
-        period = tok.encode(".")[0]
-        starts = torch.tensor([0] + [i + 1 for i in range(len(data) - 70) if data[i] == period])
-        cfg = ModelConfig(block_size=64, vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=128)
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        for _ in range(100):
-            # windows that start with <|bos|> then a sentence, as the page's prompts do
-            ix = starts[torch.randint(len(starts), (8,))]
-            seq = torch.stack([torch.cat([bos, data[i:i + cfg.block_size]]) for i in ix])
-            x, y = seq[:, :-1], seq[:, 1:]
-            _, loss = model(x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 0.5, f"the tiny model did not learn (loss {loss.item():.2f})"
+    tok = TrieTokenizer.build([TRAIN_TEXT], 96)
+    data = torch.tensor(tok.encode(TRAIN_TEXT))
+    period = tok.encode(".")[0]
+    starts = torch.tensor([0] + [i + 1 for i in range(len(data) - 70) if data[i] == period])
+    cfg = ModelConfig(block_size=64, vocab_size=96, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, n_hidden=128)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    # windows that start with <|bos|> then a sentence, as the page's prompts do
+    bpe_models.train_on_windows(model, data, starts, torch.tensor([tok.bos_id]), 100)
     return {"model_config": cfg.to_dict(), "model": model.state_dict(), "tokenizer": tok.to_dict()}
 
 
@@ -133,6 +119,10 @@ def files(tmp_path_factory):
     export.write_model(str(out["multi"]), multi, "fp32")
     export.write_lora(str(out["multi_adapter"]), random_adapter(multi))
     export.write_model(str(out["long"]), long_ctx, "q8")
+    out["bpe_ck"] = bpe_models.trained_bpe_checkpoint()  # GPT-2's tokenizer (byte-level BPE)
+    for quant in ("fp32", "q8"):
+        out[f"bpe_{quant}"] = d / f"fox_bpe.{quant}.bin"
+        export.write_model(str(out[f"bpe_{quant}"]), out["bpe_ck"], quant)
     data = bytearray(out["fp32"].read_bytes())
     data[len(data) // 2] ^= 0x5A  # one flipped byte in the weights: the CRC-32 catches it
     out["corrupt"] = d / "fox.corrupt.bin"
@@ -307,6 +297,25 @@ def test_greedy_output_equals_the_c_engine(page, files, cli, quant):
         ask(page, "Where did the fox sleep?", mode="instruct", max_new=24)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "browser_reply.png"), full_page=True)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "q8"])
+def test_bpe_model_greedy_output_equals_the_c_engine_and_pytorch(page, files, cli, quant):
+    """A GPT-2-BPE model: its special ids come from the file, its replies hold characters that span
+    several tokens (the worker's streaming TextDecoder joins them), and the text is PyTorch's."""
+    load(page, files[f"bpe_{quant}"])
+    assert "BPE" in page.text_content("#model-info")
+    tok = BPETokenizer()
+    model = Transformer(ModelConfig.from_dict(files["bpe_ck"]["model_config"]))
+    model.load_state_dict(files["bpe_ck"]["model"])
+    for prompt, mode in (("Every morning the fox", "continue"), ("the fox went home", "instruct")):
+        got = ask(page, prompt, mode=mode, max_new=48)
+        assert got["user"] == prompt  # byte-level BPE: every text round-trips
+        assert got["gen"] == cli(files[f"bpe_{quant}"], prompt, mode=mode, n=48), mode
+        prompt_ids = [tok.bos_id] + ([tok.instruct_id] if mode == "instruct" else []) + tok.encode(prompt) + \
+            ([tok.response_id] if mode == "instruct" else [])
+        ids = model.generate(prompt_ids, max_new_tokens=48, temperature=0, eos_id=tok.eos_id)
+        assert got["gen"] == tok.decode(ids), mode
 
 
 def test_adapter_attach_changes_and_detach_restores(page, files, cli):

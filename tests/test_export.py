@@ -54,13 +54,30 @@ def read_tokenizer(data, off):
     return tokens
 
 
+def read_bpe_tokenizer(data, off):
+    """docs/FORMAT.md's byte-level BPE section -> (fields of its 48-byte head, [(bytes, rank or None)])"""
+    size, n, version, pattern, flags, n_special = struct.unpack_from("<6I", data, off)
+    head = dict(size=size, n=n, version=version, pattern=pattern, flags=flags, n_special=n_special,
+                special_ids=struct.unpack_from("<6i", data, off + 24))
+    p, tokens = off + 48, []
+    for _ in range(n):
+        length, kind, zero, rank = struct.unpack_from("<HBBI", data, p)
+        assert kind in (0, 1) and zero == 0 and (rank == 0xFFFFFFFF) == (kind == 1)
+        tokens.append((data[p + 8:p + 8 + length], None if kind else rank))
+        p += 8 + length
+    assert p == off + size
+    return head, tokens
+
+
 def read_model_2026(data):
-    """An independent reader of docs/FORMAT.md: returns (header, tokens, state_dict of numpy arrays)."""
+    """An independent reader of docs/FORMAT.md: returns (header, tokens, state_dict of numpy arrays);
+    tokens: the trie's strings, or (section head, tokens) of a BPE section."""
     h = export.read_header(data)
     cfg = ModelConfig(**{k: h[k] for k in ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head",
                                            "n_hidden", "head_dim", "norm_eps", "rope_theta")},
                       use_rope=bool(h["use_rope"]), is_causal=bool(h["is_causal"]), bias=bool(h["bias"]))
-    tokens = read_tokenizer(data, h["tokenizer_offset"])
+    read = {1: read_tokenizer, 2: read_bpe_tokenizer}[h["tokenizer_kind"]]
+    tokens = read(data, h["tokenizer_offset"])
     pos, gs = h["params_offset"], h["group_size"]
 
     def take(n, dtype):
@@ -129,6 +146,29 @@ def test_2026_layout_q8(tmp_path):
             assert np.array_equal(sd[name], export.dequantize_q8(q, s, 16).numpy()), name
         else:
             assert np.array_equal(sd[name], t.numpy()), name
+
+
+@pytest.mark.parametrize("quant", ["fp32", "q8"])
+def test_2026_layout_bpe(tmp_path, quant):
+    """A GPT-2-BPE checkpoint: tokenizer kind 2, its section holds tiktoken's tokens byte for byte."""
+    from tokenizer import BPETokenizer
+    tok = BPETokenizer()
+    ck = checkpoint(vocab_extra=0, vocab_size=tok.vocab_size + 41, n_layer=1)
+    ck["tokenizer"] = tok.to_dict()
+    path = tmp_path / "bpe.bin"
+    export.write_model(str(path), ck, quant)
+    h, (head, tokens), sd = read_model_2026(path.read_bytes())
+    assert (h["tokenizer_kind"], h["tokenizer_vocab"], h["tokenizer_size"]) == (2, 50263, head["size"])
+    assert head == dict(size=head["size"], n=50263, version=1, pattern=1, flags=1, n_special=7,
+                        special_ids=tuple(range(50257, 50263)))
+    assert tokens == [(tok.enc.decode_single_token_bytes(i), i if i < 50256 else None) for i in range(50263)]
+    assert tokens[50256][0] == b"<|endoftext|>" and tokens[50259][0] == b"<|bos|>"
+    ref = ck["model"]["tok_embeddings.weight"]
+    if quant == "q8":
+        ref = export.dequantize_q8(*export.quantize_q8(ref, h["group_size"]), h["group_size"])
+    assert np.array_equal(sd["tok_embeddings.weight"], ref.numpy())
+    with pytest.raises(ExportError, match="2024.10 layout cannot represent this model: the BPE tokenizer"):
+        export.write_model(str(tmp_path / "old.bin"), ck, quant, fmt="2024.10")
 
 
 def test_quantization_error_bounded_and_zero_groups():
@@ -267,7 +307,8 @@ def test_export_refuses_bad_inputs(tmp_path):
     out = str(tmp_path / "x.bin")
     ck = checkpoint()
     cases = [
-        (dict(ck, tokenizer={"type": "bpe", "name": "gpt2"}), "only the trie tokenizer"),
+        (dict(ck, tokenizer={"type": "bpe", "name": "gpt2"}), "has 50263 tokens but the model only"),
+        (dict(ck, tokenizer={"type": "bpe", "name": "llama"}), "unknown BPE encoding"),
         (dict(ck, tokenizer={"type": "trie", "tokens": ["a", "b"]}), "starting with"),
         (dict(ck, tokenizer={"type": "trie", "tokens": SPECIAL_TOKENS + ["x" * 300]}), "255"),
         (dict(ck, model_config=dict(ck["model_config"], vocab_size=10)), "only 10 embedding rows"),
