@@ -1576,6 +1576,23 @@ void nano_reset(Nano *m)
 
 int nano_context_len(const Nano *m) { return m->pos; }
 
+/* Models in the original 2024.10 layout were trained on, and run by the original engine with,
+ * prompts that have no <|bos|> in front; Nano's own data puts one before every sample. */
+size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instruct, int *ids, size_t max_ids)
+{
+    int pre[2], n_pre = 0;
+    if (m->c.major != 2024) pre[n_pre++] = NANO_BOS;
+    if (instruct) pre[n_pre++] = NANO_INSTRUCT;
+    for (int i = 0; i < n_pre && (size_t)i < max_ids; i++) ids[i] = pre[i];
+    size_t room = max_ids > (size_t)n_pre ? max_ids - (size_t)n_pre : 0;
+    size_t n = (size_t)n_pre + nano_encode(m, text, len, room ? ids + n_pre : NULL, room);
+    if (instruct) {
+        if (n < max_ids) ids[n] = NANO_RESPONSE;
+        n++;
+    }
+    return n;
+}
+
 /* Like generate(): the token joins the ids (for the repetition penalty) even when the context is
  * full; then it is forwarded if a position is left. */
 int nano_feed(Nano *m, int token)

@@ -65,6 +65,12 @@ size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t
 /* UTF-8 text of a token; ids outside the tokenizer give "<|unknown|>". */
 const char *nano_token_text(const Nano *m, int id, size_t *len);
 
+/* The ids a prompt is fed as, in the framing of the model's layout (docs/FORMAT.md, "Prompt framing"):
+ *   2026.11: <|bos|>text, instruct <|bos|><|instruct_mark|>text<|response_mark|>  (infer.py, data.py)
+ *   2024.10: text,        instruct <|instruct_mark|>text<|response_mark|>  (the original engine: no <|bos|>)
+ * Same contract as nano_encode: writes at most max_ids ids, returns how many the prompt needs. */
+size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instruct, int *ids, size_t max_ids);
+
 /* -- forward ------------------------------------------------------------------------------- */
 /* One token at position pos through the KV cache (causal models); returns logits[vocab_size]
  * (owned by m, valid until the next call) or NULL for a bad token/pos or a bidirectional model. */
