@@ -40,7 +40,9 @@ static void usage(FILE *f)
             "  -r penalty       repetition penalty over the context's tokens, > 0, 1 = off (default 1)\n"
             "  -n max_new       new tokens at most (default %d)\n"
             "  -s seed          random seed in [0, 2147483647] (default %d; the REPL reseeds every message)\n"
-            "  -j threads       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
+            "  -j threads       OpenMP threads at most (default: OMP_NUM_THREADS or all cores); the engine\n"
+            "                   switches to one thread while that is faster (a busy machine);\n"
+            "                   NANO_TUNE_THREADS=0 keeps the count fixed\n"
             "  --no-verify      skip the file's CRC-32 check (2026.11 files) for a faster start\n"
             "  --info           print the model's configuration and exit\n"
             "testing aids:\n"
@@ -201,12 +203,11 @@ static int generate(Nano *m, GenOpts *o, double *t_decode, int *n_out)
     return last;
 }
 
+static int g_threads = 1; /* the -j count (or OpenMP's default): the engine may use one thread for a while */
+
 static void report(int n_prompt, double t_prompt, int n_new, double t_decode)
 {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
+    int threads = g_threads;
     fprintf(stderr, "\n[prompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s | %d threads, %s kernels]\n",
             n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_new, t_decode > 0 ? n_new / t_decode : 0.0, threads,
             nano_kernel_name());
@@ -441,6 +442,7 @@ int main(int argc, char **argv)
         return option_error("--ids wants comma-separated non-negative integers, got \"%s\"", ids_arg);
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads((int)threads);
+    g_threads = omp_get_max_threads();
 #endif
     char err[NANO_ERRLEN];
     Nano *m = nano_load_file(model_path, verify, err);
