@@ -17,8 +17,8 @@
  *
  * Stopping: a 'stop' message can only be handled when this worker's event loop gets control,
  * so generation yields every ~25 ms (one MessageChannel round trip: no setTimeout clamping).
- * A SharedArrayBuffer flag would avoid that, but it needs cross-origin isolation (COOP/COEP
- * headers), which `python -m http.server` does not send.
+ * A SharedArrayBuffer flag would avoid that; it needs cross-origin isolation (COOP/COEP
+ * headers), which serve.py sends, but this single-threaded build does not use one yet.
  *
  * Strings cross into wasm as UTF-8 bytes (TextEncoder.encodeInto) and come back as UTF-8
  * (TextDecoder, in streaming mode so that a token ending inside a character would wait for the
