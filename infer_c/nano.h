@@ -78,6 +78,9 @@ const float *nano_forward(Nano *m, int token, int pos);
 
 /* -- generation context (the semantics of model.Transformer.generate) ------------------------ */
 void nano_reset(Nano *m);                          /* empty context */
+/* With OpenMP, nano_feed times its tokens and runs them on one thread or on the omp_get_max_threads()
+ * of load time, whichever is faster (nano.c, ThreadTuner: a machine whose cores other processes
+ * use); it sets the count with omp_set_num_threads. NANO_TUNE_THREADS=0 keeps the count fixed. */
 int nano_feed(Nano *m, int token);                 /* append + forward; NANO_FULL when no room */
 int nano_prefill(Nano *m, const int *ids, int n);  /* reset, then feed the last block_size ids */
 int nano_context_len(const Nano *m);               /* tokens forwarded so far (= next position) */
