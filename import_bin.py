@@ -21,12 +21,10 @@ import sys
 import numpy as np
 import torch
 
+from export import HEADER_SIZE, MAGIC, QUANT_Q8
 from model import ConfigError, ModelConfig
 from tokenizer import TokenizerError, TrieTokenizer
 
-MAGIC = (0x42443453, 0x55524C4D)
-HEADER_SIZE = 256
-QUANT_Q8 = 800
 PROMPT_FORMAT = "2024.10"  # infer.FRAMING_2024
 
 

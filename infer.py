@@ -137,9 +137,6 @@ def parse_args(argv=None):
     return args
 
 
-NANO_BIN_MAGIC = (0x42443453, 0x55524C4D)  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
-
-
 def refuse_nano_bin(path):
     """A .bin for the C and browser engines given where a .pt belongs: say so, instead of torch's
     long weights-only error."""
@@ -148,7 +145,8 @@ def refuse_nano_bin(path):
             head = f.read(20)
     except OSError:
         return  # load_checkpoint names the problem
-    if len(head) < 20 or struct.unpack_from("<II", head) != NANO_BIN_MAGIC:
+    from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
+    if len(head) < 20 or struct.unpack_from("<II", head) != MAGIC:
         return
     major, minor, kind = struct.unpack_from("<iii", head, 8)
     what = "LoRA adapter" if kind == 10 else "model"
