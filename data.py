@@ -25,6 +25,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -51,10 +52,27 @@ def dtype_for_vocab(vocab_size):
 
 
 def _text_lines(raw, path):
-    n = 0
-    try:  # universal newlines: \r\n and \r become \n; a BOM is dropped
-        for n, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig"), 1):
-            yield line
+    """The lines of a text file. A line longer than PIECE_CHARS comes in parts of at most that many
+    characters (so a document with no newlines is never read whole); only its last part ends with
+    '\\n', and a part is never a lone '\\n', which _blank_separated would take for a blank line."""
+    n, held = 0, ""  # held: a part that ended inside its line
+    f = io.TextIOWrapper(raw, encoding="utf-8-sig")  # universal newlines: \r\n and \r become \n; a BOM is dropped
+    try:
+        while True:
+            line = f.readline(PIECE_CHARS)
+            if held:
+                if line == "\n":
+                    line, held = held + line, ""
+                else:
+                    yield held
+                    held = ""
+            if not line:
+                return
+            if line.endswith("\n"):
+                n += 1
+                yield line
+            else:
+                held = line
     except UnicodeDecodeError as e:  # decoded in chunks: the line number is only a lower bound
         raise DataError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} after line {n})") from None
 
@@ -125,32 +143,77 @@ class _Reader:
             yield _split_lines(text)
 
 
-def _pieces(documents, splittable):
+def _pieces(documents, cut):
     """(text, first, last) for each piece of each non-blank document.
 
-    With `splittable`, a document is cut before a line once ~PIECE_CHARS are buffered, so just
-    after a '\\n' (every line but a file's last ends with one). Greedy longest match gives the same
-    ids for the pieces as for the whole iff no vocabulary token contains '\\n' except as its last
-    character: then every token covering the '\\n' ends with it, and no match before the cut can
-    look past it. Otherwise (a token "\\n\\n" or "a\\nb"; BPE, whose pre-tokenizer and merges span
-    newlines) documents are only split at their own boundaries.
+    Once ~PIECE_CHARS are buffered, a document is cut at the first position from PIECE_CHARS / 2 on
+    that `cut` (from _cut_finder) accepts: one where tokenizing the two sides apart gives the ids
+    of the whole, so memory stays bounded however long a document (or one of its lines) is. A
+    document with no such position is kept whole (a vocabulary where every neighbouring pair of
+    characters of the text occurs inside some token: "aaaa..." with a token "aa").
     """
     for lines in documents:
-        buf, size, first = [], 0, True
+        buf, size, first, scan_from = [], 0, True, PIECE_CHARS // 2
         for line in lines:
-            if splittable and size >= PIECE_CHARS:
-                yield "".join(buf), first, False
-                buf, size, first = [], 0, False
             buf.append(line)
             size += len(line)
+            if size < PIECE_CHARS:
+                continue
+            text = "".join(buf)
+            while len(text) >= PIECE_CHARS:
+                p = cut(text, max(1, scan_from))
+                if p < 0:  # no exact cut yet: read on, and look only at the new text next time
+                    scan_from = len(text)
+                    break
+                yield text[:p], first, False
+                text, first, scan_from = text[p:], False, PIECE_CHARS // 2
+            buf, size = [text], len(text)
         text = "".join(buf)
         if first and not text.strip():
             continue  # an empty or blank document
         yield text, first, True
 
 
-def _splittable(tok):
-    return isinstance(tok, TrieTokenizer) and not any("\n" in t[:-1] for t in tok.tokens)
+def _first_match(regex, shift=0):
+    """cut(text, start) from a regex: the first match at or after start (its start + shift), or -1."""
+    def cut(text, start):
+        m = regex.search(text, start)
+        return m.start() + shift if m else -1
+    return cut
+
+
+def _cut_finder(tok):
+    """cut(text, start) -> the first position p >= start (0 < p < len(text)) where text[:p] and
+    text[p:] can be tokenized apart and give the ids (or, with tok None, the vocabulary counts) of
+    the whole, or -1.
+
+    * None (counting the vocabulary): before a character that is neither a letter nor an
+      apostrophe. WORD_RE's words are letters with inner apostrophes after an optional space, so
+      no word spans such a cut, and characters are counted one by one anyway.
+    * Trie (greedy longest match): between two characters that are not neighbours inside any
+      token. No token spans the cut, and the trie walk from any earlier position stops at it, so
+      the matches before it are those of the whole; those after it start fresh in both. Quick
+      path: before a character that occurs only first in tokens (a space, before Nano's words).
+    * BPE (GPT-2): before a space that follows a non-space character. The pre-tokenizer's chunks
+      never hold a non-space followed by a space, and BPE merges stay inside chunks.
+    """
+    if tok is None:
+        return _first_match(re.compile(r"[^\w']|[\d_]"))
+    if not isinstance(tok, TrieTokenizer):
+        return _first_match(re.compile(r"\S(?= )"), shift=1)
+    inner = {c for t in tok.tokens for c in t[1:]}  # characters that occur after a token's first
+    pairs = {t[i:i + 2] for t in tok.tokens for i in range(len(t) - 1)}
+    quick = _first_match(re.compile("[^" + "".join(re.escape(c) for c in sorted(inner)) + "]", re.DOTALL)
+                         if inner else re.compile(".", re.DOTALL))
+
+    def cut(text, start):
+        p = quick(text, start)
+        end = p if p >= 0 else len(text)
+        for q in range(start, end):  # the slow check, only up to where the quick one found a cut
+            if text[q - 1:q + 1] not in pairs:
+                return q
+        return p
+    return cut
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +328,25 @@ def _up_to_date(out_dir, fingerprint, load):
     return meta if meta["fingerprint"] == fingerprint else None
 
 
+# what a run writes under a temporary name in its out_dir before renaming it (or removing it)
+LEFTOVERS = ["parts.tmp", "split.tmp"] + [f"{name}.tmp" for name in (
+    "train.bin", "val.bin", "train_mask.bin", "val_mask.bin", "tokenizer.json", "meta.json")]
+
+
+def _remove_leftovers(out_dir):
+    """A run killed outright (kill -9, a power cut) leaves its temporary files behind; the next run
+    removes them, whether it rebuilds or finds the dataset up to date."""
+    found = [name for name in LEFTOVERS if os.path.lexists(os.path.join(out_dir, name))]
+    for name in found:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    if found:
+        print(f"removed what an interrupted run left in {out_dir}: {', '.join(found)}", file=sys.stderr)
+
+
 def _tail_split(sources, tail, out_dir):
     """Cut a single .txt input at (1 - tail) of its characters into two documents: train, then val.
     Reads that one file whole: it is meant for small single-text corpora."""
@@ -291,9 +373,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     instead of whole documents (nanoGPT's split of a single text, e.g. Tiny Shakespeare's 90/10)."""
     t0 = time.time()
     sources, files = _sources(inputs)
-    forced_split = None
-    if val_tail is not None:
-        sources, forced_split = _tail_split(sources, float(val_tail), out_dir)
+    _remove_leftovers(out_dir)
     val_ratio = float((0.01 if inputs else 0.02) if val_ratio is None else val_ratio)
     workers, part_mb, seed = int(workers or os.cpu_count() or 1), float(part_mb), int(seed)
     if not 0 <= val_ratio < 1 or part_mb <= 0 or workers < 1 or doc_sep not in ("file", "blankline"):
@@ -314,6 +394,9 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     if meta:
         print(f"{out_dir} is up to date ({meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens)")
         return meta
+    forced_split = None
+    if val_tail is not None:  # after the check: an up-to-date run leaves no split.tmp behind
+        sources, forced_split = _tail_split(sources, float(val_tail), out_dir)
 
     total_bytes = sum(os.path.getsize(p) for _, p in sources)
     bar = lambda desc: tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
@@ -323,7 +406,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
         # pass 1: the vocabulary, from all documents, val included, so that every character of the
         # corpus has an id and val round-trips exactly (val only adds to the word counts)
         def texts(pbar):
-            for text, _, _ in _pieces(reader.documents(), splittable=True):
+            for text, _, _ in _pieces(reader.documents(), _cut_finder(None)):
                 pbar.update(reader.bytes_read - pbar.n)
                 yield text
         with bar("vocabulary") as pbar:
@@ -350,7 +433,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
         else:
             _init_worker(tok, dtype)
         with open(tmp["val"], "wb") as val_file, bar("tokenizing") as pbar:
-            for (text, first, last), (ids, n) in _encoded(_pieces(reader.documents(), _splittable(tok)), pool, workers):
+            for (text, first, last), (ids, n) in _encoded(_pieces(reader.documents(), _cut_finder(tok)), pool, workers):
                 if first:  # a new document: its split and its part
                     u, h = _doc_hash(seed, doc)
                     split = forced_split[doc] if forced_split else ("val" if u < val_ratio else "train")
@@ -526,6 +609,7 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
     if overlong not in ("drop", "truncate") or block_size < 2 or not 0 <= val_ratio < 1:
         raise DataError("need overlong drop|truncate, block_size >= 2 and 0 <= val_ratio < 1")
     inputs = [os.fspath(p) for p in inputs] if inputs else []
+    _remove_leftovers(out_dir)
     tok, tok_blob = _sft_tokenizer(tokenizer)
     options = {"block_size": block_size, "val_ratio": val_ratio, "pack": pack, "overlong": overlong,
                "seed": seed, "builtin_pairs": None if inputs else builtin_pairs, "kind": "sft",
@@ -587,6 +671,9 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
           f"({rows['train']:,} + {rows['val']:,} rows of {row_len} tokens{', packed' if pack else ''}); "
           f"{counts['dropped_overlong']} dropped and {counts['truncated']} truncated as longer than the context; "
           f"{len(bad)} malformed lines skipped -> {out_dir}")
+    if rows["val"] == 0:  # said now, not only when train.py refuses the dataset
+        print(f"warning: 0 validation rows (val_ratio {val_ratio} of {counts['samples']:,} samples): train.py needs "
+              "some to evaluate; raise --val-ratio or add samples", file=sys.stderr)
     return meta
 
 

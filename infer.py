@@ -8,12 +8,18 @@ Talk to a Nano model in PyTorch.
 
 Prompts are framed the way the training data was: continuation mode feeds
 <|bos|> + text; instruct mode feeds <|bos|><|instruct_mark|> + text + <|response_mark|>
-and the answer ends at <|eos|>. The C and browser engines frame prompts the same way.
-Decoding uses the KV cache; tokens are printed as they are made.
-REPL commands: /help, /quit, /lora (toggle the adapter), /mode (instruct <-> continue).
+and the answer ends at <|eos|>. A model imported from the original 2024.10 layout
+(import_bin.py) is framed as the original engine did, without the <|bos|>. The C and
+browser engines frame prompts the same way, and share these sampling defaults and ranges.
+Decoding uses the KV cache; tokens are printed as they are made; continuation mode with
+--prompt prints the prompt first.
+REPL commands: /help, /quit, /lora (toggle the adapter), /mode (instruct <-> continue);
+a line starting with // sends the rest from its second slash on ("//etc" -> "/etc").
 """
 
 import argparse
+import math
+import struct
 import sys
 import time
 
@@ -24,10 +30,37 @@ from model import attach_lora, model_from_checkpoint
 from tokenizer import tokenizer_from_dict
 
 
-def prompt_ids(tok, text, instruct):
-    if instruct:
-        return [tok.bos_id, tok.instruct_id] + tok.encode(text) + [tok.response_id]
-    return [tok.bos_id] + tok.encode(text)
+FRAMING_2024 = "2024.10"  # checkpoint["prompt_format"] of models imported by import_bin.py
+REPL_COMMANDS = "/mode (instruct <-> continue)  /lora (adapter on/off)  /quit  //text (sends \"/text\")"
+
+
+def prompt_ids(tok, text, instruct, prompt_format=None):
+    """The ids a prompt is fed as (docs/FORMAT.md, "Prompt framing"): Nano's data puts <|bos|> before
+    every sample; the original 2024.10 engine, and the models trained for it, have none."""
+    ids = [tok.instruct_id] + tok.encode(text) + [tok.response_id] if instruct else tok.encode(text)
+    return ids if prompt_format == FRAMING_2024 else [tok.bos_id] + ids
+
+
+def check_sampling(args):
+    """The sampling ranges of every engine; infer_c/main.c and the browser page give the same messages.
+    Returns the first problem, or None."""
+    for flag, name, value in (("-t", "temperature", args.temperature), ("-p", "top_p", args.top_p),
+                              ("-r", "repetition penalty", args.repetition_penalty)):
+        if not math.isfinite(value):
+            return f"{flag}: {name} must be a finite number, got {value:g}"
+    if args.temperature < 0:
+        return f"-t: temperature must be >= 0 (0 = greedy), got {args.temperature:g}"
+    if args.top_k < 0:
+        return f"-k: top_k must be >= 0 (0 = off), got {args.top_k}"
+    if not 0 < args.top_p <= 1:
+        return f"-p: top_p must be in (0, 1] (1 = off), got {args.top_p:g}"
+    if args.repetition_penalty <= 0:
+        return f"-r: repetition penalty must be > 0 (1 = off), got {args.repetition_penalty:g}"
+    if args.max_new_tokens < 0:
+        return f"-n: max new tokens must be >= 0, got {args.max_new_tokens}"
+    if not 0 <= args.seed <= 2 ** 31 - 1:
+        return f"-s: seed must be in [0, 2147483647], got {args.seed}"
+    return None
 
 
 class StreamPrinter:
@@ -57,7 +90,10 @@ class StreamPrinter:
 
 
 def generate_text(model, tok, text, args, instruct, stream=True):
-    ids = prompt_ids(tok, text, instruct)
+    ids = prompt_ids(tok, text, instruct, getattr(model, "prompt_format", None))
+    if not ids:
+        raise ValueError("the prompt is empty, and a 2024.10 model is continued without a <|bos|> in front: "
+                         "give it some text")
     if len(ids) >= model.cfg.block_size:
         print(f"[prompt is {len(ids)} tokens; only the last {model.cfg.block_size - 1} fit the context]",
               file=sys.stderr)
@@ -79,6 +115,8 @@ def generate_text(model, tok, text, args, instruct, stream=True):
     if stream:
         printer.finish()
         print()
+    if not out and args.max_new_tokens > 0:  # else the answer is a bare blank line, which looks like a fault
+        print("[no text: the model's first token was <|eos|> (end of text)]", file=sys.stderr)
     if args.profile and out:
         ttft = first_token_at[0] - t0
         rate = (len(out) - 1) / (t1 - first_token_at[0]) if len(out) > 1 else float("nan")
@@ -93,28 +131,61 @@ def parse_args(argv=None):
     p.add_argument("-l", "--lora", help="LoRA adapter checkpoint to attach")
     p.add_argument("-i", "--instruct", action="store_true", help="instruct (chat) mode")
     p.add_argument("--prompt", help="generate once for this prompt and exit")
-    p.add_argument("-s", "--seed", type=int, default=0)
-    p.add_argument("-t", "--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("-k", "--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("-p", "--top-p", type=float, default=0.95, help="1 = off")
-    p.add_argument("-r", "--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("-s", "--seed", type=int, default=0, help="0 .. 2147483647; the REPL reseeds every message")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help=">= 0, 0 = greedy")
+    p.add_argument("-k", "--top-k", type=int, default=0, help=">= 0, 0 = off")
+    p.add_argument("-p", "--top-p", type=float, default=0.95, help="in (0, 1], 1 = off")
+    p.add_argument("-r", "--repetition-penalty", type=float, default=1.0, help="> 0, 1 = off")
     p.add_argument("-n", "--max-new-tokens", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", action="store_true", help="print time to first token and tokens/s")
     args = p.parse_args(argv)
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.repetition_penalty <= 0:
-        p.error("need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+    problem = check_sampling(args)
+    if problem:
+        p.error(problem)
     return args
 
 
+def refuse_nano_bin(path):
+    """A .bin for the C and browser engines given where a .pt belongs: say so, instead of torch's
+    long weights-only error."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return  # load_checkpoint names the problem
+    from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
+    if len(head) < 20 or struct.unpack_from("<II", head) != MAGIC:
+        return
+    major, minor, kind = struct.unpack_from("<iii", head, 8)
+    what = "LoRA adapter" if kind == 10 else "model"
+    hint = f"run it with ./infer_c/infer{' MODEL.bin -l' if kind == 10 else ''} {path} or in the browser page"
+    if (major, minor) == (2024, 10) and kind != 10:
+        hint += f", or import it for infer.py: python import_bin.py {path} model.pt"
+    raise ConfigError(f"{path} is a Nano .bin {what} (layout {major}.{minor}) for the C and browser engines; "
+                      f"infer.py reads .pt checkpoints: {hint}")
+
+
+def refuse_non_finite(model, path):
+    """export.py refuses such weights; generating from them would print noise without a word."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ConfigError(f"{path}: {bad[0]} holds NaN or inf values ({len(bad)} tensor(s) do): the checkpoint is "
+                          "broken (did training diverge?)")
+
+
 def load(args):
+    refuse_nano_bin(args.model)
     ck = load_checkpoint(args.model)
     model = model_from_checkpoint(ck, args.model, args.device).eval()
+    refuse_non_finite(model, args.model)
+    model.prompt_format = ck.get("prompt_format")  # FRAMING_2024 for imported 2024.10 models
     if "tokenizer" not in ck:
         raise ConfigError(f"{args.model} holds no tokenizer")
     tok = tokenizer_from_dict(ck["tokenizer"])
     adapter = None
     if args.lora:
+        refuse_nano_bin(args.lora)
         adapter = load_adapter(args.lora, ck)
         attach_lora(model, adapter)
     return model, tok, adapter
@@ -138,7 +209,7 @@ def repl(model, tok, adapter, args):
         if cmd in ("/quit", "/exit"):
             return
         if cmd == "/help":
-            print("/quit  /mode (instruct <-> continue)  /lora (adapter on/off)")
+            print(REPL_COMMANDS)
             continue
         if cmd == "/mode":
             instruct = not instruct
@@ -153,6 +224,11 @@ def repl(model, tok, adapter, args):
                 set_lora_enabled(model, adapter["enabled"])
                 print(f"[adapter {'on' if adapter['enabled'] else 'off'}]")
             continue
+        if cmd.startswith("/") and not cmd.startswith("//"):
+            print(f"unknown command {cmd} (not sent to the model); the commands are: {REPL_COMMANDS}")
+            continue
+        if cmd.startswith("//"):
+            text = cmd[1:]
         if not cmd:
             continue
         try:
@@ -171,8 +247,12 @@ def main(argv=None):
         sys.exit(2)
     if args.prompt is not None:
         if not args.instruct:
-            sys.stdout.write(args.prompt)
-        generate_text(model, tok, args.prompt, args, args.instruct)
+            sys.stdout.write(args.prompt)  # continuation mode prints the whole text, as infer_c's -g does
+        try:
+            generate_text(model, tok, args.prompt, args, args.instruct)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     else:
         repl(model, tok, adapter, args)
 

@@ -58,20 +58,33 @@ function updateControls() {
     ui.adapterOn.disabled = !(idle && state.model && ui.adapterName.dataset.loaded === '1');
 }
 
+/* The settings as typed; an empty field takes its default (the value index.html gives it). */
 function readSettings() {
-    const num = (id, fallback) => {
+    const num = (id) => {
         const v = parseFloat($(id).value);
-        return Number.isFinite(v) ? v : fallback;
+        return Number.isFinite(v) ? v : parseFloat($(id).defaultValue);
     };
-    const seedText = $('seed').value.trim();
     return {
-        temperature: Math.max(0, num('temperature', 1)),
-        top_k: Math.max(0, Math.floor(num('top-k', 0))),
-        top_p: num('top-p', 1),
-        rep_penalty: num('rep-penalty', 1),
-        max_new: Math.max(1, Math.floor(num('max-new', 256))),
-        seed: seedText === '' ? -1 : Math.max(0, Math.floor(num('seed', -1))),
+        temperature: num('temperature'),
+        top_k: num('top-k'),
+        top_p: num('top-p'),
+        rep_penalty: num('rep-penalty'),
+        max_new: num('max-new'),
+        seed: $('seed').value.trim() === '' ? null : num('seed'), // null: a random seed, shown with the reply
     };
+}
+
+/* The ranges of the CLIs, with their messages (infer.py's check_sampling, infer_c/main.c), or ''. */
+function settingsProblem(s) {
+    const integer = [['top_k', s.top_k], ['max new tokens', s.max_new], ...(s.seed === null ? [] : [['seed', s.seed]])];
+    for (const [name, v] of integer) if (!Number.isInteger(v)) return `${name} must be an integer, got ${v}`;
+    if (s.temperature < 0) return `temperature must be >= 0 (0 = greedy), got ${s.temperature}`;
+    if (s.top_k < 0) return `top_k must be >= 0 (0 = off), got ${s.top_k}`;
+    if (!(s.top_p > 0 && s.top_p <= 1)) return `top_p must be in (0, 1] (1 = off), got ${s.top_p}`;
+    if (!(s.rep_penalty > 0)) return `repetition penalty must be > 0 (1 = off), got ${s.rep_penalty}`;
+    if (s.max_new < 0) return `max new tokens must be >= 0, got ${s.max_new}`;
+    if (s.seed !== null && !(s.seed >= 0 && s.seed <= 2147483647)) return `seed must be in [0, 2147483647], got ${s.seed}`;
+    return '';
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -80,8 +93,8 @@ function readSettings() {
 /* Browsers do not start workers from file:// pages; the controls then stay disabled. */
 const worker = location.protocol === 'file:' ? null : new Worker('worker.js');
 if (!worker) {
-    setStatus('Open this page through a local web server: python -m http.server in the repository, ' +
-              'then http://localhost:8000/infer/ (browsers do not run workers from file://).', 'error');
+    setStatus('Open this page through its local web server: python infer/serve.py in the repository, ' +
+              'then http://localhost:8000/ (browsers do not run workers from file://).', 'error');
 } else {
     worker.onerror = (e) => setStatus(`The engine failed: ${e.message || 'unknown error'}`, 'error');
 }
@@ -294,6 +307,13 @@ function scheduleRender(turn) {
 
 function send() {
     if (ui.send.disabled) return;
+    const settings = readSettings();
+    const problem = settingsProblem(settings);
+    if (problem) { // nothing is sent: the message names the setting, as the CLIs do
+        showNotice(`Settings: ${problem}`, 'error');
+        return;
+    }
+    if (ui.notice.textContent.startsWith('Settings: ')) showNotice(''); // fixed now
     const text = ui.prompt.value;
     const mode = document.querySelector('input[name="mode"]:checked').value;
     const id = ++state.genId;
@@ -323,7 +343,7 @@ function send() {
     state.running = id;
     updateControls();
     setStatus('Reading the prompt…');
-    worker.postMessage({type: 'generate', id, text, mode, settings: readSettings()});
+    worker.postMessage({type: 'generate', id, text, mode, settings});
     ui.prompt.value = '';
 }
 

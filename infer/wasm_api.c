@@ -196,9 +196,9 @@ WModel *EXPORT(wa_model_load)(void *buf, size_t size, int verify)
         return NULL;
     }
     w->buf = buf;
-    /* the CLI's defaults: temperature 1, no top-k / top-p / penalty */
-    w->sampler.temperature = 1.0f;
-    w->sampler.top_p = 1.0f;
+    /* the defaults of the CLIs (infer_c/main.c, infer.py); worker.js sets the page's before each reply */
+    w->sampler.temperature = 0.8f;
+    w->sampler.top_p = 0.95f;
     w->sampler.rep_penalty = 1.0f;
     nano_sampler_seed(&w->sampler, 0);
     return w;
@@ -241,6 +241,13 @@ int EXPORT(wa_encode)(const WModel *w, const char *text, size_t len, int *ids, i
 {
     size_t n = nano_encode(w->m, text, len, ids, max_ids > 0 ? (size_t)max_ids : 0);
     return n > 0x1fffffff ? -1 : (int)n;
+}
+
+/* the prompt's ids in the framing of the model's layout (nano_encode_prompt: no <|bos|> for 2024.10) */
+int EXPORT(wa_encode_prompt)(const WModel *w, const char *text, size_t len, int instruct, int *ids, int max_ids)
+{
+    size_t n = nano_encode_prompt(w->m, text, len, instruct, ids, max_ids > 0 ? (size_t)max_ids : 0);
+    return n > 0x7fffffff ? 0x7fffffff : (int)n;
 }
 
 /* UTF-8 of a token: the pointer, then its length from wa_token_len() */

@@ -17,8 +17,8 @@
  *
  * Stopping: a 'stop' message can only be handled when this worker's event loop gets control,
  * so generation yields every ~25 ms (one MessageChannel round trip: no setTimeout clamping).
- * A SharedArrayBuffer flag would avoid that, but it needs cross-origin isolation (COOP/COEP
- * headers), which `python -m http.server` does not send.
+ * A SharedArrayBuffer flag would avoid that; it needs cross-origin isolation (COOP/COEP
+ * headers), which serve.py sends, but this single-threaded build does not use one yet.
  *
  * Strings cross into wasm as UTF-8 bytes (TextEncoder.encodeInto) and come back as UTF-8
  * (TextDecoder, in streaming mode so that a token ending inside a character would wait for the
@@ -215,18 +215,22 @@ const yieldToEvents = () => new Promise((resolve) => {
     channel.port2.postMessage(0);
 });
 
-/* UTF-8 of `text` -> token ids, through nano_encode (the same tokenizer as the CLI). */
-function encode(text) {
+/* UTF-8 of `text` -> token ids through nano.c (the same tokenizer as the CLI): the text alone, or
+ * with instruct = true / false the whole prompt in the framing of the model's layout
+ * (nano_encode_prompt: <|bos|> in front for 2026.11 files, none for 2024.10 ones). */
+function encode(text, instruct = null) {
     const bytes = new TextEncoder().encode(text);
     const tp = ptr(E.wa_malloc(bytes.length));
     u8().set(bytes, tp);
-    const n = E.wa_encode(model, tp, bytes.length, 0, 0);
+    const run = (ip, max) => (instruct === null ? E.wa_encode(model, tp, bytes.length, ip, max)
+        : E.wa_encode_prompt(model, tp, bytes.length, instruct ? 1 : 0, ip, max));
+    const n = run(0, 0);
     const ip = n < 0 ? 0 : ptr(E.wa_malloc(4 * n));
     if (!ip) {
         E.wa_free(tp);
         throw new Error('out of memory: the prompt is too long for the engine');
     }
-    E.wa_encode(model, tp, bytes.length, ip, n);
+    run(ip, n);
     const ids = Array.from(new Int32Array(E.memory.buffer, ip, n));
     E.wa_free(tp);
     E.wa_free(ip);
@@ -257,11 +261,18 @@ async function generate({id, text, mode, settings}) {
     E.wa_sampler_set(model, s.temperature, s.top_k, s.top_p, s.rep_penalty);
     E.wa_sampler_seed(model, seed);
 
-    // infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>, with the
-    // special ids of the model's tokenizer (wa_model_info: 2..5 for the trie, after GPT-2's for BPE)
-    const {bos, instruct, response, eos} = modelInfo;
+    // infer.py's templates (<|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>; no <|bos|>
+    // for 2024.10 files), with the special ids of the model's tokenizer (wa_model_info: 2..5 for the
+    // trie, after GPT-2's for BPE), framed by the engine (wa_encode_prompt)
+    const {eos} = modelInfo;
     const textIds = encode(text);
-    const ids = mode === 'instruct' ? [bos, instruct, ...textIds, response] : [bos, ...textIds];
+    const ids = encode(text, mode === 'instruct');
+    if (!ids.length) { // only a 2024.10 model in continue mode: no <|bos|> to start from
+        post({type: 'error', kind: 'generate', message: 'the prompt is empty, and a 2024.10 model is continued ' +
+              'without a <|bos|> in front: type some text'});
+        post({type: 'done', id, tokens: 0, tok_s: 0, prefill_tok_s: 0, reason: 'error', seed});
+        return;
+    }
     const block = modelInfo.block_size;
     const start = Math.max(0, ids.length - block); // nano_prefill keeps the end of a long prompt
     post({type: 'prompt', id, text: decode(textIds), tokens: ids.length, kept: ids.length - start});

@@ -7,6 +7,9 @@
 #include "nano.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,22 +18,31 @@
 #include <omp.h>
 #endif
 
+/* Sampling defaults, the same in infer.py and in the browser page (README, "Talk to it"). */
+#define DEFAULT_TEMPERATURE 0.8f
+#define DEFAULT_TOP_P 0.95f
+#define DEFAULT_SEED 0
+#define DEFAULT_MAX_NEW 256
+
 static void usage(FILE *f)
 {
     fprintf(f,
             "usage: infer model.bin [options]\n"
             "  -l adapter.bin   attach a LoRA adapter (refused if it was made for another base model)\n"
             "  -i \"prompt\"      instruct mode: <|bos|><|instruct_mark|>prompt<|response_mark|>, until <|eos|>\n"
-            "  -g \"prompt\"      continue mode: <|bos|>prompt, then continue the text\n"
+            "  -g \"prompt\"      continue mode: <|bos|>prompt, then continue the text (the prompt is echoed)\n"
+            "                   (2024.10 files are framed as the original engine did: no <|bos|>)\n"
             "                   (with neither: an interactive REPL like infer.py's, one fresh prompt per\n"
             "                   message; /help lists its commands)\n"
-            "  -t temp          temperature, 0 = greedy (default 1.0)\n"
-            "  -k top_k         keep the k most likely tokens, 0 = off (default 0)\n"
-            "  -p top_p         nucleus sampling, 1 = off (default 1.0)\n"
-            "  -r penalty       repetition penalty over the context's tokens, 1 = off (default 1.0)\n"
-            "  -n max_new       new tokens at most (default 256)\n"
-            "  -s seed          random seed (default: time)\n"
-            "  -j threads       OpenMP threads (default: OMP_NUM_THREADS or all cores)\n"
+            "  -t temp          temperature >= 0, 0 = greedy (default %g)\n"
+            "  -k top_k         keep the k most likely tokens, >= 0, 0 = off (default 0)\n"
+            "  -p top_p         nucleus sampling, in (0, 1], 1 = off (default %g)\n"
+            "  -r penalty       repetition penalty over the context's tokens, > 0, 1 = off (default 1)\n"
+            "  -n max_new       new tokens at most (default %d)\n"
+            "  -s seed          random seed in [0, 2147483647] (default %d; the REPL reseeds every message)\n"
+            "  -j threads       OpenMP threads at most (default: OMP_NUM_THREADS or all cores); the engine\n"
+            "                   switches to one thread while that is faster (a busy machine);\n"
+            "                   NANO_TUNE_THREADS=0 keeps the count fixed\n"
             "  --no-verify      skip the file's CRC-32 check (2026.11 files) for a faster start\n"
             "  --info           print the model's configuration and exit\n"
             "testing aids:\n"
@@ -40,7 +52,8 @@ static void usage(FILE *f)
             "  --dump-logits OUT     writes float32 logits [T, vocab] for every prompt position, each\n"
             "                        computed one token at a time through the KV cache\n"
             "  --print-ids           print generated token ids instead of text\n"
-            "  --ignore-eos          do not stop at <|eos|> (benchmarks)\n");
+            "  --ignore-eos          do not stop at <|eos|> (benchmarks)\n",
+            DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW, DEFAULT_SEED);
 }
 
 static double now_s(void)
@@ -60,31 +73,67 @@ static int parse_int(const char *s, long lo, long hi, long *out)
     return 0;
 }
 
+/* any number strtod reads, inf and nan included: check_sampling says what is out of range */
 static int parse_float(const char *s, float *out)
 {
     char *end;
     errno = 0;
     double v = strtod(s, &end);
-    if (errno || end == s || *end || v != v) return -1;
+    if (end == s || *end) return -1;
     *out = (float)v;
     return 0;
 }
 
-/* "2,17,9" (commas or spaces) -> ids; returns count or -1 */
+/* "error: ..." on stderr; returns 2, the exit status of a bad command line */
+static int option_error(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return 2;
+}
+
+/* The sampling ranges and messages of infer.py's check_sampling (the browser page's too): 0 when
+ * all values are valid, else 2 after naming the first one that is not. */
+static int check_sampling(float temperature, long top_k, float top_p, float rep, long max_new, long seed)
+{
+    const float values[] = {temperature, top_p, rep};
+    const char *names[] = {"-t: temperature", "-p: top_p", "-r: repetition penalty"};
+    for (int i = 0; i < 3; i++)
+        if (!isfinite(values[i])) return option_error("%s must be a finite number, got %g", names[i], values[i]);
+    if (temperature < 0) return option_error("-t: temperature must be >= 0 (0 = greedy), got %g", temperature);
+    if (top_k < 0) return option_error("-k: top_k must be >= 0 (0 = off), got %ld", top_k);
+    if (!(top_p > 0 && top_p <= 1)) return option_error("-p: top_p must be in (0, 1] (1 = off), got %g", top_p);
+    if (!(rep > 0)) return option_error("-r: repetition penalty must be > 0 (1 = off), got %g", rep);
+    if (max_new < 0) return option_error("-n: max new tokens must be >= 0, got %ld", max_new);
+    if (seed < 0 || seed > 0x7fffffffL) return option_error("-s: seed must be in [0, 2147483647], got %ld", seed);
+    return 0;
+}
+
+/* "2,17,9" or "2 17 9" -> ids; returns the count, or -1 for anything else: an empty item
+ * ("1,,2", a leading or trailing comma), a negative or non-integer id */
 static int parse_ids(const char *s, int **out)
 {
     size_t cap = 16, n = 0;
     int *ids = malloc(cap * sizeof *ids);
-    while (ids && *s) {
-        while (*s == ',' || *s == ' ') s++;
+    int need_id = 1; /* at the start and after a comma an id must follow */
+    while (ids) {
+        while (*s == ' ') s++;
         if (!*s) break;
+        if (*s == ',') {
+            if (need_id) break; /* an empty item */
+            need_id = 1;
+            s++;
+            continue;
+        }
         char *end;
         errno = 0;
         long v = strtol(s, &end, 10);
-        if (errno || end == s || v < 0 || v > 0x7fffffff || (*end && *end != ',' && *end != ' ')) {
-            free(ids);
-            return -1;
-        }
+        if (errno || end == s || *s == '-' || *s == '+' || v > 0x7fffffff || (*end && *end != ',' && *end != ' '))
+            break;
         if (n == cap) {
             int *more = realloc(ids, 2 * cap * sizeof *ids);
             if (!more) break;
@@ -92,9 +141,10 @@ static int parse_ids(const char *s, int **out)
             cap *= 2;
         }
         ids[n++] = (int)v;
+        need_id = 0;
         s = end;
     }
-    if (!ids || n == 0 || n > 0x7fffffff) {
+    if (!ids || *s || need_id || n > 0x7fffffff) {
         free(ids);
         return -1;
     }
@@ -116,6 +166,7 @@ static int *encode_alloc(const Nano *m, const char *text, size_t len, int pre, i
 
 typedef struct {
     int max_new, print_ids, ignore_eos;
+    uint64_t seed; /* every REPL message starts from it, as in infer.py */
     NanoSampler sampler;
     NanoUtf8Stream text; /* a byte-level BPE token can end inside a character: held back until complete */
 } GenOpts;
@@ -152,15 +203,16 @@ static int generate(Nano *m, GenOpts *o, double *t_decode, int *n_out)
     fwrite(tail, 1, nano_utf8_finish(&o->text, tail), stdout); /* an unfinished character: U+FFFD */
     *t_decode = now_s() - t0;
     *n_out = n;
+    if (n == 0 && last == NANO_EOS) /* else the answer is a bare blank line, which looks like a fault */
+        fprintf(stderr, "[no text: the model's first token was <|eos|> (end of text)]\n");
     return last;
 }
 
+static int g_threads = 1; /* the -j count (or OpenMP's default): the engine may use one thread for a while */
+
 static void report(int n_prompt, double t_prompt, int n_new, double t_decode)
 {
-    int threads = 1;
-#ifdef _OPENMP
-    threads = omp_get_max_threads();
-#endif
+    int threads = g_threads;
     fprintf(stderr, "\n[prompt: %d tokens, %.1f tok/s | generated: %d tokens, %.2f tok/s | %d threads, %s kernels]\n",
             n_prompt, t_prompt > 0 ? n_prompt / t_prompt : 0.0, n_new, t_decode > 0 ? n_new / t_decode : 0.0, threads,
             nano_kernel_name());
@@ -190,8 +242,9 @@ static char *read_line(FILE *f)
     return buf;
 }
 
-/* ids of infer.py's templates: <|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>;
- * NULL (with a message) when out of memory or when the tokenizer lacks one of those tokens */
+/* The prompt's ids in the framing of the model's layout (nano_encode_prompt), with the special ids of
+ * the model's tokenizer; NULL (with a message) when out of memory or when the tokenizer lacks one of
+ * the tokens the framing needs */
 static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct, int *n_ids)
 {
     const int *sp = nano_config(m)->special;
@@ -200,25 +253,65 @@ static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct
                 instruct ? ", <|instruct_mark|> or <|response_mark|>" : "");
         return NULL;
     }
-    int pre = instruct ? 2 : 1, n;
-    int *ids = encode_alloc(m, text, len, pre, 1, &n);
+    size_t need = nano_encode_prompt(m, text, len, instruct, NULL, 0);
+    int *ids = need > 0x7fffff00 ? NULL : malloc((need + 1) * sizeof *ids);
     if (!ids) {
         fprintf(stderr, "error: out of memory\n");
         return NULL;
     }
-    ids[0] = sp[NANO_BOS];
-    *n_ids = n + pre;
-    if (instruct) {
-        ids[1] = sp[NANO_INSTRUCT];
-        ids[(*n_ids)++] = sp[NANO_RESPONSE];
-    }
+    *n_ids = (int)nano_encode_prompt(m, text, len, instruct, ids, need);
     return ids;
 }
 
-/* The REPL of infer.py: every message is a fresh prompt (no history), in instruct or continue mode. */
-static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
+static const char CHAT_COMMANDS[] = "/mode              switch instruct <-> continue\n"
+                                   "/lora              adapter on/off\n"
+                                   "/lora adapter.bin  load and attach another adapter\n"
+                                   "/quit              leave (or Ctrl-D)\n"
+                                   "//text             send \"/text\" to the model\n";
+
+/* A REPL line that starts with '/' (but not "//"): runs the command; returns 1 to leave. An unknown
+ * command is reported, never sent to the model as a prompt. */
+static int chat_command(Nano *m, const char *line, int *instruct, NanoLora **lora, int *lora_on, int verify)
 {
     char err[NANO_ERRLEN];
+    if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) return 1;
+    if (!strcmp(line, "/help")) {
+        fputs(CHAT_COMMANDS, stderr);
+    } else if (!strcmp(line, "/mode")) {
+        *instruct = !*instruct;
+        fprintf(stderr, "[%s mode]\n", *instruct ? "instruct" : "continue");
+    } else if (!strcmp(line, "/lora")) { /* toggle the adapter of -l (or of the last /lora PATH) */
+        if (!*lora) {
+            fprintf(stderr, "no adapter loaded: start with -l adapter.bin or use /lora adapter.bin\n");
+        } else {
+            if (*lora_on) nano_lora_detach(m);
+            else nano_lora_attach(m, *lora, err); /* it was checked when loaded */
+            *lora_on = !*lora_on;
+            fprintf(stderr, "[adapter %s]\n", *lora_on ? "on" : "off");
+        }
+    } else if (!strncmp(line, "/lora ", 6)) {
+        NanoLora *a = nano_lora_load_file(line + 6, verify, err);
+        int r = a ? nano_lora_attach(m, a, err) : -1;
+        if (r < 0) {
+            fprintf(stderr, "error: %s\n", err);
+            nano_lora_free(a);
+        } else {
+            if (r > 0) fprintf(stderr, "%s\n", err);
+            nano_lora_free(*lora); /* attach replaced it */
+            *lora = a;
+            *lora_on = 1;
+            fprintf(stderr, "[adapter %s on]\n", line + 6);
+        }
+    } else {
+        fprintf(stderr, "unknown command %s (not sent to the model); the commands are:\n%s", line, CHAT_COMMANDS);
+    }
+    return 0;
+}
+
+/* The REPL of infer.py: every message is a fresh prompt (no history), in instruct or continue mode,
+ * sampled from the same seed. */
+static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
+{
     int instruct = 1, lora_on = *lora != NULL; /* main attached the -l adapter */
     fprintf(stderr, "Nano chat, instruct mode. /help lists the commands; /quit or Ctrl-D leaves.\n");
     for (;;) {
@@ -230,46 +323,15 @@ static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
             free(line);
             continue;
         }
-        if (line[0] == '/') {
-            if (!strcmp(line, "/quit") || !strcmp(line, "/exit")) {
-                free(line);
-                break;
-            } else if (!strcmp(line, "/mode")) {
-                instruct = !instruct;
-                fprintf(stderr, "[%s mode]\n", instruct ? "instruct" : "continue");
-            } else if (!strcmp(line, "/lora")) { /* toggle the adapter of -l (or of the last /lora PATH) */
-                if (!*lora) {
-                    fprintf(stderr, "no adapter loaded: start with -l adapter.bin or use /lora adapter.bin\n");
-                } else {
-                    if (lora_on) nano_lora_detach(m);
-                    else nano_lora_attach(m, *lora, err); /* it was checked when loaded */
-                    lora_on = !lora_on;
-                    fprintf(stderr, "[adapter %s]\n", lora_on ? "on" : "off");
-                }
-            } else if (!strncmp(line, "/lora ", 6)) {
-                NanoLora *a = nano_lora_load_file(line + 6, verify, err);
-                int r = a ? nano_lora_attach(m, a, err) : -1;
-                if (r < 0) {
-                    fprintf(stderr, "error: %s\n", err);
-                    nano_lora_free(a);
-                } else {
-                    if (r > 0) fprintf(stderr, "%s\n", err);
-                    nano_lora_free(*lora); /* attach replaced it */
-                    *lora = a;
-                    lora_on = 1;
-                    fprintf(stderr, "[adapter %s on]\n", line + 6);
-                }
-            } else {
-                fprintf(stderr, "/mode              switch instruct <-> continue\n"
-                                "/lora              adapter on/off\n"
-                                "/lora adapter.bin  load and attach another adapter\n"
-                                "/quit              leave\n");
-            }
+        if (line[0] == '/' && line[1] != '/') {
+            int leave = chat_command(m, line, &instruct, lora, &lora_on, verify);
             free(line);
+            if (leave) break;
             continue;
         }
+        const char *text = line[0] == '/' ? line + 1 : line; /* "//text" sends "/text" */
         int n;
-        int *ids = prompt_ids(m, line, strlen(line), instruct, &n);
+        int *ids = prompt_ids(m, text, strlen(text), instruct, &n);
         free(line);
         if (!ids) return 1;
         int r = nano_prefill(m, ids, n);
@@ -280,6 +342,7 @@ static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
         }
         double t;
         int n_new;
+        nano_sampler_seed(&o->sampler, o->seed);
         generate(m, o, &t, &n_new);
         fprintf(stderr, "\n[%d tokens, %.1f tok/s]", n_new, t > 0 ? n_new / t : 0.0);
     }
@@ -336,8 +399,8 @@ int main(int argc, char **argv)
 {
     const char *model_path = NULL, *lora_path = NULL, *instruct = NULL, *cont = NULL, *ids_arg = NULL;
     const char *dump = NULL, *tok_text = NULL, *tok_file = NULL;
-    float temperature = 1.0f, top_p = 1.0f, rep = 1.0f;
-    long top_k = 0, max_new = 256, threads = 0, seed = -1;
+    float temperature = DEFAULT_TEMPERATURE, top_p = DEFAULT_TOP_P, rep = 1.0f;
+    long top_k = 0, max_new = DEFAULT_MAX_NEW, threads = 0, seed = DEFAULT_SEED;
     int verify = 1, info = 0;
     GenOpts o = {0};
     for (int i = 1; i < argc; i++) {
@@ -355,11 +418,11 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "-i")) instruct = val;
         else if (!strcmp(a, "-g")) cont = val;
         else if (!strcmp(a, "-t")) bad = parse_float(val, &temperature);
-        else if (!strcmp(a, "-k")) bad = parse_int(val, 0, 0x7fffffff, &top_k);
+        else if (!strcmp(a, "-k")) bad = parse_int(val, LONG_MIN, 0x7fffffff, &top_k);
         else if (!strcmp(a, "-p")) bad = parse_float(val, &top_p);
         else if (!strcmp(a, "-r")) bad = parse_float(val, &rep);
-        else if (!strcmp(a, "-n")) bad = parse_int(val, 0, 0x7fffffff, &max_new);
-        else if (!strcmp(a, "-s")) bad = parse_int(val, 0, 0x7fffffffL, &seed);
+        else if (!strcmp(a, "-n")) bad = parse_int(val, LONG_MIN, 0x7fffffff, &max_new);
+        else if (!strcmp(a, "-s")) bad = parse_int(val, LONG_MIN, LONG_MAX, &seed);
         else if (!strcmp(a, "-j")) bad = parse_int(val, 1, 1024, &threads);
         else if (!strcmp(a, "--ids")) ids_arg = val;
         else if (!strcmp(a, "--dump-logits")) dump = val;
@@ -385,18 +448,23 @@ int main(int argc, char **argv)
         fprintf(stderr, "error: --dump-logits needs --ids\n");
         return 2;
     }
+    int rc = check_sampling(temperature, top_k, top_p, rep, max_new, seed);
+    if (rc) return rc;
+    int *ids = NULL, n_ids = 0;
+    if (ids_arg && (n_ids = parse_ids(ids_arg, &ids)) < 0)
+        return option_error("--ids wants comma-separated non-negative integers, got \"%s\"", ids_arg);
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads((int)threads);
+    g_threads = omp_get_max_threads();
 #endif
     char err[NANO_ERRLEN];
     Nano *m = nano_load_file(model_path, verify, err);
     if (!m) {
         fprintf(stderr, "error: %s: %s\n", model_path, err);
+        free(ids);
         return 1;
     }
     const NanoConfig *c = nano_config(m);
-    int rc = 0;
-    int *ids = NULL, n_ids = 0;
     NanoLora *lora = NULL;
     if (info) {
         print_info(m);
@@ -440,6 +508,7 @@ int main(int argc, char **argv)
             }
         }
         const char *text = tok_file ? buf : tok_text;
+        free(ids); /* of --ids, if given too */
         ids = encode_alloc(m, text, tok_file ? len : strlen(tok_text), 0, 0, &n_ids);
         free(buf);
         if (!ids) {
@@ -458,12 +527,6 @@ int main(int argc, char **argv)
         goto done;
     }
     if (ids_arg) {
-        n_ids = parse_ids(ids_arg, &ids);
-        if (n_ids < 0) {
-            fprintf(stderr, "error: --ids wants comma-separated non-negative integers\n");
-            rc = 2;
-            goto done;
-        }
         for (int i = 0; i < n_ids; i++)
             if (ids[i] >= c->vocab_size) {
                 fprintf(stderr, "error: id %d is outside the vocabulary (%d)\n", ids[i], c->vocab_size);
@@ -480,7 +543,8 @@ int main(int argc, char **argv)
     o.sampler.top_k = (int)top_k;
     o.sampler.top_p = top_p;
     o.sampler.rep_penalty = rep;
-    nano_sampler_seed(&o.sampler, seed >= 0 ? (uint64_t)seed : (uint64_t)time(NULL));
+    o.seed = (uint64_t)seed;
+    nano_sampler_seed(&o.sampler, o.seed);
     if (!instruct && !cont && !ids_arg) {
         rc = chat(m, &o, &lora, verify);
         goto done;
@@ -491,6 +555,16 @@ int main(int argc, char **argv)
         if (!ids) {
             rc = 1;
             goto done;
+        }
+        if (n_ids == 0) { /* only where the framing adds nothing: -g "" on a 2024.10 model */
+            fprintf(stderr, "error: the prompt is empty, and a 2024.10 model is continued without a <|bos|> in front: "
+                            "give -g some text\n");
+            rc = 2;
+            goto done;
+        }
+        if (cont && !o.print_ids) { /* continue mode prints the whole text, prompt first (as infer.py does) */
+            fputs(cont, stdout);
+            fflush(stdout);
         }
     }
     double t0 = now_s();

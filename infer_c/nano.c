@@ -831,6 +831,42 @@ typedef struct {
     int32_t special_from[257]; /* special[special_from[b] .. special_from[b + 1]) start with byte b */
 } Tokenizer;
 
+#ifdef _OPENMP
+/* Threads on a shared machine. The forward pass runs about five OpenMP parallel loops per layer, and
+ * a thread that finishes its share first waits for the others by spinning on its core (libgomp
+ * spins ~300,000 turns before it sleeps). When other processes want the cores too, the thread it
+ * waits for is off its core and the spinning keeps it there: on a busy 2-core machine 2 threads
+ * decoded 12-72 tokens/s where 1 thread made over 1,000. Waiting passively (OMP_WAIT_POLICY=passive)
+ * avoids that but makes every loop pay a wake-up: 4-5x slower than spinning on a quiet machine
+ * (docs/BENCHMARKS.md, "Threads on a shared machine"). So the engine keeps the spinning and
+ * measures instead. It starts on one thread; after a window of tokens it times TUNE_PROBE tokens
+ * with the other choice (all threads, or one) and keeps whichever was faster per token. The two
+ * mistakes do not cost the same: all threads where one is better can be 100 times slower, one
+ * thread where all are better about 2 times. So all threads must win by a margin (TUNE_MARGIN), a
+ * probe of them ends at its first token that is more than twice as slow, and while they are in use
+ * any token slower than TUNE_GUARD times one thread's goes back to one thread at once. A probe that
+ * loses makes the next window longer: twice as long, and at least TUNE_COST times the probe's loss,
+ * so that asking costs at most about 1/TUNE_COST of the time; one that wins starts over from
+ * TUNE_WINDOW_MIN tokens. */
+#define TUNE_PROBE 3
+#define TUNE_WINDOW_MIN 8
+#define TUNE_WINDOW_MAX 1024
+#define TUNE_COST 10
+#define TUNE_MARGIN 0.8
+#define TUNE_GUARD 4
+typedef struct {
+    int full;       /* the thread count OpenMP was given (-j, OMP_NUM_THREADS or all cores); < 2: off */
+    int use_full;   /* between probes: 1 = `full` threads, 0 = one thread */
+    int window, n;  /* tokens between probes; tokens since the last one */
+    int probe_left; /* > 0 while probing the other choice */
+    int probe_n;    /* probe tokens so far */
+    double t_use;   /* seconds of the window's last TUNE_PROBE tokens */
+    double t_probe; /* seconds of the probe's tokens so far */
+    double t_worst; /* the probe's slowest token */
+    double t_one;   /* seconds per token on one thread, last measured (0: not yet) */
+} ThreadTuner;
+#endif
+
 struct NanoLora {
     Blob blob;
     int major, minor, n_layer, n_embd, n_head, n_kv_head, n_hidden, head_dim, rank, targets;
@@ -838,6 +874,8 @@ struct NanoLora {
     float scale; /* alpha / rank */
     int has_fingerprint;
     uint8_t fingerprint[32];
+    int has_base_config; /* 2026.11: `base` holds all of the base model's header fields; 2024.10: shapes only */
+    NanoConfig base;
     const float **A, **B; /* [n_layer * N_TARGETS]; NULL where a matrix is not targeted */
     float *tmp; /* [rank] */
 };
@@ -860,6 +898,9 @@ struct Nano {
     float *work, *probs;
     int *order;
     NanoLora *lora;
+#ifdef _OPENMP
+    ThreadTuner tune;
+#endif
 };
 
 const NanoConfig *nano_config(const Nano *m) { return &m->c; }
@@ -1273,6 +1314,12 @@ static Nano *load(Nano *m, int verify, char *err)
     }
     if ((major == 2026 ? load_2026(m, err) : load_2024(m, err)) || alloc_state(m, err)) goto fail;
     nano_reset(m);
+#ifdef _OPENMP
+    const char *tune = getenv("NANO_TUNE_THREADS");
+    m->tune.full = tune && !strcmp(tune, "0") ? 1 : omp_get_max_threads();
+    m->tune.window = TUNE_PROBE; /* one thread for the first tokens, then the first probe */
+    if (m->tune.full > 1) omp_set_num_threads(1);
+#endif
     return m;
 fail:
     nano_free(m);
@@ -2261,6 +2308,71 @@ void nano_reset(Nano *m)
 
 int nano_context_len(const Nano *m) { return m->pos; }
 
+#ifdef _OPENMP
+/* Start a new window on one thread or all of them; `loss` > 0: the other choice just lost by that
+ * factor, so the window grows (see ThreadTuner). */
+static void tune_settle(ThreadTuner *t, int use_full, double loss)
+{
+    if (loss > 0) {
+        double next = 2.0 * t->window > TUNE_COST * loss ? 2.0 * t->window : TUNE_COST * loss;
+        t->window = next < TUNE_WINDOW_MAX ? (int)next : TUNE_WINDOW_MAX;
+    } else {
+        t->window = TUNE_WINDOW_MIN;
+    }
+    t->use_full = use_full;
+    t->probe_left = t->n = 0;
+    t->t_use = 0;
+    omp_set_num_threads(use_full ? t->full : 1);
+}
+
+/* After each forwarded token (dt: its seconds): the bookkeeping of ThreadTuner. */
+static void tune_after_token(ThreadTuner *t, double dt)
+{
+    if (t->full < 2) return;
+    if (t->probe_left > 0) {
+        t->t_probe += dt;
+        t->probe_n++;
+        t->t_worst = dt > t->t_worst ? dt : t->t_worst;
+        double per_use = t->t_use / TUNE_PROBE, per_probe = t->t_probe / t->probe_n;
+        if (--t->probe_left > 0 && dt <= 2 * per_use) return; /* go on probing */
+        if (!t->use_full) t->t_one = per_use;
+        else t->t_one = per_probe;
+        int wins = t->use_full ? per_probe < per_use : per_probe < TUNE_MARGIN * per_use;
+        if (wins) tune_settle(t, !t->use_full, 0);
+        else tune_settle(t, t->use_full, per_use > 0 ? t->t_worst / per_use : TUNE_WINDOW_MAX);
+        return;
+    }
+    if (t->use_full && t->t_one > 0 && dt > TUNE_GUARD * t->t_one) { /* the cores are taken: back to one */
+        tune_settle(t, 0, dt / t->t_one);
+        return;
+    }
+    if (++t->n > t->window - TUNE_PROBE) t->t_use += dt;
+    if (t->n == t->window) { /* time the other choice for the next tokens */
+        t->probe_left = TUNE_PROBE;
+        t->probe_n = 0;
+        t->t_probe = t->t_worst = 0;
+        omp_set_num_threads(t->use_full ? 1 : t->full);
+    }
+}
+#endif
+
+/* Models in the original 2024.10 layout were trained on, and run by the original engine with,
+ * prompts that have no <|bos|> in front; Nano's own data puts one before every sample. */
+size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instruct, int *ids, size_t max_ids)
+{
+    int pre[2], n_pre = 0; /* the special ids of the model's tokenizer (fixed 2..5 for the trie) */
+    if (m->c.major != 2024) pre[n_pre++] = m->c.special[NANO_BOS];
+    if (instruct) pre[n_pre++] = m->c.special[NANO_INSTRUCT];
+    for (int i = 0; i < n_pre && (size_t)i < max_ids; i++) ids[i] = pre[i];
+    size_t room = max_ids > (size_t)n_pre ? max_ids - (size_t)n_pre : 0;
+    size_t n = (size_t)n_pre + nano_encode(m, text, len, room ? ids + n_pre : NULL, room);
+    if (instruct) {
+        if (n < max_ids) ids[n] = m->c.special[NANO_RESPONSE];
+        n++;
+    }
+    return n;
+}
+
 /* Like generate(): the token joins the ids (for the repetition penalty) even when the context is
  * full; then it is forwarded if a position is left. */
 int nano_feed(Nano *m, int token)
@@ -2274,7 +2386,13 @@ int nano_feed(Nano *m, int token)
         m->distinct[m->n_distinct++] = token;
     }
     if (m->pos >= c->block_size) return NANO_FULL;
+#ifdef _OPENMP
+    double t0 = omp_get_wtime();
+#endif
     if (!nano_forward(m, token, m->pos)) return NANO_ERR;
+#ifdef _OPENMP
+    tune_after_token(&m->tune, omp_get_wtime() - t0);
+#endif
     m->pos++;
     m->has_logits = 1;
     return NANO_OK;
@@ -2485,6 +2603,17 @@ static NanoLora *lora_load(NanoLora *a, int verify, char *err)
             errf(err, "LoRA parameters offset %llu, expected 256", (unsigned long long)rd_u64(d + 120));
             goto fail;
         }
+        if (c.quant != NANO_QUANT_F32 || c.group_size != 0) {
+            errf(err, "LoRA adapter header: quant type %d, group size %d; adapters are fp32 (0, 0)", c.quant,
+                 c.group_size);
+            goto fail;
+        }
+        if (rd_i32(d + 96) || rd_i32(d + 100) || rd_u64(d + 104) || rd_u64(d + 112)) {
+            errf(err, "LoRA adapter header: tokenizer fields are set, but an adapter has no tokenizer section");
+            goto fail;
+        }
+        a->has_base_config = 1;
+        a->base = c;
     } else {
         if (rd_i32(d + 20) != CONFIG_LEN_2024) {
             errf(err, "config length %d, expected 32 for layout 2024.10", rd_i32(d + 20));
@@ -2595,6 +2724,24 @@ NanoLora *nano_lora_load_buffer(const void *data, size_t size, int verify, char 
     return lora_load(a, verify, err);
 }
 
+/* The header fields beyond the shapes that a 2026.11 adapter records of its base: all must equal
+ * the model's (a 2024.10 adapter records the shapes only). 0, or -1 with the first difference. */
+static int lora_check_base_config(const NanoConfig *c, const NanoLora *a, char *err)
+{
+    const NanoConfig *b = &a->base;
+    const int mine[] = {b->block_size, b->vocab_size, b->use_rope, b->is_causal, b->bias, b->shared_classifier};
+    const int theirs[] = {c->block_size, c->vocab_size, c->use_rope, c->is_causal, c->bias, c->shared_classifier};
+    const char *names[] = {"block_size", "vocab_size", "use_rope", "is_causal", "bias", "shared_classifier"};
+    for (int i = 0; i < 6; i++)
+        if (mine[i] != theirs[i])
+            return errf(err, "adapter does not match the model: its base has %s %d, this model %d", names[i], mine[i],
+                        theirs[i]);
+    if (b->norm_eps != c->norm_eps || (c->use_rope && b->rope_theta != c->rope_theta))
+        return errf(err, "adapter does not match the model: its base has norm_eps %g and rope_theta %g, this model %g "
+                    "and %g", b->norm_eps, b->rope_theta, c->norm_eps, c->rope_theta);
+    return 0;
+}
+
 int nano_lora_attach(Nano *m, NanoLora *a, char err[NANO_ERRLEN])
 {
     const NanoConfig *c = &m->c;
@@ -2604,15 +2751,19 @@ int nano_lora_attach(Nano *m, NanoLora *a, char err[NANO_ERRLEN])
                     "n_hidden %d head_dim %d, model has %d %d %d %d %d %d", a->n_layer, a->n_embd, a->n_head,
                     a->n_kv_head, a->n_hidden, a->head_dim, c->n_layer, c->n_embd, c->n_head, c->n_kv_head,
                     c->n_hidden, c->head_dim);
+    if (a->has_base_config && lora_check_base_config(c, a, err)) return -1;
     int warn = 0;
     if (a->has_fingerprint && c->has_fingerprint) {
         if (memcmp(a->fingerprint, c->fingerprint, 32) != 0)
             return errf(err, "adapter was made for another base model (base fingerprint %02x%02x%02x%02x..., "
                         "this model %02x%02x%02x%02x...)", a->fingerprint[0], a->fingerprint[1], a->fingerprint[2],
                         a->fingerprint[3], c->fingerprint[0], c->fingerprint[1], c->fingerprint[2], c->fingerprint[3]);
-    } else if (a->has_fingerprint || c->has_fingerprint) {
-        errf(err, "warning: the %s has no base fingerprint (2024.10 layout): only the shapes were checked",
-             a->has_fingerprint ? "model" : "adapter");
+    } else { /* docs/FORMAT.md: without a fingerprint on either side, say that only the shapes were checked */
+        errf(err, "warning: %s (2024.10 layout): only the shapes were checked, so an adapter made for another base "
+             "model of the same shapes would not be noticed",
+             a->has_fingerprint   ? "the model has no base fingerprint"
+             : c->has_fingerprint ? "the adapter has no base fingerprint"
+                                  : "neither file has a base fingerprint");
         warn = 1;
     }
     m->lora = a;

@@ -89,6 +89,11 @@ typedef struct {
 size_t nano_utf8_stream(NanoUtf8Stream *s, const char *in, size_t n, char *out);
 /* end of the stream: a held-back partial sequence becomes U+FFFD (writes 0 or 3 bytes) */
 size_t nano_utf8_finish(NanoUtf8Stream *s, char *out);
+/* The ids a prompt is fed as, in the framing of the model's layout (docs/FORMAT.md, "Prompt framing"):
+ *   2026.11: <|bos|>text, instruct <|bos|><|instruct_mark|>text<|response_mark|>  (infer.py, data.py)
+ *   2024.10: text,        instruct <|instruct_mark|>text<|response_mark|>  (the original engine: no <|bos|>)
+ * Same contract as nano_encode: writes at most max_ids ids, returns how many the prompt needs. */
+size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instruct, int *ids, size_t max_ids);
 
 /* -- forward ------------------------------------------------------------------------------- */
 /* One token at position pos through the KV cache (causal models); returns logits[vocab_size]
@@ -97,6 +102,9 @@ const float *nano_forward(Nano *m, int token, int pos);
 
 /* -- generation context (the semantics of model.Transformer.generate) ------------------------ */
 void nano_reset(Nano *m);                          /* empty context */
+/* With OpenMP, nano_feed times its tokens and runs them on one thread or on the omp_get_max_threads()
+ * of load time, whichever is faster (nano.c, ThreadTuner: a machine whose cores other processes
+ * use); it sets the count with omp_set_num_threads. NANO_TUNE_THREADS=0 keeps the count fixed. */
 int nano_feed(Nano *m, int token);                 /* append + forward; NANO_FULL when no room */
 int nano_prefill(Nano *m, const int *ids, int n);  /* reset, then feed the last block_size ids */
 int nano_context_len(const Nano *m);               /* tokens forwarded so far (= next position) */

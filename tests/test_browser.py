@@ -12,8 +12,6 @@ reply is saved to test-artifacts/browser_reply.png.
 """
 
 import base64
-import functools
-import http.server
 import os
 import shutil
 import subprocess
@@ -33,6 +31,9 @@ from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BPETokenizer, TrieTokenizer  # noqa: E402
 
 INFER = ROOT / "infer"
+sys.path.append(str(INFER))  # infer/serve.py (a plain "import infer" is infer.py)
+import serve  # noqa: E402
+
 ENGINE_DIR = ROOT / "infer_c"
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = os.environ.get("NANO_CHROMIUM", "/usr/bin/chromium")
@@ -127,6 +128,9 @@ def files(tmp_path_factory):
     data[len(data) // 2] ^= 0x5A  # one flipped byte in the weights: the CRC-32 catches it
     out["corrupt"] = d / "fox.corrupt.bin"
     out["corrupt"].write_bytes(data)
+    out["old"] = d / "fox.2024.bin"  # the original layout: framed without <|bos|>
+    export.write_model(str(out["old"]), trained, "fp32", fmt="2024.10")
+    out["tok_fox"] = TrieTokenizer(trained["tokenizer"]["tokens"])
     # a hostile file name: if the page ever parsed names as HTML, this would run a script
     out["hostile"] = d / '<img src=x onerror="window.__pwned=1">.bin'
     out["hostile"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(300))
@@ -153,19 +157,20 @@ def cli():
         r = subprocess.run(args, capture_output=True, timeout=60)
         assert r.returncode == 0, r.stderr.decode(errors="replace")
         assert r.stdout.endswith(b"\n")
-        return r.stdout[:-1].decode()  # the CLI ends the reply with a newline of its own
+        out = r.stdout[:-1].decode()  # the CLI ends the reply with a newline of its own
+        if mode != "instruct":  # -g prints the prompt first; the page shows it apart from the reply
+            assert out.startswith(prompt)
+            out = out[len(prompt):]
+        return out
 
     return generate
 
 
 @pytest.fixture(scope="module")
 def server():
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    # python -m http.server's handler, serving infer/ on a free port of 127.0.0.1
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(INFER)))
+    # the page's own server (python infer/serve.py) on a free port of 127.0.0.1: the page runs
+    # under its real headers (CSP for the worker too, cross-origin isolation)
+    httpd = serve.make_server("127.0.0.1", 0, quiet=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -417,3 +422,92 @@ def test_stop_interrupts_and_prefill_shows_progress(page, files):
     # and the next message works as usual
     got = ask(page, "Once upon a time", mode="continue", max_new=5)
     assert got["reason"] == "max" and got["gen"]
+
+
+def test_settings_have_the_cli_defaults_and_ranges(page, files):
+    """The page's defaults are infer.py's; out-of-range settings are refused with the CLIs' messages
+    and nothing is sent to the engine."""
+    import infer
+    defaults = infer.parse_args(["-m", "x.pt"])
+    for sel, want in (("#temperature", defaults.temperature), ("#top-k", defaults.top_k), ("#top-p", defaults.top_p),
+                      ("#rep-penalty", defaults.repetition_penalty), ("#max-new", defaults.max_new_tokens),
+                      ("#seed", defaults.seed)):
+        assert float(page.input_value(sel)) == want, sel
+    load(page, files["fp32"])
+    cases = [("#top-p", "0", "top_p must be in (0, 1] (1 = off), got 0"),
+             ("#top-p", "-1", "top_p must be in (0, 1] (1 = off), got -1"),
+             ("#temperature", "-1", "temperature must be >= 0 (0 = greedy), got -1"),
+             ("#rep-penalty", "0", "repetition penalty must be > 0 (1 = off), got 0"),
+             ("#rep-penalty", "-1", "repetition penalty must be > 0 (1 = off), got -1"),
+             ("#top-k", "-2", "top_k must be >= 0 (0 = off), got -2"),
+             ("#seed", "-1", "seed must be in [0, 2147483647], got -1")]
+    for sel, value, message in cases:
+        page.reload()
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Engine ready')")
+        load(page, files["fp32"])
+        page.fill(sel, value)
+        page.fill("#prompt", "Then the fox")
+        page.click("#send")
+        page.wait_for_selector("#notice.error:not([hidden])")
+        assert page.text_content("#notice") == f"Settings: {message}", sel
+        assert page.locator(".msg").count() == 0  # nothing was sent
+    # valid settings again: the message goes, the reply comes
+    assert ask(page, "Then the fox", max_new=4, seed=5)["gen"]
+    assert page.is_hidden("#notice")
+
+
+def test_2024_layout_is_framed_like_the_original_engine(page, files):
+    """A 2024.10 file: the page feeds <|instruct_mark|>text<|response_mark|> and text, no <|bos|>
+    (../shared/docs/nano-bin-2024.10.md), exactly the ids that --ids gives the CLI."""
+    load(page, files["old"])
+    assert "layout 2024.10" in page.text_content("#model-info")
+    tok, prompt = files["tok_fox"], "Every morning the fox"
+    sampling = dict(temperature=1.5, top_k=0, top_p=1, rep=1, seed=77)
+    for mode, ids in (("instruct", [4] + tok.encode(prompt) + [5]), ("continue", tok.encode(prompt))):
+        got = ask(page, prompt, mode=mode, max_new=30, **sampling)
+        r = subprocess.run([str(ENGINE_DIR / "infer"), str(files["old"]), "--ids", ",".join(map(str, ids)),
+                            "-n", "30", "-t", "1.5", "-p", "1", "-s", "77", "-j", "1"], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert got["gen"] == r.stdout.decode()[:-1], mode
+        assert f"prompt {len(ids)} tokens" in got["meta"]
+    page.check("input[name=mode][value=continue]")
+    page.fill("#prompt", "")
+    page.click("#send")  # an empty continuation has nothing to start from without <|bos|>
+    page.wait_for_selector("#notice.error:not([hidden])")
+    assert "2024.10 model is continued without a <|bos|>" in page.text_content("#notice")
+
+
+def test_server_sends_the_policy_to_the_worker_and_isolates(browser, server):
+    """infer/serve.py: CSP (from the page's <meta>), nosniff and cross-origin isolation on every
+    response, so the worker runs under the page's policy too (http.server sends none of it)."""
+    import urllib.request
+    policy = serve.page_policy()
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+    for name, ctype in (("index.html", "text/html"), ("worker.js", "text/javascript"), ("app.js", "text/javascript"),
+                        ("nano.wasm", "application/wasm"), ("style.css", "text/css")):
+        with urllib.request.urlopen(f"{server}/{name}", timeout=10) as resp:
+            h = resp.headers
+        assert h["Content-Security-Policy"] == policy, name
+        assert h["X-Content-Type-Options"] == "nosniff" and h["Content-Type"].startswith(ctype), name
+        assert h["Cross-Origin-Opener-Policy"] == "same-origin" and h["Cross-Origin-Embedder-Policy"] == "require-corp"
+    context = browser.new_context()
+    try:
+        pg = context.new_page()
+        pg.goto(f"{server}/")
+        pg.wait_for_function("() => document.getElementById('status').textContent.startsWith('Engine ready')")
+        assert pg.evaluate("() => self.crossOriginIsolated")
+        worker = pg.workers[0]
+        assert worker.evaluate("() => self.crossOriginIsolated")
+        # the worker runs under the policy too: a script from a data: URL and a request to another
+        # origin are refused (Playwright's own evaluate() bypasses CSP, so look at the violations)
+        got = worker.evaluate("""async () => {
+            const seen = [];
+            self.addEventListener('securitypolicyviolation', (e) => seen.push(e.violatedDirective));
+            try { importScripts('data:text/javascript,self.__ran = 1'); } catch (e) { seen.push(e.name); }
+            try { await fetch('http://127.0.0.1:9/'); } catch (e) { seen.push(e.name); }
+            await new Promise((resolve) => setTimeout(resolve, 200));
+            return {seen, ran: self.__ran === 1};
+        }""")
+        assert not got["ran"] and {"script-src-elem", "connect-src"} <= set(got["seen"]), got
+    finally:
+        context.close()

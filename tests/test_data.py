@@ -92,7 +92,8 @@ def test_pieces_of_long_documents_tokenize_like_the_whole(tmp_path, monkeypatch)
 def test_no_split_inside_a_document_when_a_token_spans_a_newline(tmp_path, monkeypatch):
     docs = ["ab\nab\nab\nab", "b\nab\na\nb"]
     tok = TrieTokenizer(SPECIAL_TOKENS + ["\n", "a", "b", "b\na"])  # "b\na": a cut after '\n' is not exact
-    assert not data._splittable(tok) and data._splittable(TrieTokenizer(SPECIAL_TOKENS + ["a\n", "\n"]))
+    cut = data._cut_finder(tok)  # no cut inside "b\na"; one between "a" and "b", which no token holds
+    assert cut("b\nab", 1) == 3 and cut("b\na", 1) == -1
     tok.save(tmp_path / "tok.json")
     monkeypatch.setattr(data, "PIECE_CHARS", 2)
     out, meta = build(tmp_path, write_txt(tmp_path, docs), tokenizer=str(tmp_path / "tok.json"), val_ratio=0)
