@@ -34,7 +34,8 @@ import data  # noqa: E402
 import export  # noqa: E402
 import import_bin  # noqa: E402
 import infer  # noqa: E402
-from model import ModelConfig, Transformer, read_json  # noqa: E402
+from files import read_json  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 from test_infer_c import TRAIN_TEXT, make_adapter, make_checkpoint  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TrieTokenizer  # noqa: E402
 
