@@ -12,10 +12,16 @@ a truncated file or a pickle holding code stops with one line that says what is 
     any other base (check_adapter).
 """
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import math
 import os
+import pickle
+import shutil
+import zipfile
 
 import torch
 
@@ -26,6 +32,10 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input or a broken dataset; the message names the file and the problem."""
+
+
+class OutputError(ValueError):
+    """An output file or folder cannot be written; the message names the path and the cause."""
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +69,15 @@ def dataclass_from_dict(cls, d, where="config"):
     return obj
 
 
+def check_finite(obj, where):
+    """Refuse NaN and infinity in a config dataclass's float fields (JSON reads NaN and Infinity,
+    and every comparison with NaN is false, so range checks alone would let it through)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {f.name} must be a finite number, got {value}")
+
+
 def _edit_distance(a, b):
     prev = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -71,7 +90,9 @@ def _edit_distance(a, b):
 
 def _check_type(value, annotation, where):
     """Check a JSON value against a (string) dataclass annotation; ints may stand for floats."""
-    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if not isinstance(annotation, str):  # a class (int) or a typing form (Optional[str])
+        annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    ann = annotation
     ann = ann.replace("typing.", "")
     optional = ann.startswith("Optional[") or ann.endswith("| None")
     base = ann.removeprefix("Optional[").removesuffix("]").removesuffix(" | None").strip()
@@ -133,16 +154,70 @@ def load_torch_file(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
+    except pickle.UnpicklingError:  # what weights_only refuses: classes, functions, other objects
+        raise ConfigError(f"{what} {path} holds Python objects other than tensors and plain data, which Nano "
+                          "does not load: unpickling them could run any code the file carries. Re-save it as "
+                          "a dict of tensors, numbers, strings, lists and dicts") from None
     except Exception as e:
+        if _truncated(path, e):
+            raise ConfigError(f"{what} {path} is truncated or not a torch checkpoint "
+                              f"({os.path.getsize(path):,} bytes)") from None
         raise ConfigError(f"cannot load {what} {path}: {type(e).__name__}: {e}") from None
 
 
+def _truncated(path, error):
+    """Whether a failed torch.load read a file that is not a whole zip archive (torch.save's format):
+    cut short by a crash or a full disk, or something else entirely."""
+    if isinstance(error, (EOFError, zipfile.BadZipFile)) or "zip archive" in str(error):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is not None
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return os.path.isfile(path)
+
+
 def save_checkpoint(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a reader (or a
+    crash) sees the old file or the new one, never half of one. A write that fails (a full disk,
+    no permission) removes the temporary file and raises OutputError naming the path and the
+    cause; the old file stays as it was."""
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half of one
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, Exception):
+            raise OutputError(f"cannot write {path}: {write_failure(e, path)}") from None
+        raise  # Ctrl-C during a write: the temporary file is gone, the old checkpoint whole
+
+
+def write_failure(error, path):
+    """Why a write to `path` failed, in words: the OSError inside the chain of exceptions (torch.save
+    wraps it in a RuntimeError), or a full disk seen afterwards."""
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno:
+            return "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno).lower()
+        e = e.__cause__ or e.__context__
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 1 << 20:
+            return "no space left on device"
+    return f"{type(error).__name__}: {error}"
+
+
+def make_folder(path, what="out_dir"):
+    """os.makedirs, with an OutputError that names the folder and the cause."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create {what} {path}: {write_failure(e, path)}") from None
 
 
 def load_checkpoint(path):

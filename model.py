@@ -29,12 +29,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from files import ConfigError, dataclass_from_dict
+from files import ConfigError, check_finite, dataclass_from_dict
 
 # ---------------------------------------------------------------------------
 # Config: a dataclass that round-trips through plain JSON and is validated on load
 
 SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math", "triton")
+MAX_PARAMS = 10 ** 12  # a config past this is a typo (4 TB of float32 weights), refused before allocation
 
 
 @dataclass
@@ -63,6 +64,7 @@ class ModelConfig:
             self.head_dim = self.n_embd // self.n_head
 
     def validate(self, where="model config"):
+        check_finite(self, where)
         for key in ("block_size", "vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_hidden", "head_dim"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
@@ -80,6 +82,18 @@ class ModelConfig:
             raise ConfigError(f"{where}: sdpa_kernel must be one of {SDPA_KERNELS}, got {self.sdpa_kernel!r}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError(f"{where}: norm_eps and rope_theta must be positive")
+        if self.num_params() > MAX_PARAMS:  # before anything tries to allocate it
+            raise ConfigError(f"{where}: these sizes make {self.num_params():.3g} parameters "
+                              f"({4 * self.num_params() / 2 ** 40:,.0f} TiB in float32), far beyond any machine")
+
+    def num_params(self):
+        """The parameter count of Transformer(self), from the sizes alone (nothing is allocated)."""
+        q, kv, bias = self.n_head * self.head_dim, self.n_kv_head * self.head_dim, int(self.bias)
+        attention = self.n_embd * (q + 2 * kv) + q * self.n_embd + bias * (q + 2 * kv + self.n_embd)
+        feed_forward = 3 * self.n_embd * self.n_hidden + bias * (2 * self.n_hidden + self.n_embd)
+        layer = attention + feed_forward + 2 * self.n_embd  # + the two norms
+        positions = 0 if self.use_rope else self.block_size * self.n_embd
+        return self.vocab_size * self.n_embd + positions + self.n_layer * layer + self.n_embd
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -498,7 +498,8 @@ def run(task, args):
                             seed=args.seed, tensorboard=False, eval_interval=max(1, steps // 5), eval_iters=4,
                             log_interval=max(1, steps // 20), **tcfg)
     t1 = time.time()
-    model = train(model_cfg, train_cfg, quiet=args.quiet)
+    # problem.py makes its data and trains afresh each time: a rerun replaces the task's previous run
+    model = train(model_cfg, train_cfg, quiet=args.quiet, overwrite=True)
     train_s = time.time() - t1
     os.makedirs(out_dir, exist_ok=True)
     problem = {**info, "data_dir": data_dir, "model_config": model_cfg.to_dict(), "steps": steps,

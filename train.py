@@ -19,10 +19,13 @@ written atomically (temp file, then rename):
 """
 
 import argparse
+import glob
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -36,8 +39,8 @@ import torch.distributed as dist
 
 import fast
 from data import load_meta, load_sft_meta, load_sft_rows, load_tokens
-from files import (ConfigError, DataError, dataclass_from_dict, load_checkpoint, load_json, load_training_state,
-                   read_json, save_checkpoint, weights_fingerprint, write_json)
+from files import (ConfigError, DataError, OutputError, check_finite, dataclass_from_dict, load_checkpoint, load_json,
+                   load_training_state, make_folder, read_json, save_checkpoint, weights_fingerprint, write_json)
 from model import LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint
 from tokenizer import TokenizerError
 
@@ -88,6 +91,7 @@ class TrainConfig:
     fp8_fast_accum: bool = True
 
     def validate(self, where="train config"):
+        check_finite(self, where)
         if self.mode not in ("pretrain", "sft", "lora"):
             raise ConfigError(f"{where}: mode must be pretrain, sft or lora, got {self.mode!r}")
         for key in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
@@ -96,8 +100,18 @@ class TrainConfig:
         for key in ("warmup_iters", "save_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.min_lr <= self.learning_rate:
-            raise ConfigError(f"{where}: need 0 <= min_lr <= learning_rate (got {self.min_lr}, {self.learning_rate})")
+        if not 0 <= self.min_lr <= self.learning_rate or self.learning_rate <= 0:
+            raise ConfigError(f"{where}: need 0 <= min_lr <= learning_rate and learning_rate > 0 (got {self.min_lr}, "
+                              f"{self.learning_rate})")
+        for key in ("beta1", "beta2"):  # AdamW's moving averages: a weight of 1 or more never forgets
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"{where}: {key} must be in [0, 1), got {getattr(self, key)}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError(f"{where}: weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping), got "
+                              f"{self.weight_decay} and {self.grad_clip}")
+        for key in ("lr_decay_iters", "peak_flops"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be positive (or null), got {getattr(self, key)}")
         if self.data_on_device not in ("auto", "true", "false"):
             raise ConfigError(f"{where}: data_on_device must be auto, true or false, got {self.data_on_device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -125,6 +139,35 @@ class TrainConfig:
     def lora_config(self):
         return dataclass_from_dict(LoRAConfig, self.lora or {}, "train config: key 'lora'")
 
+
+# The train-config keys that --resume lets change: where the run ends, how often it logs, evaluates
+# and saves, and how fast it runs. Every other key (batch, schedule, optimizer, data, dtype, ...)
+# would continue another run than the one in the checkpoint, and is refused.
+SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "log_interval", "save_interval", "save_on_eval",
+                  "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device", "data_on_device",
+                  "compile", "compile_tuning", "cuda_graph", "fast_path", "activation_checkpointing", "data_dir",
+                  "out_dir", "init_from")
+
+
+def check_resume(ck, path, cfg, model_cfg):
+    """Refuse to resume checkpoint ck with a model or train config that differs from its own in a key
+    that is not SAFE_ON_RESUME; the message names each such key. (The data is checked by prepare:
+    data_dir may move, but its tokens must be the same.)"""
+    if ck.get("model_config") != model_cfg.to_dict():
+        differ = sorted(k for k, v in model_cfg.to_dict().items() if ck.get("model_config", {}).get(k) != v)
+        raise ConfigError(f"--resume {path}: the model config differs from the checkpoint's in {', '.join(differ)}: "
+                          "resume without -m (the checkpoint's own model), or start a new run in another out_dir")
+    saved, now = ck.get("train_config", {}), asdict(cfg)
+    differ = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items()
+              if k in saved and saved[k] != v and k not in SAFE_ON_RESUME]
+    if differ:
+        raise ConfigError(f"--resume {path}: the run in the checkpoint was trained with other settings: "
+                          f"{'; '.join(differ)}. Resume with its own (leave them out), or start a new run in "
+                          f"another out_dir. Keys that may change on resume: {', '.join(SAFE_ON_RESUME)}")
+
+
+class Diverged(ValueError):
+    """The loss or the gradient norm became non-finite: the run stops without saving."""
 
 # ---------------------------------------------------------------------------
 # Data: random windows from the token files that data.py writes
@@ -330,8 +373,21 @@ class Env:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
 
+def cpu_threads():
+    """torch's CPU threads: OMP_NUM_THREADS if set, else this process's cores less those that other
+    processes keep busy (the 1-minute load average), at least 1. torch's default (every core)
+    collapses when another job shares them: its threads wait for each other at every operation
+    (docs/BENCHMARKS.md, threads under contention)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
 def setup_env(cfg):
     """Join the process group under torchrun, pick the device and dtype, seed torch's RNG."""
+    torch.set_num_threads(cpu_threads())
     rank, local_rank, world = init_distributed()
     device = pick_device(cfg.device)
     if device.startswith("cuda") and world > 1:
@@ -379,10 +435,10 @@ def starting_point(model_cfg, cfg, resume, deepspeed):
     base = load_checkpoint(cfg.init_from) if cfg.init_from else None
     if base is not None:
         model_cfg = ModelConfig.from_dict(base["model_config"], f"{cfg.init_from}: model_config")
-    elif ck is not None:
-        model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
     if cfg.dropout is not None:
         model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
+    if ck is not None:
+        check_resume(ck, resume, cfg, model_cfg)
     return ck, base, model_cfg
 
 
@@ -390,6 +446,7 @@ def build_model(model_cfg, cfg, env, base, ck, resume):
     """The reference model on env.device: fresh (pretrain), or the base checkpoint's weights (sft,
     lora and pretrain with init_from), with a resumed run's own weights on top; mode lora freezes
     the base and adds adapters. Returns the model and, for lora, the identity of its base."""
+    check_memory(model_cfg, env)
     # On a GPU the weights are made there: a multi-billion-parameter model (bench_multi_gpu.sh) would
     # otherwise spend minutes being initialised and copied from host memory, on every rank.
     with torch.device(env.device) if env.device_type == "cuda" else nullcontext():
@@ -412,6 +469,19 @@ def build_model(model_cfg, cfg, env, base, ck, resume):
             model.load_state_dict(ck["model"])
     model.checkpoint_layers = cfg.activation_checkpointing
     return model.to(env.device), lora_base
+
+
+def check_memory(model_cfg, env):
+    """Refuse a model whose weights alone do not fit the device's memory, before allocating them
+    (training needs about four times as much more: gradients and AdamW's two moments)."""
+    need = 4 * model_cfg.num_params()  # float32 weights
+    if env.device_type == "cuda":
+        have, where = torch.cuda.get_device_properties(env.device).total_memory, f"{env.device} has"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    if need > have:
+        raise ConfigError(f"model config: {model_cfg.num_params():,} parameters need {need / 2 ** 30:,.1f} GiB for "
+                          f"their float32 weights alone; {where} {have / 2 ** 30:,.1f} GiB")
 
 
 def lr_at(step, cfg: TrainConfig):
@@ -681,16 +751,20 @@ def training_state(run, val_loss):
 
 
 def save(run, val_loss=None, best=False):
-    """Write last.pt (and best.pt, a LoRA run's adapter.pt, step_N.pt where due)."""
+    """Write last.pt (and best.pt, a LoRA run's adapter.pt, step_N.pt where due); never weights that
+    are no longer finite (a diverged run keeps its last good checkpoint)."""
     cfg = run.cfg
     if not cfg.save_checkpoints:
         return
+    if not all(torch.isfinite(p).all() for p in run.model.parameters() if p.requires_grad):
+        raise Diverged(f"step {run.step}: the weights are no longer finite (NaN or infinity): the run diverged; "
+                       f"{cfg.out_dir}/last.pt is left as it was (lower learning_rate, or check the data)")
     if run.engine is not None:
         return save_deepspeed(run, val_loss, best)
     st = training_state(run, val_loss)
     if not run.env.master:
         return
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    make_folder(cfg.out_dir)
     save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
     if best:
         save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
@@ -709,8 +783,12 @@ class Logger:
         self.tb = None
         if not enabled:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "train.log"), "a", encoding="utf-8")
+        make_folder(out_dir)
+        path = os.path.join(out_dir, "train.log")
+        try:
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror.lower()}") from None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
@@ -758,12 +836,23 @@ def log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats):
     tok_s, ms = throughput.measure(run.step, tokens_per_step)
     mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None  # per device
     gn = grad_norm.item() if grad_norm is not None else None
+    check_finite_progress(run, loss=loss, grad_norm=gn)
     log.line(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {gn if gn is None else f'{gn:.3f}'} | "
              f"{tok_s:,.0f} tok/s | {ms:.1f} ms/step" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
     log.scalars(run.step, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
                              "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
     if stats is not None:
         stats.append({"step": run.step, "loss": loss, "tokens_per_sec": tok_s, "ms_per_step": ms, "mfu": mfu})
+
+
+def check_finite_progress(run, **values):
+    """Stop (Diverged) a run whose loss or gradient norm is NaN or infinite: its weights are
+    garbage from here on, and must not overwrite the last good checkpoint."""
+    bad = {k: v for k, v in values.items() if v is not None and not math.isfinite(v)}
+    if bad:
+        what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in bad.items())
+        raise Diverged(f"step {run.step}: {what}: the run diverged and stops without saving; {run.cfg.out_dir}/last.pt "
+                       "is left as it was (lower learning_rate, raise warmup_iters, or check the data)")
 
 
 def eval_and_save(run, log):
@@ -775,6 +864,7 @@ def eval_and_save(run, log):
         box = [val]
         dist.broadcast_object_list(box, src=0)
         val = box[0]
+    check_finite_progress(run, val_loss=val)
     best = val < run.best_val
     run.best_val = min(run.best_val, val)
     log.line(f"eval step {run.step} | val loss {val:.4f} | best {run.best_val:.4f} | "
@@ -894,14 +984,76 @@ def save_deepspeed(run, val_loss, best):
 # The training loop
 
 
-def prepare(model_cfg, cfg, resume, ds_config):
+RUN_FILES = ("last.pt", "best.pt", "adapter.pt", "train.log", "step_*.pt")
+
+
+def keep_old_run(out_dir, overwrite):
+    """A fresh run never silently replaces another: refuse an out_dir that holds one (checkpoints or
+    a log), unless told to overwrite it, which removes that run's files first."""
+    old = sorted(p for pattern in RUN_FILES for p in glob.glob(os.path.join(out_dir, pattern)))
+    if old and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(os.path.basename(p) for p in old[:4])}"
+                          f"{', ...' if len(old) > 4 else ''}): continue it with --resume, train into another folder "
+                          "with --set out_dir=..., or replace it with --overwrite")
+    for path in old:
+        os.remove(path)
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before it kills a job) ask the
+    run to stop at the next step boundary: the step under way finishes, last.pt is written with the
+    state after it (weights, optimizer, RNG, sampler), and --resume continues exactly as if nothing
+    had happened. A second signal stops at once, without saving; the last checkpoint stays whole
+    (checkpoints are written to a temporary file and renamed)."""
+
+    def __init__(self):
+        self.received = None  # the first signal's number
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # (only there can Python take signals)
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now, without saving)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, run, log_step):
+        """Whether the run stops here. Alone, at any step; under DDP or DeepSpeed every rank must stop
+        at the same step, so the ranks agree at log steps (where they synchronise anyway)."""
+        if run.env.world == 1:
+            return self.received is not None
+        if not log_step:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=run.env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
     """Everything a run needs before its first step (the Run), from the configs, the data and, when
     resuming, the checkpoint."""
+    cfg.validate()
     env = setup_env(cfg)
+    if not resume and cfg.save_checkpoints and env.master:
+        keep_old_run(cfg.out_dir, overwrite)
     deepspeed = ds_config is not None
     use_fast = check_devices(cfg, env, deepspeed)
     ck, base, model_cfg = starting_point(model_cfg, cfg, resume, deepspeed)
     data = open_data(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+    if ck is not None and (ck.get("tokenizer") != data.tokenizer_spec
+                           or ck.get("data_meta", {}).get("fingerprint") != data.meta.get("fingerprint")):
+        raise ConfigError(f"--resume {resume}: {cfg.data_dir} holds other data than the run was trained on "
+                          f"(tokenizer or token files differ from those recorded in the checkpoint): point data_dir "
+                          f"at the run's own dataset ({ck.get('train_config', {}).get('data_dir')})")
     if base is not None and base.get("tokenizer") != data.tokenizer_spec:
         raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
                           f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
@@ -931,69 +1083,86 @@ def prepare(model_cfg, cfg, resume, ds_config):
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None,
-          stats=None, profiler=None):
+          stats=None, profiler=None, overwrite=False):
     """Train and return the final (unwrapped) model. `resume`: a checkpoint path whose full state
     (model, optimizer, scaler, step, RNG, sampler) is restored; `stop_at`: end after this step as
     if interrupted (last.pt is written), e.g. to split a run in two. `ds_config`: a DeepSpeed config
     dict (train_ds.py): the model is handed to a DeepSpeed engine (ZeRO-3) that does the backward,
     the gradient sync and the optimizer step; `resume` is then the run's out_dir. `stats`: a list
     that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it;
-    `profiler`: a torch.profiler.profile whose step() is called after every optimizer step."""
-    run = prepare(model_cfg, cfg, resume, ds_config)
-    env = run.env
-    log = Logger(cfg.out_dir, env.master and not quiet, cfg.tensorboard)
-    peak = peak_flops_for(env.device, cfg.peak_flops)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
-    log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {run.n_trainable / 1e6:.3f}M trained | "
-             f"device {env.device} {env.dtype} | world {env.world} | {tokens_per_step} tokens/step | "
-             f"{'resume from ' + resume + ' at step ' + str(run.step) if resume else 'fresh start'}")
-    if cfg.mode in ("sft", "lora") and run.step == 0:
-        # the base model's held-out answer loss: the "before" that fine-tuning is measured against
-        val0 = evaluate(run) if (env.master or run.engine is not None) else None
-        if val0 is not None:
-            log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
-            log.scalars(0, **{"val/loss": val0})
-
-    params = list(run.model.parameters())  # what clipping measures
-    take_step = CudaGraphStep(run, params) if cfg.cuda_graph else lambda batches: eager_step(run, params, batches)
-    throughput = Throughput(run.step)
-    run.step_model.train()
-    interrupted = False
-    try:
-        while run.step < cfg.max_iters:
-            lr = lr_at(run.step, cfg)
-            set_lr(run.optimizer, lr)
-            loss_sum, grad_norm = take_step(next_batches(run))
-            if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
-                profiler.step()
-            run.step += 1
-            run.tokens_seen += tokens_per_step
-
-            if run.step % cfg.log_interval == 0 or run.step == cfg.max_iters:
-                log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats)
-            saved = False
-            if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
-                if eval_and_save(run, log):
-                    break  # reached target_val_loss
-                saved = cfg.save_on_eval or run.step == cfg.max_iters
-                throughput.reset(run.step)  # evaluation time is not training throughput
-            elif cfg.save_interval and run.step % cfg.save_interval == 0:
-                save(run)
-                saved = True
-            if stop_at is not None and stop_at <= run.step < cfg.max_iters:
-                if not saved:
-                    save(run)
-                log.line(f"stopped at step {run.step} (--stop-at); continue with --resume")
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-        log.line(f"interrupted at step {run.step}: writing {cfg.out_dir}/last.pt")
-        save(run)
-    finally:
-        log.close()
-    if interrupted:
-        sys.exit(130)
+    `profiler`: a torch.profiler.profile whose step() is called after every optimizer step;
+    `overwrite`: a fresh run may replace the run already in out_dir (else that is refused)."""
+    with StopSignals() as signals:  # from here Ctrl-C asks to stop at a step boundary
+        run = prepare(model_cfg, cfg, resume, ds_config, overwrite)
+        env = run.env
+        log = Logger(cfg.out_dir, env.master and not quiet, cfg.tensorboard)
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
+        log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {run.n_trainable / 1e6:.3f}M "
+                 f"trained | device {env.device} {env.dtype} | world {env.world} | {tokens_per_step} tokens/step | "
+                 f"{'resume from ' + resume + ' at step ' + str(run.step) if resume else 'fresh start'}, "
+                 f"to step {cfg.max_iters}")
+        if cfg.mode in ("sft", "lora") and run.step == 0:
+            # the base model's held-out answer loss: the "before" that fine-tuning is measured against
+            val0 = evaluate(run) if (env.master or run.engine is not None) else None
+            if val0 is not None:
+                log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
+                log.scalars(0, **{"val/loss": val0})
+        params = list(run.model.parameters())  # what clipping measures
+        take_step = CudaGraphStep(run, params) if cfg.cuda_graph else lambda batches: eager_step(run, params, batches)
+        run.step_model.train()
+        try:
+            stopped = loop(run, log, signals, take_step, peak_flops_for(env.device, cfg.peak_flops), stats,
+                           profiler, stop_at)
+        except KeyboardInterrupt:  # a second signal: stop now
+            log.line(f"interrupted again at step {run.step}: stopped without saving; the last checkpoint in "
+                     f"{cfg.out_dir} is whole")
+            stopped = signal.SIGINT
+        finally:
+            log.close()
+    if stopped is not None:
+        sys.exit(128 + stopped)  # 130 after Ctrl-C, 143 after SIGTERM
     return run.model
+
+
+def loop(run, log, signals, take_step, peak, stats, profiler, stop_at):
+    """The steps from run.step to max_iters (or an earlier stop); the signal that stopped it, if any."""
+    cfg = run.cfg
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
+    throughput = Throughput(run.step)
+    log_now = False
+    while True:
+        if signals.agreed(run, log_now):  # at a step boundary: the state after the last step
+            log.line(f"{signal.Signals(signals.received).name} at step {run.step}: writing {cfg.out_dir}/last.pt; "
+                     "continue with --resume")
+            save(run)
+            return signals.received
+        if run.step >= cfg.max_iters:
+            return None
+        lr = lr_at(run.step, cfg)
+        set_lr(run.optimizer, lr)
+        loss_sum, grad_norm = take_step(next_batches(run))
+        if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
+            profiler.step()
+        run.step += 1
+        run.tokens_seen += tokens_per_step
+
+        log_now = run.step % cfg.log_interval == 0 or run.step == cfg.max_iters
+        if log_now:
+            log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats)
+        saved = False
+        if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
+            if eval_and_save(run, log):
+                return None  # reached target_val_loss
+            saved = cfg.save_on_eval or run.step == cfg.max_iters
+            throughput.reset(run.step)  # evaluation time is not training throughput
+        elif cfg.save_interval and run.step % cfg.save_interval == 0:
+            save(run)
+            saved = True
+        if stop_at is not None and stop_at <= run.step < cfg.max_iters:
+            if not saved:
+                save(run)
+            log.line(f"stopped at step {run.step} (--stop-at); continue with --resume")
+            return None
 
 
 # ---------------------------------------------------------------------------
@@ -1006,6 +1175,7 @@ def build_parser(description="Train a Nano model (pretrain / sft / lora)."):
     p.add_argument("-t", "--train", help="train config JSON (default: config/pretrain.json)")
     p.add_argument("--resume", nargs="?", const="auto", help="resume from a checkpoint (default: out_dir/last.pt)")
     p.add_argument("--stop-at", type=int, help="stop after this step (writes last.pt; continue with --resume)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir that holds a run, removing it")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override train config keys, e.g. --set max_iters=100 device=cpu (values are JSON)")
     return p
@@ -1026,16 +1196,29 @@ def parse_settings(items):
     return out
 
 
-def load_configs(args):
+def load_configs(args, deepspeed=False):
+    """The model and train configs of the command line, and the checkpoint path to resume from (or
+    None). --resume continues the run it finds with that run's own configs; -m, -t and --set given
+    beside it are checked against them (train(): check_resume)."""
     model_path = args.model or "config/model.json"
     train_path = args.train or "config/pretrain.json"
     model_cfg = load_json(model_path, ModelConfig)
     raw = read_json(train_path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{train_path}: expected a JSON object")
-    raw.update(parse_settings(args.set))
-    train_cfg = dataclass_from_dict(TrainConfig, raw, train_path)
-    return model_cfg, train_cfg
+    overrides = parse_settings(args.set)
+    train_cfg = dataclass_from_dict(TrainConfig, {**raw, **overrides}, train_path)
+    resume = args.resume
+    if resume == "auto":
+        resume = train_cfg.out_dir if deepspeed else os.path.join(train_cfg.out_dir, "last.pt")
+    if resume and not deepspeed:
+        ck = load_training_state(resume)
+        if not args.model:
+            model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
+        if not args.train:
+            known = {k: v for k, v in ck.get("train_config", {}).items() if k in TrainConfig.__dataclass_fields__}
+            train_cfg = dataclass_from_dict(TrainConfig, {**known, **overrides}, f"{resume}: train_config")
+    return model_cfg, train_cfg, resume
 
 
 def main(argv=None):
@@ -1046,18 +1229,21 @@ def cli(args, load_ds_config=None):
     """Load the configs named on the command line and train; user errors exit with code 2."""
     code = 0
     try:
-        model_cfg, train_cfg = load_configs(args)
         ds_config = load_ds_config() if load_ds_config else None
-        resume = args.resume
-        if resume == "auto":
-            resume = train_cfg.out_dir if ds_config is not None else os.path.join(train_cfg.out_dir, "last.pt")
-        train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at, ds_config=ds_config)
+        model_cfg, train_cfg, resume = load_configs(args, deepspeed=ds_config is not None)
+        train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at, ds_config=ds_config, overwrite=args.overwrite)
         if dist.is_initialized():
             dist.barrier()  # rank 0 may still be writing its checkpoint: leave together
-    except (ConfigError, DataError, TokenizerError) as e:
+    except (ConfigError, DataError, TokenizerError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except SystemExit as e:  # Ctrl-C inside train() exits 130 after saving
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 3
+    except KeyboardInterrupt:  # a second Ctrl-C before the loop began
+        print("interrupted", file=sys.stderr)
+        code = 130
+    except SystemExit as e:  # a signal inside train() exits 130 / 143 after saving
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
         if not dist.is_initialized():

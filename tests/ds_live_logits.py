@@ -17,7 +17,7 @@ from model import ModelConfig  # noqa: E402
 model_json, train_json, ds_json, out = sys.argv[1:5]
 model_cfg = load_json(model_json, ModelConfig)
 args = train.build_parser().parse_args(["-m", model_json, "-t", train_json])
-_, train_cfg = train.load_configs(args)
+_, train_cfg, _ = train.load_configs(args, deepspeed=True)
 model = train.train(model_cfg, train_cfg, ds_config=train_ds.load_ds_config(ds_json), quiet=True)
 model.eval()
 with torch.no_grad():

@@ -114,7 +114,7 @@ def test_config_errors_name_the_problem(data_dir, tmp_path):
     assert r.returncode == 2 and "not valid JSON" in r.stderr
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot load checkpoint"):
+    with pytest.raises(ConfigError, match="garbage.pt is truncated or not a torch checkpoint"):
         load_checkpoint(str(garbage))
 
 

@@ -1,0 +1,229 @@
+# Faults and bad input in training (issue #22): real signals at random moments, resume checks,
+# non-finite values, a full disk, runs that would replace another run, damaged checkpoints.
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from files import ConfigError, load_torch_file
+from test_train import data_dir, tiny_model, tiny_train  # noqa: F401  (data_dir: a fixture)
+from train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def configs(tmp_path, data_dir, out, **train_kw):
+    """-m and -t files of a tiny run into `out` (CPU, dropout on: the RNG state matters on resume)."""
+    model_json, train_json = tmp_path / "model.json", tmp_path / f"train_{out.name}.json"
+    model_json.write_text(json.dumps(tiny_model(dropout=0.1).to_dict()))
+    cfg = {"data_dir": data_dir, "out_dir": str(out), "max_iters": 60, "batch_size": 8, "eval_interval": 7,
+           "eval_iters": 2, "save_interval": 5, "log_interval": 1, "device": "cpu", "tensorboard": False,
+           "learning_rate": 3e-3, "warmup_iters": 2, **train_kw}
+    train_json.write_text(json.dumps(cfg))
+    return ["-m", str(model_json), "-t", str(train_json)]
+
+
+def run_train(args, **kw):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=ENV,
+                          timeout=600, **kw)
+
+
+def weights(path):
+    return load_torch_file(str(path))["model"]
+
+
+def test_signals_at_random_moments_resume_bit_exactly(data_dir, tmp_path):
+    # SIGINT (Ctrl-C) or SIGTERM at a random moment of a real run, then --resume: the final weights
+    # equal those of a run never interrupted, bit for bit (the stop lands on a step boundary)
+    straight = tmp_path / "straight"
+    r = run_train(configs(tmp_path, data_dir, straight))
+    assert r.returncode == 0, r.stderr
+    reference = weights(straight / "last.pt")
+    rnd = random.Random(os.getpid())
+    interrupted = 0
+    for i, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT]):
+        out = tmp_path / f"run{i}"
+        args = configs(tmp_path, data_dir, out)
+        p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=ENV)
+        for line in p.stdout:  # the loop has begun once the first step is logged
+            if line.startswith("step "):
+                break
+        time.sleep(rnd.uniform(0, 1.0))
+        p.send_signal(sig)
+        rest, err = p.communicate(timeout=600)
+        if p.returncode == 0:  # it finished before the signal came
+            assert "eval step 56" in rest
+        else:
+            interrupted += 1
+            assert p.returncode == 128 + sig, err
+            assert f"{signal.Signals(sig).name} at step" in rest, rest
+            assert not list(out.glob("*.tmp"))
+            r = run_train(["--resume", str(out / "last.pt")])  # the run's own configs, from the checkpoint
+            assert r.returncode == 0, r.stderr
+            assert "to step 60" in r.stdout
+        got = weights(out / "last.pt")
+        for name, w in reference.items():
+            assert torch.equal(got[name], w), (i, signal.Signals(sig).name, name)
+    assert interrupted >= 3  # most signals came during the run
+
+
+def test_resume_refuses_a_run_it_does_not_continue(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = configs(tmp_path, data_dir, out, max_iters=40)
+    r = run_train(args + ["--stop-at", "10"])
+    assert r.returncode == 0, r.stderr
+    r = run_train(args + ["--resume", "--set", "batch_size=16", "learning_rate=0.01"])
+    assert r.returncode == 2 and "batch_size 8 -> 16" in r.stderr and "learning_rate" in r.stderr
+    assert "Keys that may change on resume: max_iters" in r.stderr and "Traceback" not in r.stderr
+    # another dataset (another tokenizer) under data_dir
+    from data import prepare_pretrain
+    other = tmp_path / "other"
+    src = tmp_path / "other.txt"
+    src.write_text("completely different words here.\n" * 300, encoding="utf-8")
+    prepare_pretrain([str(src)], str(other), vocab_size=40, val_ratio=0.0, val_tail=0.1, workers=1)
+    r = run_train(args + ["--resume", "--set", f"data_dir={other}"])
+    assert r.returncode == 2 and "holds other data than the run was trained on" in r.stderr, r.stderr
+    # a plain --resume continues the run found with its own configs (here: max_iters 40, not the default)
+    r = run_train(["--resume", str(out / "last.pt"), "--set", "max_iters=20"])  # a safe key may change
+    assert r.returncode == 0, r.stderr
+    assert "at step 10, to step 20" in r.stdout and load_torch_file(str(out / "last.pt"))["step"] == 20
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("learning_rate=Infinity", "learning_rate must be a finite number"),
+    ("weight_decay=NaN", "weight_decay must be a finite number"),
+    ("beta1=NaN", "beta1 must be a finite number"),
+    ("beta2=2", "beta2 must be in [0, 1)"),
+    ("grad_clip=-1", "grad_clip must be >= 0"),
+    ("grad_clip=NaN", "grad_clip must be a finite number"),
+    ("learning_rate=0", "learning_rate > 0"),
+])
+def test_non_finite_and_out_of_range_settings_are_refused(data_dir, tmp_path, setting, message):
+    r = run_train(configs(tmp_path, data_dir, tmp_path / "run") + ["--set", setting])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_model_config_sizes_and_non_finite_values_are_refused(tmp_path, data_dir):
+    for key, value, message in [("rope_theta", float("nan"), "rope_theta must be a finite number"),
+                                ("norm_eps", float("nan"), "norm_eps must be a finite number"),
+                                ("n_embd", 2_000_000, "parameters"),  # (beyond this machine's memory)
+                                ("n_layer", 1_000_000_000, "far beyond any machine")]:
+        cfg = tiny_model().to_dict()
+        cfg.update({key: value} if key != "n_embd" else {"n_embd": value, "head_dim": None})
+        path = tmp_path / "bad_model.json"
+        train_json = configs(tmp_path, data_dir, tmp_path / "run")[3]
+        path.write_text(json.dumps(cfg))
+        r = run_train(["-m", str(path), "-t", train_json])
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (key, r.stderr)
+    # sizes under the sanity bound but over this machine's memory: refused before allocating
+    from train import Env, check_memory
+    huge = tiny_model(n_embd=65536, n_head=64, n_kv_head=64, n_hidden=65536, n_layer=64)
+    with pytest.raises(ConfigError, match="need .* GiB for their float32 weights alone; this machine has"):
+        check_memory(huge, Env(0, 0, 1, "cpu", "float32"))
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train(tiny_model(), tiny_train(data_dir, out, max_iters=10, eval_interval=5), quiet=True)
+    good = weights(out / "last.pt")
+    import train as train_module
+    real = train_module.clip_and_step
+
+    def poisoned(optimizer, params, grad_clip, scaler):  # from step 13 on, the gradients blow up
+        if optimizer.state and next(iter(optimizer.state.values()))["step"] >= 12:
+            for p in params:
+                p.grad.fill_(float("nan"))
+        return real(optimizer, params, grad_clip, scaler)
+
+    monkeypatch.setattr(train_module, "clip_and_step", poisoned)
+    with pytest.raises(train_module.Diverged, match="step 15: .*grad norm nan.*stops without saving"):
+        train(tiny_model(), tiny_train(data_dir, out, max_iters=20, eval_interval=5), resume=str(out / "last.pt"),
+              quiet=True)
+    after = weights(out / "last.pt")
+    assert all(torch.equal(after[k], v) for k, v in good.items())
+
+
+def test_a_fresh_run_does_not_replace_another(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = configs(tmp_path, data_dir, out, max_iters=10, save_interval=0)
+    assert run_train(args).returncode == 0
+    before = (out / "last.pt").read_bytes()
+    r = run_train(args)
+    assert r.returncode == 2 and "already holds a run (best.pt, last.pt, train.log)" in r.stderr, r.stderr
+    assert "--resume" in r.stderr and "--overwrite" in r.stderr and (out / "last.pt").read_bytes() == before
+    r = run_train(args + ["--overwrite"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "train.log").read_text().count("fresh start") == 1  # the old run's log went with it
+
+
+def test_unwritable_out_dir_is_one_line(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = run_train(configs(tmp_path, data_dir, blocker / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"cannot create out_dir {blocker / 'run'}: not a directory" in r.stderr, r.stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(size): a real file system of `size` bytes (a tmpfs; needs root: CI runs as root)."""
+    mounted = []
+
+    def mount(size):
+        mnt = tmp_path / "disk"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            if os.environ.get("CI"):
+                pytest.fail(f"cannot mount a tmpfs under CI: {r.stderr.strip()}")
+            pytest.skip(f"mounting a tmpfs needs root: {r.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, small_disk):
+    # a disk with room for the first save (last.pt + best.pt) and half a checkpoint more: a later
+    # save runs out of space while it writes
+    probe = tmp_path / "probe"
+    assert run_train(configs(tmp_path, data_dir, probe, max_iters=10, eval_interval=10, save_interval=0)).returncode == 0
+    size = (probe / "last.pt").stat().st_size
+    out = small_disk(int(2.5 * size) // 4096 * 4096 + 8192) / "run"
+    r = run_train(configs(tmp_path, data_dir, out, max_iters=60, eval_interval=10, save_interval=0))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot write {out}/" in r.stderr and "no space left on device" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not list(out.glob("*.tmp"))  # the partial file is gone
+    ck = load_torch_file(str(out / "last.pt"))  # the previous checkpoint is whole
+    assert ck["step"] >= 10 and ck["step"] % 10 == 0
+
+
+def test_damaged_checkpoints_get_clear_messages(tmp_path):
+    path = tmp_path / "ck.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "model_config": {}}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="is truncated or not a torch checkpoint"):
+        load_torch_file(str(path))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    torch.save({"x": Evil()}, path)
+    with pytest.raises(ConfigError, match="unpickling them could run any code") as e:
+        load_torch_file(str(path))
+    assert "weights_only=False" not in str(e.value)
