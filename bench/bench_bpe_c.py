@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "infer_c"))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+import corpus  # noqa: E402
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from nanolib import NanoLib  # noqa: E402
@@ -67,7 +67,7 @@ def bench_encode(out, runs):
                                        "tokenizer": tok.to_dict()})
     lib = NanoLib()
     m = lib.load(path)
-    english = "".join(data.default_corpus_documents())
+    english = "".join(corpus.default_corpus_documents())
     mixed = "".join(english[i:i + 2000] + MIXED for i in range(0, 200_000, 2000)) * 5
     rows = []
     for name, text in (("English (default corpus)", english), ("English + CJK/Cyrillic/emoji", mixed)):

@@ -24,9 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 def write_document(path, mb):
     """A text of `mb` MB with no newline, from the default corpus (World English Bible)."""
-    import data
+    import corpus
     text, size = [], 0
-    for doc in data.default_corpus_documents():
+    for doc in corpus.default_corpus_documents():
         piece = doc.replace("\n", " ")
         text.append(piece)
         size += len(piece.encode())

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "infer_c"))
 
 import bpe_models  # noqa: E402
-import data  # noqa: E402
+import corpus  # noqa: E402
 import export  # noqa: E402
 import gen_unicode  # noqa: E402
 from nanolib import NanoLib  # noqa: E402
@@ -183,7 +183,7 @@ def as_engine_input(s):
 
 def make_strings(version_gap):
     rng = random.Random(23)
-    out = list(data.default_corpus_documents())  # the default corpus's 1,189 chapters
+    out = list(corpus.default_corpus_documents())  # the default corpus's 1,189 chapters
 
     def pick(cps):
         return chr(rng.choice(cps))
@@ -417,7 +417,8 @@ def test_greedy_text_equals_pytorch_and_infer_py(builds, trained, tok):
             got = run(builds["release"], path, flag, prompt, "-n", 48, "-t", 0, "--print-ids").stdout.split()
             assert list(map(int, got)) == want, (quant, prompt)
             r = run(builds["release"], path, flag, prompt, "-n", 48, "-t", 0)
-            assert r.stdout.decode() == text + "\n", (quant, prompt)
+            echo = "" if instruct else prompt  # -g prints the text it continues first, as infer.py --prompt
+            assert r.stdout.decode() == echo + text + "\n", (quant, prompt)
     assert split_chars >= 2, "the replies should hold characters split over tokens"
     # sampling under ASan: the stream of random tokens, any bytes
     r = run(builds["asan"], paths["q8"], "-g", "\xff the", "-n", 30, "-t", 3.0, "-s", 3)
