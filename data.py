@@ -370,7 +370,9 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     """Build train.bin, val.bin, tokenizer.json and meta.json in out_dir; returns the meta dict.
     tokenizer: "trie" (built from the inputs), "bpe" (GPT-2) or the path of a tokenizer .json;
     vocab_size 0: character level. val_tail: hold out the last fraction of one .txt input as val
-    instead of whole documents (nanoGPT's split of a single text, e.g. Tiny Shakespeare's 90/10)."""
+    instead of whole documents (nanoGPT's split of a single text, e.g. Tiny Shakespeare's 90/10).
+    (About 90 lines: pass 2 stays here, inside the try/finally that removes the temporary files of
+    all three passes when anything fails.)"""
     t0 = time.time()
     sources, files = _sources(inputs)
     _remove_leftovers(out_dir)
@@ -379,13 +381,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     if not 0 <= val_ratio < 1 or part_mb <= 0 or workers < 1 or doc_sep not in ("file", "blankline"):
         raise DataError("need 0 <= val_ratio < 1, part_mb > 0, workers >= 1 and doc_sep file or blankline")
     tokenizer = os.fspath(tokenizer)
-    if tokenizer in ("trie", "bpe"):
-        tok_spec = {"kind": tokenizer, **({"vocab_size": int(vocab_size)} if tokenizer == "trie" else {})}
-    elif os.path.isfile(tokenizer):
-        with open(tokenizer, "rb") as f:
-            tok_spec = {"kind": "file", "sha256": hashlib.sha256(f.read()).hexdigest()}
-    else:
-        raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe or an existing tokenizer .json file")
+    tok_spec = _tokenizer_spec(tokenizer, vocab_size)
     # everything that changes the output bytes (workers must not)
     options = {"tokenizer": tok_spec, "val_ratio": val_ratio, "seed": seed, "part_mb": part_mb, "doc_sep": doc_sep,
                **({"val_tail": float(val_tail)} if val_tail is not None else {})}
@@ -403,16 +399,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
                             disable=not progress, leave=False)
     reader = _Reader(sources, doc_sep, warn=True)
     if tokenizer == "trie":
-        # pass 1: the vocabulary, from all documents, val included, so that every character of the
-        # corpus has an id and val round-trips exactly (val only adds to the word counts)
-        def texts(pbar):
-            for text, _, _ in _pieces(reader.documents(), _cut_finder(None)):
-                pbar.update(reader.bytes_read - pbar.n)
-                yield text
-        with bar("vocabulary") as pbar:
-            tok = TrieTokenizer.build(texts(pbar), vocab_size)
-        if tok.vocab_size == len(SPECIAL_TOKENS):  # no text at all
-            raise DataError(f"no documents in {', '.join(files)}")
+        tok = _build_vocabulary(reader, vocab_size, bar, files)
         reader = _Reader(sources, doc_sep, warn=False)  # bad lines were reported in pass 1
     else:
         tok = BPETokenizer() if tokenizer == "bpe" else load_tokenizer(tokenizer)
@@ -452,13 +439,7 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
             raise DataError(f"no documents in {', '.join(files)}")
         t2 = time.time()
 
-        # pass 3: each part alone in memory, its documents permuted, appended to train.bin
-        with open(tmp["train"], "wb") as train_file:
-            for k in range(K):
-                ids, lengths = parts.load(k, dtype)
-                ends = np.cumsum(lengths)
-                for i in np.random.default_rng([seed, k]).permutation(len(lengths)):
-                    train_file.write(ids[ends[i] - lengths[i]:ends[i]].tobytes())
+        _shuffle_parts(parts, K, dtype, seed, tmp["train"])  # pass 3
     except BaseException:
         for path in tmp.values():
             if os.path.exists(path):
@@ -471,6 +452,52 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
         if forced_split:
             shutil.rmtree(os.path.join(out_dir, "split.tmp"), ignore_errors=True)
 
+    stats = {"docs": docs, "tokens": tokens, "chars": chars, "nbytes": nbytes, "times": (t0, t1, t2),
+             "workers": workers, "parts": K}
+    meta = _finish(out_dir, tmp, tok, dtype, reader, files, fingerprint, tok_spec, options, stats)
+    return meta
+
+
+def _tokenizer_spec(tokenizer, vocab_size):
+    """What identifies the tokenizer option in the dataset's fingerprint."""
+    if tokenizer in ("trie", "bpe"):
+        return {"kind": tokenizer, **({"vocab_size": int(vocab_size)} if tokenizer == "trie" else {})}
+    if os.path.isfile(tokenizer):
+        with open(tokenizer, "rb") as f:
+            return {"kind": "file", "sha256": hashlib.sha256(f.read()).hexdigest()}
+    raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe or an existing tokenizer .json file")
+
+
+def _build_vocabulary(reader, vocab_size, bar, files):
+    """Pass 1: the trie vocabulary, from all documents, val included, so that every character of the
+    corpus has an id and val round-trips exactly (val only adds to the word counts)."""
+    def texts(pbar):
+        for text, _, _ in _pieces(reader.documents(), _cut_finder(None)):
+            pbar.update(reader.bytes_read - pbar.n)
+            yield text
+    with bar("vocabulary") as pbar:
+        tok = TrieTokenizer.build(texts(pbar), vocab_size)
+    if tok.vocab_size == len(SPECIAL_TOKENS):  # no text at all
+        raise DataError(f"no documents in {', '.join(files)}")
+    return tok
+
+
+def _shuffle_parts(parts, K, dtype, seed, train_path):
+    """Pass 3: each part alone in memory, its documents permuted, appended to train.bin."""
+    with open(train_path, "wb") as train_file:
+        for k in range(K):
+            ids, lengths = parts.load(k, dtype)
+            ends = np.cumsum(lengths)
+            for i in np.random.default_rng([seed, k]).permutation(len(lengths)):
+                train_file.write(ids[ends[i] - lengths[i]:ends[i]].tobytes())
+
+
+def _finish(out_dir, tmp, tok, dtype, reader, files, fingerprint, tok_spec, options, stats):
+    """Rename the token files into place, write tokenizer.json and, last, meta.json; report."""
+    docs, tokens, chars, nbytes = stats["docs"], stats["tokens"], stats["chars"], stats["nbytes"]
+    (t0, t1, t2), workers, K = stats["times"], stats["workers"], stats["parts"]
+    seed, val_ratio, doc_sep, part_mb = options["seed"], options["val_ratio"], options["doc_sep"], options["part_mb"]
+    doc = docs["train"] + docs["val"]
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # from here until the new one lands the dataset does not look complete
