@@ -59,8 +59,8 @@ def test_signals_at_random_moments_resume_bit_exactly(data_dir, tmp_path):
         time.sleep(rnd.uniform(0, 1.0))
         p.send_signal(sig)
         rest, err = p.communicate(timeout=600)
-        if p.returncode == 0:  # it finished before the signal came
-            assert "eval step 56" in rest
+        if (out / "last.pt").exists() and load_torch_file(str(out / "last.pt"))["step"] == 60:
+            pass  # it had finished its last step before the signal came (the signal may then end the process)
         else:
             interrupted += 1
             assert p.returncode == 128 + sig, err
