@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from corpus import bible_chapters, default_corpus_files
-from files import DataError, read_json, write_json
+from files import DataError, read_json, write_failure, write_json
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
@@ -814,6 +814,9 @@ def main(argv=None):
         args.run(args)
     except (DataError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the dataset: a full disk, no permission (what it had written is removed)
+        print(f"error: cannot write {e.filename or 'the dataset'}: {write_failure(e, e.filename or '.')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -102,6 +102,8 @@ def load_checkpoint(path_or_dict):
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ExportError("not a Nano checkpoint: expected a dict with 'model_config' and 'model'")
     try:
+        if not isinstance(ck["model_config"], dict):
+            raise ConfigError(f"checkpoint model_config: expected a JSON object, got {type(ck['model_config']).__name__}")
         cfg = ModelConfig.from_dict(dict(ck["model_config"]), "checkpoint model_config")
     except ConfigError as e:
         raise ExportError(str(e)) from None

@@ -227,3 +227,17 @@ def test_damaged_checkpoints_get_clear_messages(tmp_path):
     with pytest.raises(ConfigError, match="unpickling them could run any code") as e:
         load_torch_file(str(path))
     assert "weights_only=False" not in str(e.value)
+
+
+def test_data_py_on_a_full_disk_and_export_of_a_bad_model_config(tmp_path, small_disk):
+    src = tmp_path / "doc.txt"
+    src.write_text("the quick brown fox jumps over the lazy dog. " * 40000, encoding="utf-8")
+    out = small_disk(256 * 1024) / "data"
+    r = subprocess.run([sys.executable, "data.py", "--input", str(src), "--out", str(out), "--workers", "1"],
+                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "no space left on device" in r.stderr and "cannot write" in r.stderr
+    import export
+    ck = {"model": {}, "model_config": ["not", "a", "dict"], "tokenizer": {"type": "trie", "tokens": ["a"]}}
+    with pytest.raises(export.ExportError, match="model_config: expected a JSON object, got list"):
+        export.load_checkpoint(ck)
