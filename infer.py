@@ -41,6 +41,29 @@ def prompt_ids(tok, text, instruct, prompt_format=None):
     return ids if prompt_format == FRAMING_2024 else [tok.bos_id] + ids
 
 
+def chat_ids(tok, messages, prompt_format=None):
+    """The ids a whole conversation is fed as, ending where the model's next reply begins.
+    messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], the last one from the
+    user. Nano's framing is the SFT data's (data.sft_encode): each exchange is
+    <|instruct_mark|> question <|response_mark|> answer <|eos|>, after one <|bos|>. Nano has no system
+    role: a system message is put before the next user message, separated by a blank line."""
+    ids, system = [] if prompt_format == FRAMING_2024 else [tok.bos_id], []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system":
+            system.append(content)
+        elif role == "user":
+            ids += [tok.instruct_id] + tok.encode("\n\n".join(system + [content])) + [tok.response_id]
+            system = []
+        elif role == "assistant":
+            ids += tok.encode(content) + [tok.eos_id]
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r} (system, user or assistant)")
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the last message must be the user's")
+    return ids
+
+
 def check_sampling(args):
     """The sampling ranges of every engine; infer_c/main.c and the browser page give the same messages.
     Returns the first problem, or None."""
