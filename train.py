@@ -439,6 +439,8 @@ def starting_point(model_cfg, cfg, resume, deepspeed):
         model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
     if ck is not None:
         check_resume(ck, resume, cfg, model_cfg)
+    if resume and deepspeed:  # the shards restore later (restore_deepspeed); their configs are checked now
+        check_resume(deepspeed_meta(os.path.join(resume, "ds")), resume, cfg, model_cfg)
     return ck, base, model_cfg
 
 
@@ -913,14 +915,22 @@ def deepspeed_batch_config(ds, cfg: TrainConfig, world):
     return ds
 
 
-def consolidate_deepspeed(ds_dir, tag="last"):
-    """Nano's plain checkpoint (fp32 weights + configs + tokenizer) from a ZeRO checkpoint's shards."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def deepspeed_meta(ds_dir):
+    """The configs and tokenizer save_deepspeed writes beside the shards (ds/nano.json)."""
     try:
         with open(os.path.join(ds_dir, "nano.json"), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{ds_dir} is not a Nano DeepSpeed checkpoint (nano.json: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise ConfigError(f"{ds_dir}/nano.json: expected an object with model_config, train_config and tokenizer")
+    return meta
+
+
+def consolidate_deepspeed(ds_dir, tag="last"):
+    """Nano's plain checkpoint (fp32 weights + configs + tokenizer) from a ZeRO checkpoint's shards."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    meta = deepspeed_meta(ds_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
     return {"format": "nano-checkpoint", "version": 1, "model_config": meta["model_config"],
             "tokenizer": meta["tokenizer"], "train_config": meta["train_config"],
@@ -1211,8 +1221,8 @@ def load_configs(args, deepspeed=False):
     resume = args.resume
     if resume == "auto":
         resume = train_cfg.out_dir if deepspeed else os.path.join(train_cfg.out_dir, "last.pt")
-    if resume and not deepspeed:
-        ck = load_training_state(resume)
+    if resume:
+        ck = deepspeed_meta(os.path.join(resume, "ds")) if deepspeed else load_training_state(resume)
         if not args.model:
             model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
         if not args.train:

@@ -20,6 +20,12 @@ each with the default thread count (all cores) and with -j 1, on the machine as 
 and beside --competitors busy processes (each a Python loop that never sleeps). The
 configurations are interleaved run by run, so that the machine's own drift hits all alike; it
 prints the median and the lowest tokens/s of --runs runs of each.
+
+With --torch it measures torch's training step instead (the default model and batch, 16 x 256
+tokens, forward + backward + AdamW, in a fresh process per run) with torch's default thread count
+(every core) and with train.py's choice (train.cpu_threads: the cores less the 1-minute load
+average), quiet and busy. The load average lags, so the busy phase first waits until it shows the
+competitors (at most 90 s), as it would for a training run started on a machine that was busy.
 """
 
 import argparse
@@ -119,6 +125,66 @@ def measure(model, tokens, runs, competitors):
     return rates, default_threads
 
 
+TORCH_STEP = """
+import statistics, sys, time, torch
+sys.path.insert(0, {root!r})
+import train
+from files import read_json
+from model import ModelConfig, Transformer
+threads = {threads} or train.cpu_threads()
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+cfg = ModelConfig.from_dict(read_json({root!r} + "/config/model.json", "model config"))
+model = Transformer(cfg)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, cfg.vocab_size, (16, cfg.block_size))
+times = []
+for _ in range({steps}):
+    t0 = time.perf_counter()
+    _, loss = model(x, targets=x)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+print(threads, statistics.median(times[1:]))
+"""
+
+
+def torch_step(threads, steps):
+    """(seconds per training step, threads used) in a fresh process; threads 0 = train.py's choice."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    code = TORCH_STEP.format(root=str(ROOT), threads=threads, steps=steps)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
+    if r.returncode:
+        sys.exit(f"bench_contention.py: the torch step failed: {r.stderr}")
+    used, seconds = r.stdout.split()
+    return float(seconds), int(used)
+
+
+def wait_for_load(competitors, limit=90):
+    """Wait until the 1-minute load average shows the competitors (it lags by tens of seconds)."""
+    start, base = time.time(), os.getloadavg()[0]
+    while os.getloadavg()[0] < min(base + 0.8 * competitors, os.cpu_count()) and time.time() - start < limit:
+        time.sleep(2)
+
+
+def measure_torch(runs, competitors, steps):
+    """{(load, choice): [(s/step, threads)]}: torch's default (every core) against train.py's choice."""
+    choices = {"torch default": os.cpu_count(), "train.py's choice": 0}
+    results = {}
+    for load in ("quiet", "busy"):
+        procs = start_competitors(competitors) if load == "busy" else []
+        try:
+            if procs:
+                wait_for_load(competitors)
+            for _ in range(runs):
+                for name, threads in choices.items():
+                    results.setdefault((load, name), []).append(torch_step(threads, steps))
+        finally:
+            stop_competitors(procs)
+    return results
+
+
 def cpu_model():
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -135,7 +201,11 @@ def main(argv=None):
     p.add_argument("--quant", choices=("fp32", "q8"), default="fp32")
     p.add_argument("--out", default=str(ROOT / "out" / "bench_contention"))
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--torch", action="store_true", help="torch's training step instead of the C engine")
+    p.add_argument("--steps", type=int, default=6, help="--torch: training steps per run (the first is not timed)")
     args = p.parse_args(argv)
+    if args.torch:
+        return main_torch(args)
     build_engine()
     model = export_model(Path(args.out), args.quant)
     rates, default_threads = measure(model, args.tokens, args.runs, args.competitors)
@@ -149,6 +219,22 @@ def main(argv=None):
         print(f"| {load} | {mode} | {shown} | {statistics.median(r):,.0f} | {min(r):,.0f} |")
         rows.append({"load": load, "mode": mode, "threads": threads or default_threads, "default_threads": not threads,
                      "median": statistics.median(r), "lowest": min(r), "runs": r})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def main_torch(args):
+    results = measure_torch(args.runs, args.competitors, args.steps)
+    print(f"{cpu_model()}, {os.cpu_count()} CPUs; load average now: {os.getloadavg()[0]:.2f}; default model, "
+          f"16 x 256 tokens per step, {args.steps - 1} timed steps, {args.runs} runs, {args.competitors} busy competitor(s)")
+    print("| load | threads | threads used | median s/step | slowest s/step |")
+    print("|---|---|---|---|---|")
+    rows = []
+    for (load, name), r in results.items():
+        seconds, used = [s for s, _ in r], sorted({u for _, u in r})
+        print(f"| {load} | {name} | {'/'.join(map(str, used))} | {statistics.median(seconds):.2f} | {max(seconds):.2f} |")
+        rows.append({"load": load, "threads": name, "used": used, "median_s": statistics.median(seconds), "runs": r})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

@@ -110,7 +110,14 @@ def test_zero3_trains_checkpoints_resumes_and_consolidates(setup, single):
     cmd = torchrun("train_ds.py", "--deepspeed", "--deepspeed_config", str(setup / "ds.json"),
                    "-m", str(setup / "model.json"), "-t", t2)
     run(cmd + ["--stop-at", "10"])
-    r = run(cmd + ["--resume"])
+    # a changed setting is refused, naming it, and leaves the shards as they were
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run(cmd + ["--resume", "--set", "learning_rate=0.5"], cwd=ROOT, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert bad.returncode != 0 and "learning_rate 0.003 -> 0.5" in bad.stderr, bad.stderr[-2000:]
+    # a plain --resume of the shards' folder continues with the run's own configs (ds/nano.json)
+    r = run(torchrun("train_ds.py", "--deepspeed", "--deepspeed_config", str(setup / "ds.json"),
+                     "--resume", str(setup / "zero3_resume")))
     assert "resume from" in r.stdout and "at step 10" in r.stdout
     assert_same_weights(weights(setup / "zero3_resume" / "last.pt"), consolidated, atol=0)
     # the conversion command writes the same plain checkpoint
