@@ -53,7 +53,7 @@ class FastPathError(ConfigError):
 # fingerprint(function) of each piece of model.py that FastTransformer computes its own way (not
 # the modules it calls, such as LoRA layers, dropout or Attention.attend, whose changes it follows)
 REFERENCE = {
-    "Transformer.forward": "80dbdb0c4fbd3976",
+    "Transformer.forward": "d232f5f6327e58d7",
     "Block.forward": "7575f94248d20670",
     "Attention.forward": "0b55156306332b01",
     "FeedForward.forward": "ef580ecdf8c4ec66",
@@ -607,9 +607,9 @@ class FastTransformer(nn.Module):
         return F.silu(gate) * up
 
     def head_and_loss(self, x, targets):
-        """The tied head and the loss of model.Transformer.forward; in float8 with fp8 head, and as
+        """The head and the loss of model.Transformer.forward; in float8 with fp8 head, and as
         one HeadCrossEntropy when compiled (training with targets)."""
-        weight = self.model.tok_embeddings.weight
+        weight = self.model.head_weight()
         if targets is not None and (self.fp8_head or torch.compiler.is_compiling()):
             rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), weight.size(0)
             fp8 = self.fp8_head and fp8_fits(rows, dim, vocab)

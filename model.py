@@ -14,7 +14,8 @@ written (fast.check_reference).
 Conventions every engine (infer_c/, infer/) follows as well:
   * RoPE rotates adjacent pairs (2i, 2i+1) of each head as (real, imaginary), with
     frequencies theta^(-2i/head_dim); the 2024.10 file layout depends on this.
-  * The output head is the token embedding matrix (tied weights).
+  * The output head is the token embedding matrix (tied weights), unless tie_embeddings is off
+    (models imported from Hugging Face with their own head, hf.py).
   * The KV cache holds K and V with n_kv_head heads (before GQA expansion).
 """
 
@@ -49,7 +50,9 @@ class ModelConfig:
     n_hidden: int = 704  # SwiGLU hidden size
     head_dim: Optional[int] = None  # default n_embd // n_head
     dropout: float = 0.0
-    bias: bool = False
+    bias: bool = False  # a bias on every linear layer
+    qkv_bias: bool = False  # a bias on the q, k and v projections only (Qwen2)
+    tie_embeddings: bool = True  # False: a separate output head (output.weight), as many open models have
     use_rope: bool = True  # False: learned absolute positions
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -89,11 +92,13 @@ class ModelConfig:
     def num_params(self):
         """The parameter count of Transformer(self), from the sizes alone (nothing is allocated)."""
         q, kv, bias = self.n_head * self.head_dim, self.n_kv_head * self.head_dim, int(self.bias)
-        attention = self.n_embd * (q + 2 * kv) + q * self.n_embd + bias * (q + 2 * kv + self.n_embd)
+        qkv_bias = int(self.bias or self.qkv_bias)
+        attention = self.n_embd * (q + 2 * kv) + q * self.n_embd + qkv_bias * (q + 2 * kv) + bias * self.n_embd
         feed_forward = 3 * self.n_embd * self.n_hidden + bias * (2 * self.n_hidden + self.n_embd)
         layer = attention + feed_forward + 2 * self.n_embd  # + the two norms
         positions = 0 if self.use_rope else self.block_size * self.n_embd
-        return self.vocab_size * self.n_embd + positions + self.n_layer * layer + self.n_embd
+        head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
+        return self.vocab_size * self.n_embd + head + positions + self.n_layer * layer + self.n_embd
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -152,9 +157,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -239,6 +245,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         # activation checkpointing (train config activation_checkpointing): a training choice, not
         # part of the architecture, so it is a plain attribute and not in the config or checkpoint
         self.checkpoint_layers = False
@@ -292,11 +299,15 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.tok_embeddings.weight)  # tied output head
+        logits = F.linear(x, self.head_weight())
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def head_weight(self):
+        """The output head: the token embeddings (tied), or the model's own output layer."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     # -- KV cache --------------------------------------------------------------
 
@@ -352,7 +363,9 @@ class Transformer(nn.Module):
             raise ValueError("generate() needs at least one prompt token")
         ids = ids[-self.cfg.block_size:]  # keep the most recent context that fits
         device = self.tok_embeddings.weight.device
-        cache = self.make_cache(1, self.cfg.block_size)
+        # the cache as long as this answer can get: imported models have contexts of 32k tokens
+        cache_len = min(self.cfg.block_size, len(ids) + max_new_tokens)
+        cache = self.make_cache(1, cache_len)
         logits, _ = self(torch.tensor([ids], device=device), cache=cache, pos=0, last_only=True)
         pos, out = len(ids), []
         for _ in range(max_new_tokens):
@@ -363,7 +376,7 @@ class Transformer(nn.Module):
             out.append(nxt)
             if callback is not None and callback(nxt):
                 break
-            if pos >= self.cfg.block_size:
+            if pos >= cache_len:
                 break
             logits, _ = self(torch.tensor([[nxt]], device=device), cache=cache, pos=pos, last_only=True)
             pos += 1

