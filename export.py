@@ -27,6 +27,7 @@ import zlib
 import numpy as np
 import torch
 
+import files
 from files import ConfigError, weights_fingerprint
 from model import ModelConfig, rope_tables
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError
@@ -86,19 +87,33 @@ def base_fingerprint(model_config_dict, state_dict):
     return weights_fingerprint(model_config_dict, state_dict)
 
 
-def _torch_load(path):
+def _read_checkpoint(path, load=None):
+    """A checkpoint .pt or a Hugging Face model directory (hf.py), as files.load_checkpoint reads them
+    (load: files.load_torch_file for adapters), with its errors as ExportError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ExportError(f"checkpoint not found: {path}") from None
-    except Exception as e:  # pickle errors, zip errors, truncated files ...
-        raise ExportError(f"cannot read checkpoint {path}: {e}") from None
+        return (load or files.load_checkpoint)(path)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+
+
+def write_hf(out_dir, checkpoint, adapter=None):
+    """--format hf: a Hugging Face model directory (hf.export_hf), with a LoRA adapter merged first."""
+    import hf
+    from model import attach_lora, merge_lora, model_from_checkpoint
+    try:
+        ck = files.load_checkpoint(checkpoint)
+        if adapter:
+            model = merge_lora(attach_lora(model_from_checkpoint(ck, checkpoint), files.load_adapter(adapter, ck)))
+            ck = dict(ck, model={k: v.detach() for k, v in model.state_dict().items()})
+        return hf.export_hf(ck, out_dir)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
 
 
 def load_checkpoint(path_or_dict):
     """-> (ModelConfig, state_dict, tokens, fingerprint hex) from a train.py checkpoint (path or dict);
     tokens: the trie tokenizer's list of strings, or a tokenizer.BPETokenizer."""
-    ck = _torch_load(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
+    ck = _read_checkpoint(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ExportError("not a Nano checkpoint: expected a dict with 'model_config' and 'model'")
     try:
@@ -444,7 +459,7 @@ def _write_model_2024(path, cfg, sd, tok, quant, group_size):
 
 def load_lora(path_or_dict):
     """-> (base ModelConfig, lora_config dict, adapter tensors, fingerprint hex) from a nano-lora checkpoint."""
-    ck = _torch_load(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
+    ck = _read_checkpoint(path_or_dict, files.load_torch_file) if isinstance(path_or_dict, str) else path_or_dict
     if not isinstance(ck, dict) or ck.get("format") != "nano-lora":
         raise ExportError("not a LoRA adapter checkpoint (expected format 'nano-lora')")
     for key in ("lora_config", "base", "adapter"):
@@ -543,9 +558,19 @@ def main(argv=None):
     src.add_argument("--lora", help="LoRA adapter checkpoint (.pt, format nano-lora)")
     ap.add_argument("--quant", default="fp32", choices=list(QUANTS), help="weight type of the matrices (base models)")
     ap.add_argument("--group-size", type=int, default=64, help="Q8 group size requested (default 64)")
-    ap.add_argument("--format", default="2026.11", choices=FORMATS, help="file layout (default: ours, 2026.11)")
+    ap.add_argument("--format", default="2026.11", choices=FORMATS + ("hf",),
+                    help="file layout (default: ours, 2026.11); hf: a Hugging Face model directory at OUT")
+    ap.add_argument("--merge", metavar="ADAPTER", help="--format hf: merge this LoRA adapter into the checkpoint first")
     args = ap.parse_args(argv)
     try:
+        if args.format == "hf":
+            if not args.checkpoint:
+                raise ExportError("--format hf exports a base model: give --checkpoint (and --merge ADAPTER to fold one in)")
+            written = write_hf(args.out, args.checkpoint, args.merge)
+            print(f"wrote {args.out}/: {', '.join(written)}", file=sys.stderr)
+            return 0
+        if args.merge:
+            raise ExportError("--merge goes with --format hf; for the C engine export the adapter itself with --lora")
         if args.checkpoint:
             write_model(args.out, args.checkpoint, args.quant, args.group_size, args.format)
         else:

@@ -37,6 +37,8 @@ REPL_COMMANDS = "/mode (instruct <-> continue)  /lora (adapter on/off)  /quit  /
 def prompt_ids(tok, text, instruct, prompt_format=None):
     """The ids a prompt is fed as (docs/FORMAT.md, "Prompt framing"): Nano's data puts <|bos|> before
     every sample; the original 2024.10 engine, and the models trained for it, have none."""
+    if tok.kind == "hf":  # an imported model: its own template, or its own pipeline's framing
+        return chat_ids(tok, [{"role": "user", "content": text}]) if instruct else tok.encode_document(text)
     ids = [tok.instruct_id] + tok.encode(text) + [tok.response_id] if instruct else tok.encode(text)
     return ids if prompt_format == FRAMING_2024 else [tok.bos_id] + ids
 
@@ -46,7 +48,10 @@ def chat_ids(tok, messages, prompt_format=None):
     messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], the last one from the
     user. Nano's framing is the SFT data's (data.sft_encode): each exchange is
     <|instruct_mark|> question <|response_mark|> answer <|eos|>, after one <|bos|>. Nano has no system
-    role: a system message is put before the next user message, separated by a blank line."""
+    role: a system message is put before the next user message, separated by a blank line.
+    A model imported from Hugging Face is framed by its own chat template (HFTokenizer.chat_text)."""
+    if tok.kind == "hf":
+        return tok.encode(tok.chat_text(messages))
     ids, system = [] if prompt_format == FRAMING_2024 else [tok.bos_id], []
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
@@ -62,6 +67,11 @@ def chat_ids(tok, messages, prompt_format=None):
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("the last message must be the user's")
     return ids
+
+
+def stop_ids(tok):
+    """The tokens that end an answer: <|eos|>, or an imported model's end-of-turn tokens as well."""
+    return getattr(tok, "stop_ids", None) or [tok.eos_id]
 
 
 def check_sampling(args):
@@ -132,7 +142,7 @@ def generate_text(model, tok, text, args, instruct, stream=True):
 
     out = model.generate(ids[-(model.cfg.block_size - 1):], max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, eos_id=tok.eos_id,
+                         repetition_penalty=args.repetition_penalty, eos_id=stop_ids(tok),
                          callback=on_token, generator=gen)
     t1 = time.perf_counter()
     if stream:

@@ -351,14 +351,15 @@ class Transformer(nn.Module):
                  repetition_penalty=1.0, eos_id=None, callback=None, generator=None):
         """Autoregressive sampling with the KV cache; returns the new token ids (without the prompt).
 
-        Stops at `eos_id` (not returned), after max_new_tokens, or when the context is full.
+        Stops at `eos_id` (not returned; an id or a list of them), after max_new_tokens, or when the
+        context is full.
         `callback(token_id)` is called for every new token (streaming); returning True stops.
         """
         if not self.cfg.is_causal:
             raise ValueError("generate() needs a causal model; use one_pass() for bidirectional models")
         was_training = self.training
         self.eval()
-        ids = list(prompt_ids)
+        ids, stop = list(prompt_ids), {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
         if not ids:
             raise ValueError("generate() needs at least one prompt token")
         ids = ids[-self.cfg.block_size:]  # keep the most recent context that fits
@@ -370,7 +371,7 @@ class Transformer(nn.Module):
         pos, out = len(ids), []
         for _ in range(max_new_tokens):
             nxt = sample_next(logits[0, -1], temperature, top_k, top_p, repetition_penalty, ids, generator)
-            if eos_id is not None and nxt == eos_id:
+            if nxt in stop:
                 break
             ids.append(nxt)
             out.append(nxt)

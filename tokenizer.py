@@ -228,6 +228,20 @@ class HFTokenizer:
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
+    def chat_text(self, messages):
+        """A conversation written as the model's chat template writes it, ready for the assistant's
+        reply (what transformers' apply_chat_template(..., add_generation_prompt=True) renders)."""
+        if self.chat == "chatml":  # Qwen2, SmolLM2: the template's own system message when none is given
+            if self.system is not None and (not messages or messages[0]["role"] != "system"):
+                messages = [{"role": "system", "content": self.system}] + list(messages)
+            turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+            return turns + "<|im_start|>assistant\n"
+        if self.chat == "llama3":  # Llama 3: contents are trimmed; the text starts with the bos token
+            turns = "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content'].strip()}<|eot_id|>"
+                            for m in messages)
+            return self.tok.id_to_token(self.bos_id) + turns + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        raise TokenizerError("this model has no chat template Nano knows (ChatML or Llama 3): use continuation mode")
+
     def decode_one(self, i):
         return self.decode([i])
 
