@@ -8,8 +8,8 @@ Endpoints: GET /v1/models, POST /v1/chat/completions (a conversation, framed as 
 mode frames it: infer.chat_ids), POST /v1/completions (a continuation, infer.py's continuation mode),
 both plain JSON or server-sent events (`stream: true`); GET /health (no key needed) counts the slots.
 
-Several clients are served at once by one model: a scheduler thread owns the model and a KV cache of
---max-batch rows. A request joins the running batch in a free row (its prompt is prefilled into that
+Several clients are served at once by one model: the scheduler (the main thread; the HTTP server runs
+in another) owns the model and a KV cache of --max-batch rows. A request joins the running batch in a free row (its prompt is prefilled into that
 row alone), then every step decodes one token for all running rows in one forward, each row at its
 own position (model.py's per-row pos) and sampled with its own settings and generator; a row is
 freed at <|eos|>, at a stop string, at max_tokens, or as soon as its client goes away. With the same
@@ -28,6 +28,7 @@ import json
 import os
 import queue
 import random
+import socket
 import sys
 import threading
 import time
@@ -240,32 +241,32 @@ class Job:
     def completion_tokens(self):
         return len(self.ids) - self.prompt_tokens
 
-    def send(self, *event):  # from the scheduler thread to the handler's event loop
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-
     def usage(self):
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": len(self.ids)}
 
 
 # ---------------------------------------------------------------------------
-# The scheduler: one thread, one model, a batch that requests join and leave
+# The scheduler: one model, one batch that requests join and leave
 
 
-class Scheduler(threading.Thread):
+class Scheduler:
+    """Runs in the main thread, the HTTP server in another: torch's CPU threads (OpenMP) ran a batch 2-3x
+    slower when driven from a second thread after the main one had used them (loading the model)."""
+
     def __init__(self, model, tok, max_batch):
-        super().__init__(daemon=True, name="nano-scheduler")
         self.model, self.tok, self.max_batch = model, tok, max_batch
         self.device = model.tok_embeddings.weight.device
         self.cache = model.make_cache(max_batch)
         self.rows = []  # the running jobs: rows[r] decodes in cache row r (kept packed at the front)
         self.waiting = queue.Queue()
+        self.outbox = []  # (job, event) made since the last deliver()
 
     def submit(self, job):
         self.waiting.put(job)
 
     def run(self):
-        with torch.inference_mode():  # grad mode is per thread: this one only decodes
+        with torch.inference_mode():
             while True:
                 try:
                     self.admit()
@@ -273,8 +274,19 @@ class Scheduler(threading.Thread):
                 except Exception as e:  # a bug must not stop the server: fail the running requests only
                     traceback.print_exc()
                     for job in self.rows:
-                        job.send("error", f"internal error while decoding: {type(e).__name__}: {e}")
+                        self.send(job, "error", f"internal error while decoding: {type(e).__name__}: {e}")
                     self.rows = []
+                self.deliver()
+
+    def send(self, job, *event):
+        self.outbox.append((job, event))
+
+    def deliver(self):
+        """Hand the events made so far to the HTTP side's event loop: one wake-up for all rows (each
+        wake-up is a system call, and one per row and token cost as much as sampling)."""
+        if self.outbox:
+            events, self.outbox = self.outbox, []
+            events[0][0].loop.call_soon_threadsafe(put_events, events)
 
     def admit(self):
         """Move waiting jobs into free rows, each prompt prefilled into its own row; sleep while idle."""
@@ -286,14 +298,15 @@ class Scheduler(threading.Thread):
             if job.cancelled:
                 continue
             if job.s.max_new_tokens == 0:
-                job.send("end", "length", job.usage())
+                self.send(job, "end", "length", job.usage())
                 continue
             r = len(self.rows)
+            self.rows.append(job)  # before the forward: should it fail, run() tells this job too
             row_cache = [(k[r:r + 1], v[r:r + 1]) for k, v in self.cache]
             logits, _ = self.model(torch.tensor([job.ids], device=self.device), cache=row_cache, pos=0,
                                    last_only=True)
-            self.rows.append(job)
             self.take(r, logits[0, -1])
+            self.deliver()  # its first token now, not after the other admissions
 
     def step(self):
         """One forward for all running rows, each at its own position, then one token for each."""
@@ -317,7 +330,7 @@ class Scheduler(threading.Thread):
         job.ids.append(token)
         delta = job.answer.add(token)
         if delta:
-            job.send("text", delta)
+            self.send(job, "text", delta)
         if job.answer.stopped:
             self.finish(r, "stop")
         elif job.completion_tokens >= s.max_new_tokens:  # capped to the context (fit_context)
@@ -328,8 +341,8 @@ class Scheduler(threading.Thread):
         if not job.answer.stopped:
             delta = job.answer.finish()
             if delta:
-                job.send("text", delta)
-        job.send("end", reason, job.usage())
+                self.send(job, "text", delta)
+        self.send(job, "end", reason, job.usage())
         self.free(r)
 
     def free(self, r):
@@ -345,6 +358,20 @@ class Scheduler(threading.Thread):
 
 # ---------------------------------------------------------------------------
 # The HTTP side: routes, replies, streams
+
+
+def put_events(events):  # in the event loop
+    for job, event in events:
+        job.events.put_nowait(event)
+
+
+async def next_events(job):
+    """The job's events that have arrived, at least one: text that piled up goes out as one chunk.
+    An "end" or "error" event is always a job's last."""
+    events = [await job.events.get()]
+    while not job.events.empty():
+        events.append(job.events.get_nowait())
+    return "".join(e[1] for e in events if e[0] == "text"), events[-1]
 
 
 def new_id(prefix):
@@ -366,12 +393,11 @@ async def reply(request, job, chat, name):
     parts, watch = [], asyncio.create_task(watch_disconnect(request, job))
     try:
         while True:
-            kind, *rest = await job.events.get()
-            if kind == "text":
-                parts.append(rest[0])
-            elif kind == "error":
+            text, (kind, *rest) = await next_events(job)
+            parts.append(text)
+            if kind == "error":
                 return error_response(500, rest[0], kind="server_error")
-            else:
+            if kind == "end":
                 finish, usage = rest
                 break
     finally:
@@ -403,13 +429,13 @@ async def stream(job, chat, name):
             yield event({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                               "finish_reason": None, "logprobs": None}]})
         while True:
-            kind, *rest = await job.events.get()
-            if kind == "text":
-                yield event({**meta, "choices": [choice(chat, True, rest[0])]})
-            elif kind == "error":
+            text, (kind, *rest) = await next_events(job)
+            if text:
+                yield event({**meta, "choices": [choice(chat, True, text)]})
+            if kind == "error":
                 yield event({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
                 break
-            else:
+            elif kind == "end":
                 yield event({**meta, "choices": [choice(chat, True, None, rest[0])], "usage": rest[1]})
                 break
         yield "data: [DONE]\n\n"
@@ -551,15 +577,24 @@ def main(argv=None):
     if not model.cfg.is_causal:
         print(f"error: {args.model} is a bidirectional model; serve.py generates with causal ones", file=sys.stderr)
         sys.exit(2)
-    import uvicorn  # here, so that --help and refused arguments do not wait for it
+    try:  # bind here, so that a port in use is one line too
+        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    except OSError as e:
+        print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
+    import uvicorn
     scheduler = Scheduler(model, tok, args.max_batch)
-    scheduler.start()
     app = make_app(model, tok, scheduler, args.model_name, args.api_key, args.max_body)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="http").start()
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"serving {args.model_name} ({model.num_params() / 1e6:.1f}M parameters, context {model.cfg.block_size}, "
           f"batch {args.max_batch}, {args.device}) at http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    try:
+        scheduler.run()  # the model's thread: the main one (Scheduler says why)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ once get their single-client answers; a client that leaves mid-stream frees its 
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -71,8 +72,8 @@ class Server:
     def health(self):
         return httpx.get(self.url + "/health", timeout=5).json()
 
-    def stop(self):
-        self.proc.kill()
+    def stop(self, sig=signal.SIGKILL):
+        self.proc.send_signal(sig)
         self.proc.wait(timeout=10)
         return self.proc.stdout.read()
 
@@ -355,7 +356,15 @@ def test_a_client_that_leaves_mid_stream_frees_its_row_and_stalls_no_one(server,
     r = client.completions.create(model="nano-ck", prompt="the fox", temperature=0, max_tokens=1900,
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 1900
-    assert freed_after < (time.monotonic() - t0) / 2
+    whole_answer = time.monotonic() - t0
+    assert freed_after < whole_answer / 2
+    # a client that gives up waiting for a whole (non-streamed) reply frees its row too
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(30, read=0.3))
+    left_at = time.monotonic()
+    while server.health()["active"]:
+        assert time.monotonic() - left_at < whole_answer / 2, "the row of a client that left is still decoding"
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------
@@ -378,7 +387,18 @@ def test_api_key_is_required_when_set(checkpoint):
         assert ok.chat.completions.create(**good()).usage.prompt_tokens > 0
         assert httpx.get(s.url + "/health", timeout=10).status_code == 200  # health needs no key
     finally:
-        assert "Traceback" not in s.stop()
+        log = s.stop(signal.SIGINT)  # Ctrl-C: a clean stop
+        assert "Traceback" not in log and s.proc.returncode == 0, log
+
+
+def test_a_port_in_use_is_a_one_line_error(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = subprocess.run([sys.executable, "serve.py", "-m", str(checkpoint), "--port", str(taken.getsockname()[1])],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "cannot listen on 127.0.0.1" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 @pytest.mark.parametrize("args, message", [
