@@ -10,8 +10,9 @@ runs that many streaming clients at once (threads, plain httpx), each asking /v1
 --tokens tokens with Nano's default sampling (-t 0.8 -p 0.95, its own seed; -t 0: greedy) and `ignore_eos` (every
 answer is exactly --tokens long). Per run: aggregate tokens/s = all clients' tokens over the time
 from the first request sent to the last answer done; time to first token (TTFT) = from a client's
-request to its first text chunk. It prints, per client count, the median aggregate tokens/s of
---runs runs, the median and 90th percentile of all the runs' TTFTs, and the speedup over 1 client.
+request to its first text chunk. The client counts take turns, run by run. It prints, per client
+count, the median aggregate tokens/s of --runs runs, the median and 90th percentile of all the runs'
+TTFTs, and the speedup over the first count (1 client).
 The clients share the machine with the server, as a local chat front end would.
 """
 
@@ -71,12 +72,14 @@ def start_server(checkpoint, device, max_batch):
     sys.exit("bench_serve.py: serve.py did not start within 60 s")
 
 
-def one_client(url, tokens, temperature, seed, result):
+def one_client(url, tokens, temperature, seed, start_together, result):
     """Stream one answer; result gets (start, first text chunk, end, completion tokens)."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": temperature, "seed": seed,
             "ignore_eos": True, "stream": True}
+    http = httpx.Client(timeout=600)  # made before the clock starts: making one costs tens of ms
+    start_together.wait()
     start, first, count = time.perf_counter(), None, 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+    with http.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -87,12 +90,13 @@ def one_client(url, tokens, temperature, seed, result):
             if "usage" in chunk:
                 count = chunk["usage"]["completion_tokens"]
     result.append((start, first, time.perf_counter(), count))
+    http.close()
 
 
 def run(url, clients, tokens, temperature, seed):
     """One run of `clients` clients at once: (aggregate tokens/s, their TTFTs in seconds)."""
-    results = []
-    threads = [threading.Thread(target=one_client, args=(url, tokens, temperature, seed + i, results))
+    results, start_together = [], threading.Barrier(clients)
+    threads = [threading.Thread(target=one_client, args=(url, tokens, temperature, seed + i, start_together, results))
                for i in range(clients)]
     for t in threads:
         t.start()
@@ -127,22 +131,21 @@ def main(argv=None):
         proc, url = start_server(checkpoint, args.device, max(args.clients))
         try:
             run(url, 1, 16, args.temperature, 0)  # warm-up
-            rows, base = [], None
-            for clients in args.clients:
-                rates, ttfts = [], []
-                for i in range(args.runs):
+            rates, ttfts = {n: [] for n in args.clients}, {n: [] for n in args.clients}
+            for i in range(args.runs):  # interleaved, so that the machine's drift hits every client count alike
+                for clients in args.clients:
                     rate, ttft = run(url, clients, args.tokens, args.temperature, 1000 * i)
-                    rates.append(rate)
-                    ttfts += ttft
-                rate = statistics.median(rates)
-                base = base or rate
-                rows.append((clients, rate, statistics.median(ttfts), percentile(ttfts, 0.9), rate / base))
+                    rates[clients].append(rate)
+                    ttfts[clients] += ttft
+            base = statistics.median(rates[args.clients[0]])
+            rows = [(n, statistics.median(rates[n]), statistics.median(ttfts[n]), percentile(ttfts[n], 0.9),
+                     statistics.median(rates[n]) / base) for n in args.clients]
         finally:
             proc.kill()
             proc.wait()
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\n{args.tokens} tokens per client, temperature {args.temperature:g}, median of {args.runs} runs\n")
-    print("| clients | aggregate tokens/s | median TTFT | p90 TTFT | speedup vs 1 client |")
+    print(f"| clients | aggregate tokens/s | median TTFT | p90 TTFT | speedup vs {args.clients[0]} client(s) |")
     print("|---|---|---|---|---|")
     for clients, rate, ttft, p90, speedup in rows:
         print(f"| {clients} | {rate:,.0f} | {1000 * ttft:.0f} ms | {1000 * p90:.0f} ms | {speedup:.2f}x |")
