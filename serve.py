@@ -9,11 +9,12 @@ mode frames it: infer.chat_ids), POST /v1/completions (a continuation, infer.py'
 both plain JSON or server-sent events (`stream: true`); GET /health (no key needed) counts the slots.
 
 Several clients are served at once by one model: the scheduler (the main thread; the HTTP server runs
-in another) owns the model and a KV cache of --max-batch rows. A request joins the running batch in a free row (its prompt is prefilled into that
-row alone), then every step decodes one token for all running rows in one forward, each row at its
-own position (model.py's per-row pos) and sampled with its own settings and generator; a row is
-freed at <|eos|>, at a stop string, at max_tokens, or as soon as its client goes away. With the same
-settings and seed an answer is infer.py's answer: the same framing, sampling and decoding rules.
+in another) owns the model and a KV cache of --max-batch rows. A request joins the running batch in a
+free row (its prompt is prefilled into that row alone), then every step decodes one token for all
+running rows in one forward, each row at its own position (model.py's per-row pos) and sampled with
+its own settings and generator; a row is freed at <|eos|>, at a stop string, at max_tokens, or as
+soon as its client goes away. With the same settings and seed an answer is infer.py's answer: the
+same framing, sampling and decoding rules.
 
 Bad requests get OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with status
 400 (bad parameters, malformed JSON, a prompt past the context), 401 (missing or wrong key), 404
@@ -39,7 +40,6 @@ from types import SimpleNamespace
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
@@ -75,7 +75,9 @@ def error_response(status, message, param=None, code=None, kind="invalid_request
 
 
 async def read_json(request, max_body):
-    """The body as a JSON object; 413 past max_body bytes (announced or actually sent), else 400."""
+    """The body as a JSON object; 413 past max_body bytes (announced or actually sent), else 400.
+    The routes read their bodies here and check the fields themselves (no pydantic models), so that
+    every refusal names its parameter in OpenAI's terms and none is FastAPI's 422."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise APIError(413, f"the request body is {declared} bytes; this server takes at most {max_body}",
@@ -418,7 +420,8 @@ async def watch_disconnect(request, job):
 async def stream(job, chat, name):
     """Server-sent events: `data: {chunk}` lines, the last chunk with finish_reason and usage, then
     `data: [DONE]`. A client that goes away cancels this generator, which frees the row."""
-    meta = {"id": new_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion.chunk" if chat else "text_completion",
+    meta = {"id": new_id("chatcmpl" if chat else "cmpl"),
+            "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": name}
 
     def event(data):
@@ -454,10 +457,6 @@ def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20):
     async def http_error(request, e):
         return error_response(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
                               code="unknown_url" if e.status_code == 404 else None)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, e):
-        return error_response(400, f"invalid request: {e.errors()[0].get('msg', e)}")
 
     @app.exception_handler(Exception)  # a bug: the client gets JSON, the trace goes to the server's log
     async def server_error(request, e):
@@ -578,7 +577,8 @@ def main(argv=None):
         print(f"error: {args.model} is a bidirectional model; serve.py generates with causal ones", file=sys.stderr)
         sys.exit(2)
     try:  # bind here, so that a port in use is one line too
-        sock = socket.create_server((args.host, args.port), family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        sock = socket.create_server((args.host, args.port), family=family)
     except OSError as e:
         print(f"error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
