@@ -230,7 +230,9 @@ def _init_worker(spec, dtype):
 def _encode_piece(piece):
     text, first, last = piece
     tok, dtype = _WORKER
-    ids = ([tok.bos_id] if first else []) + tok.encode(text) + ([tok.eos_id] if last else [])
+    # (a tokenizer imported from Hugging Face may have no bos: Qwen2's documents are only ended)
+    ids = ([tok.bos_id] if first and tok.bos_id is not None else []) + tok.encode(text) + \
+        ([tok.eos_id] if last and tok.eos_id is not None else [])
     return np.array(ids, dtype=dtype), len(text.encode("utf-8"))
 
 
@@ -465,7 +467,15 @@ def _tokenizer_spec(tokenizer, vocab_size):
     if os.path.isfile(tokenizer):
         with open(tokenizer, "rb") as f:
             return {"kind": "file", "sha256": hashlib.sha256(f.read()).hexdigest()}
-    raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe or an existing tokenizer .json file")
+    if os.path.isdir(tokenizer):  # a Hugging Face model directory: its tokenizer files
+        h = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if os.path.isfile(os.path.join(tokenizer, name)):
+                with open(os.path.join(tokenizer, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+        return {"kind": "hf", "sha256": h.hexdigest()}
+    raise DataError(f"tokenizer {tokenizer!r}: expected trie, bpe, an existing tokenizer .json file or a Hugging Face "
+                    "model directory")
 
 
 def _build_vocabulary(reader, vocab_size, bar, files):
@@ -593,12 +603,34 @@ def _sft_exchanges(obj):
 
 def sft_encode(tok, exchanges):
     """(ids, mask) for one sample; mask[i] = 1 where token i is an answer token or its <|eos|>."""
+    if tok.kind == "hf":
+        return _sft_encode_chat(tok, exchanges)
     ids, mask = [tok.bos_id], [0]
     for question, answer in exchanges:
         prompt = [tok.instruct_id] + tok.encode(question) + [tok.response_id]
         reply = tok.encode(answer) + [tok.eos_id]
         ids += prompt + reply
         mask += [0] * len(prompt) + [1] * len(reply)
+    return ids, mask
+
+
+def _sft_encode_chat(tok, exchanges):
+    """sft_encode for a model imported from Hugging Face: the conversation in its own chat template
+    (what it is prompted with, infer.chat_ids), each answer followed by the template's end of turn."""
+    ids, mask, messages = [], [], []
+    end = tok.token_to_id({"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(tok.chat, ""))
+    if end is None:
+        raise DataError("this tokenizer has no chat template Nano knows (ChatML or Llama 3): cannot frame SFT samples")
+    for question, answer in exchanges:
+        answer = answer.strip() if tok.chat == "llama3" else answer  # as the template writes it back
+        messages.append({"role": "user", "content": question})
+        framed = tok.encode(tok.chat_text(messages))
+        if framed[:len(ids)] != ids:
+            raise DataError("the chat template does not extend the conversation so far; cannot frame this sample")
+        reply = tok.encode(answer) + [end]
+        mask += [0] * (len(framed) - len(ids)) + [1] * len(reply)
+        ids = framed + reply
+        messages.append({"role": "assistant", "content": answer})
     return ids, mask
 
 
@@ -680,7 +712,7 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
     for split, items in samples.items():
         if split == "train":  # packing order and the row order on disk should not follow the source
             items = [items[i] for i in rng.permutation(len(items))]
-        packed = _rows(items, row_len, pack, tok.pad_id)
+        packed = _rows(items, row_len, pack, tok.pad_id if tok.pad_id is not None else 0)  # padding is masked out
         rows[split] = len(packed)
         ids = np.array([r[0] for r in packed], dtype=dtype).reshape(-1, row_len)
         mask = np.array([r[1] for r in packed], dtype=np.uint8).reshape(-1, row_len)
@@ -707,6 +739,9 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
 def _sft_tokenizer(spec):
     """The tokenizer from a .json file or from a checkpoint .pt, with its bytes for the fingerprint."""
     spec = os.fspath(spec)
+    if os.path.isdir(spec):  # a Hugging Face model directory (hf.py)
+        tok = load_tokenizer(spec)
+        return tok, json.dumps(tok.to_dict(), sort_keys=True).encode()
     if not os.path.isfile(spec):
         raise DataError(f"tokenizer {spec}: no such file (give the base model's tokenizer .json or checkpoint .pt)")
     if spec.endswith(".pt"):
@@ -777,7 +812,7 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", metavar="PATH", help=".txt or .jsonl files (default: the World English Bible)")
     p.add_argument("--doc-sep", choices=("file", "blankline"), default="file",
                    help=".txt: one document per file, or documents separated by blank lines")
-    p.add_argument("--tokenizer", default="trie", help="trie (built from the inputs), bpe (GPT-2) or a tokenizer .json")
+    p.add_argument("--tokenizer", default="trie", help="trie (built from the inputs), bpe (GPT-2), a tokenizer .json, or a Hugging Face model directory (its own tokenizer)")
     p.add_argument("--vocab-size", type=int, default=4096, help="trie vocabulary size (default 4096; 0: characters only)")
     p.add_argument("--val-ratio", type=float, help="share of documents held out (default 0.01; 0.02 for the Bible)")
     p.add_argument("--val-tail", type=float, metavar="FRACTION",
@@ -794,7 +829,7 @@ def main(argv=None):
                    help='.jsonl files: {"question": ..., "answer": ...} or {"messages": [...]} per line '
                         "(default: the built-in set of sft_tasks.py)")
     p.add_argument("--tokenizer", default="dataset/pretrain/tokenizer.json",
-                   help="the base model's tokenizer: a tokenizer .json or a checkpoint .pt")
+                   help="the base model's tokenizer: a tokenizer .json, a checkpoint .pt or a Hugging Face model directory")
     p.add_argument("--block-size", type=int, default=256, help="row length - 1: the model's block_size")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several samples per row (default) or pad each sample to its own row (--no-pack)")

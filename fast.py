@@ -53,7 +53,7 @@ class FastPathError(ConfigError):
 # fingerprint(function) of each piece of model.py that FastTransformer computes its own way (not
 # the modules it calls, such as LoRA layers, dropout or Attention.attend, whose changes it follows)
 REFERENCE = {
-    "Transformer.forward": "d232f5f6327e58d7",
+    "Transformer.forward": "224e34e1784ab8db",
     "Block.forward": "7575f94248d20670",
     "Attention.forward": "0b55156306332b01",
     "FeedForward.forward": "ef580ecdf8c4ec66",
@@ -62,7 +62,7 @@ REFERENCE = {
     "apply_rope": "fb8874109c04a851",
 }
 # ...and with the Triton attention (sdpa_kernel "triton"), which replaces Attention.attend
-TRITON_REFERENCE = {"Attention.attend": "446288dff307fd66"}
+TRITON_REFERENCE = {"Attention.attend": "50defb14106c5a96"}
 # the module types whose forward passes it re-implements, by attribute path in the Transformer
 MODULE_TYPES = {"": ref.Transformer, "norm": ref.RMSNorm}
 LAYER_TYPES = {"": ref.Block, "attn_norm": ref.RMSNorm, "attn": ref.Attention, "ffn_norm": ref.RMSNorm,

@@ -160,7 +160,7 @@ def generate_text(model, tok, text, args, instruct, stream=True):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Nano inference (PyTorch)")
-    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by train.py")
+    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by train.py, or a Hugging Face model directory")
     p.add_argument("-l", "--lora", help="LoRA adapter checkpoint to attach")
     p.add_argument("-i", "--instruct", action="store_true", help="instruct (chat) mode")
     p.add_argument("--prompt", help="generate once for this prompt and exit")

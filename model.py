@@ -138,7 +138,8 @@ def rope_tables(head_dim, max_len, theta):
 
 def apply_rope(x, cos, sin):
     """Rotate adjacent pairs (x[2i], x[2i+1]) of the last dim by the angles of their position.
-    x: [B, T, H, D]; cos/sin: [T, D/2], the same angles for every head. In float32, cast back."""
+    x: [B, T, H, D]; cos/sin: [T, D/2] (or [B, T, D/2], each row's own positions), the same angles for
+    every head. In float32, cast back."""
     x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, D/2]: broadcast over the heads
     out_even = (x_even * cos - x_odd * sin).to(x.dtype)
@@ -181,7 +182,19 @@ class Attention(nn.Module):
         B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
         mask, causal = None, self.cfg.is_causal
-        if cache is not None:
+        if cache is not None and not isinstance(pos, int):
+            # each row at its own position (pos: a [B] tensor, serve.py's batched decoding): row b's new
+            # keys go to [pos[b], pos[b]+T), and its queries see its keys up to their own position
+            k_cache, v_cache = cache
+            at = pos.view(B, 1) + torch.arange(T, device=q.device)  # [B, T]
+            rows = torch.arange(B, device=q.device).view(B, 1)
+            k_cache[rows, :, at] = k.transpose(1, 2).to(k_cache.dtype)  # [B, T, KV, D] at [B, T]
+            v_cache[rows, :, at] = v.transpose(1, 2).to(v_cache.dtype)
+            n = int(at.max()) + 1
+            k, v = k_cache[:B, :, :n].to(q.dtype), v_cache[:B, :, :n].to(q.dtype)
+            mask = (torch.arange(n, device=q.device) <= at.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, n]
+            causal = False
+        elif cache is not None:
             # compact cache: [B, n_kv_head, max_len, head_dim]; new keys go to [pos, pos+T)
             k_cache, v_cache = cache
             k_cache[:B, :, pos:pos + T] = k.to(k_cache.dtype)
@@ -271,18 +284,22 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0, last_only=False):
         """idx: [B, T] token ids. With `targets` ([B, T], -1 = ignore) returns (logits, mean loss).
 
-        `cache` (from make_cache) and `pos` (the position of idx[:, 0]) decode incrementally.
+        `cache` (from make_cache) and `pos` (the position of idx[:, 0]) decode incrementally; pos may
+        also be a LongTensor [B] of each row's own position (batched decoding of several requests).
         `last_only` computes logits for the last position only (generation).
         """
         B, T = idx.shape
-        if pos + T > self.cfg.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size {self.cfg.block_size}")
+        end = pos + T if isinstance(pos, int) else int(pos.max()) + T
+        if end > self.cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.cfg.block_size}")
+        # the positions of idx: [T] for all rows, or [B, T] when each row has its own (pos a [B] tensor)
+        positions = torch.arange(T, device=idx.device) + (pos if isinstance(pos, int) else pos.view(B, 1))
         x = self.tok_embeddings(idx)
         rope = None
         if self.pos_embeddings is not None:
-            x = x + self.pos_embeddings(torch.arange(pos, pos + T, device=idx.device))
+            x = x + self.pos_embeddings(positions)
         else:
-            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
         x = self.dropout(x)
         if torch.is_autocast_enabled(x.device.type):
             # the residual stream in the autocast dtype (bf16): every residual add and norm then moves
@@ -562,9 +579,15 @@ def attach_lora(model, adapter):
 def model_from_checkpoint(ck, path="checkpoint", device="cpu"):
     """The Transformer of a checkpoint dict (files.load_checkpoint), on `device`."""
     cfg = ModelConfig.from_dict(ck["model_config"], f"{path}: model_config")
-    model = Transformer(cfg)
+    # built without weights (meta), then given memory and the checkpoint's values: no random init
+    # to overwrite (seconds for a 0.5B model imported from Hugging Face)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise ConfigError(f"{path}: weights do not match its model_config: {e}") from None
+    if cfg.use_rope:  # buffers that are not in the checkpoint
+        model.rope_cos, model.rope_sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
     return model.to(device)

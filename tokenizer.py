@@ -245,6 +245,9 @@ class HFTokenizer:
     def decode_one(self, i):
         return self.decode([i])
 
+    def token_to_id(self, text):
+        return self.tok.token_to_id(text)
+
     def to_dict(self):
         return dict(self.spec, type="hf")
 
@@ -269,7 +272,15 @@ def tokenizer_from_dict(d):
 
 
 def load_tokenizer(path):
-    """Load a tokenizer JSON file ({"type": "trie", "tokens": [...]} or {"type": "bpe", "name": "gpt2"})."""
+    """Load a tokenizer JSON file ({"type": "trie", "tokens": [...]} or {"type": "bpe", "name": "gpt2"}),
+    or a Hugging Face model directory's own tokenizer (hf.py)."""
+    if os.path.isdir(path):
+        import hf
+        from files import ConfigError
+        try:
+            return hf.load_tokenizer_dir(path)
+        except ConfigError as e:
+            raise TokenizerError(str(e)) from None
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

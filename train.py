@@ -89,6 +89,9 @@ class TrainConfig:
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (output head, blocks' linear layers, both)
     # fp8: the forward and blocks' input-gradient products accumulate in the tensor cores' faster mode (fast.scaled_mm)
     fp8_fast_accum: bool = True
+    # tokens per training window or SFT row (None: the model's block_size); shorter than the model's
+    # context for models imported with long ones (hf.py: 8k-32k tokens), which a CPU cannot train whole
+    seq_len: Optional[int] = None
 
     def validate(self, where="train config"):
         check_finite(self, where)
@@ -97,6 +100,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"{where}: seq_len must be at least 2 (or null: the model's block_size), got {self.seq_len}")
         for key in ("warmup_iters", "save_interval"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}: {key} must be >= 0, got {getattr(self, key)}")
@@ -232,8 +237,9 @@ class SFTData:
     def __init__(self, data_dir, block_size, model_vocab):
         meta = self.meta = load_sft_meta(data_dir)
         if meta["block_size"] != block_size:
-            raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but the model's is "
-                              f"{block_size}: rebuild it with python data.py sft --block-size {block_size}")
+            raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but training uses {block_size} "
+                              "(train config seq_len, else the model's block_size): rebuild it with "
+                              f"python data.py sft --block-size {block_size}")
         if meta["vocab_size"] > model_vocab:
             raise ConfigError(f"model vocab_size {model_vocab} is smaller than the data's tokenizer ({meta['vocab_size']})")
         if meta["rows"]["val"] == 0:
@@ -834,7 +840,7 @@ def log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats):
     if run.env.world > 1:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
     loss = loss_sum.item()
-    tokens_per_step = run.cfg.batch_size * run.cfg.grad_accum * run.model_cfg.block_size
+    tokens_per_step = run.cfg.batch_size * run.cfg.grad_accum * run.data.block_size
     tok_s, ms = throughput.measure(run.step, tokens_per_step)
     mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None  # per device
     gn = grad_norm.item() if grad_norm is not None else None
@@ -1058,7 +1064,9 @@ def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
     deepspeed = ds_config is not None
     use_fast = check_devices(cfg, env, deepspeed)
     ck, base, model_cfg = starting_point(model_cfg, cfg, resume, deepspeed)
-    data = open_data(cfg.data_dir, model_cfg.block_size, model_cfg.vocab_size)
+    if cfg.seq_len is not None and cfg.seq_len > model_cfg.block_size:
+        raise ConfigError(f"train config: seq_len {cfg.seq_len} exceeds the model's block_size {model_cfg.block_size}")
+    data = open_data(cfg.data_dir, cfg.seq_len or model_cfg.block_size, model_cfg.vocab_size)
     if ck is not None and (ck.get("tokenizer") != data.tokenizer_spec
                            or ck.get("data_meta", {}).get("fingerprint") != data.meta.get("fingerprint")):
         raise ConfigError(f"--resume {resume}: {cfg.data_dir} holds other data than the run was trained on "
@@ -1073,7 +1081,7 @@ def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
     scaler, autocast = precision(env, cfg.cuda_graph)
     run = Run(cfg, model_cfg, env, data, model, optimizer, scaler, autocast,
               sampler=torch.Generator().manual_seed(cfg.seed), lora_base=lora_base,
-              flops_per_token=model.flops_per_token(), n_params=model.num_params(),
+              flops_per_token=model.flops_per_token(cfg.seq_len), n_params=model.num_params(),
               n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
     if deepspeed:
         deepspeed_engine(run, ds_config)

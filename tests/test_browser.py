@@ -12,6 +12,7 @@ reply is saved to test-artifacts/browser_reply.png.
 """
 
 import base64
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -31,8 +32,10 @@ from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BPETokenizer, TrieTokenizer  # noqa: E402
 
 INFER = ROOT / "infer"
-sys.path.append(str(INFER))  # infer/serve.py (a plain "import infer" is infer.py)
-import serve  # noqa: E402
+# the page's server, infer/serve.py, loaded by its path: a plain "import serve" is the API server, serve.py
+_spec = importlib.util.spec_from_file_location("page_serve", INFER / "serve.py")
+serve = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serve)
 
 ENGINE_DIR = ROOT / "infer_c"
 ARTIFACTS = ROOT / "test-artifacts"

@@ -337,7 +337,10 @@ def test_adapter_header_fields_are_checked_against_the_base(engine, files, tmp_p
 
 
 def test_page_server_headers_and_no_listing(tmp_path):
-    import serve
+    import importlib.util  # infer/serve.py by its path: a plain "import serve" is the API server, serve.py
+    spec = importlib.util.spec_from_file_location("page_serve", ROOT / "infer" / "serve.py")
+    serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve)
     folder = tmp_path / "page"
     (folder / "sub").mkdir(parents=True)
     (folder / "index.html").write_text((ROOT / "infer" / "index.html").read_text())

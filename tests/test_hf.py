@@ -275,3 +275,64 @@ def test_refusals_are_one_clear_line(tmp_path, corpus):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error:"), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_imported_model_lora_sft_merge_and_the_c_engine(tmp_path, corpus):
+    """SFT data in the model's chat template, a LoRA run on the imported directory, the merge, and the
+    merged model's greedy chat answer in infer.py and in the C engine."""
+    from data import prepare_sft
+    from train import TrainConfig, train
+    folder = str(tmp_path / "qwen")
+    make_hf_model(folder, "qwen2", "chatml", corpus[:80], tied=True, layers=2)
+    pairs = [{"question": f"What is {a} plus {b}?", "answer": f"{a + b}."} for a in range(12) for b in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    prepare_sft([str(tmp_path / "pairs.jsonl")], str(tmp_path / "sft"), tokenizer=folder, block_size=64, val_ratio=0.1)
+    tok = tokenizer_from_dict(load_checkpoint(folder)["tokenizer"])
+    out = tmp_path / "lora"
+    cfg = TrainConfig(mode="lora", init_from=folder, data_dir=str(tmp_path / "sft"), out_dir=str(out), batch_size=8,
+                      max_iters=30, learning_rate=1e-2, warmup_iters=2, eval_interval=15, eval_iters=2, device="cpu",
+                      tensorboard=False, seq_len=64, lora={"rank": 4, "alpha": 8, "targets": ["wq", "wv", "w1"]})
+    train(None, cfg, quiet=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *cmd: subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                      env=env)
+    r = run("merge_lora.py", folder, str(out / "adapter.pt"), str(tmp_path / "merged.pt"))
+    assert r.returncode == 0, r.stderr
+    question = "What is 3 plus 4?"
+    r_py = run("infer.py", "-m", str(tmp_path / "merged.pt"), "-i", "--prompt", question, "-t", "0", "-n", "16")
+    assert r_py.returncode == 0, r_py.stderr
+    adapted = run("infer.py", "-m", folder, "-l", str(out / "adapter.pt"), "-i", "--prompt", question, "-t", "0",
+                  "-n", "16")
+    assert adapted.stdout == r_py.stdout  # merged == base + adapter
+    # the merged model exported for the C engine answers the same (the prompt framed in Python: the
+    # chat template's ids are given to the engine as --ids)
+    import export
+    export.write_model(str(tmp_path / "merged.bin"), str(tmp_path / "merged.pt"))
+    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
+    ids = infer.chat_ids(tok, [{"role": "user", "content": question}])
+    r_c = subprocess.run([os.path.join(ROOT, "infer_c", "infer"), str(tmp_path / "merged.bin"), "--ids",
+                          ",".join(map(str, ids)), "-t", "0", "-n", "16"], capture_output=True, text=True, timeout=120)
+    assert r_c.returncode == 0, r_c.stderr
+    assert r_c.stdout.strip() == r_py.stdout.strip()
+
+
+def test_serve_chats_with_an_imported_model_in_its_template(tmp_path, corpus):
+    """serve.py -m DIR: the OpenAI client's chat answer is infer.py's (the model's template, stopping
+    at its end-of-turn token); --context bounds the KV cache and the prompts."""
+    import openai
+    from tests.test_serve import Server
+    folder = str(tmp_path / "qwen")
+    make_hf_model(folder, "qwen2", "chatml", corpus[:40], layers=1)
+    r = subprocess.run([sys.executable, "infer.py", "-m", folder, "-i", "--prompt", "Who made the heavens?", "-t", "0",
+                        "-n", "12"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    server = Server(folder, "--context", "64")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        name = client.models.list().data[0].id
+        answer = client.chat.completions.create(model=name, messages=CONVERSATIONS[0], temperature=0, max_tokens=12)
+        assert answer.choices[0].message.content == r.stdout.rstrip("\n")
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client.chat.completions.create(model=name, messages=[{"role": "user", "content": "light " * 80}])
+    finally:
+        server.stop()

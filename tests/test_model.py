@@ -37,6 +37,36 @@ def test_kv_cache_matches_full_forward(use_rope, n_kv_head):
     assert cache[0][0].shape == (2, n_kv_head, 32, 8)
 
 
+@pytest.mark.parametrize("use_rope", [True, False])
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+@pytest.mark.parametrize("T", [1, 3])
+def test_rows_at_their_own_positions_decode_as_each_row_alone(use_rope, n_kv_head, T):
+    """serve.py's batched decoding: rows at different positions in one forward (pos a [B] tensor)
+    give each row's logits and cache as that row decoded alone with an int pos."""
+    m = make(use_rope=use_rope, n_kv_head=n_kv_head)
+    lengths = [5, 1, 17, 9]  # each row's prompt length = the position of its next tokens
+    prompts = [torch.randint(0, 61, (1, n)) for n in lengths]
+    steps = torch.randint(0, 61, (len(lengths), T))
+    shared = m.make_cache(batch_size=len(lengths))
+    for k, v in shared:  # stale keys past each row's length (a finished request's) must not be seen
+        k.normal_(), v.normal_()
+    alone = []
+    for r, prompt in enumerate(prompts):
+        own = m.make_cache()
+        m(prompt, cache=own, pos=0)
+        m(prompt, cache=[(k[r:r + 1], v[r:r + 1]) for k, v in shared], pos=0)  # prefill into row r
+        alone.append((m(steps[r:r + 1], cache=own, pos=lengths[r])[0], own))
+    batched, _ = m(steps, cache=shared, pos=torch.tensor(lengths))
+    for r, (logits, own) in enumerate(alone):
+        torch.testing.assert_close(batched[r:r + 1], logits, atol=1e-5, rtol=1e-5)
+        end = lengths[r] + T
+        for (k, v), (k1, v1) in zip(shared, own):
+            torch.testing.assert_close(k[r:r + 1, :, :end], k1[:, :, :end], atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(v[r:r + 1, :, :end], v1[:, :, :end], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="exceeds block_size"):  # a row past the context is refused
+        m(steps, cache=shared, pos=torch.tensor([5, 1, 32 - T + 1, 9]))
+
+
 def reference_attention(q, k, v, causal):
     """Plain multi-head attention, written out."""
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
