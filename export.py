@@ -18,6 +18,7 @@ and the engine refuses an adapter whose fingerprint is not its base's.
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import struct
@@ -30,7 +31,7 @@ import torch
 import files
 from files import ConfigError, weights_fingerprint
 from model import ModelConfig, rope_tables
-from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError
+from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, TokenizerError
 
 MAGIC = (0x42443453, 0x55524C4D)
 VERSION = (2026, 11)
@@ -44,13 +45,19 @@ ALIGN = 64  # every tensor of a 2026.11 file starts on a 64-byte boundary (cache
 TOKENIZER_TRIE = 1
 TOKENIZER_BPE = 2  # byte-level BPE section (docs/FORMAT.md, "Byte-level BPE section")
 BPE_SECTION_VERSION = 1
-BPE_PATTERNS = {"gpt2": 1, "llama3": 2, "qwen2": 3}  # pre-tokenization pattern ids
+BPE_PATTERNS = {"gpt2": 1, "llama3": 2, "qwen2": 3, "smollm": 4}  # pre-tokenization pattern ids
+# the regular expressions of patterns 2 and 3 as Hugging Face tokenizer.json files spell them (a Split
+# pre-tokenizer before ByteLevel); pattern 1 is ByteLevel's own regex (tokenizer.GPT2_PATTERN)
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+                  r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 BPE_WHOLE_PIECE_FIRST = 1  # section flag: a piece that is a token is taken whole (tiktoken)
 BPE_NO_RANK = 0xFFFFFFFF  # the rank field of a special token
 BPE_HEADER = 48  # section bytes before the first token entry
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # bit i of the targets mask = LORA_TARGETS[i]
 OLD_LORA_TARGETS = ("wq", "wk", "wv", "wo")
 
+BIAS_NONE, BIAS_ALL, BIAS_QKV = 0, 1, 2  # the header's bias field
 # The 2026.11 header after the 24 bytes shared with 2024.10: (offset, struct format, name).
 # docs/FORMAT.md documents the same table; the C reader (infer_c/nano.c) uses the same offsets.
 HEADER_FIELDS = [
@@ -112,7 +119,7 @@ def write_hf(out_dir, checkpoint, adapter=None):
 
 def load_checkpoint(path_or_dict):
     """-> (ModelConfig, state_dict, tokens, fingerprint hex) from a train.py checkpoint (path or dict);
-    tokens: the trie tokenizer's list of strings, or a tokenizer.BPETokenizer."""
+    tokens: the trie tokenizer's list of strings, a tokenizer.BPETokenizer or a tokenizer.HFTokenizer."""
     ck = _read_checkpoint(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ExportError("not a Nano checkpoint: expected a dict with 'model_config' and 'model'")
@@ -128,6 +135,12 @@ def load_checkpoint(path_or_dict):
     if tok.get("type") == "bpe":
         try:
             tokens = BPETokenizer(tok.get("name", "gpt2"))  # "tokens" is then the tokenizer itself
+        except TokenizerError as e:
+            raise ExportError(str(e)) from None
+        n_tokens = tokens.vocab_size
+    elif tok.get("type") == "hf":
+        try:
+            tokens = HFTokenizer(tok)
         except TokenizerError as e:
             raise ExportError(str(e)) from None
         n_tokens = tokens.vocab_size
@@ -150,6 +163,8 @@ def _expected_shapes(cfg):
     """name -> shape of every tensor a Transformer(cfg) state_dict holds."""
     D = cfg.n_embd
     shapes = {"tok_embeddings.weight": (cfg.vocab_size, D), "norm.weight": (D,)}
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, D)
     if not cfg.use_rope:
         shapes["pos_embeddings.weight"] = (cfg.block_size, D)
     for i in range(cfg.n_layer):
@@ -157,9 +172,18 @@ def _expected_shapes(cfg):
         shapes[p + "attn_norm.weight"] = shapes[p + "ffn_norm.weight"] = (D,)
         for name, out_f, in_f in _linears(cfg):
             shapes[p + name + ".weight"] = (out_f, in_f)
-            if cfg.bias:
+            if _has_bias(cfg, name):
                 shapes[p + name + ".bias"] = (out_f,)
     return shapes
+
+
+def _has_bias(cfg, name):
+    """Whether the linear layer `name` ("attn.wq" ...) has a bias: all of them with bias, q/k/v with qkv_bias."""
+    return cfg.bias or (cfg.qkv_bias and name in ("attn.wq", "attn.wk", "attn.wv"))
+
+
+def _bias_field(cfg):
+    return BIAS_ALL if cfg.bias else BIAS_QKV if cfg.qkv_bias else BIAS_NONE
 
 
 def _linears(cfg):
@@ -295,10 +319,153 @@ def gpt2_bpe_section(tok):
     return bpe_section(tokens, "gpt2", [tok.special_tokens[s] for s in SPECIAL_TOKENS]), len(tokens)
 
 
+def _bytes_to_unicode():
+    """GPT-2's map of the 256 bytes to printable characters, in which byte-level BPE vocabularies
+    (tokenizer.json's vocab and merges) spell their tokens: -> {character: byte}."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _short(obj):
+    text = json.dumps(obj, ensure_ascii=False)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _hf_pattern(pre):
+    """The BPE section's pattern name for a tokenizer.json pre_tokenizer, or ExportError naming it."""
+    def byte_level(p, regex):
+        return (isinstance(p, dict) and p.get("type") == "ByteLevel" and not p.get("add_prefix_space", True)
+                and bool(p.get("use_regex", True)) == regex)
+
+    parts = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    if isinstance(parts, list):
+        if len(parts) == 1 and byte_level(parts[0], True):
+            return "gpt2"
+        if len(parts) == 2 and byte_level(parts[1], True) and parts[0] == {"type": "Digits", "individual_digits": True}:
+            return "smollm"
+        split = parts[0] if len(parts) == 2 and byte_level(parts[1], False) else None
+        if (isinstance(split, dict) and split.get("type") == "Split" and split.get("behavior") == "Isolated"
+                and not split.get("invert") and isinstance(split.get("pattern"), dict)):
+            regex = split["pattern"].get("Regex")
+            for name, known in (("llama3", LLAMA3_PATTERN), ("qwen2", QWEN2_PATTERN)):
+                if regex == known:
+                    return name
+    raise ExportError(f"Hugging Face tokenizer: the pre-tokenizer {_short(pre)} is none the C engine has (GPT-2's "
+                      "ByteLevel, Llama 3's or Qwen2's Split + ByteLevel, SmolLM's Digits + ByteLevel)")
+
+
+def _hf_bos(tok):
+    """The token the tokenizer's post-processor puts before a document (Llama 3's <|begin_of_text|>), or -1
+    where it puts none (Qwen2): what the C engine puts before a continuation prompt as its <|bos|>."""
+    probe = "a b"
+    plain, doc = tok.encode(probe), tok.encode_document(probe)
+    if doc == plain:
+        return -1
+    if len(doc) == len(plain) + 1 and doc[1:] == plain:
+        return doc[0]
+    raise ExportError(f"Hugging Face tokenizer: its post-processor frames a document as {doc} around the text's "
+                      f"{plain}; the C engine puts at most one token (its <|bos|>) before a prompt and none after")
+
+
+def hf_bpe_section(tok):
+    """The BPE section of a tokenizer.HFTokenizer (a Hugging Face tokenizer.json): byte-level BPE only.
+    A token's merge rank is the index of the first merge in the file's list that makes it (256 + index;
+    the single bytes rank 0..255, below every merge); the added tokens are the section's special tokens;
+    the pre-tokenizer picks the pattern; ignore_merges (Llama 3) is the flag *whole pieces first*.
+    Anything the C engine would run differently is an ExportError that names it (docs/FORMAT.md)."""
+    try:
+        j = json.loads(tok.spec["json"])
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"Hugging Face tokenizer: tokenizer.json is not JSON: {e}") from None
+    m = j.get("model") if isinstance(j, dict) else None
+    if not isinstance(m, dict) or m.get("type") != "BPE":
+        kind = m.get("type") if isinstance(m, dict) else None
+        raise ExportError(f"Hugging Face tokenizer: model type {kind!r}; the C engine runs byte-level BPE only")
+    if m.get("byte_fallback"):
+        raise ExportError("Hugging Face tokenizer: byte_fallback BPE (SentencePiece-style <0x..> tokens) is not "
+                          "byte-level BPE; the C engine cannot run it")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if m.get(key):
+            raise ExportError(f"Hugging Face tokenizer: BPE {key} {m[key]!r} is not supported by the C engine")
+    norm = j.get("normalizer")
+    if not (norm is None or norm == {"type": "NFC"} or norm == {"type": "Sequence", "normalizers": []}):
+        raise ExportError(f"Hugging Face tokenizer: the normalizer {_short(norm)} is not supported (only none or NFC)")
+    dec = j.get("decoder")
+    if not (isinstance(dec, dict) and dec.get("type") == "ByteLevel"):
+        raise ExportError(f"Hugging Face tokenizer: the decoder {_short(dec)} is not ByteLevel: not a byte-level BPE")
+    pattern = _hf_pattern(j.get("pre_tokenizer"))
+    vocab, merges, added = m.get("vocab"), m.get("merges"), j.get("added_tokens") or []
+    if not isinstance(vocab, dict) or not isinstance(merges, list) or not isinstance(added, list):
+        raise ExportError("Hugging Face tokenizer: model.vocab, model.merges or added_tokens has the wrong type")
+    u2b = _bytes_to_unicode()
+
+    def raw(s):
+        try:
+            return bytes(u2b[c] for c in s)
+        except (KeyError, TypeError):
+            raise ExportError(f"Hugging Face tokenizer: vocab token {s!r} is not spelled in byte-level characters "
+                              "(not a byte-level BPE)") from None
+
+    by_id = {}
+    for s, i in vocab.items():
+        if not isinstance(i, int) or i < 0 or i in by_id:
+            raise ExportError(f"Hugging Face tokenizer: vocab token {s!r} has the id {i!r} (not a new id >= 0)")
+        by_id[i] = [raw(s), None]
+    specials = {}
+    for a in added:
+        if not isinstance(a, dict) or not isinstance(a.get("content"), str) or not isinstance(a.get("id"), int):
+            raise ExportError(f"Hugging Face tokenizer: added token {_short(a)} lacks its content or id")
+        for opt in ("lstrip", "rstrip", "single_word"):
+            if a.get(opt):
+                raise ExportError(f"Hugging Face tokenizer: added token {a['content']!r} has {opt}: the C engine "
+                                  "matches added tokens exactly as they are written")
+        if not a["content"] or a["id"] < 0:
+            raise ExportError(f"Hugging Face tokenizer: added token {_short(a)} is empty or has a negative id")
+        specials[a["id"]] = a["content"].encode("utf-8")
+    for i, b in specials.items():
+        by_id[i] = [b, None]  # matched whole in the text before the pre-tokenizer runs
+    n = tok.vocab_size
+    if sorted(by_id) != list(range(n)):
+        raise ExportError(f"Hugging Face tokenizer: the ids of vocab and added tokens are not 0 .. {n - 1} without gaps")
+    merged_id = {b: i for i, (b, _) in by_id.items() if i not in specials}
+    for b in range(256):
+        if bytes([b]) not in merged_id:
+            raise ExportError(f"Hugging Face tokenizer: byte 0x{b:02x} has no token of its own (the C engine needs "
+                              "all 256 single bytes)")
+        by_id[merged_id[bytes([b])]][1] = b
+    for k, pair in enumerate(merges):
+        parts = pair.split(" ") if isinstance(pair, str) else pair
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+            raise ExportError(f"Hugging Face tokenizer: merge {k} {pair!r} is not a pair of tokens")
+        a, b = raw(parts[0]), raw(parts[1])
+        if a not in merged_id or b not in merged_id or a + b not in merged_id:
+            raise ExportError(f"Hugging Face tokenizer: merge {k} {pair!r} joins tokens or makes one not in the vocab")
+        entry = by_id[merged_id[a + b]]
+        if entry[1] is None:  # the first merge that makes a token gives its rank
+            entry[1] = 256 + k
+    for i, (b, rank) in by_id.items():
+        if rank is None and i not in specials:
+            raise ExportError(f"Hugging Face tokenizer: token {i} ({b!r}) is made by no merge; the C engine merges "
+                              "by rank and would make it where the tokenizers library does not")
+    special_ids = [-1] * len(SPECIAL_TOKENS)
+    for role, i in (("<|padding|>", tok.pad_id), ("<|bos|>", _hf_bos(tok)), ("<|eos|>", tok.eos_id)):
+        special_ids[SPECIAL_TOKENS.index(role)] = -1 if i is None else i
+    tokens = [tuple(by_id[i]) for i in range(n)]
+    return bpe_section(tokens, pattern, special_ids, whole_piece_first=bool(m.get("ignore_merges"))), n
+
+
 def _tokenizer_for_file(tokens):
     """-> (tokenizer kind, section bytes, number of tokens) for load_checkpoint's tokens."""
     if isinstance(tokens, BPETokenizer):
         return (TOKENIZER_BPE, *gpt2_bpe_section(tokens))
+    if isinstance(tokens, HFTokenizer):
+        return (TOKENIZER_BPE, *hf_bpe_section(tokens))
     return TOKENIZER_TRIE, tokenizer_section(tokens), len(tokens)
 
 
@@ -335,9 +502,9 @@ def _finish(f, out, fields, model_type):
 
 def _config_fields(cfg):
     return dict(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd,
-                n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_hidden=cfg.n_hidden, shared_classifier=1,
-                head_dim=cfg.head_dim, use_rope=int(cfg.use_rope), is_causal=int(cfg.is_causal),
-                bias=int(cfg.bias), rope_theta=float(cfg.rope_theta), norm_eps=float(cfg.norm_eps))
+                n_head=cfg.n_head, n_kv_head=cfg.n_kv_head, n_hidden=cfg.n_hidden,
+                shared_classifier=int(cfg.tie_embeddings), head_dim=cfg.head_dim, use_rope=int(cfg.use_rope),
+                is_causal=int(cfg.is_causal), bias=_bias_field(cfg), rope_theta=float(cfg.rope_theta), norm_eps=float(cfg.norm_eps))
 
 
 def write_model(path, checkpoint, quant="fp32", group_size=64, fmt="2026.11"):
@@ -349,6 +516,7 @@ def write_model(path, checkpoint, quant="fp32", group_size=64, fmt="2026.11"):
     cfg, sd, tokens, fingerprint = load_checkpoint(checkpoint)
     kind, tok, n_tokens = _tokenizer_for_file(tokens)
     if fmt == "2024.10":
+        _check_2024_representable(cfg)
         if kind != TOKENIZER_TRIE:
             raise ExportError("the 2024.10 layout cannot represent this model: the BPE tokenizer (2024.10 has "
                               "the trie tokenizer's section only); use --format 2026.11")
@@ -387,9 +555,11 @@ def write_model(path, checkpoint, quant="fp32", group_size=64, fmt="2026.11"):
                 if name == "ffn.w1":
                     out.tensor(sd[p + "ffn_norm.weight"])
                 matrix(sd[p + name + ".weight"])
-                if cfg.bias:
+                if _has_bias(cfg, name):
                     out.tensor(sd[p + name + ".bias"])
         out.tensor(sd["norm.weight"])
+        if not cfg.tie_embeddings:
+            matrix(sd["output.weight"])  # the untied output head (shared classifier 0)
         _finish(f, out, fields, TYPE_BASE)
     return fields
 
@@ -398,8 +568,10 @@ def _check_2024_representable(cfg):
     why = []
     if not cfg.use_rope:
         why.append("learned positions (2024.10 implies RoPE)")
-    if cfg.bias:
+    if cfg.bias or cfg.qkv_bias:
         why.append("biases (2024.10 has none)")
+    if not cfg.tie_embeddings:
+        why.append("an untied output head (2024.10's engines tie it to the token embedding)")
     if cfg.norm_eps != 1e-5:
         why.append(f"norm_eps {cfg.norm_eps} (2024.10 implies 1e-5)")
     if cfg.rope_theta != 10000.0:

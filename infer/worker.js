@@ -265,11 +265,19 @@ async function generate({id, text, mode, settings}) {
     // for 2024.10 files), with the special ids of the model's tokenizer (wa_model_info: 2..5 for the
     // trie, after GPT-2's for BPE), framed by the engine (wa_encode_prompt)
     const {eos} = modelInfo;
+    if (mode === 'instruct' && (modelInfo.instruct < 0 || modelInfo.response < 0)) {
+        // a Hugging Face model's tokenizer: no Nano instruct marks, and its chat template is not in the file
+        post({type: 'error', kind: 'generate', message: "this model's tokenizer has no <|instruct_mark|> or " +
+              '<|response_mark|> token, so instruct mode cannot frame the prompt: use continue mode'});
+        post({type: 'done', id, tokens: 0, tok_s: 0, prefill_tok_s: 0, reason: 'error', seed});
+        return;
+    }
     const textIds = encode(text);
     const ids = encode(text, mode === 'instruct');
-    if (!ids.length) { // only a 2024.10 model in continue mode: no <|bos|> to start from
-        post({type: 'error', kind: 'generate', message: 'the prompt is empty, and a 2024.10 model is continued ' +
-              'without a <|bos|> in front: type some text'});
+    if (!ids.length) { // continue mode on a 2024.10 model or one without <|bos|>: nothing to start from
+        post({type: 'error', kind: 'generate', message: 'the prompt is empty, and ' +
+              (modelInfo.bos < 0 ? "this model (its tokenizer has none)" : 'a 2024.10 model') +
+              ' is continued without a <|bos|> in front: type some text'});
         post({type: 'done', id, tokens: 0, tok_s: 0, prefill_tok_s: 0, reason: 'error', seed});
         return;
     }

@@ -248,9 +248,10 @@ static char *read_line(FILE *f)
 static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct, int *n_ids)
 {
     const int *sp = nano_config(m)->special;
-    if (sp[NANO_BOS] < 0 || (instruct && (sp[NANO_INSTRUCT] < 0 || sp[NANO_RESPONSE] < 0))) {
-        fprintf(stderr, "error: the model's tokenizer has no <|bos|>%s token: give the prompt as --ids\n",
-                instruct ? ", <|instruct_mark|> or <|response_mark|>" : "");
+    if (instruct && (sp[NANO_INSTRUCT] < 0 || sp[NANO_RESPONSE] < 0)) {
+        /* a Hugging Face model's chat template is not in the file: its chat prompts come from infer.py */
+        fprintf(stderr, "error: the model's tokenizer has no <|instruct_mark|> or <|response_mark|> token, so instruct "
+                        "mode cannot frame the prompt: use -g, or give the prompt as --ids\n");
         return NULL;
     }
     size_t need = nano_encode_prompt(m, text, len, instruct, NULL, 0);
@@ -312,8 +313,11 @@ static int chat_command(Nano *m, const char *line, int *instruct, NanoLora **lor
  * sampled from the same seed. */
 static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
 {
-    int instruct = 1, lora_on = *lora != NULL; /* main attached the -l adapter */
-    fprintf(stderr, "Nano chat, instruct mode. /help lists the commands; /quit or Ctrl-D leaves.\n");
+    const int *sp = nano_config(m)->special;
+    /* instruct mode where the tokenizer has its marks (not a Hugging Face model's: continue mode) */
+    int instruct = sp[NANO_INSTRUCT] >= 0 && sp[NANO_RESPONSE] >= 0, lora_on = *lora != NULL; /* main attached -l */
+    fprintf(stderr, "Nano chat, %s mode. /help lists the commands; /quit or Ctrl-D leaves.\n",
+            instruct ? "instruct" : "continue");
     for (;;) {
         printf(instruct ? "\n> " : "\nprompt> ");
         fflush(stdout);
@@ -556,9 +560,9 @@ int main(int argc, char **argv)
             rc = 1;
             goto done;
         }
-        if (n_ids == 0) { /* only where the framing adds nothing: -g "" on a 2024.10 model */
-            fprintf(stderr, "error: the prompt is empty, and a 2024.10 model is continued without a <|bos|> in front: "
-                            "give -g some text\n");
+        if (n_ids == 0) { /* only where the framing adds nothing: -g "" on a 2024.10 model or one without <|bos|> */
+            fprintf(stderr, "error: the prompt is empty, and %s is continued without a <|bos|> in front: give -g some "
+                            "text\n", nano_config(m)->major == 2024 ? "a 2024.10 model" : "this model (its tokenizer has none)");
             rc = 2;
             goto done;
         }

@@ -1057,10 +1057,15 @@ static int read_config_2026(const uint8_t *d, NanoConfig *c, char *err)
     c->tok_vocab = rd_i32(d + 100);
     memcpy(c->fingerprint, d + 152, 32);
     for (int i = 0; i < 32; i++) c->has_fingerprint |= c->fingerprint[i] != 0;
-    int flags[] = {c->shared_classifier, c->use_rope, c->is_causal, c->bias};
-    const char *names[] = {"shared_classifier", "use_rope", "is_causal", "bias"};
-    for (int i = 0; i < 4; i++)
+    int flags[] = {c->shared_classifier, c->use_rope, c->is_causal};
+    const char *names[] = {"shared_classifier", "use_rope", "is_causal"};
+    for (int i = 0; i < 3; i++)
         if (flags[i] != 0 && flags[i] != 1) return errf(err, "header field %s is %d, expected 0 or 1", names[i], flags[i]);
+    /* 2 came later (Qwen2-style models): files with 0 or 1 read as they always did, and an older
+     * engine refuses a 2 by name instead of misreading the parameters */
+    if (c->bias < NANO_BIAS_NONE || c->bias > NANO_BIAS_QKV)
+        return errf(err, "header field bias is %d, expected 0 (none), 1 (every linear layer) or 2 (q, k, v only)",
+                    c->bias);
     if (!(c->norm_eps > 0 && c->norm_eps < 1)) return errf(err, "norm_eps %g out of range", c->norm_eps);
     if (c->use_rope && !(c->rope_theta > 0 && c->rope_theta < 1e30)) return errf(err, "rope_theta %g out of range", c->rope_theta);
     return check_dims(c, err);
@@ -1115,7 +1120,8 @@ static int load_2026(Nano *m, char *err)
             if (t == WQ && !(L->attn_norm = take_f32(&cur, D, ALIGN, "attn_norm", l))) return -1;
             if (t == W1 && !(L->ffn_norm = take_f32(&cur, D, ALIGN, "ffn_norm", l))) return -1;
             if (take_mat(&cur, &L->mat[t], rows[t], cols[t], q, gs, ALIGN, TARGET_NAMES[t], l)) return -1;
-            if (c->bias && !(L->bias[t] = take_f32(&cur, rows[t], ALIGN, "bias", l))) return -1;
+            int has_bias = c->bias == NANO_BIAS_ALL || (c->bias == NANO_BIAS_QKV && t <= WV);
+            if (has_bias && !(L->bias[t] = take_f32(&cur, rows[t], ALIGN, "bias", l))) return -1;
         }
     }
     if (!(m->final_norm = take_f32(&cur, D, ALIGN, "final norm", -1))) return -1;
@@ -1541,7 +1547,7 @@ static size_t trie_encode(const Tokenizer *t, const uint8_t *s, size_t len, int 
 #include "unicode_tables.h" /* UC_START, UC_CLASS, UC_ASCII: made by gen_unicode.py */
 
 enum { UC_OTHER = 0, UC_LETTER = 1, UC_NUMBER = 2, UC_SPACE = 3 }; /* as gen_unicode.py numbers them */
-enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3 };               /* pre-tokenization patterns */
+enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3, BPE_SMOLLM = 4 }; /* pre-tokenization patterns */
 #define BPE_NO_RANK 0xFFFFFFFFu /* special tokens: never made by merging */
 #define BPE_FLAG_WHOLE 1u       /* section flag: whole_first */
 #define BPE_HEADER 48           /* section bytes before the first token entry */
@@ -1637,7 +1643,7 @@ static size_t space_end(const uint8_t *s, size_t n, size_t i, int with_newlines)
     return j == n || last == i ? j : last;
 }
 
-/* GPT-2 (also SmolLM-style models without digit splitting):
+/* GPT-2 (and, within the stretches between digits, SmolLM: see pretokenize_text):
  *   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
  * Returns the end of the piece that starts at i. */
 static size_t pre_gpt2(const uint8_t *s, size_t n, size_t i)
@@ -1905,6 +1911,51 @@ static int utf8_valid(const uint8_t *s, size_t n)
     return 1;
 }
 
+/* The pieces of s[0..n) (a text between special tokens), one after the other, through `piece`.
+ * SmolLM (Hugging Face's Sequence[Digits(individual_digits), ByteLevel(use_regex)]) first cuts
+ * every number character (\p{N}: Rust's char::is_numeric, the same categories Nd Nl No) out as a
+ * piece of its own, then splits each stretch between them with GPT-2's pattern as if it were the
+ * whole text: so "a  1" is "a", "  ", "1" (GPT-2 alone: "a", " ", " 1"), since the look-ahead of
+ * \s+(?!\S) ends at the digit. */
+typedef struct {
+    const Tokenizer *t;
+    Scratch *w;
+    Ids *o;
+} PieceSink;
+
+static int pretokenize_text(int pattern, const uint8_t *s, size_t n, PieceSink *k)
+{
+    if (pattern != BPE_SMOLLM) {
+        for (size_t j = 0; j < n;) {
+            size_t e = pretokenize(pattern, s, n, j);
+            if (bpe_piece(k->t, s + j, e - j, k->w, k->o)) return -1;
+            j = e;
+        }
+        return 0;
+    }
+    for (size_t j = 0; j < n;) {
+        Ch c = ch_at(s, n, j);
+        if (c.cls == UC_NUMBER) {
+            if (bpe_piece(k->t, s + j, (size_t)c.len, k->w, k->o)) return -1;
+            j += (size_t)c.len;
+            continue;
+        }
+        size_t stop = j; /* the stretch up to the next number character */
+        while (stop < n) {
+            Ch d = ch_at(s, n, stop);
+            if (d.cls == UC_NUMBER) break;
+            stop += (size_t)d.len;
+        }
+        for (size_t i = j; i < stop;) {
+            size_t e = pre_gpt2(s, stop, i);
+            if (bpe_piece(k->t, s + i, e - i, k->w, k->o)) return -1;
+            i = e;
+        }
+        j = stop;
+    }
+    return 0;
+}
+
 static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
 {
     uint8_t *clean = NULL;
@@ -1921,11 +1972,8 @@ static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
     for (size_t i = 0; i < len && !bad;) {
         size_t at;
         int sp = find_special(t, s, len, i, &at);
-        for (size_t j = i; j < at && !bad;) { /* the text before it, on its own */
-            size_t e = pretokenize(t->pattern, s, at, j);
-            bad = bpe_piece(t, s + j, e - j, &w, &o);
-            j = e;
-        }
+        PieceSink k = {t, &w, &o};
+        bad = pretokenize_text(t->pattern, s + i, at - i, &k); /* the text before it, on its own */
         if (sp >= 0) put_id(&o, sp);
         i = sp >= 0 ? at + tok_len(t, sp) : at;
     }
@@ -1943,8 +1991,9 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
     size_t n = rd_u32(d + 4), n_special = rd_u32(d + 20);
     uint32_t version = rd_u32(d + 8), pattern = rd_u32(d + 12), flags = rd_u32(d + 16);
     if (version != 1) return errf(err, "BPE tokenizer section version %u (this engine reads version 1)", version);
-    if (pattern < BPE_GPT2 || pattern > BPE_QWEN2)
-        return errf(err, "BPE pre-tokenization pattern %u unknown (1 = GPT-2, 2 = Llama-3, 3 = Qwen2)", pattern);
+    if (pattern < BPE_GPT2 || pattern > BPE_SMOLLM)
+        return errf(err, "BPE pre-tokenization pattern %u unknown (1 = GPT-2, 2 = Llama-3, 3 = Qwen2, 4 = SmolLM)",
+                    pattern);
     if (flags & ~BPE_FLAG_WHOLE) return errf(err, "BPE tokenizer flags 0x%x hold unknown bits", flags);
     if (n < 256 || n > (size_t)m->c.vocab_size)
         return errf(err, "BPE tokenizer has %zu tokens; expected 256 .. vocab_size (%d)", n, m->c.vocab_size);
@@ -2357,11 +2406,13 @@ static void tune_after_token(ThreadTuner *t, double dt)
 #endif
 
 /* Models in the original 2024.10 layout were trained on, and run by the original engine with,
- * prompts that have no <|bos|> in front; Nano's own data puts one before every sample. */
+ * prompts that have no <|bos|> in front; Nano's own data puts one before every sample. A tokenizer
+ * without a <|bos|> (id -1: a Hugging Face model whose pipeline puts nothing before a document,
+ * Qwen2's) gets none either. Instruct mode needs the two marks: callers check that they exist. */
 size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instruct, int *ids, size_t max_ids)
 {
     int pre[2], n_pre = 0; /* the special ids of the model's tokenizer (fixed 2..5 for the trie) */
-    if (m->c.major != 2024) pre[n_pre++] = m->c.special[NANO_BOS];
+    if (m->c.major != 2024 && m->c.special[NANO_BOS] >= 0) pre[n_pre++] = m->c.special[NANO_BOS];
     if (instruct) pre[n_pre++] = m->c.special[NANO_INSTRUCT];
     for (int i = 0; i < n_pre && (size_t)i < max_ids; i++) ids[i] = pre[i];
     size_t room = max_ids > (size_t)n_pre ? max_ids - (size_t)n_pre : 0;

@@ -28,6 +28,10 @@ enum { NANO_PAD = 0, NANO_UNK = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4
 /* tokenizer kinds (the header's field at 96) */
 enum { NANO_TOK_TRIE = 1, NANO_TOK_BPE = 2 };
 
+/* the header's bias field: which linear layers have a bias (q, k, v only: Qwen2; the bias is added
+ * before RoPE rotates q and k, as model.py does) */
+enum { NANO_BIAS_NONE = 0, NANO_BIAS_ALL = 1, NANO_BIAS_QKV = 2 };
+
 /* return codes of nano_feed and friends */
 enum { NANO_OK = 0, NANO_ERR = -1, NANO_FULL = 2 };
 
@@ -36,7 +40,7 @@ typedef struct {
     int block_size, vocab_size, n_layer, n_embd, n_head, n_kv_head, n_hidden, head_dim;
     int shared_classifier;  /* output head = token embedding */
     int quant, group_size;  /* NANO_QUANT_*; group size actually used */
-    int use_rope, is_causal, bias;
+    int use_rope, is_causal, bias; /* bias: NANO_BIAS_* */
     double rope_theta, norm_eps;
     int tok_kind;           /* NANO_TOK_TRIE or NANO_TOK_BPE */
     int tok_vocab;          /* tokenizer size (<= vocab_size) */

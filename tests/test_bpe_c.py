@@ -517,13 +517,21 @@ def test_bpe_section_errors_are_clear(builds, small_file):
 
 
 def test_a_tokenizer_without_the_template_tokens(builds, small_file):
-    """The section may leave Nano's special tokens out (id -1): the templates then need --ids."""
+    """The section may leave Nano's special tokens out (id -1): without <|bos|> a continuation is the
+    text alone (as a Hugging Face model without one, Qwen2's, is prompted); without the instruct marks
+    instruct mode is refused and needs --ids."""
     data = patch_all(small_file.read_bytes(), [(256 + 24 + 4 * 2, "<i", -1), (256 + 24 + 4 * 4, "<i", -1)])
     p = small_file.parent / "no_bos.bin"
     p.write_bytes(bpe_models.with_crc(data))
-    for flag in ("-g", "-i"):
-        r = run(builds["asan"], p, flag, "hello", check=False)
-        assert r.returncode == 1 and b"has no <|bos|>" in r.stderr, r.stderr
+    r = run(builds["asan"], p, "-i", "hello", check=False)
+    assert r.returncode == 1 and b"has no <|instruct_mark|>" in r.stderr, r.stderr
+    r = run(builds["asan"], p, "-g", "", check=False)
+    assert r.returncode == 2 and b"without a <|bos|> in front" in r.stderr, r.stderr
+    text = run(builds["asan"], p, "-g", "hello", "-n", 2, "-t", 0).stdout
+    assert text.startswith(b"hello")
+    with_bos = run(builds["asan"], small_file, "--ids", "263", "-n", 4, "-t", 0, "--print-ids").stdout.split()
+    no_bos = run(builds["asan"], p, "-g", "hello", "-n", 4, "-t", 0, "--print-ids").stdout.split()
+    assert no_bos == with_bos  # "hello" is id 263 alone, with no <|bos|> before it
     assert run(builds["asan"], p, "--ids", "104,101", "-n", 2, "-t", 0, "--print-ids").stdout.split()
 
 
