@@ -32,6 +32,7 @@ from files import ConfigError, save_checkpoint
 from tokenizer import SPECIAL_TOKENS, HFTokenizer, TokenizerError
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+NANO_TOKENIZER = "nano_tokenizer.json"  # a Nano-trained model's own tokenizer, beside its tokenizer.json
 # config.json keys with a value Nano's model cannot follow: key -> the values it can (None = absent)
 MUST_BE = {"hidden_act": ("silu",), "rope_scaling": (None,), "use_sliding_window": (None, False),
            "pretraining_tp": (None, 1), "tie_word_embeddings": (None, True, False)}
@@ -295,11 +296,24 @@ def load_tokenizer_dir(folder):
 # Import and export
 
 
+def nano_tokenizer(folder):
+    """The Nano tokenizer export_hf saved beside a model trained with Nano (nano_tokenizer.json), so that
+    importing the export gives the checkpoint back exactly; None for other models."""
+    path = os.path.join(folder, NANO_TOKENIZER)
+    if not os.path.isfile(path):
+        return None
+    from tokenizer import load_tokenizer
+    try:
+        return load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+
+
 def load_hf(folder):
     """A Nano checkpoint dict from a Hugging Face model directory (what files.load_checkpoint returns)."""
     folder = os.fspath(folder)
     cfg = model_config_from_hf(_read_json(folder, "config.json"), os.path.join(folder, "config.json"))
-    tok = load_tokenizer_dir(folder)
+    tok = nano_tokenizer(folder) or load_tokenizer_dir(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} embedding rows")
     sd = load_weights(folder, cfg)
@@ -330,6 +344,8 @@ def export_hf(ck, out_dir):
     files = tokenizer_files(tok)
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"]}
+    if tok.kind != "hf":  # the exact tokenizer for import; tokenizer.json is what other tools read
+        files[NANO_TOKENIZER] = tok.to_dict()
     if tok.kind == "hf" and tok.stop_ids:
         gen["eos_token_id"] = tok.stop_ids if len(tok.stop_ids) > 1 else tok.stop_ids[0]
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
