@@ -157,6 +157,9 @@ def load_torch_file(path, what="checkpoint"):
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a folder, not a file") from None
     except pickle.UnpicklingError:  # what weights_only refuses: classes, functions, other objects
+        if not zipfile.is_zipfile(path):  # or no torch file at all (bytes torch's legacy reader rejects)
+            raise ConfigError(f"{what} {path} is truncated or not a torch checkpoint "
+                              f"({os.path.getsize(path):,} bytes)") from None
         raise ConfigError(f"{what} {path} holds Python objects other than tensors and plain data, which Nano "
                           "does not load: unpickling them could run any code the file carries. Re-save it as "
                           "a dict of tensors, numbers, strings, lists and dicts") from None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
-#   bash bench/bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|compare|all]
+#   bash bench/bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|compare|serve|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -127,4 +127,17 @@ if [ "$what" = compare ]; then
     done
   done
   cat "$out/compare.txt"
+fi
+
+if [ "$what" = serve ]; then
+  # serve.py on the GPU: 1, 4 and 8 streaming clients, default sampling and greedy (bench/bench_serve.py;
+  # the web stack travels as wheels where the machine lacks it: WHEELS=dir)
+  if [ -n "${WHEELS:-}" ]; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/site
+  fi
+  for t in 0.8 0; do
+    echo "== bench_serve.py --device cuda -t $t"
+    $py bench/bench_serve.py --device cuda -t "$t" --runs "${REPEAT:-3}" 2>&1 | tail -8
+  done
 fi
