@@ -226,7 +226,7 @@ def make_folder(path, what="out_dir"):
 def load_checkpoint(path):
     """Load a Nano checkpoint (on the CPU) with weights_only=True; errors name the file and what is wrong."""
     import hf  # here: hf.py imports model.py, which imports this file
-    if hf.is_hf_dir(path):  # a Hugging Face model directory is a checkpoint too
+    if os.path.isdir(path):  # a Hugging Face model directory is a checkpoint too
         return hf.load_hf(path)
     ck = load_torch_file(path)
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:

@@ -44,10 +44,6 @@ LAYER_NAMES = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "se
 TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 
 
-def is_hf_dir(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
-
-
 def _read_json(folder, name, required=True):
     path = os.path.join(folder, name)
     if not os.path.isfile(path):

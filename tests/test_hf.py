@@ -125,10 +125,12 @@ def test_import_gives_transformers_logits_with_and_without_the_cache(hf_model):
     assert model.generate(prompt, max_new_tokens=20, temperature=0) == want_ids
 
 
-def test_tokenizer_ids_equal_the_tokenizers_library(hf_model):
+@pytest.mark.parametrize("family", list(FAMILY))
+def test_tokenizer_ids_equal_the_tokenizers_library(family, tmp_path, corpus):
     from tokenizers import Tokenizer
     from tests.test_bpe_c import make_strings  # the BPE issue's set of varied strings
-    folder, _, family = hf_model
+    folder = str(tmp_path)
+    make_hf_model(folder, "llama" if family == "llama3" else "qwen2", family, corpus, layers=1)
     ours = tokenizer_from_dict(load_checkpoint(folder)["tokenizer"])
     theirs = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
     strings = [s for s in make_strings(set()) if not any(0xD800 <= ord(c) < 0xE000 for c in s)]
@@ -267,6 +269,7 @@ def test_refusals_are_one_clear_line(tmp_path, corpus):
          "rope_parameters="),
         (variant("act", {"hidden_act": "gelu"}), "hidden_act='gelu'"),
         (variant("notok", remove=["tokenizer.json"]), "no tokenizer.json"),
+        (variant("noconfig", remove=["config.json"]), "no config.json"),
         (variant("noweights", remove=["model.safetensors"]), "no model.safetensors"),
         (variant("shape", {"intermediate_size": 100}), "has shape"),
         (variant("truncated", damage=True), "truncated"),
