@@ -426,9 +426,14 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
     order = None
     if top_p < 1.0:
         # the nucleus is a prefix of the tokens in descending order: keep those whose more likely
-        # tokens have less than top_p of the mass together (at least the first), and draw among them
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        # tokens have less than top_p of the mass together (at least the first), and draw among them.
+        # A trained model's nucleus is mostly a few dozen tokens: look among the top 64 first (a
+        # partial sort), and sort the whole vocabulary only when they hold less than top_p
+        top, order = torch.topk(logits, min(64, logits.numel()))
+        probs = torch.exp(top - torch.logsumexp(logits, dim=-1))
+        if probs.sum() < top_p and top.numel() < logits.numel():
+            sorted_logits, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
         cum_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
         n_keep = max(1, int((cum_before < top_p).sum()))
         probs, order = probs[:n_keep], order[:n_keep]
