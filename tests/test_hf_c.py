@@ -36,8 +36,7 @@ sys.path.insert(0, str(ROOT / "infer_c"))
 import corpus  # noqa: E402
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
-from nanolib import NanoLib  # noqa: E402
-from test_bpe_c import as_engine_input, make_strings, version_gap  # noqa: E402,F401  (version_gap: a fixture)
+from test_bpe_c import as_engine_input, builds, make_strings, version_gap  # noqa: E402,F401  (builds, version_gap: fixtures)
 from test_infer_c import engine_logits, make_adapter, merged, reference_logits, run  # noqa: E402
 from tokenizer import HFTokenizer  # noqa: E402
 
@@ -105,23 +104,6 @@ def specs():
 # builds and models
 
 
-class Engine(NanoLib):
-    models = []
-
-    def load(self, path, verify=True):
-        self.models.append(super().load(path, verify))
-        return self.models[-1]
-
-
-@pytest.fixture(scope="module")
-def builds():
-    for target in ("lib", "infer", "asan"):
-        r = subprocess.run(["make", "-C", str(ENGINE_DIR), target], capture_output=True, text=True)
-        assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
-    engine = Engine(build=False)
-    yield {"engine": engine, "release": str(ENGINE_DIR / "infer"), "asan": str(ENGINE_DIR / "infer_asan")}
-    for m in engine.models:
-        engine.free(m)
 
 
 def checkpoint(spec, seed=0, **cfg_kw):
