@@ -342,3 +342,20 @@ def test_serve_chats_with_an_imported_model_in_its_template(tmp_path, corpus):
             client.chat.completions.create(model=name, messages=[{"role": "user", "content": "light " * 80}])
     finally:
         server.stop()
+
+
+def test_sharded_safetensors_load_as_one_file_does(tmp_path, corpus):
+    """model-0000x-of-0000y.safetensors with its index: the same checkpoint as a single file."""
+    whole, sharded = str(tmp_path / "whole"), str(tmp_path / "sharded")
+    model = make_hf_model(whole, "qwen2", "chatml", corpus[:30], layers=2)
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        subprocess.run(["cp", os.path.join(whole, name), sharded], check=True)
+    shards = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
+    assert len(shards) > 1 and os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    a, b = load_checkpoint(whole), load_checkpoint(sharded)
+    assert a["model_config"] == b["model_config"] and set(a["model"]) == set(b["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    os.remove(os.path.join(sharded, sorted(shards)[0]))  # a shard the index names is missing
+    with pytest.raises(ConfigError, match="missing"):
+        load_checkpoint(sharded)
