@@ -68,8 +68,8 @@ def builds():
         assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     engine = Engine(build=False)
     yield {"engine": engine, "release": str(ENGINE_DIR / "infer"), "asan": str(ENGINE_DIR / "infer_asan")}
-    for m in engine.models:
-        engine.free(m)
+    while engine.models:  # (the list is the class's: test_hf_c uses this fixture too)
+        engine.free(engine.models.pop())
 
 
 @pytest.fixture(scope="module")
