@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from corpus import bible_chapters, default_corpus_files
 from files import DataError, read_json, write_failure, write_json
-from tokenizer import SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
+from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
 PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
@@ -618,7 +618,7 @@ def _sft_encode_chat(tok, exchanges):
     """sft_encode for a model imported from Hugging Face: the conversation in its own chat template
     (what it is prompted with, infer.chat_ids), each answer followed by the template's end of turn."""
     ids, mask, messages = [], [], []
-    end = tok.token_to_id({"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(tok.chat, ""))
+    end = tok.token_to_id(CHAT_TURN_END.get(tok.chat, ""))
     if end is None:
         raise DataError("this tokenizer has no chat template Nano knows (ChatML or Llama 3): cannot frame SFT samples")
     for question, answer in exchanges:

@@ -106,13 +106,10 @@ def _read_checkpoint(path, load=None):
 def write_hf(out_dir, checkpoint, adapter=None):
     """--format hf: a Hugging Face model directory (hf.export_hf), with a LoRA adapter merged first."""
     import hf
-    from model import attach_lora, merge_lora, model_from_checkpoint
+    from merge_lora import merged_checkpoint
     try:
         ck = files.load_checkpoint(checkpoint)
-        if adapter:
-            model = merge_lora(attach_lora(model_from_checkpoint(ck, checkpoint), files.load_adapter(adapter, ck)))
-            ck = dict(ck, model={k: v.detach() for k, v in model.state_dict().items()})
-        return hf.export_hf(ck, out_dir)
+        return hf.export_hf(merged_checkpoint(ck, checkpoint, adapter) if adapter else ck, out_dir)
     except ConfigError as e:
         raise ExportError(str(e)) from None
 
@@ -585,7 +582,7 @@ def _check_2024_representable(cfg):
 
 
 def _write_model_2024(path, cfg, sd, tok, quant, group_size):
-    _check_2024_representable(cfg)
+    """(write_model has checked that cfg fits the layout)"""
     L = cfg.n_layer
     header = bytearray(HEADER_SIZE)
     struct.pack_into("<IIiiii8i", header, 0, MAGIC[0], MAGIC[1], OLD_VERSION[0], OLD_VERSION[1], TYPE_BASE, 32,

@@ -29,7 +29,7 @@ import sys
 import torch
 
 from files import ConfigError, save_checkpoint
-from tokenizer import SPECIAL_TOKENS, HFTokenizer, TokenizerError
+from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS, HFTokenizer, TokenizerError
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 NANO_TOKENIZER = "nano_tokenizer.json"  # a Nano-trained model's own tokenizer, beside its tokenizer.json
@@ -277,7 +277,7 @@ def load_tokenizer_dir(folder):
     eos = _token_id(tok, tc.get("eos_token"))
     eos = eos if eos is not None else (eos_ids[0] if eos_ids else None)
     family = chat_family(template)
-    turn_end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}.get(family)
+    turn_end = CHAT_TURN_END.get(family)
     stop = sorted({i for i in eos_ids + [eos, tok.token_to_id(turn_end) if turn_end else None] if i is not None})
     spec = {"type": "hf", "json": text, "bos": bos, "eos": eos, "pad": _token_id(tok, tc.get("pad_token")),
             "stop": stop, "chat": family, "system": default_system(template) if family == "chatml" else None,
@@ -325,7 +325,7 @@ def export_hf(ck, out_dir):
     from tokenizer import tokenizer_from_dict
     cfg = ModelConfig.from_dict(ck["model_config"], "checkpoint model_config")
     tok = tokenizer_from_dict(ck["tokenizer"])
-    config = hf_config(cfg, tok if tok.kind == "hf" else _RolesOf(tok))
+    config = hf_config(cfg, tok)
     tensors = {}
     for name, t in ck["model"].items():
         if ".lora_" in name:
@@ -349,12 +349,6 @@ def export_hf(ck, out_dir):
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write(d if isinstance(d, str) else json.dumps(d, indent=1, ensure_ascii=False))
     return sorted(["model.safetensors", "config.json", "generation_config.json", *files])
-
-
-class _RolesOf:
-    """The special-token ids a Nano tokenizer gives config.json."""
-    def __init__(self, tok):
-        self.bos_id, self.eos_id, self.pad_id = tok.bos_id, tok.eos_id, tok.pad_id
 
 
 def tokenizer_files(tok):

@@ -14,6 +14,16 @@ from files import ConfigError, load_adapter, load_checkpoint, save_checkpoint
 from model import attach_lora, merge_lora, model_from_checkpoint
 
 
+def merged_checkpoint(base, base_path, adapter_path):
+    """The checkpoint dict of base (a loaded checkpoint) with the adapter at adapter_path folded in
+    (export.py --format hf --merge uses it too)."""
+    adapter = load_adapter(adapter_path, base)
+    model = merge_lora(attach_lora(model_from_checkpoint(base, base_path), adapter))
+    return {"format": "nano-checkpoint", "version": 1, "model_config": base["model_config"],
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "tokenizer": base["tokenizer"], "merged_from": {"base": base_path, "adapter": adapter_path}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base checkpoint")
     p.add_argument("base", help="base checkpoint (.pt)")
@@ -21,16 +31,10 @@ def main(argv=None):
     p.add_argument("out", help="merged checkpoint to write")
     args = p.parse_args(argv)
     try:
-        base = load_checkpoint(args.base)
-        adapter = load_adapter(args.adapter, base)
-        model = model_from_checkpoint(base, args.base)
-        merge_lora(attach_lora(model, adapter))
+        merged = merged_checkpoint(load_checkpoint(args.base), args.base, args.adapter)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    merged = {"format": "nano-checkpoint", "version": 1, "model_config": base["model_config"],
-              "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-              "tokenizer": base["tokenizer"], "merged_from": {"base": args.base, "adapter": args.adapter}}
     save_checkpoint(merged, args.out)
     print(f"wrote {args.out}")
 

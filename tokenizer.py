@@ -187,6 +187,10 @@ class BPETokenizer:
         return {"type": "bpe", "name": self.name}
 
 
+# the token that ends a turn in each chat family HFTokenizer.chat_text writes
+CHAT_TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
+
+
 class HFTokenizer:
     """A Hugging Face model's own tokenizer (its tokenizer.json), run by the `tokenizers` library, so
     that ids are the model's. Imported by hf.py; the checkpoint holds the whole tokenizer.json text.
