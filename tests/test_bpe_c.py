@@ -41,6 +41,7 @@ from nanolib import NanoLib  # noqa: E402
 from test_infer_c import run  # noqa: E402  (the CLI under the sanitizers: any report fails the test)
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import GPT2_PATTERN, BPETokenizer  # noqa: E402
+from locked_make import make  # noqa: E402
 
 ENGINE_DIR = ROOT / "infer_c"
 # the reference patterns of docs/FORMAT.md's pattern ids 2 and 3 (Llama-3's tiktoken pattern; Qwen2's
@@ -64,7 +65,7 @@ class Engine(NanoLib):
 @pytest.fixture(scope="module")
 def builds():
     for target in ("lib", "infer", "asan"):
-        r = subprocess.run(["make", "-C", str(ENGINE_DIR), target], capture_output=True, text=True)
+        r = make("-C", str(ENGINE_DIR), target)
         assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     engine = Engine(build=False)
     yield {"engine": engine, "release": str(ENGINE_DIR / "infer"), "asan": str(ENGINE_DIR / "infer_asan")}

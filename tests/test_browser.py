@@ -30,6 +30,7 @@ import bpe_models  # noqa: E402  (tests/: tiny GPT-2-BPE models)
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import BPETokenizer, TrieTokenizer  # noqa: E402
+from locked_make import make  # noqa: E402
 
 INFER = ROOT / "infer"
 # the page's server, infer/serve.py, loaded by its path: a plain "import serve" is the API server, serve.py
@@ -147,7 +148,7 @@ def files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli():
     need(shutil.which("make") and (shutil.which("cc") or shutil.which("gcc")), "no C compiler")
-    r = subprocess.run(["make", "-C", str(ENGINE_DIR), "infer"], capture_output=True, text=True)
+    r = make("-C", str(ENGINE_DIR), "infer")
     assert r.returncode == 0, r.stdout + r.stderr
     binary = str(ENGINE_DIR / "infer")
 
@@ -271,7 +272,7 @@ def test_committed_wasm_matches_a_fresh_build(tmp_path):
     need(shutil.which("clang-14") and Path("/usr/lib/wasm32-wasi/libc.a").exists(),
          "clang-14 and wasi-libc are not installed")
     out = tmp_path / "nano.wasm"
-    r = subprocess.run(["make", "-B", "-C", str(INFER), f"WASM={out}"], capture_output=True, text=True)
+    r = make("-B", "-C", str(INFER), f"WASM={out}")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     version = subprocess.run(["clang-14", "--version"], capture_output=True, text=True).stdout.splitlines()[0]

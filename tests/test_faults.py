@@ -47,32 +47,30 @@ def test_signals_at_random_moments_resume_bit_exactly(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     reference = weights(straight / "last.pt")
     rnd = random.Random(os.getpid())
-    interrupted = 0
-    for i, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT]):
+    for i, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM]):
         out = tmp_path / f"run{i}"
-        args = configs(tmp_path, data_dir, out)
-        p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=ENV)
-        for line in p.stdout:  # the loop has begun once the first step is logged
-            if line.startswith("step "):
+        p = subprocess.Popen([sys.executable, "train.py", *configs(tmp_path, data_dir, out)], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        # the moment is chosen by the run's own progress, not by a clock (a fast machine finishes 60 steps
+        # in under a second): once step `after` is logged, the signal lands wherever the run then is, in
+        # a step, an evaluation or a checkpoint save, at least 8 steps before its end
+        after = rnd.randint(1, 52)
+        for line in p.stdout:
+            if line.startswith(f"step {after} |"):
                 break
-        time.sleep(rnd.uniform(0, 1.0))
+        time.sleep(rnd.uniform(0, 0.02))
         p.send_signal(sig)
         rest, err = p.communicate(timeout=600)
-        if (out / "last.pt").exists() and load_torch_file(str(out / "last.pt"))["step"] == 60:
-            pass  # it had finished its last step before the signal came (the signal may then end the process)
-        else:
-            interrupted += 1
-            assert p.returncode == 128 + sig, err
-            assert f"{signal.Signals(sig).name} at step" in rest, rest
-            assert not list(out.glob("*.tmp"))
-            r = run_train(["--resume", str(out / "last.pt")])  # the run's own configs, from the checkpoint
-            assert r.returncode == 0, r.stderr
-            assert "to step 60" in r.stdout
+        assert p.returncode == 128 + sig, err
+        assert f"{signal.Signals(sig).name} at step" in rest, rest
+        assert not list(out.glob("*.tmp"))
+        assert load_torch_file(str(out / "last.pt"))["step"] < 60
+        r = run_train(["--resume", str(out / "last.pt")])  # the run's own configs, from the checkpoint
+        assert r.returncode == 0, r.stderr
+        assert "to step 60" in r.stdout
         got = weights(out / "last.pt")
         for name, w in reference.items():
-            assert torch.equal(got[name], w), (i, signal.Signals(sig).name, name)
-    assert interrupted >= 3  # most signals came during the run
+            assert torch.equal(got[name], w), (i, signal.Signals(sig).name, after, name)
 
 
 def test_resume_refuses_a_run_it_does_not_continue(data_dir, tmp_path):

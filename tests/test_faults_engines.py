@@ -38,13 +38,14 @@ from files import read_json  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from test_infer_c import TRAIN_TEXT, make_adapter, make_checkpoint  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, BPETokenizer, TrieTokenizer  # noqa: E402
+from locked_make import make  # noqa: E402
 
 ENGINE = ROOT / "infer_c" / "infer"
 
 
 @pytest.fixture(scope="module")
 def engine():
-    r = subprocess.run(["make", "-C", str(ENGINE.parent), "infer"], capture_output=True, text=True)
+    r = make("-C", str(ENGINE.parent), "infer")
     assert r.returncode == 0 and "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     return str(ENGINE)
 

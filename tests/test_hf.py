@@ -20,6 +20,7 @@ import infer  # noqa: E402
 from files import ConfigError, load_checkpoint  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
 from tokenizer import tokenizer_from_dict  # noqa: E402
+from locked_make import make  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -314,7 +315,7 @@ def test_imported_model_lora_sft_merge_and_the_c_engine(tmp_path, corpus):
     # chat template's ids are given to the engine as --ids)
     import export
     export.write_model(str(tmp_path / "merged.bin"), str(tmp_path / "merged.pt"))
-    subprocess.run(["make", "-C", os.path.join(ROOT, "infer_c"), "infer"], check=True, capture_output=True)
+    assert make("-C", os.path.join(ROOT, "infer_c"), "infer").returncode == 0
     ids = infer.chat_ids(tok, [{"role": "user", "content": question}])
     r_c = subprocess.run([os.path.join(ROOT, "infer_c", "infer"), str(tmp_path / "merged.bin"), "--ids",
                           ",".join(map(str, ids)), "-t", "0", "-n", "16"], capture_output=True, text=True, timeout=120)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import export  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer  # noqa: E402
+from locked_make import make  # noqa: E402
 
 ENGINE_DIR = ROOT / "infer_c"
 MULTILINGUAL = (
@@ -44,7 +45,7 @@ def engine():
     if shutil.which(os.environ.get("CC", "cc")) is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler")
     for target in ("infer", "asan"):
-        r = subprocess.run(["make", "-C", str(ENGINE_DIR), target], capture_output=True, text=True)
+        r = make("-C", str(ENGINE_DIR), target)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
     return {"release": str(ENGINE_DIR / "infer"), "asan": str(ENGINE_DIR / "infer_asan")}
@@ -249,7 +250,7 @@ def test_wasm_build_runs_the_same(engine, workdir, trained):
     tools = [shutil.which("clang"), shutil.which("node"), Path("/usr/lib/wasm32-wasi/libc.a").exists()]
     if not all(tools):
         pytest.skip("needs clang, a WASI sysroot (Debian wasi-libc) and node")
-    r = subprocess.run(["make", "-C", str(ENGINE_DIR), "wasm"], capture_output=True, text=True)
+    r = make("-C", str(ENGINE_DIR), "wasm")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
     runner = workdir / "run_wasi.mjs"
     runner.write_text("import { readFile } from 'node:fs/promises'; import { WASI } from 'node:wasi';\n"
