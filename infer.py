@@ -130,7 +130,7 @@ def generate_text(model, tok, text, args, instruct, stream=True):
     if len(ids) >= model.cfg.block_size:
         print(f"[prompt is {len(ids)} tokens; only the last {model.cfg.block_size - 1} fit the context]",
               file=sys.stderr)
-    gen = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # a CPU one: model.sample_next samples on the CPU
     printer = StreamPrinter(tok) if stream else None
     first_token_at = []
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -412,39 +413,33 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
     4. top-p: keep the smallest set of most likely tokens whose probability reaches p (always >= 1 token);
     5. sample from the softmax of what is left.
     """
-    logits = logits.detach().float().clone()
+    # on the CPU: one row's sampling is a few dozen small steps, each a kernel launch and a wait on a GPU
+    logits = logits.detach().float().cpu().clone()
     if repetition_penalty != 1.0 and len(previous_ids):
-        prev = torch.tensor(sorted(set(previous_ids)), device=logits.device)
+        prev = torch.tensor(sorted(set(previous_ids)))
         vals = logits[prev]
         logits[prev] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
     if temperature <= 0:
         return int(torch.argmax(logits))
-    logits = logits / temperature
+    logits /= temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits[logits < kth] = -float("inf")
-    order = None
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        # the nucleus is a prefix of the tokens in descending order: keep those whose more likely
-        # tokens have less than top_p of the mass together (at least the first), and draw among them.
-        # A trained model's nucleus is mostly a few dozen tokens: look among the top 64 first (a
-        # partial sort), and sort the whole vocabulary only when they hold less than top_p
-        top, order = torch.topk(logits, min(64, logits.numel()))
-        probs = torch.exp(top - torch.logsumexp(logits, dim=-1))
-        if probs.sum() < top_p and top.numel() < logits.numel():
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-        cum_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-        n_keep = max(1, int((cum_before < top_p).sum()))
-        probs, order = probs[:n_keep], order[:n_keep]
-    else:
-        probs = torch.softmax(logits, dim=-1)
+        # the nucleus is a prefix of the probabilities in descending order: keep those whose more likely
+        # tokens have less than top_p of the mass together (at least the first). Its smallest probability
+        # is a threshold: drop every token below it. Only the values are sorted (numpy's sort without the
+        # indices that torch.sort also returns: 6 µs against 40 for a 4k vocabulary)
+        desc = torch.from_numpy(np.sort(probs.numpy())[::-1].copy())
+        before = torch.cumsum(desc, dim=-1) - desc  # mass of strictly more likely tokens
+        n_keep = max(1, int((before < top_p).sum()))
+        probs[probs < desc[n_keep - 1]] = 0.0
     # one uniform number and the first token whose cumulative probability passes it (inverse CDF;
     # torch.multinomial draws an exponential per token: ten times the time for a 4k vocabulary)
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand((), generator=generator, device=logits.device) * cdf[-1]
-    i = min(int(torch.searchsorted(cdf, u, right=True)), probs.numel() - 1)
-    return int(order[i]) if order is not None else i
+    i = int(torch.searchsorted(cdf, torch.rand((), generator=generator) * cdf[-1], right=True))
+    return i if i < cdf.numel() else int(probs.nonzero()[-1])  # (u rounded up to the total: the last token in)
 
 
 # ---------------------------------------------------------------------------

@@ -18,8 +18,8 @@ same framing, sampling and decoding rules.
 
 Bad requests get OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with status
 400 (bad parameters, malformed JSON, a prompt past the context), 401 (missing or wrong key), 404
-(unknown model or path) or 413 (body over --max-body); nothing else changes, and the next request
-is served as usual.
+(unknown model or path), 413 (body over --max-body) or 503 (over --max-waiting requests already wait
+for a row); nothing else changes, and the next request is served as usual.
 """
 
 import argparse
@@ -232,9 +232,9 @@ class Job:
     """A request: its ids (prompt + reply: the repetition penalty reads both, as in model.generate), its
     settings and generator, its reply, and the asyncio queue its HTTP handler reads events from."""
 
-    def __init__(self, ids, settings, tok, device, loop):
+    def __init__(self, ids, settings, tok, loop):
         self.ids, self.prompt_tokens, self.s = list(ids), len(ids), settings
-        self.generator = torch.Generator(device=device).manual_seed(settings.seed)
+        self.generator = torch.Generator().manual_seed(settings.seed)  # sample_next samples on the CPU
         self.answer = Answer(tok, settings.stop)
         self.events, self.loop = asyncio.Queue(), loop
         self.cancelled = False  # set by the HTTP side when the client is gone; the scheduler frees the row
@@ -448,7 +448,7 @@ async def stream(job, chat, name):
         job.cancelled = True
 
 
-def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20):
+def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_waiting=64):
     app = FastAPI(title="Nano", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
@@ -512,7 +512,10 @@ def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20):
                 raise APIError(400, "the prompt is empty, and this 2024.10 model is continued without a "
                                     "<|bos|> in front: give it some text", param="prompt")
         fit_context(ids, s, scheduler.context)
-        job = Job(ids, s, tok, scheduler.device, asyncio.get_running_loop())
+        if scheduler.waiting.qsize() >= max_waiting:  # a queue that only grows answers no one in time
+            raise APIError(503, f"the server is overloaded: {max_waiting} requests are waiting for a free row; "
+                                "retry later", code="server_overloaded", kind="server_error")
+        job = Job(ids, s, tok, asyncio.get_running_loop())
         scheduler.submit(job)
         if s.stream:
             return StreamingResponse(stream(job, chat, name), media_type="text/event-stream",
@@ -551,6 +554,8 @@ def parse_args(argv=None):
                    help="require Authorization: Bearer KEY (default: $NANO_API_KEY; none = no key)")
     p.add_argument("--model-name", help="the model id clients ask for (default: from the checkpoint path)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache rows)")
+    p.add_argument("--max-waiting", type=int, default=64,
+                   help="requests queued for a free row; more get 503, which the clients retry (default 64)")
     p.add_argument("--max-body", type=int, default=2 ** 20, help="largest request body in bytes (default 1 MiB)")
     p.add_argument("--context", type=int, help="tokens per request, prompt and answer (default and most: the model's "
                                                "block_size; the KV cache holds max-batch x this: imported models have 32k)")
@@ -558,8 +563,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
-    if args.max_batch < 1 or args.max_body < 1 or (args.context is not None and args.context < 2):
-        p.error("--max-batch and --max-body must be positive, --context at least 2")
+    if min(args.max_batch, args.max_body, args.max_waiting) < 1 or (args.context is not None and args.context < 2):
+        p.error("--max-batch, --max-waiting and --max-body must be positive, --context at least 2")
     if args.api_key is not None and not args.api_key.strip():
         p.error("--api-key is empty")
     if args.device.split(":")[0] not in ("cpu", "cuda"):
@@ -588,7 +593,7 @@ def main(argv=None):
         sys.exit(2)
     import uvicorn
     scheduler = Scheduler(model, tok, args.max_batch, args.context)
-    app = make_app(model, tok, scheduler, args.model_name, args.api_key, args.max_body)
+    app = make_app(model, tok, scheduler, args.model_name, args.api_key, args.max_body, args.max_waiting)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="http").start()
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

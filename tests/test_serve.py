@@ -394,6 +394,31 @@ def test_api_key_is_required_when_set(checkpoint):
         assert "Traceback" not in log and s.proc.returncode == 0, log
 
 
+def test_requests_past_max_waiting_get_503_and_the_queue_moves_on(checkpoint):
+    s = Server(checkpoint, "--max-batch", "1", "--max-waiting", "1")
+    long = {"model": "nano-ck", "prompt": "the fox", "temperature": 0, "max_tokens": 1900, "ignore_eos": True,
+            "stream": True}
+    try:
+        with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+            with a.stream("POST", s.url + "/v1/completions", json=long) as first:
+                chunks = first.iter_lines()  # (kept: a dropped iterator closes the stream)
+                assert next(chunks).startswith("data: ")  # decoding: the one row is taken
+                with b.stream("POST", s.url + "/v1/completions", json={**long, "max_tokens": 3}) as second:
+                    assert s.health()["waiting"] == 1
+                    r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 2})
+                    assert r.status_code == 503, r.text
+                    error = r.json()["error"]
+                    assert error["code"] == "server_overloaded" and "1 requests are waiting" in error["message"]
+                    first.close()  # the row frees; the waiting request is served in full
+                    lines = [line for line in second.iter_lines() if line.startswith("data: ")]
+                    assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
+        r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        log = s.stop()
+        assert "Traceback" not in log, log
+
+
 def test_a_port_in_use_is_a_one_line_error(checkpoint):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -409,6 +434,7 @@ def test_a_port_in_use_is_a_one_line_error(checkpoint):
     (["-m", "CK", "-l", "CK"], "adapter"),
     (["-m", "CK", "--port", "70000"], "--port"),
     (["-m", "CK", "--device", "tpu"], "--device"),
+    (["-m", "CK", "--max-waiting", "0"], "--max-waiting"),
 ])
 def test_bad_command_lines_are_one_line_errors(checkpoint, args, message):
     args = [str(checkpoint) if a == "CK" else a for a in args]
