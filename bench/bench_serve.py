@@ -6,17 +6,21 @@ bench_serve.py: serve.py's aggregate decode speed and time to first token with s
 It starts serve.py (a subprocess, on a free port of 127.0.0.1) on the checkpoint (default:
 checkpoint/pretrain/best.pt if there is one, else a model of config/model.json's shape with random
 weights and a character tokenizer: speed does not depend on the weights), then for each client count
-runs that many streaming clients at once (threads, plain httpx), each asking /v1/completions for
+runs that many streaming clients at once, each asking /v1/completions for
 --tokens tokens with Nano's default sampling (-t 0.8 -p 0.95, its own seed; -t 0: greedy) and `ignore_eos` (every
 answer is exactly --tokens long). Per run: aggregate tokens/s = all clients' tokens over the time
 from the first request sent to the last answer done; time to first token (TTFT) = from a client's
 request to its first text chunk. The client counts take turns, run by run. It prints, per client
 count, the median aggregate tokens/s of --runs runs, the median and 90th percentile of all the runs'
 TTFTs, and the speedup over the first count (1 client).
-The clients share the machine with the server, as a local chat front end would.
+The clients share the machine with the server, as a local chat front end would. They are one asyncio
+thread speaking plain HTTP/1.1 (chunked server-sent events, a JSON parse only for the first text and
+the usage), so that measuring takes little of the cores the server runs on: eight httpx clients in
+threads took ~40% of a core on a 2-core machine, which the server's figures then lacked.
 """
 
 import argparse
+import asyncio
 import json
 import os
 import socket
@@ -24,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -72,37 +75,57 @@ def start_server(checkpoint, device, max_batch):
     sys.exit("bench_serve.py: serve.py did not start within 60 s")
 
 
-def one_client(url, tokens, temperature, seed, start_together, result):
-    """Stream one answer; result gets (start, first text chunk, end, completion tokens)."""
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": temperature, "seed": seed,
-            "ignore_eos": True, "stream": True}
-    http = httpx.Client(timeout=600)  # made before the clock starts: making one costs tens of ms
-    start_together.wait()
+async def one_client(host, port, body, start_together):
+    """Stream one answer over a plain HTTP/1.1 connection; returns (start, first text chunk, end,
+    completion tokens). The connection is made before the clock starts (start_together)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    payload = json.dumps(body).encode()
+    request = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload
+    await start_together.wait()
     start, first, count = time.perf_counter(), None, 0
-    with http.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
+    writer.write(request)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        sys.exit(f"bench_serve.py: the server answered {status.decode().strip()}")
+    while (await reader.readline()).strip():  # the headers (Transfer-Encoding: chunked)
+        pass
+    pending = b""
+    while True:  # chunks: a size line in hex, the bytes, CRLF; size 0 ends the answer
+        size = int((await reader.readline()).strip(), 16)
+        if size == 0:
+            break
+        pending += (await reader.readexactly(size + 2))[:-2]
+        *events, pending = pending.split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: {"):
                 continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk["choices"][0]["text"]:
-                first = time.perf_counter()
-            if "usage" in chunk:
-                count = chunk["usage"]["completion_tokens"]
-    result.append((start, first, time.perf_counter(), count))
-    http.close()
+            if first is None or b'"usage"' in event:  # parse only what is measured
+                chunk = json.loads(event[6:])
+                if first is None and chunk["choices"][0]["text"]:
+                    first = time.perf_counter()
+                if "usage" in chunk:
+                    count = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    writer.close()
+    return start, first, end, count
 
 
 def run(url, clients, tokens, temperature, seed):
     """One run of `clients` clients at once: (aggregate tokens/s, their TTFTs in seconds)."""
-    results, start_together = [], threading.Barrier(clients)
-    threads = [threading.Thread(target=one_client, args=(url, tokens, temperature, seed + i, start_together, results))
-               for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if len(results) != clients or any(r[3] != tokens for r in results):
+    host, port = url.removeprefix("http://").split(":")
+
+    async def together():
+        start_together = asyncio.Event()
+        tasks = [asyncio.create_task(one_client(host, int(port), {
+            "model": "bench", "prompt": PROMPT, "max_tokens": tokens, "temperature": temperature, "seed": seed + i,
+            "ignore_eos": True, "stream": True}, start_together)) for i in range(clients)]
+        await asyncio.sleep(0.05)  # every connection made
+        start_together.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(together())
+    if any(r[3] != tokens or r[1] is None for r in results):
         sys.exit(f"bench_serve.py: a client got no complete answer: {results}")
     span = max(r[2] for r in results) - min(r[0] for r in results)
     return sum(r[3] for r in results) / span, [r[1] - r[0] for r in results]
