@@ -404,7 +404,8 @@ class Transformer(nn.Module):
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, previous_ids=(), generator=None):
-    """Pick the next token from a [vocab] logits vector. The C and browser engines follow the same order:
+    """Pick the next token from a [vocab] logits vector (on any device; `generator` is a CPU one). The C and
+    browser engines follow the same order:
 
     1. repetition penalty on every distinct previous token: divide positive logits, multiply negative
        ones (so a penalty > 1 always makes the token less likely, whatever the logit's sign);

@@ -315,7 +315,8 @@ def test_imported_model_lora_sft_merge_and_the_c_engine(tmp_path, corpus):
     # chat template's ids are given to the engine as --ids)
     import export
     export.write_model(str(tmp_path / "merged.bin"), str(tmp_path / "merged.pt"))
-    assert make("-C", os.path.join(ROOT, "infer_c"), "infer").returncode == 0
+    built = make("-C", os.path.join(ROOT, "infer_c"), "infer")
+    assert built.returncode == 0, built.stdout + built.stderr
     ids = infer.chat_ids(tok, [{"role": "user", "content": question}])
     r_c = subprocess.run([os.path.join(ROOT, "infer_c", "infer"), str(tmp_path / "merged.bin"), "--ids",
                           ",".join(map(str, ids)), "-t", "0", "-n", "16"], capture_output=True, text=True, timeout=120)
