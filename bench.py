@@ -23,8 +23,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-import kernels
 import train
+import train_ds
 from files import load_json
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer
@@ -119,7 +119,7 @@ def bench_once(model_cfg, args, data_dir, out_dir):
             schedule=torch.profiler.schedule(wait=args.warmup, warmup=0, active=args.steps), acc_events=True)
     t0 = time.time()
     with profiler or nullcontext():
-        train.train(model_cfg, cfg, quiet=True, stats=stats, ds_config=args.ds_config, profiler=profiler)
+        train.train(model_cfg, cfg, quiet=True, stats=stats, engine=args.engine, profiler=profiler)
     wall = time.time() - t0
     if args.profile and args.rank0:
         print_kernel_time(profiler, args.steps, args.profile, on_gpu)
@@ -152,29 +152,14 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N GPU kernels that took the most time (torch.profiler)")
     p.add_argument("--trace", metavar="FILE", help="with --profile: write the profiled steps as a Chrome trace (JSON)")
-    p.add_argument("--no-kernels", action="store_true",
-                   help="leave kernels.py's Triton kernels out (PyTorch ops instead): their before/after")
-    p.add_argument("--kernels-set", nargs="*", default=[], metavar="NAME=JSON",
-                   help="set kernels.py's settings, e.g. COLS=128 HARDWARE_FLOAT8=false")
     p.add_argument("--json", help="append the result as one JSON line to this file")
     p.add_argument("--deepspeed_config", help="run under DeepSpeed with this config (launch with torchrun/deepspeed)")
     args = p.parse_args(argv)
     if args.trace and not args.profile:
         p.error("--trace writes the profiled steps: give --profile N too")
-    if args.no_kernels:
-        kernels.available = False
-    for setting in args.kernels_set:
-        name, _, value = setting.partition("=")
-        if not name.isupper() or not hasattr(kernels, name):
-            p.error(f"--kernels-set {setting}: kernels.py has no setting {name!r}")
-        try:
-            setattr(kernels, name, json.loads(value))
-        except json.JSONDecodeError as e:
-            p.error(f"--kernels-set {setting}: the value is not JSON ({e})")
-    args.ds_config = None
+    args.engine = train.TorchEngine
     if args.deepspeed_config:
-        import train_ds  # sets DS_ACCELERATOR=cpu on machines without a GPU
-        args.ds_config = train_ds.load_ds_config(args.deepspeed_config)
+        args.engine = train_ds.deepspeed_engine(train_ds.load_ds_config(args.deepspeed_config))
     rank0 = args.rank0 = int(os.environ.get("RANK", 0)) == 0
     model_cfg = load_json(args.model, ModelConfig)
     model_cfg = ModelConfig.from_dict({**model_cfg.to_dict(), **train.parse_settings(args.set)})
@@ -197,7 +182,7 @@ def main(argv=None):
         n_params = sum(p.numel() for p in Transformer(model_cfg).parameters())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", 1))
-    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "kernels": not args.no_kernels, "kernels_set": args.kernels_set, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
+    result = {"model": args.model, "set": args.set, "train_set": args.train_set, "world": world, "deepspeed": args.deepspeed_config, "params_M": round(n_params / 1e6, 2), "batch": args.batch_size,
               "grad_accum": args.grad_accum, "block": model_cfg.block_size, "compile": args.compile,
               "device": device, "runs": len(runs), **{k: best[k] for k in ("tokens_per_sec", "ms_per_step", "mfu",
                                                                            "peak_mem_gib")}}

@@ -31,11 +31,13 @@ import sys
 import time
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+import sft_tasks
 from corpus import bible_chapters, default_corpus_files
-from files import DataError, read_json, write_failure, write_json
-from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS, BPETokenizer, TokenizerError, TrieTokenizer, load_tokenizer, tokenizer_from_dict
+from files import ConfigError, DataError, NanoError, read_json, write_failure, write_json
+from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS, BPETokenizer, TrieTokenizer, load_tokenizer, tokenizer_from_dict
 
 FORMAT_VERSION = 2  # 2: vocabulary words may carry their leading space
 PIECE_CHARS = 1 << 20  # long documents are tokenized in pieces of about this many characters
@@ -637,7 +639,6 @@ def _sft_encode_chat(tok, exchanges):
 def _sft_samples(inputs, builtin_pairs, seed, report):
     """Yield exchanges lists from the JSONL inputs (or the built-in set), reporting bad lines."""
     if not inputs:
-        import sft_tasks
         for pair in sft_tasks.make_pairs(builtin_pairs, seed):
             yield [(pair["question"], pair["answer"])]
         return
@@ -745,7 +746,6 @@ def _sft_tokenizer(spec):
     if not os.path.isfile(spec):
         raise DataError(f"tokenizer {spec}: no such file (give the base model's tokenizer .json or checkpoint .pt)")
     if spec.endswith(".pt"):
-        import torch
         try:
             d = torch.load(spec, map_location="cpu", weights_only=True)["tokenizer"]
         except Exception as e:
@@ -801,6 +801,118 @@ def load_sft_rows(out_dir, split, meta=None):
 
 
 # ---------------------------------------------------------------------------
+# Reading the token files in training: random windows (pretraining) or rows with loss masks (SFT)
+
+
+class PretrainData:
+    """Token stream in train.bin / val.bin (np.memmap); a batch is B random windows of block_size + 1."""
+
+    def __init__(self, data_dir, block_size, model_vocab):
+        meta = self.meta = load_meta(data_dir)  # checks meta.json against the .bin files
+        self.tokenizer_spec = read_json(os.path.join(data_dir, meta["tokenizer"]))
+        if meta["vocab_size"] > model_vocab:
+            raise ConfigError(f"model config: vocab_size {model_vocab} is smaller than the data's tokenizer "
+                            f"vocabulary ({meta['vocab_size']} in {data_dir}/meta.json)")
+        self.split = {name: load_tokens(data_dir, name, meta) for name in ("train", "val")}
+        for name, arr in self.split.items():
+            if len(arr) < block_size + 2:
+                raise ConfigError(f"model config: block_size {block_size} needs more tokens than the "
+                                f"{len(arr)} in {data_dir}/{name}.bin")
+        self.block_size = block_size
+
+    def num_windows(self, split):
+        return len(self.split[split]) - self.block_size - 1
+
+    def to_device(self, device):
+        """Copy both splits into device memory once: a batch is then gathered on the device, with no
+        per-step host work or transfer (worth it for corpora that fit, e.g. Tiny Shakespeare)."""
+        self.split = {k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(device) for k, v in self.split.items()}
+        self.offsets = torch.arange(self.block_size + 1, device=device)
+
+    def nbytes(self):
+        return sum(8 * len(v) for v in self.split.values())
+
+    def batch(self, split, starts):
+        """x, y as int64 [len(starts), block_size]; y is x shifted by one."""
+        arr, T = self.split[split], self.block_size
+        if isinstance(arr, torch.Tensor):  # on the device already
+            chunk = arr[starts.to(arr.device, non_blocking=True)[:, None] + self.offsets]
+            return chunk[:, :-1], chunk[:, 1:]
+        chunk = torch.from_numpy(np.stack([arr[s:s + T + 1] for s in starts.tolist()]).astype(np.int64))
+        return chunk[:, :-1], chunk[:, 1:]
+
+    def eval_starts(self, n):
+        """A fixed set of n windows spread evenly over the val split: every evaluation sees the same data."""
+        return torch.linspace(0, self.num_windows("val"), n).long()
+
+
+class SFTData:
+    """Rows of block_size + 1 tokens with a loss mask (data.py sft); a batch is B random rows.
+    Targets whose mask is 0 (prompt, padding) become -1, which the loss ignores entirely.
+
+    Unshifted rows (meta.json "shifted": false; problem.py writes them for its bidirectional tasks
+    and for calc's auxiliary targets): {split}_targets.bin holds a second array shaped like
+    {split}.bin, and input position t is trained on target position t (not on the next input
+    token) wherever mask[t] is 1. A bidirectional row carries placeholders where the answer goes,
+    so the model never sees what it must predict.
+    The rows keep data.py's length of block_size + 1 (its size checks apply); the last column is unused."""
+
+    def __init__(self, data_dir, block_size, model_vocab):
+        meta = self.meta = load_sft_meta(data_dir)
+        if meta["block_size"] != block_size:
+            raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but training uses {block_size} "
+                            "(train config seq_len, else the model's block_size): rebuild it with "
+                            f"python data.py sft --block-size {block_size}")
+        if meta["vocab_size"] > model_vocab:
+            raise ConfigError(f"model vocab_size {model_vocab} is smaller than the data's tokenizer ({meta['vocab_size']})")
+        if meta["rows"]["val"] == 0:
+            raise ConfigError(f"{data_dir} has no validation rows: rebuild with a larger --val-ratio")
+        self.tokenizer_spec = read_json(os.path.join(data_dir, meta["tokenizer"]))
+        self.split = {name: load_sft_rows(data_dir, name, meta) for name in ("train", "val")}
+        self.block_size = block_size
+        self.targets = None  # shifted: the targets are the rows themselves, one token on
+        if meta.get("shifted", True) is False:
+            self.targets = {}
+            for name, (ids, _) in self.split.items():
+                path = os.path.join(data_dir, f"{name}_targets.bin")
+                if not os.path.isfile(path) or os.path.getsize(path) != ids.nbytes:
+                    raise DataError(f"{path} should hold {ids.shape[0]:,} target rows like {name}.bin")
+                self.targets[name] = np.fromfile(path, dtype=ids.dtype).reshape(ids.shape)
+
+    def num_windows(self, split):
+        return len(self.split[split][0])
+
+    def batch(self, split, rows):
+        ids, mask = self.split[split]
+        order = rows.tolist()
+        x = torch.from_numpy(ids[order].astype(np.int64))
+        m = torch.from_numpy(mask[order].astype(bool))
+        if self.targets is not None:  # unshifted: position t is trained on target t
+            y = torch.from_numpy(self.targets[split][order].astype(np.int64))
+            return x[:, :-1], sft_targets(y[:, :-1], m[:, :-1])
+        return x[:, :-1], sft_targets(x[:, 1:], m[:, 1:])
+
+    def eval_starts(self, n):
+        return torch.arange(min(n, self.num_windows("val")))
+
+
+def sft_targets(next_tokens, mask):
+    """The SFT targets: the next token where the mask marks an answer token or its <|eos|>, else -1."""
+    return torch.where(mask, next_tokens, torch.full_like(next_tokens, -1))
+
+
+def open_data(data_dir, block_size, model_vocab):
+    """Pretraining windows or SFT rows, whichever data.py wrote in data_dir."""
+    try:
+        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
+            kind = json.load(f).get("kind", "pretrain")
+    except (OSError, ValueError, AttributeError):
+        kind = "pretrain"  # let load_meta explain what is wrong
+    cls = SFTData if kind == "sft" else PretrainData
+    return cls(data_dir, block_size, model_vocab)
+
+
+# ---------------------------------------------------------------------------
 # Command line: subcommands, `pretrain` when none is named
 
 
@@ -847,7 +959,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (DataError, TokenizerError) as e:
+    except NanoError as e:  # DataError, TokenizerError, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # writing the dataset: a full disk, no permission (what it had written is removed)

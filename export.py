@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 import files
-from files import ConfigError, weights_fingerprint
+import hf
+from files import ConfigError, NanoError, weights_fingerprint
+from merge_lora import merged_checkpoint
 from model import ModelConfig, rope_tables
 from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, TokenizerError
 
@@ -74,7 +76,7 @@ CONFIG_LEN = 200 - 24  # bytes of config after the config-length field
 CRC_OFFSET = 144
 
 
-class ExportError(ValueError):
+class ExportError(NanoError):
     """The input cannot be exported (as asked); the message says why."""
 
 
@@ -95,20 +97,18 @@ def base_fingerprint(model_config_dict, state_dict):
 
 
 def _read_checkpoint(path, load=None):
-    """A checkpoint .pt or a Hugging Face model directory (hf.py), as files.load_checkpoint reads them
+    """A checkpoint .pt or a Hugging Face model directory, as hf.load_checkpoint reads them
     (load: files.load_torch_file for adapters), with its errors as ExportError."""
     try:
-        return (load or files.load_checkpoint)(path)
+        return (load or hf.load_checkpoint)(path)
     except ConfigError as e:
         raise ExportError(str(e)) from None
 
 
 def write_hf(out_dir, checkpoint, adapter=None):
     """--format hf: a Hugging Face model directory (hf.export_hf), with a LoRA adapter merged first."""
-    import hf
-    from merge_lora import merged_checkpoint
     try:
-        ck = files.load_checkpoint(checkpoint)
+        ck = hf.load_checkpoint(checkpoint)
         return hf.export_hf(merged_checkpoint(ck, checkpoint, adapter) if adapter else ck, out_dir)
     except ConfigError as e:
         raise ExportError(str(e)) from None
@@ -746,7 +746,7 @@ def main(argv=None):
             if args.quant != "fp32":
                 raise ExportError("adapters are always fp32; --quant applies to base models only")
             write_lora(args.out, args.lora, args.format)
-    except (ExportError, TokenizerError, OSError) as e:
+    except (NanoError, OSError) as e:  # ExportError, TokenizerError, ...
         print(f"export.py: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}", file=sys.stderr)

@@ -10,6 +10,11 @@ a truncated file or a pickle holding code stops with one line that says what is 
     torch.load(weights_only=True) and written atomically (temp file, then rename).
   * An adapter records the identity of its base model (weights_fingerprint) and is refused on
     any other base (check_adapter).
+  * NanoError is the base of every error class in Nano.
+
+This is the bottom layer: it imports no other module of Nano (files <- tokenizer <- model <- hf <-
+the scripts; tests/test_layering.py). A Hugging Face model directory, read where a checkpoint is
+accepted, is hf.load_checkpoint's: this file reads Nano's own checkpoint files.
 """
 
 import contextlib
@@ -26,15 +31,20 @@ import zipfile
 import torch
 
 
-class ConfigError(ValueError):
+class NanoError(ValueError):
+    """Every error Nano explains in one line (the command-line tools print `error: <message>` and exit 2):
+    bad input, a broken file, an output that cannot be written. Anything else is a bug."""
+
+
+class ConfigError(NanoError):
     """A config or checkpoint is malformed; the message names the file, the key and the problem."""
 
 
-class DataError(ValueError):
+class DataError(NanoError):
     """Bad input or a broken dataset; the message names the file and the problem."""
 
 
-class OutputError(ValueError):
+class OutputError(NanoError):
     """An output file or folder cannot be written; the message names the path and the cause."""
 
 
@@ -131,6 +141,26 @@ def read_json(path, what="config file", error=ConfigError):
         raise error(f"{path}: not valid JSON: {e}") from None
 
 
+def read_folder_json(folder, name, required=True):
+    """A JSON object file of a model directory (a Hugging Face one: config.json, tokenizer_config.json,
+    ...); a missing optional file is {}. A missing required file, bad JSON or another JSON value than
+    an object raise ConfigError naming the file."""
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        if required:
+            raise ConfigError(f"{folder}: no {name} (a Hugging Face model directory holds config.json, "
+                              "model.safetensors and tokenizer.json)")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return d
+
+
 def load_json(path, cls, where=None):
     """Read a JSON file into dataclass `cls`, with errors that name the file and key."""
     return dataclass_from_dict(cls, read_json(path), where or str(path))
@@ -223,15 +253,16 @@ def make_folder(path, what="out_dir"):
         raise OutputError(f"cannot create {what} {path}: {write_failure(e, path)}") from None
 
 
-def load_checkpoint(path):
-    """Load a Nano checkpoint (on the CPU) with weights_only=True; errors name the file and what is wrong."""
-    import hf  # here: hf.py imports model.py, which imports this file
-    if os.path.isdir(path):  # a Hugging Face model directory is a checkpoint too
-        return hf.load_hf(path)
+def load_nano_checkpoint(path):
+    """Load a Nano checkpoint file (on the CPU) with weights_only=True; errors name the file and what is
+    wrong. Where a Hugging Face model directory is accepted too, call hf.load_checkpoint."""
     ck = load_torch_file(path)
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
     return ck
+
+
+load_checkpoint = load_nano_checkpoint  # the old name, for train.py until it imports hf.load_checkpoint (a folder is refused here)
 
 
 def load_training_state(path):

@@ -6,6 +6,9 @@ checkpoint does, and Nano checkpoints export to them.
     python hf.py import ~/models/Qwen2.5-0.5B qwen.pt              # or convert it once, to a .pt
     python export.py out/hf --checkpoint ckpt.pt --format hf       # and back (export.py calls export_hf)
 
+Every script that takes a checkpoint reads it with load_checkpoint here: a Nano checkpoint file or a
+model directory. (The directory's tokenizer alone is tokenizer.load_tokenizer_dir's.)
+
 A directory holds config.json, model.safetensors (or model-0000x-of-0000y.safetensors with
 model.safetensors.index.json), tokenizer.json and, optionally, tokenizer_config.json and
 generation_config.json. Nothing is downloaded: fetch a model yourself, for example with
@@ -28,8 +31,9 @@ import sys
 
 import torch
 
-from files import ConfigError, save_checkpoint
-from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS, HFTokenizer, TokenizerError
+from files import ConfigError, NanoError, load_nano_checkpoint, read_folder_json, save_checkpoint
+from model import ModelConfig, Transformer
+from tokenizer import SPECIAL_TOKENS, TokenizerError, _gpt2_files, load_tokenizer, load_tokenizer_dir, tokenizer_from_dict
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 NANO_TOKENIZER = "nano_tokenizer.json"  # a Nano-trained model's own tokenizer, beside its tokenizer.json
@@ -44,30 +48,12 @@ LAYER_NAMES = {"self_attn.q_proj": "attn.wq", "self_attn.k_proj": "attn.wk", "se
 TOP_NAMES = {"model.embed_tokens": "tok_embeddings", "model.norm": "norm", "lm_head": "output"}
 
 
-def _read_json(folder, name, required=True):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        if required:
-            raise ConfigError(f"{folder}: no {name} (a Hugging Face model directory holds config.json, "
-                              "model.safetensors and tokenizer.json)")
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return d
-
-
 # ---------------------------------------------------------------------------
 # config.json <-> ModelConfig
 
 
 def model_config_from_hf(hf, where):
     """Nano's model config for a Hugging Face config.json, or ConfigError naming what does not fit."""
-    from model import ModelConfig
     arch = (hf.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{where}: architecture {arch!r} is not supported (Nano imports {', '.join(ARCHITECTURES)})")
@@ -160,7 +146,7 @@ def weight_files(folder):
     """The safetensors files of a model directory: one, or the shards its index names."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        weight_map = _read_json(folder, "model.safetensors.index.json").get("weight_map")
+        weight_map = read_folder_json(folder, "model.safetensors.index.json").get("weight_map")
         if not isinstance(weight_map, dict):
             raise ConfigError(f"{index}: no weight_map")
         return [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
@@ -207,7 +193,6 @@ def load_weights(folder, cfg):
 
 def check_weights(sd, cfg, where):
     """Every tensor the model needs, of its shape: one clear line otherwise."""
-    from model import Transformer
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
     missing = sorted(set(expected) - set(sd))
@@ -220,75 +205,6 @@ def check_weights(sd, cfg, where):
 
 
 # ---------------------------------------------------------------------------
-# The tokenizer: tokenizer.json, its special tokens' roles and its chat template
-
-
-def _token_id(tok, value):
-    """The id of a token given as tokenizer_config.json does (a string, or {"content": ...})."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return tok.token_to_id(value) if isinstance(value, str) else None
-
-
-def chat_family(template):
-    """Which chat framing a template writes: 'chatml' (Qwen2, SmolLM2), 'llama3', or None."""
-    if not isinstance(template, str):
-        return None
-    if "<|im_start|>" in template:
-        return "chatml"
-    if "<|start_header_id|>" in template:
-        if "Cutting Knowledge Date" in template:
-            return None  # Llama 3.1+'s templates write a dated system header Nano does not reproduce
-        return "llama3"
-    return None
-
-
-def default_system(template):
-    """The system message a ChatML template puts first when the conversation has none."""
-    m = re.search(r"'<\|im_start\|>system\\n((?:[^'\\{}]|\\.)*?)<\|im_end\|>\\n'", template or "")
-    return m.group(1).replace("\\n", "\n").replace("\\'", "'") if m else None
-
-
-def load_tokenizer_dir(folder):
-    """The HFTokenizer spec of a model directory (tokenizer.json + tokenizer_config.json + generation_config.json)."""
-    from tokenizers import Tokenizer
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{folder}: no tokenizer.json (Nano reads the fast tokenizer file; a sentencepiece "
-                          "tokenizer.model alone, as Llama 2 and TinyLlama ship, is not supported)")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        tok = Tokenizer.from_str(text)
-    except Exception as e:  # the library's exception type is not exported
-        raise ConfigError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
-    model = json.loads(text).get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise ConfigError(f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}"
-                          " (sentencepiece style, as Llama 2's): Nano imports byte-level BPE tokenizers only")
-    tc = _read_json(folder, "tokenizer_config.json", required=False)
-    gen = _read_json(folder, "generation_config.json", required=False)
-    template = tc.get("chat_template")
-    if isinstance(template, list):  # several named templates: the default one
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
-    eos_ids = gen.get("eos_token_id")
-    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids] if isinstance(eos_ids, int) else []
-    bos = _token_id(tok, tc.get("bos_token"))
-    eos = _token_id(tok, tc.get("eos_token"))
-    eos = eos if eos is not None else (eos_ids[0] if eos_ids else None)
-    family = chat_family(template)
-    turn_end = CHAT_TURN_END.get(family)
-    stop = sorted({i for i in eos_ids + [eos, tok.token_to_id(turn_end) if turn_end else None] if i is not None})
-    spec = {"type": "hf", "json": text, "bos": bos, "eos": eos, "pad": _token_id(tok, tc.get("pad_token")),
-            "stop": stop, "chat": family, "system": default_system(template) if family == "chatml" else None,
-            "template": template if isinstance(template, str) else None}
-    try:
-        return HFTokenizer(spec)
-    except TokenizerError as e:
-        raise ConfigError(f"{folder}: {e}") from None
-
-
-# ---------------------------------------------------------------------------
 # Import and export
 
 
@@ -298,7 +214,6 @@ def nano_tokenizer(folder):
     path = os.path.join(folder, NANO_TOKENIZER)
     if not os.path.isfile(path):
         return None
-    from tokenizer import load_tokenizer
     try:
         return load_tokenizer(path)
     except TokenizerError as e:
@@ -306,9 +221,9 @@ def nano_tokenizer(folder):
 
 
 def load_hf(folder):
-    """A Nano checkpoint dict from a Hugging Face model directory (what files.load_checkpoint returns)."""
+    """A Nano checkpoint dict from a Hugging Face model directory (what load_checkpoint returns for one)."""
     folder = os.fspath(folder)
-    cfg = model_config_from_hf(_read_json(folder, "config.json"), os.path.join(folder, "config.json"))
+    cfg = model_config_from_hf(read_folder_json(folder, "config.json"), os.path.join(folder, "config.json"))
     tok = nano_tokenizer(folder) or load_tokenizer_dir(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} embedding rows")
@@ -318,11 +233,18 @@ def load_hf(folder):
             "tokenizer": tok.to_dict(), "imported_from": os.path.abspath(folder)}
 
 
+def load_checkpoint(path):
+    """A checkpoint dict (on the CPU) from a Nano checkpoint file (files.load_nano_checkpoint) or a
+    Hugging Face model directory (load_hf): what every script that takes a checkpoint calls. Errors
+    are ConfigErrors that name the file and what is wrong."""
+    if os.path.isdir(path):  # a Hugging Face model directory is a checkpoint too
+        return load_hf(path)
+    return load_nano_checkpoint(path)
+
+
 def export_hf(ck, out_dir):
     """Write a Nano checkpoint dict as a Hugging Face model directory."""
     from safetensors.torch import save_file
-    from model import ModelConfig
-    from tokenizer import tokenizer_from_dict
     cfg = ModelConfig.from_dict(ck["model_config"], "checkpoint model_config")
     tok = tokenizer_from_dict(ck["tokenizer"])
     config = hf_config(cfg, tok)
@@ -368,7 +290,6 @@ def tokenizer_files(tok):
             config["chat_template"] = spec["template"]
         return {"tokenizer.json": spec["json"], "tokenizer_config.json": config}
     if tok.kind == "bpe":
-        from tokenizer import _gpt2_files
         paths = _gpt2_files()
         with open(paths["encoder.json"], encoding="utf-8") as f:
             vocab = json.load(f)
@@ -399,7 +320,7 @@ def main(argv=None):
     try:
         ck = load_hf(args.folder)
         save_checkpoint(ck, args.out)
-    except ConfigError as e:
+    except NanoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     cfg = ck["model_config"]

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from export import HEADER_SIZE, MAGIC, QUANT_Q8
-from files import ConfigError
+from files import ConfigError, NanoError
 from model import ModelConfig
 from tokenizer import TokenizerError, TrieTokenizer
 
 PROMPT_FORMAT = "2024.10"  # infer.FRAMING_2024
 
 
-class BinImportError(ValueError):
+class BinImportError(NanoError):
     """The file cannot be imported; the message says why."""
 
 
@@ -183,7 +183,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         ck = read_2024(args.model)
-    except BinImportError as e:
+    except NanoError as e:  # BinImportError
         print(f"error: {e}", file=sys.stderr)
         return 2
     tmp = args.out + ".tmp"  # written whole, then renamed: no half checkpoint is left behind

@@ -25,8 +25,10 @@ import time
 
 import torch
 
-from files import ConfigError, load_adapter, load_checkpoint
-from model import attach_lora, model_from_checkpoint
+from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
+from files import ConfigError, NanoError, load_adapter
+from hf import load_checkpoint
+from model import attach_lora, model_from_checkpoint, set_lora_enabled
 from tokenizer import tokenizer_from_dict
 
 
@@ -187,7 +189,6 @@ def refuse_nano_bin(path):
             head = f.read(20)
     except OSError:
         return  # load_checkpoint names the problem
-    from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
     if len(head) < 20 or struct.unpack_from("<II", head) != MAGIC:
         return
     major, minor, kind = struct.unpack_from("<iii", head, 8)
@@ -252,7 +253,6 @@ def repl(model, tok, adapter, args):
             if adapter is None:
                 print("[no adapter loaded: start with -l adapter.pt]")
             else:
-                from model import set_lora_enabled
                 adapter["enabled"] = not adapter.get("enabled", True)
                 set_lora_enabled(model, adapter["enabled"])
                 print(f"[adapter {'on' if adapter['enabled'] else 'off'}]")
@@ -275,7 +275,7 @@ def main(argv=None):
     try:
         torch.manual_seed(args.seed)
         model, tok, adapter = load(args)
-    except (ConfigError, ValueError) as e:
+    except (NanoError, ValueError) as e:  # ValueError: a check of model.py's on the checkpoint
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if args.prompt is not None:

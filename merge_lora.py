@@ -10,7 +10,8 @@ attached; the adapter's base identity is checked first, as infer.py -l does.
 import argparse
 import sys
 
-from files import ConfigError, load_adapter, load_checkpoint, save_checkpoint
+from files import NanoError, load_adapter, save_checkpoint
+from hf import load_checkpoint
 from model import attach_lora, merge_lora, model_from_checkpoint
 
 
@@ -32,10 +33,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         merged = merged_checkpoint(load_checkpoint(args.base), args.base, args.adapter)
-    except ConfigError as e:
+        save_checkpoint(merged, args.out)
+    except NanoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    save_checkpoint(merged, args.out)
     print(f"wrote {args.out}")
 
 

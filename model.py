@@ -3,13 +3,14 @@ Nano's model: a Llama-style decoder (or bidirectional encoder) in plain PyTorch.
 
 Read top to bottom: the config, then the small modules (RMSNorm, rotary positions,
 attention with grouped-query heads and a KV cache, SwiGLU feed-forward, the block),
-then the Transformer that ties them together, then sampling and generation, then LoRA.
+then the Transformer that ties them together, then generation (the Decoder, the one decode loop
+that generate(), serve.py and problem.py share) and sampling, then LoRA.
 
-This is the reference: each module has one forward path, the one training on a CPU runs and the
-one generation runs everywhere. GPU training computes the same model faster with fused and float8
-operations (fast.py, beside this file); it is built from these modules and their weights, is tested
-against them, and refuses to run if the code it re-implements here has changed since it was
-written (fast.check_reference).
+This is the only forward: training on a CPU or a GPU, eager or compiled, with or without float8,
+evaluation and generation all run these modules. Speed enters only from outside, with the same call
+contracts (speed.py: a float8 Linear in place of nn.Linear, the head and the loss as one step in
+place of OutputHead), through torch.compile, and through CUDA graphs around the training step; so
+an edit here takes effect everywhere.
 
 Conventions every engine (infer_c/, infer/) follows as well:
   * RoPE rotates adjacent pairs (2i, 2i+1) of each head as (real, imaginary), with
@@ -36,7 +37,7 @@ from files import ConfigError, check_finite, dataclass_from_dict
 # ---------------------------------------------------------------------------
 # Config: a dataclass that round-trips through plain JSON and is validated on load
 
-SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math", "triton")
+SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
 MAX_PARAMS = 10 ** 12  # a config past this is a typo (4 TB of float32 weights), refused before allocation
 
 
@@ -58,10 +59,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
-    # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA); triton: GPU
-    # training's fast path (fast.py) runs kernels.py's attention where it applies (causal, no dropout,
-    # bf16/fp16 q, k, v); everything else (this file, generation) runs SDPA as with auto
-    sdpa_kernel: str = "auto"
+    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA)
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
@@ -210,7 +208,7 @@ class Attention(nn.Module):
 
         gqa = self.n_head != self.n_kv_head
         kernel = self.cfg.sdpa_kernel
-        chosen = kernel not in ("auto", "triton") and q.is_cuda
+        chosen = kernel != "auto" and q.is_cuda
         with nn.attention.sdpa_kernel(_sdpa_backends(kernel)) if chosen else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and T > 1,
@@ -230,6 +228,19 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class OutputHead(nn.Module):
+    """The logits over the vocabulary and, given targets ([B, T], -1 = ignore), the mean cross-entropy
+    loss. The weight comes in from the Transformer (the token embeddings when tied), so the head owns
+    no parameters; it is a module so that speed.py can put a faster one with the same contract in its
+    place (the head and the loss as one step, in float8)."""
+
+    def forward(self, x, weight, targets=None):
+        logits = F.linear(x, weight)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 class Block(nn.Module):
@@ -260,6 +271,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = OutputHead()
         # activation checkpointing (train config activation_checkpointing): a training choice, not
         # part of the architecture, so it is a plain attribute and not in the config or checkpoint
         self.checkpoint_layers = False
@@ -317,11 +329,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.head_weight())
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return self.head(x, self.head_weight(), targets)
 
     def head_weight(self):
         """The output head: the token embeddings (tied), or the model's own output layer."""
@@ -381,26 +389,70 @@ class Transformer(nn.Module):
         if not ids:
             raise ValueError("generate() needs at least one prompt token")
         ids = ids[-self.cfg.block_size:]  # keep the most recent context that fits
-        device = self.tok_embeddings.weight.device
         # the cache as long as this answer can get: imported models have contexts of 32k tokens
         cache_len = min(self.cfg.block_size, len(ids) + max_new_tokens)
-        cache = self.make_cache(1, cache_len)
-        logits, _ = self(torch.tensor([ids], device=device), cache=cache, pos=0, last_only=True)
-        pos, out = len(ids), []
+        decoder = Decoder(self, 1, cache_len)
+        logits = decoder.prefill([ids])[0]
+        out = []
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits[0, -1], temperature, top_k, top_p, repetition_penalty, ids, generator)
+            nxt = sample_next(logits, temperature, top_k, top_p, repetition_penalty, ids, generator)
             if nxt in stop:
                 break
             ids.append(nxt)
             out.append(nxt)
             if callback is not None and callback(nxt):
                 break
-            if pos >= cache_len:
+            if len(ids) > cache_len:  # the context is full: this token is never fed back
                 break
-            logits, _ = self(torch.tensor([[nxt]], device=device), cache=cache, pos=pos, last_only=True)
-            pos += 1
+            logits = decoder.step([nxt], len(ids) - 1)[0]
         self.train(was_training)
         return out
+
+
+class Decoder:
+    """The autoregressive decode loop's state, shared by Transformer.generate (one row), serve.py's
+    Scheduler (requests that join and leave a running batch, each row at its own position) and
+    problem.py's greedy_decode (a batch of equal-length prompts): a KV cache of `rows` rows, one
+    sequence in each. The caller picks the tokens (sample_next, or argmax) and decides when a row ends.
+
+      prefill(ids, row) -> logits   prompts into their own rows, from position 0
+      step(tokens, pos) -> logits   one token for each of rows 0..B-1, all in one forward
+      move(src, dst, n)             a row's first n cached positions into another row (serve.py keeps
+                                    its running rows packed at the front, so one step covers them)
+    """
+
+    def __init__(self, model, rows=1, max_len=None):
+        self.model = model
+        self.cache = model.make_cache(rows, max_len)
+        self.device = model.tok_embeddings.weight.device
+
+    @torch.no_grad()
+    def prefill(self, ids, row=0):
+        """Prompts of one length (a [B, T] tensor or B lists of ids) into rows row..row+B-1 at
+        position 0; returns each one's next-token logits, [B, vocab]."""
+        ids = torch.as_tensor(ids, device=self.device)
+        cache = [(k[row:row + len(ids)], v[row:row + len(ids)]) for k, v in self.cache]  # views
+        logits, _ = self.model(ids, cache=cache, pos=0, last_only=True)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens, pos):
+        """Feed tokens[b] (a list or a [B] tensor) to row b at position pos[b] (a list of ints, or one
+        int for all rows) for rows 0..B-1; returns the next-token logits, [B, vocab]."""
+        tokens = torch.as_tensor(tokens, device=self.device).view(-1, 1)
+        if not isinstance(pos, int) and len(set(pos)) == 1:
+            pos = pos[0]
+        # rows at one position take the int path: no mask, no gathered cache writes, and a single
+        # row's very arithmetic (the C engine's tests compare generate's tokens with its own);
+        # rows at their own positions go through the [B] tensor path (Attention.attend)
+        if not isinstance(pos, int):
+            pos = torch.tensor(pos, device=self.device)
+        logits, _ = self.model(tokens, cache=self.cache, pos=pos, last_only=True)
+        return logits[:, -1]
+
+    def move(self, src, dst, n):
+        for k, v in self.cache:
+            k[dst, :, :n], v[dst, :, :n] = k[src, :, :n], v[src, :, :n]
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, previous_ids=(), generator=None):

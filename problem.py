@@ -57,8 +57,9 @@ import numpy as np
 import torch
 
 from data import dtype_for_vocab
-from files import ConfigError, DataError, load_checkpoint
-from model import ModelConfig, Transformer, model_from_checkpoint
+from files import ConfigError, NanoError
+from hf import load_checkpoint
+from model import Decoder, ModelConfig, Transformer, model_from_checkpoint
 from tokenizer import EOS_ID, PAD_ID, SPECIAL_TOKENS, TrieTokenizer
 from train import TrainConfig, train
 
@@ -354,17 +355,17 @@ def greedy_decode(model, prompts, max_new, eos_id=EOS_ID):
     token lists, each cut before its first <|eos|> (or at max_new tokens)."""
     B, T = prompts.shape
     max_new = min(max_new, model.cfg.block_size - T + 1)  # the last new token is never fed back
-    cache = model.make_cache(B, T + max_new - 1)
-    logits, _ = model(prompts, cache=cache, pos=0, last_only=True)
+    decoder = Decoder(model, B, T + max_new - 1)  # model.generate's decode loop, B rows at one position
+    logits = decoder.prefill(prompts)
     out = []
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     for i in range(max_new):
-        nxt = logits[:, -1].argmax(dim=-1)
+        nxt = logits.argmax(dim=-1)
         out.append(nxt)
         done |= nxt == eos_id
         if bool(done.all()) or i == max_new - 1:
             break
-        logits, _ = model(nxt[:, None], cache=cache, pos=T + i, last_only=True)
+        logits = decoder.step(nxt, T + i)
     rows = torch.stack(out, dim=1).tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
@@ -549,7 +550,7 @@ def main(argv=None):
     task = TASKS[args.task]
     try:
         return eval_checkpoint(task, args) if args.eval else run(task, args)
-    except (ConfigError, DataError) as e:
+    except NanoError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,9 +11,9 @@ both plain JSON or server-sent events (`stream: true`); GET /health (no key need
 Several clients are served at once by one model: the scheduler (the main thread; the HTTP server runs
 in another) owns the model and a KV cache of --max-batch rows. A request joins the running batch in a
 free row (its prompt is prefilled into that row alone), then every step decodes one token for all
-running rows in one forward, each row at its own position (model.py's per-row pos) and sampled with
-its own settings and generator; a row is freed at <|eos|>, at a stop string, at max_tokens, or as
-soon as its client goes away. With the same settings and seed an answer is infer.py's answer: the
+running rows in one forward, each row at its own position (model.Decoder: the decode loop that
+model.generate runs too), and samples each row with its own settings and generator; a row is freed
+at <|eos|>, at a stop string, at max_tokens, or as soon as its client goes away. With the same settings and seed an answer is infer.py's answer: the
 same framing, sampling and decoding rules.
 
 Bad requests get OpenAI's error JSON ({"error": {"message", "type", "param", "code"}}) with status
@@ -43,9 +43,9 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from files import ConfigError
+from files import NanoError
 from infer import StreamPrinter, chat_ids, check_sampling, load, prompt_ids, stop_ids
-from model import sample_next
+from model import Decoder, sample_next
 
 # Nano's sampling defaults, as infer.py's (a request without a seed gets a fresh one, as OpenAI's do)
 DEFAULTS = dict(temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.0)
@@ -59,7 +59,9 @@ MAX_STOP = 4  # stop strings per request, as OpenAI allows
 # Errors: OpenAI's JSON, never a stack trace
 
 
-class APIError(Exception):
+class APIError(NanoError):
+    """A refused request: the HTTP status and OpenAI's error fields (the handler in make_app writes them)."""
+
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
@@ -260,8 +262,7 @@ class Scheduler:
         self.model, self.tok, self.max_batch = model, tok, max_batch
         self.context = min(context or model.cfg.block_size, model.cfg.block_size)
         self.stop_ids = set(stop_ids(tok))  # <|eos|>, or an imported model's end-of-turn tokens
-        self.device = model.tok_embeddings.weight.device
-        self.cache = model.make_cache(max_batch, self.context)
+        self.decoder = Decoder(model, max_batch, self.context)
         self.rows = []  # the running jobs: rows[r] decodes in cache row r (kept packed at the front)
         self.waiting = queue.Queue()
         self.outbox = []  # (job, event) made since the last deliver()
@@ -303,13 +304,11 @@ class Scheduler:
                 continue
             if job.s.max_new_tokens == 0:
                 self.send(job, "end", "length", job.usage())
+                self.deliver()  # now: with no running rows the next get() blocks until another request
                 continue
             r = len(self.rows)
             self.rows.append(job)  # before the forward: should it fail, run() tells this job too
-            row_cache = [(k[r:r + 1], v[r:r + 1]) for k, v in self.cache]
-            logits, _ = self.model(torch.tensor([job.ids], device=self.device), cache=row_cache, pos=0,
-                                   last_only=True)
-            self.take(r, logits[0, -1])
+            self.take(r, self.decoder.prefill([job.ids], r)[0])
             self.deliver()  # its first token now, not after the other admissions
 
     def step(self):
@@ -319,11 +318,9 @@ class Scheduler:
                 self.free(r)
         if not self.rows:
             return
-        last = torch.tensor([[job.ids[-1]] for job in self.rows], device=self.device)
-        pos = torch.tensor([len(job.ids) - 1 for job in self.rows], device=self.device)
-        logits, _ = self.model(last, cache=self.cache, pos=pos, last_only=True)
+        logits = self.decoder.step([job.ids[-1] for job in self.rows], [len(job.ids) - 1 for job in self.rows])
         for r in reversed(range(len(self.rows))):  # backwards: freeing row r moves a row already done into it
-            self.take(r, logits[r, -1])
+            self.take(r, logits[r])
 
     def take(self, r, logits):
         """Sample row r's next token, as model.generate does, and send what text it completes."""
@@ -353,9 +350,7 @@ class Scheduler:
         """Drop row r: the last running row moves into it (its cache too), so the rows stay packed."""
         last = len(self.rows) - 1
         if r != last:
-            n = len(self.rows[last].ids)
-            for k, v in self.cache:
-                k[r, :, :n], v[r, :, :n] = k[last, :, :n], v[last, :, :n]
+            self.decoder.move(last, r, len(self.rows[last].ids))
             self.rows[r] = self.rows[last]
         self.rows.pop()
 
@@ -579,7 +574,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         model, tok, _ = load(args)
-    except (ConfigError, ValueError) as e:
+    except (NanoError, ValueError) as e:  # as infer.py's main
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if not model.cfg.is_causal:

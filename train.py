@@ -3,12 +3,15 @@ Train a Nano model: one training loop for every entry point.
 
     python train.py -m config/model.json -t config/pretrain.json      # one device (CPU or GPU)
     python train.py ... --resume                                       # continue from out_dir/last.pt
-    torchrun --nproc_per_node 2 train_ddp.py -m ... -t ...             # DDP (same loop, see train_ddp.py)
+    torchrun --nproc_per_node 2 train_ddp.py -m ... -t ...             # DDP: this loop, one process per device
+    deepspeed ... train_ds.py ...                                      # ZeRO-3: this loop, DeepSpeed's engine
 
-The loop (train(), at the end) is plain and visible: sample a batch, forward, backward (with
-gradient accumulation), clip, step, and now and then log, evaluate and checkpoint. What it calls
-is above it, in the order a run needs it: the config, the data, the model and optimizer, how a step
-runs (eagerly, as a CUDA graph, or under DeepSpeed), checkpoints and logs.
+Read it from the bottom up for the story: train() is the loop (sample a batch, take a step, now and
+then log, evaluate and checkpoint); train_step() is one optimizer step, whole (forward and backward
+over the micro-batches, clipping, the update). Above them, in the order a run needs them: the config,
+where the run trains, the model and its optimizer, checkpoints and logs. How fast the step runs
+(float8 module swaps, torch.compile, CUDA graphs) comes from speed.py; the data readers from data.py;
+DeepSpeed's specifics from train_ds.py, through the same small Engine interface TorchEngine has here.
 
 Checkpoints are plain dicts of tensors and JSON-able values (torch.load(weights_only=True)),
 written atomically (temp file, then rename):
@@ -31,18 +34,20 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-import fast
-from data import load_meta, load_sft_meta, load_sft_rows, load_tokens
-from files import (ConfigError, DataError, OutputError, check_finite, dataclass_from_dict, load_checkpoint, load_json,
-                   load_training_state, make_folder, read_json, save_checkpoint, weights_fingerprint, write_json)
+import speed
+from data import PretrainData, open_data
+from files import (ConfigError, NanoError, OutputError, check_finite, dataclass_from_dict, load_checkpoint,
+                   load_json, load_training_state, make_folder, read_json, save_checkpoint, weights_fingerprint)
 from model import LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint
-from tokenizer import TokenizerError
+
+# ---------------------------------------------------------------------------
+# The train config
 
 
 @dataclass
@@ -70,25 +75,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it)
     compile: bool = False
-    # compile: Inductor times variants of each fused kernel's block sizes and keeps the fastest
-    # (COMPILE_TUNING): minutes more compilation for a faster step
-    compile_tuning: bool = False
+    compile_tuning: bool = False  # compile: Inductor tunes its kernels' block sizes (speed.COMPILE_TUNING)
     seed: int = 1337
     tensorboard: bool = True
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; known GPUs are looked up
     lora: Optional[dict] = None  # mode lora: {"rank", "alpha", "dropout", "targets"} (model.LoRAConfig)
     target_val_loss: Optional[float] = None  # stop at the first eval at or below this (time-to-loss runs)
     save_on_eval: bool = True  # write last.pt / best.pt at every eval (False: only at the end / interrupt)
-    data_on_device: str = "auto"  # auto | true | false: keep the token files in GPU memory (auto: < 1 GiB)
+    data_on_device: object = "auto"  # auto | true | false: keep the token files in GPU memory (auto: < 1 GiB)
     save_checkpoints: bool = True  # False: write no checkpoint at all (bench.py: throughput only)
     activation_checkpointing: bool = False  # recompute each layer in the backward pass: less memory, ~1/3 more compute
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
-    # auto | true | false: train through fast.py's fused operations (auto: on CUDA without DeepSpeed,
-    # and whenever fp8 is on); false: the reference model.py as it reads
-    fast_path: str = "auto"
-    fp8: str = "off"  # off | head | blocks | all: training products in float8 (output head, blocks' linear layers, both)
-    # fp8: the forward and blocks' input-gradient products accumulate in the tensor cores' faster mode (fast.scaled_mm)
-    fp8_fast_accum: bool = True
+    fp8: str = "off"  # off | head | blocks | all: training products in float8 (speed.py)
+    fp8_fast_accum: bool = True  # fp8: forward products accumulate in the tensor cores' faster mode
     # tokens per training window or SFT row (None: the model's block_size); shorter than the model's
     # context for models imported with long ones (hf.py: 8k-32k tokens), which a CPU cannot train whole
     seq_len: Optional[int] = None
@@ -100,6 +99,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "max_iters", "eval_iters", "log_interval", "eval_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.batch_size > 2 ** 20 or self.grad_accum > 2 ** 20:
+            raise ConfigError(f"{where}: batch_size and grad_accum must be at most {2 ** 20:,}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"{where}: seq_len must be at least 2 (or null: the model's block_size), got {self.seq_len}")
         for key in ("warmup_iters", "save_interval"):
@@ -117,8 +118,13 @@ class TrainConfig:
         for key in ("lr_decay_iters", "peak_flops"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ConfigError(f"{where}: {key} must be positive (or null), got {getattr(self, key)}")
-        if self.data_on_device not in ("auto", "true", "false"):
-            raise ConfigError(f"{where}: data_on_device must be auto, true or false, got {self.data_on_device!r}")
+        if not 0 <= self.seed < 2 ** 63:
+            raise ConfigError(f"{where}: seed must be in [0, 2^63), got {self.seed}")
+        # yes/no settings take JSON booleans; the strings "true" / "false" (older configs) mean the same
+        if isinstance(self.data_on_device, str):
+            self.data_on_device = {"true": True, "false": False}.get(self.data_on_device, self.data_on_device)
+        if not (self.data_on_device is True or self.data_on_device is False or self.data_on_device == "auto"):
+            raise ConfigError(f"{where}: data_on_device must be \"auto\", true or false, got {self.data_on_device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"{where}: dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
@@ -130,12 +136,8 @@ class TrainConfig:
                               "use bfloat16")
         if self.compile_tuning and not self.compile:
             raise ConfigError(f"{where}: compile_tuning needs compile=true")
-        if self.fp8 not in fast.FP8_MODES:
-            raise ConfigError(f"{where}: fp8 must be one of {fast.FP8_MODES}, got {self.fp8!r}")
-        if self.fast_path not in ("auto", "true", "false"):
-            raise ConfigError(f"{where}: fast_path must be auto, true or false, got {self.fast_path!r}")
-        if self.fast_path == "false" and self.fp8 != "off":
-            raise ConfigError(f"{where}: fp8 runs in the fast path (fast.py): set fast_path to auto or true, or fp8 off")
+        if self.fp8 not in speed.FP8_MODES:
+            raise ConfigError(f"{where}: fp8 must be one of {speed.FP8_MODES}, got {self.fp8!r}")
         if self.mode == "lora":
             self.lora_config()  # validates the nested dict
         elif self.lora is not None:
@@ -150,8 +152,8 @@ class TrainConfig:
 # would continue another run than the one in the checkpoint, and is refused.
 SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "log_interval", "save_interval", "save_on_eval",
                   "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device", "data_on_device",
-                  "compile", "compile_tuning", "cuda_graph", "fast_path", "activation_checkpointing", "data_dir",
-                  "out_dir", "init_from")
+                  "compile", "compile_tuning", "cuda_graph", "activation_checkpointing", "data_dir", "out_dir",
+                  "init_from")
 
 
 def check_resume(ck, path, cfg, model_cfg):
@@ -171,194 +173,12 @@ def check_resume(ck, path, cfg, model_cfg):
                           f"another out_dir. Keys that may change on resume: {', '.join(SAFE_ON_RESUME)}")
 
 
-class Diverged(ValueError):
+class Diverged(NanoError):
     """The loss or the gradient norm became non-finite: the run stops without saving."""
 
-# ---------------------------------------------------------------------------
-# Data: random windows from the token files that data.py writes
-
-
-class PretrainData:
-    """Token stream in train.bin / val.bin (np.memmap); a batch is B random windows of block_size + 1."""
-
-    def __init__(self, data_dir, block_size, model_vocab):
-        meta = load_meta(data_dir)  # checks meta.json against the .bin files
-        self.meta = meta
-        with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
-            self.tokenizer_spec = json.load(f)
-        if meta["vocab_size"] > model_vocab:
-            raise ConfigError(f"model config: vocab_size {model_vocab} is smaller than the data's tokenizer "
-                              f"vocabulary ({meta['vocab_size']} in {data_dir}/meta.json)")
-        self.split = {name: load_tokens(data_dir, name, meta) for name in ("train", "val")}
-        for name, arr in self.split.items():
-            if len(arr) < block_size + 2:
-                raise ConfigError(f"model config: block_size {block_size} needs more tokens than the "
-                                  f"{len(arr)} in {data_dir}/{name}.bin")
-        self.block_size = block_size
-
-    def num_windows(self, split):
-        return len(self.split[split]) - self.block_size - 1
-
-    def to_device(self, device):
-        """Copy both splits into device memory once: a batch is then gathered on the device, with no
-        per-step host work or transfer (worth it for corpora that fit, e.g. Tiny Shakespeare)."""
-        self.split = {k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(device) for k, v in self.split.items()}
-        self.offsets = torch.arange(self.block_size + 1, device=device)
-
-    def nbytes(self):
-        return sum(8 * len(v) for v in self.split.values())
-
-    def batch(self, split, starts):
-        """x, y as int64 [len(starts), block_size]; y is x shifted by one."""
-        arr, T = self.split[split], self.block_size
-        if isinstance(arr, torch.Tensor):  # on the device already
-            chunk = arr[starts.to(arr.device, non_blocking=True)[:, None] + self.offsets]
-            return chunk[:, :-1], chunk[:, 1:]
-        chunk = np.stack([arr[s:s + T + 1] for s in starts.tolist()]).astype(np.int64)
-        chunk = torch.from_numpy(chunk)
-        return chunk[:, :-1], chunk[:, 1:]
-
-    def eval_starts(self, n):
-        """A fixed set of n windows spread evenly over the val split: every evaluation sees the same data."""
-        return torch.linspace(0, self.num_windows("val"), n).long()
-
-
-class SFTData:
-    """Rows of block_size + 1 tokens with a loss mask (data.py sft); a batch is B random rows.
-    Targets whose mask is 0 (prompt, padding) become -1, which the loss ignores entirely.
-
-    Unshifted rows (meta.json "shifted": false; problem.py writes them for its bidirectional tasks
-    and for calc's auxiliary targets): {split}_targets.bin holds a second array shaped like
-    {split}.bin, and input position t is trained on target position t (not on the next input
-    token) wherever mask[t] is 1. A bidirectional row carries placeholders where the answer goes,
-    so the model never sees what it must predict.
-    The rows keep data.py's length of block_size + 1 (its size checks apply); the last column is unused."""
-
-    def __init__(self, data_dir, block_size, model_vocab):
-        meta = self.meta = load_sft_meta(data_dir)
-        if meta["block_size"] != block_size:
-            raise ConfigError(f"{data_dir} was made for block_size {meta['block_size']} but training uses {block_size} "
-                              "(train config seq_len, else the model's block_size): rebuild it with "
-                              f"python data.py sft --block-size {block_size}")
-        if meta["vocab_size"] > model_vocab:
-            raise ConfigError(f"model vocab_size {model_vocab} is smaller than the data's tokenizer ({meta['vocab_size']})")
-        if meta["rows"]["val"] == 0:
-            raise ConfigError(f"{data_dir} has no validation rows: rebuild with a larger --val-ratio")
-        with open(os.path.join(data_dir, meta["tokenizer"]), encoding="utf-8") as f:
-            self.tokenizer_spec = json.load(f)
-        self.split = {name: load_sft_rows(data_dir, name, meta) for name in ("train", "val")}
-        self.block_size = block_size
-        self.targets = None  # shifted: the targets are the rows themselves, one token on
-        if meta.get("shifted", True) is False:
-            self.targets = {}
-            for name, (ids, _) in self.split.items():
-                path = os.path.join(data_dir, f"{name}_targets.bin")
-                if not os.path.isfile(path) or os.path.getsize(path) != ids.nbytes:
-                    raise DataError(f"{path} should hold {ids.shape[0]:,} target rows like {name}.bin")
-                self.targets[name] = np.fromfile(path, dtype=ids.dtype).reshape(ids.shape)
-
-    def num_windows(self, split):
-        return len(self.split[split][0])
-
-    def batch(self, split, rows):
-        ids, mask = self.split[split]
-        order = rows.tolist()
-        x = torch.from_numpy(ids[order].astype(np.int64))
-        m = torch.from_numpy(mask[order].astype(bool))
-        if self.targets is not None:  # unshifted: position t is trained on target t
-            y = torch.from_numpy(self.targets[split][order].astype(np.int64))
-            return x[:, :-1], sft_targets(y[:, :-1], m[:, :-1])
-        return x[:, :-1], sft_targets(x[:, 1:], m[:, 1:])
-
-    def eval_starts(self, n):
-        return torch.arange(min(n, self.num_windows("val")))
-
-
-def sft_targets(next_tokens, mask):
-    """The SFT targets: the next token where the mask marks an answer token or its <|eos|>, else -1."""
-    return torch.where(mask, next_tokens, torch.full_like(next_tokens, -1))
-
-
-def open_data(data_dir, block_size, model_vocab):
-    """Pretraining windows or SFT rows, whichever data.py wrote in data_dir."""
-    try:
-        with open(os.path.join(data_dir, "meta.json"), encoding="utf-8") as f:
-            kind = json.load(f).get("kind", "pretrain")
-    except (OSError, ValueError, AttributeError):
-        kind = "pretrain"  # let load_meta explain what is wrong
-    cls = SFTData if kind == "sft" else PretrainData
-    return cls(data_dir, block_size, model_vocab)
-
-
-@torch.no_grad()
-def eval_loss(model, data, n, batch_size, autocast=nullcontext(), to_device=lambda t: t):
-    """Mean loss over the fixed validation set (n windows or rows); for SFT data only the answer
-    tokens count, so this is the held-out answer loss."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for chunk in data.eval_starts(n).split(batch_size):
-        x, y = data.batch("val", chunk)
-        n_targets = int((y >= 0).sum())
-        if n_targets == 0:  # a chunk of pure padding: its mean loss would be NaN
-            continue
-        with autocast:
-            _, loss = model(to_device(x), to_device(y))
-        total, count = total + loss.float() * n_targets, count + n_targets  # weight by targets
-    model.train(was_training)
-    return float(total / max(count, 1))
-
 
 # ---------------------------------------------------------------------------
-# Device, precision, distributed set-up
-
-
-def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
-
-
-def pick_dtype(name, device):
-    if name != "auto":
-        return name
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return "bfloat16"
-    return "float32"
-
-
-# Inductor setting behind train config compile_tuning (a torch.compile option): coordinate descent
-# tries neighbouring block sizes and warp counts for each generated kernel and keeps the fastest.
-
-
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def peak_flops_for(device, override):
-    if override:
-        return override
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_BF16_FLOPS.items():
-            if key in name:
-                return flops
-    return None  # unknown: MFU is not reported
-
-
-def init_distributed():
-    """Under torchrun (RANK/WORLD_SIZE set) join the process group; returns (rank, local_rank, world)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 0, 1
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return rank, local_rank, world
-
-
+# Where the run trains: processes, device, precision
 
 
 @dataclass
@@ -391,18 +211,49 @@ def cpu_threads():
     return max(1, min(cores, round(cores - busy)))
 
 
+def pick_device(name):
+    """The device of train config `device`, refused in one line if this machine has no such device."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train config: device {name!r} is not a device name (cpu, cuda, cuda:N, mps or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train config: device {name!r}, but this machine has no CUDA GPU (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train config: device {name!r}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train config: device {name!r}, but MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train config: device {name!r}: Nano trains on cpu, cuda or mps")
+    return name
+
+
+def pick_dtype(name, device):
+    if name != "auto":
+        return name
+    return "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+
+
 def setup_env(cfg):
-    """Join the process group under torchrun, pick the device and dtype, seed torch's RNG."""
+    """Join the process group under torchrun (RANK / WORLD_SIZE set), pick the device and dtype,
+    seed torch's RNG."""
     torch.set_num_threads(cpu_threads())
-    rank, local_rank, world = init_distributed()
     device = pick_device(cfg.device)
-    if device.startswith("cuda") and world > 1:
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    env = Env(rank, local_rank, world, device, pick_dtype(cfg.dtype, device))
+    rank, local_rank, world = 0, 0, 1
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
     if cfg.grad_accum % world:
-        raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the "
-                          f"number of processes ({world})")
+        raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
+                          f"processes ({world}): set --set grad_accum={world} (or a multiple of it)")
+    env = Env(rank, local_rank, world, device, pick_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; data sampling is shared (the sampler)
     if env.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -410,34 +261,41 @@ def setup_env(cfg):
     return env
 
 
-def check_devices(cfg, env, deepspeed):
-    """Refuse the train-config choices that this device or launcher cannot run; whether the step
-    goes through the fast path (fast.py)."""
-    where = f"device {env.device}, {env.world} processes{', DeepSpeed' if deepspeed else ''}"
+def check_devices(cfg, env, engine):
+    """Refuse the train-config choices that this device or launcher cannot run."""
+    where = f"device {env.device}, {env.world} processes, {engine.__name__}"
     fp8_device = env.device_type == "cpu" or (env.device_type == "cuda"
                                               and torch.cuda.get_device_capability(env.device) >= (8, 9))
-    if cfg.fp8 != "off" and (deepspeed or not fp8_device):  # (the CPU runs float8 products too: tests)
+    if cfg.fp8 != "off" and (engine is not TorchEngine or not fp8_device):  # (the CPU runs float8 too: tests)
         raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
                           f"or the CPU, and train.py or train_ddp.py (here: {where}); turn it off with --set fp8=off")
-    if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or deepspeed):
+    if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or engine is not TorchEngine):
         raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
                           "turn it off with --set cuda_graph=false")
-    if cfg.fast_path == "true" and deepspeed:
-        # ZeRO-3 gathers a module's parameters when that module runs: the fast path reads them itself
-        raise ConfigError("train config: fast_path does not run under DeepSpeed; use auto or false")
-    if cfg.fast_path == "auto":
-        return not deepspeed and (env.device_type == "cuda" or cfg.fp8 != "off")
-    return cfg.fast_path == "true"
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops_for(device, override):
+    if override:
+        return override
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return flops
+    return None  # unknown: MFU is not reported
 
 
 # ---------------------------------------------------------------------------
 # The model and its optimizer
 
 
-def starting_point(model_cfg, cfg, resume, deepspeed):
-    """The checkpoint to resume (or None), the base checkpoint (init_from, or None) and the model
-    config the run trains: the base's, else the resumed run's, else the one given."""
-    ck = load_training_state(resume) if (resume and not deepspeed) else None
+def starting_point(model_cfg, cfg, resume, engine):
+    """The state to resume (or None), the base checkpoint (init_from, or None) and the model config
+    the run trains: the base's, else the one given (load_configs already took a resumed run's)."""
+    ck = engine.resume_state(resume) if resume else None
     base = load_checkpoint(cfg.init_from) if cfg.init_from else None
     if base is not None:
         model_cfg = ModelConfig.from_dict(base["model_config"], f"{cfg.init_from}: model_config")
@@ -445,16 +303,14 @@ def starting_point(model_cfg, cfg, resume, deepspeed):
         model_cfg.dropout = cfg.dropout  # e.g. SFT with dropout on a base pretrained without
     if ck is not None:
         check_resume(ck, resume, cfg, model_cfg)
-    if resume and deepspeed:  # the shards restore later (restore_deepspeed); their configs are checked now
-        check_resume(deepspeed_meta(os.path.join(resume, "ds")), resume, cfg, model_cfg)
     return ck, base, model_cfg
 
 
 def build_model(model_cfg, cfg, env, base, ck, resume):
-    """The reference model on env.device: fresh (pretrain), or the base checkpoint's weights (sft,
-    lora and pretrain with init_from), with a resumed run's own weights on top; mode lora freezes
-    the base and adds adapters. Returns the model and, for lora, the identity of its base."""
-    check_memory(model_cfg, env)
+    """The model on env.device: fresh (pretrain), or the base checkpoint's weights (sft, lora and
+    pretrain with init_from), with a resumed run's own weights on top; mode lora freezes the base and
+    adds adapters. Returns the model and, for lora, the identity of its base."""
+    check_memory(model_cfg, cfg, env)
     # On a GPU the weights are made there: a multi-billion-parameter model (bench_multi_gpu.sh) would
     # otherwise spend minutes being initialised and copied from host memory, on every rank.
     with torch.device(env.device) if env.device_type == "cuda" else nullcontext():
@@ -468,28 +324,29 @@ def build_model(model_cfg, cfg, env, base, ck, resume):
         for p in model.parameters():
             p.requires_grad_(False)
         add_lora(model, cfg.lora_config())  # only the adapters train (and reach the optimizer)
-    if ck is not None:
-        if cfg.mode == "lora":
-            if ck.get("base", {}).get("fingerprint") != lora_base["fingerprint"]:
-                raise ConfigError(f"{resume} is an adapter for another base than {cfg.init_from}")
-            model.load_state_dict(ck["adapter"], strict=False)
-        else:
-            model.load_state_dict(ck["model"])
+    if ck is not None and cfg.mode == "lora":
+        if ck.get("base", {}).get("fingerprint") != lora_base["fingerprint"]:
+            raise ConfigError(f"{resume} is an adapter for another base than {cfg.init_from}")
+        model.load_state_dict(ck["adapter"], strict=False)
+    elif ck is not None and "model" in ck:  # (DeepSpeed restores its shards itself: TrainDS.restore)
+        model.load_state_dict(ck["model"])
     model.checkpoint_layers = cfg.activation_checkpointing
     return model.to(env.device), lora_base
 
 
-def check_memory(model_cfg, env):
-    """Refuse a model whose weights alone do not fit the device's memory, before allocating them
-    (training needs about four times as much more: gradients and AdamW's two moments)."""
-    need = 4 * model_cfg.num_params()  # float32 weights
+def check_memory(model_cfg, cfg, env):
+    """Refuse, before allocating anything, a run whose training state cannot fit: float32 weights,
+    their gradients and AdamW's two moments (16 bytes a parameter), and the batch of token ids."""
+    n = model_cfg.num_params()
+    need = 16 * n + 16 * cfg.batch_size * (cfg.seq_len or model_cfg.block_size)
     if env.device_type == "cuda":
         have, where = torch.cuda.get_device_properties(env.device).total_memory, f"{env.device} has"
     else:
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
     if need > have:
-        raise ConfigError(f"model config: {model_cfg.num_params():,} parameters need {need / 2 ** 30:,.1f} GiB for "
-                          f"their float32 weights alone; {where} {have / 2 ** 30:,.1f} GiB")
+        raise ConfigError(f"{n:,} parameters and a batch of {cfg.batch_size} need at least {need / 2 ** 30:,.1f} GiB "
+                          f"to train (weights, gradients and AdamW's moments in float32); {where} "
+                          f"{have / 2 ** 30:,.1f} GiB: a smaller model or batch_size")
 
 
 def lr_at(step, cfg: TrainConfig):
@@ -510,42 +367,16 @@ def param_groups(model, cfg: TrainConfig):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def make_optimizer(model, cfg: TrainConfig, device, capturable=False):
-    """AdamW over param_groups; fused on CUDA. `capturable`: its step can be recorded in a CUDA graph
-    (the step count stays on the GPU, and the learning rate is a GPU tensor that set_lr fills)."""
-    lr = torch.tensor(cfg.learning_rate, device=device) if capturable else cfg.learning_rate
+def make_optimizer(model, cfg: TrainConfig, device):
+    """AdamW over param_groups; fused on CUDA. Under cuda_graph its step is recorded in the graph:
+    `capturable` keeps the step count on the GPU, and the learning rate is a GPU tensor that set_lr
+    fills in place (a captured graph reads that tensor, so it sees each new value)."""
+    lr = torch.tensor(cfg.learning_rate, device=device) if cfg.cuda_graph else cfg.learning_rate
     return torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.startswith("cuda"), capturable=capturable)
-
-
-def clip_and_step(optimizer, params, grad_clip, scaler):
-    """Clip the gradients of `params` (a list) to a global norm of grad_clip (0: no clipping), take
-    the optimizer step and return the norm (None without clipping). Fused AdamW (CUDA) can divide
-    the gradients by a GPU scalar as it reads them (its `grad_scale`, the hook GradScaler uses), so
-    there the clipping factor goes in that way: no separate pass that reads and rewrites every
-    gradient. With a float16 loss scaler, GradScaler owns that hook and clip_grad_norm_ rescales."""
-    fold = optimizer.defaults.get("fused") and not scaler.is_enabled() and hasattr(torch.nn.utils, "get_total_norm")
-    if not (grad_clip > 0 and fold):  # (older torch has no get_total_norm: clip_grad_norm_ then)
-        grad_norm = None
-        if grad_clip > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        return grad_norm
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    # clip_grad_norm_ multiplies by grad_clip / (norm + 1e-6) where that is below 1: divide by its inverse
-    optimizer.grad_scale = torch.clamp((grad_norm + 1e-6) / grad_clip, min=1.0)
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale
-    return grad_norm
+                             fused=device.startswith("cuda"), capturable=cfg.cuda_graph)
 
 
 def set_lr(optimizer, lr):
-    """Set every group's learning rate; a tensor learning rate (capturable optimizer) is filled in place,
-    so that a captured CUDA graph, which reads that tensor, sees the new value."""
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):
             group["lr"].fill_(lr)
@@ -553,58 +384,32 @@ def set_lr(optimizer, lr):
             group["lr"] = lr
 
 
-
-def precision(env, cuda_graph):
-    """The float16 loss scaler (off for other dtypes) and the autocast context of env.dtype."""
-    scaler = torch.amp.GradScaler(env.device_type, enabled=(env.dtype == "float16"))
-    # (under cuda_graph without autocast's weight cache: a cache made during capture cannot outlive it)
-    autocast = (torch.autocast(env.device_type, dtype=getattr(torch, env.dtype), cache_enabled=not cuda_graph)
-                if env.dtype != "float32" else nullcontext())
-    return scaler, autocast
-
-
-def step_model(model, cfg, env, use_fast):
-    """What a training step calls: the reference model, or the fast path built from it
-    (fast.FastTransformer), compiled if asked, wrapped for DDP under torchrun."""
-    if use_fast:
-        model = fast.FastTransformer(model, cfg.fp8, cfg.fp8_fast_accum)
-        if cfg.fp8 in ("blocks", "all") and env.device_type == "cuda":
-            fast.cublaslt_without_workspace()
-    if cfg.compile:
-        model = torch.compile(model, options=fast.compile_options(cfg))
-    if env.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
-    return model
-
-
 # ---------------------------------------------------------------------------
-# One training run: its parts, and how it resumes
+# The training step
 
 
 @dataclass
 class Run:
-    """What one training run holds, for the functions below: configs, data, the model (the
-    reference, unwrapped) and what a step calls, the optimizer, and the progress that resume restores."""
+    """What one training run holds: configs, data, the model (unwrapped), the optimizer, the engine
+    that runs the step, and the progress that resume restores."""
     cfg: TrainConfig
     model_cfg: ModelConfig
     env: Env
-    data: object  # PretrainData or SFTData
+    data: object  # data.PretrainData or data.SFTData
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     autocast: object
     sampler: torch.Generator  # draws every batch: seeded the same on every rank
+    tokens_per_step: int  # batch_size x grad_accum x the window (seq_len, else block_size): counted once
+    flops_per_token: int  # for MFU; counted before ZeRO-3 partitions the parameters, as is n_params
+    n_params: int
+    n_trained: int
     lora_base: Optional[dict] = None
-    engine: object = None  # the DeepSpeed engine (train_ds.py), which then runs the model and the step
-    step_model: object = None  # what a step calls: the fast path, compiled, DDP or the DeepSpeed engine
+    engine: object = None  # TorchEngine, or train_ds.DeepSpeedEngine
     step: int = 0
     best_val: float = float("inf")
     tokens_seen: int = 0
-    data_on_device: bool = False  # the token files copied into GPU memory (train config data_on_device)
-    flops_per_token: int = 0  # for MFU; these three counted before ZeRO-3 partitions the parameters
-    n_params: int = 0
-    n_trainable: int = 0
+    data_on_device: bool = False
 
     def to_device(self, x):
         if x.device.type == self.env.device_type:
@@ -614,21 +419,94 @@ class Run:
         return x.to(self.env.device)
 
 
-def restore(run, ck):
-    """Continue from checkpoint ck: optimizer, loss scaler, progress, and the sampler's and this
-    rank's RNG state, so that the run goes on exactly as if it had not stopped."""
-    rank, optimizer = run.env.rank, run.optimizer
-    optimizer.load_state_dict(ck["optimizer"])
-    for group in optimizer.param_groups:  # a number, or a GPU tensor for a capturable optimizer
-        lr = float(group["lr"])
-        group["lr"] = torch.tensor(lr, device=run.env.device) if run.cfg.cuda_graph else lr
-    if ck.get("scaler"):
-        run.scaler.load_state_dict(ck["scaler"])
-    run.step, run.best_val, run.tokens_seen = ck["step"], ck["best_val_loss"], ck["tokens_seen"]
-    run.sampler.set_state(ck["rng"]["sampler"])
-    torch.set_rng_state(ck["rng"]["torch"][rank] if rank < len(ck["rng"]["torch"]) else ck["rng"]["torch"][0])
-    if run.env.device_type == "cuda" and ck["rng"].get("cuda"):
-        torch.cuda.set_rng_state(ck["rng"]["cuda"][min(rank, len(ck["rng"]["cuda"]) - 1)].cpu())
+class TorchEngine:
+    """How train_step's parts run in plain PyTorch, on one device or under DDP: the model as the step
+    calls it (speed.py's swaps, compiled, DDP-wrapped), the backward (through the float16 loss scaler
+    where there is one), clipping and the optimizer step, and checkpoints. train_ds.DeepSpeedEngine
+    has the same members for ZeRO-3."""
+    eval_on_every_rank = False  # evaluation runs on rank 0 alone
+
+    def __init__(self, run):
+        cfg, env = run.cfg, run.env
+        self.run, self.optimizer = run, run.optimizer
+        self.scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == "float16")
+        self.params = [p for p in run.model.parameters() if p.requires_grad]
+        speed.make_fast(run.model, cfg.fp8, fused_head=env.device_type == "cuda", fast_accum=cfg.fp8_fast_accum)
+        model = run.model
+        if cfg.compile:
+            model = torch.compile(model, options=speed.compile_options(cfg.compile_tuning))
+        if env.world > 1:
+            model = DistributedDataParallel(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+        self.model = model
+
+    def accumulating(self, more_to_come):
+        """DDP: sum the gradients of all but the last micro-batch locally, and sync once."""
+        return self.model.no_sync() if more_to_come and self.run.env.world > 1 else nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def clip_and_update(self):
+        """Clip the gradients to a global norm of grad_clip (0: not at all), take the optimizer step;
+        the norm before clipping (a tensor; None without clipping)."""
+        grad_norm = None
+        if self.run.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.run.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return grad_norm
+
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @staticmethod
+    def resume_path(arg, out_dir):
+        """--resume's checkpoint: out_dir/last.pt for a bare --resume, a run folder's last.pt, or the file."""
+        path = out_dir if arg == "auto" else arg
+        return os.path.join(path, "last.pt") if os.path.isdir(path) or arg == "auto" else path
+
+    @staticmethod
+    def resume_state(path):
+        return load_training_state(path)
+
+    def restore(self, ck, resume):
+        """Continue from checkpoint ck: optimizer, loss scaler, progress, and the sampler's and this
+        rank's RNG state, so that the run goes on exactly as if it had not stopped."""
+        run = self.run
+        self.optimizer.load_state_dict(ck["optimizer"])
+        for group in self.optimizer.param_groups:  # a number, or a GPU tensor for a capturable optimizer
+            group["lr"] = torch.tensor(float(group["lr"]), device=run.env.device) if run.cfg.cuda_graph \
+                else float(group["lr"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        restore_progress(run, ck["step"], ck["best_val_loss"], ck["tokens_seen"], ck["rng"]["sampler"],
+                         ck["rng"]["torch"], ck["rng"].get("cuda"))
+
+    def save(self, val_loss, best):
+        st = training_state(self.run, val_loss, self.optimizer.state_dict(),
+                            self.scaler.state_dict() if self.scaler.is_enabled() else None)
+        if self.run.env.master:
+            write_checkpoints(self.run, st, best)
+
+
+def train_step(run, batches):
+    """One optimizer step, whole: clear the gradients, forward and backward over this process's
+    micro-batches (each loss divided by their number, so the gradients add up to the mean's; DDP
+    then averages over the processes), clip, update. The mean loss and the gradient norm, as tensors
+    (reading them would wait for the GPU). speed.CudaGraphStep records exactly this function."""
+    engine = run.engine
+    engine.zero_grad()  # first: in a CUDA graph the backward then makes the gradients in the graph's memory
+    loss_sum = torch.zeros((), device=run.env.device)
+    for i, (x, y) in enumerate(batches):
+        with engine.accumulating(more_to_come=i < len(batches) - 1):
+            with run.autocast:
+                _, loss = engine.model(x, y)
+            loss = loss / len(batches)
+            engine.backward(loss)
+        loss_sum += loss.detach().float()
+    grad_norm = engine.clip_and_update()
+    return loss_sum, grad_norm
 
 
 def next_batches(run):
@@ -643,113 +521,55 @@ def next_batches(run):
     return [(run.to_device(x), run.to_device(y)) for x, y in batches]
 
 
-def evaluate(run):
-    return eval_loss(run.model, run.data, run.cfg.eval_iters * run.cfg.batch_size, run.cfg.batch_size,
-                     run.autocast, run.to_device)
-
-
-# ---------------------------------------------------------------------------
-# A training step: forward and backward over the micro-batches, clipping, the optimizer step
-
-
-def forward_backward(run, batches):
-    """The micro-steps of one optimizer step (this rank's share of grad_accum); the mean loss."""
-    cfg, world, model = run.cfg, run.env.world, run.step_model
-    loss_sum = torch.zeros((), device=run.env.device)
-    for micro, (x, y) in enumerate(batches):
-        if run.engine is not None:  # DeepSpeed scales for accumulation, syncs, clips and steps itself
-            _, loss = run.engine(x, y)
-            run.engine.backward(loss)
-            run.engine.step()
-            loss_sum += loss.detach().float() / cfg.grad_accum * world
+@torch.no_grad()
+def eval_loss(model, data, n, batch_size, autocast=nullcontext(), to_device=lambda t: t):
+    """Mean loss over the fixed validation set (n windows or rows); for SFT data only the answer
+    tokens count, so this is the held-out answer loss."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for chunk in data.eval_starts(n).split(batch_size):
+        x, y = data.batch("val", chunk)
+        n_targets = int((y >= 0).sum())
+        if n_targets == 0:  # a chunk of pure padding: its mean loss would be NaN
             continue
-        last_micro = micro == len(batches) - 1
-        with model.no_sync() if (world > 1 and not last_micro) else nullcontext():  # DDP: sync once
-            with run.autocast:
-                _, loss = model(x, y)
-            loss = loss / cfg.grad_accum * world  # DDP averages over ranks: this gives the global mean
-            run.scaler.scale(loss).backward()
-        loss_sum += loss.detach()
-    return loss_sum
+        with autocast:
+            _, loss = model(to_device(x), to_device(y))
+        total, count = total + loss.float() * n_targets, count + n_targets  # weight by targets
+    model.train(was_training)
+    return float(total / max(count, 1))
 
 
-def update(run, params):
-    """Clip and take the optimizer step (gradients are left for the caller to clear); the grad norm."""
-    if run.engine is not None:
-        grad_norm = run.engine.get_global_grad_norm()
-        return None if grad_norm is None else torch.as_tensor(float(grad_norm))
-    return clip_and_step(run.optimizer, params, run.cfg.grad_clip, run.scaler)
-
-
-def eager_step(run, params, batches):
-    """One optimizer step, run op by op: (mean loss, grad norm) as tensors."""
-    loss_sum = forward_backward(run, batches)
-    grad_norm = update(run, params)
-    if run.engine is None:  # (DeepSpeed's step clears its own)
-        run.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
-
-
-class CudaGraphStep:
-    """train config cuda_graph: the first WARMUP steps run eagerly on a side stream (compilation,
-    cuBLAS workspaces, optimizer state), then one whole step (every micro-step's forward and
-    backward, clipping, AdamW) is captured once and replayed: one launch per step instead of
-    hundreds of kernels, which is what a small model on a large GPU waits for. Replays read the
-    batch from fixed input buffers and write the gradients into the tensors made during capture, so
-    the gradients are not cleared between replays (the captured backward overwrites them)."""
-    WARMUP = 3
-
-    def __init__(self, run, params):
-        self.run, self.params = run, params
-        self.graph = self.inputs = self.outputs = None  # the graph, its input buffers and its outputs
-        self.eager_steps = 0
-        self.side_stream = torch.cuda.Stream()
-
-    def __call__(self, batches):
-        if self.graph is not None:
-            for (x, y), (gx, gy) in zip(batches, self.inputs):
-                gx.copy_(x, non_blocking=True)
-                gy.copy_(y, non_blocking=True)
-            self.graph.replay()
-        elif self.eager_steps < self.WARMUP:
-            self.eager_steps += 1
-            self.side_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.side_stream):
-                out = eager_step(self.run, self.params, batches)
-            torch.cuda.current_stream().wait_stream(self.side_stream)
-            return out
-        else:
-            torch.cuda.synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records, does not run: the replay below runs this step
-                self.outputs = (forward_backward(self.run, batches), update(self.run, self.params))
-            self.inputs = batches
-            self.graph.replay()
-        return self.outputs
+def evaluate(run):
+    """The validation loss, on rank 0 (under ZeRO-3 on every rank: its forward is a collective),
+    shared with every rank."""
+    val = None
+    if run.env.master or run.engine.eval_on_every_rank:
+        val = eval_loss(run.model, run.data, run.cfg.eval_iters * run.cfg.batch_size, run.cfg.batch_size,
+                        run.autocast, run.to_device)
+    if run.env.world > 1:
+        box = [val]
+        dist.broadcast_object_list(box, src=0)
+        val = box[0]
+    return val
 
 
 # ---------------------------------------------------------------------------
 # Checkpoints and logs
 
 
-def training_state(run, val_loss):
+def training_state(run, val_loss, optimizer_state, scaler_state):
     """The checkpoint dict of the run now: weights (or a LoRA run's adapters), configs, tokenizer,
     optimizer, scaler, progress and every RNG. A collective under DDP: every rank calls it."""
     cfg, env = run.cfg, run.env
-    rng_torch = [torch.get_rng_state()]
-    rng_cuda = [torch.cuda.get_rng_state()] if env.device_type == "cuda" else None
-    if env.world > 1:  # every rank's dropout RNG, so that resume continues each rank's stream
-        gathered = [None] * env.world
-        dist.all_gather_object(gathered, (rng_torch[0], rng_cuda[0] if rng_cuda else None))
-        rng_torch = [g[0] for g in gathered]
-        rng_cuda = [g[1] for g in gathered] if rng_cuda else None
+    rng_torch, rng_cuda = gather_rng(run)
     training = {
         "train_config": asdict(cfg), "tokenizer": run.data.tokenizer_spec,
         "data_meta": {k: run.data.meta[k] for k in ("fingerprint", "vocab_size")},
-        "optimizer": run.optimizer.state_dict(),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "optimizer": optimizer_state, "scaler": scaler_state,
         "step": run.step, "best_val_loss": run.best_val, "val_loss": val_loss, "tokens_seen": run.tokens_seen,
-        "rng": {"torch": rng_torch, "cuda": rng_cuda, "sampler": run.sampler.get_state()},
+        "rng": {"torch": rng_torch, "cuda": rng_cuda if env.device_type == "cuda" else None,
+                "sampler": run.sampler.get_state()},
     }
     if cfg.mode == "lora":  # adapter-only: the base stays where init_from points
         return adapter_checkpoint(run.model, run.lora_base["model_config"], run.lora_base["fingerprint"],
@@ -758,20 +578,28 @@ def training_state(run, val_loss):
             "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, **training}
 
 
-def save(run, val_loss=None, best=False):
-    """Write last.pt (and best.pt, a LoRA run's adapter.pt, step_N.pt where due); never weights that
-    are no longer finite (a diverged run keeps its last good checkpoint)."""
+def gather_rng(run):
+    """Every rank's torch (and CUDA) RNG state, so that resume continues each rank's dropout stream."""
+    mine = (torch.get_rng_state(), torch.cuda.get_rng_state() if run.env.device_type == "cuda" else None)
+    states = [mine]
+    if run.env.world > 1:
+        states = [None] * run.env.world
+        dist.all_gather_object(states, mine)
+    return [s[0] for s in states], [s[1] for s in states]
+
+
+def restore_progress(run, step, best_val, tokens_seen, sampler_state, torch_rngs, cuda_rngs=None):
+    """The progress and RNG streams of a checkpoint, this rank's own where it has one."""
+    run.step, run.best_val, run.tokens_seen = step, best_val, tokens_seen
+    run.sampler.set_state(sampler_state)
+    torch.set_rng_state(torch_rngs[min(run.env.rank, len(torch_rngs) - 1)])
+    if run.env.device_type == "cuda" and cuda_rngs and cuda_rngs[0] is not None:
+        torch.cuda.set_rng_state(cuda_rngs[min(run.env.rank, len(cuda_rngs) - 1)].cpu())
+
+
+def write_checkpoints(run, st, best):
+    """last.pt, and best.pt, a LoRA run's adapter.pt and step_N.pt where due (rank 0)."""
     cfg = run.cfg
-    if not cfg.save_checkpoints:
-        return
-    if not all(torch.isfinite(p).all() for p in run.model.parameters() if p.requires_grad):
-        raise Diverged(f"step {run.step}: the weights are no longer finite (NaN or infinity): the run diverged; "
-                       f"{cfg.out_dir}/last.pt is left as it was (lower learning_rate, or check the data)")
-    if run.engine is not None:
-        return save_deepspeed(run, val_loss, best)
-    st = training_state(run, val_loss)
-    if not run.env.master:
-        return
     make_folder(cfg.out_dir)
     save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
     if best:
@@ -783,74 +611,15 @@ def save(run, val_loss=None, best=False):
         save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{run.step}.pt"))
 
 
-class Logger:
-    """Plain-text log (out_dir/train.log) plus TensorBoard scalars; only the master process writes."""
-
-    def __init__(self, out_dir, enabled, tensorboard):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        make_folder(out_dir)
-        path = os.path.join(out_dir, "train.log")
-        try:
-            self.file = open(path, "a", encoding="utf-8")
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror.lower()}") from None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-
-    def line(self, text):
-        if self.enabled:
-            print(text, flush=True)
-            self.file.write(text + "\n")
-            self.file.flush()
-
-    def scalars(self, step, **values):
-        if self.tb is not None:
-            for k, v in values.items():
-                if v is not None:
-                    self.tb.add_scalar(k, v, step)
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-            if self.tb is not None:
-                self.tb.close()
-
-
-class Throughput:
-    """Tokens/s and ms/step over the steps since the last log line (evaluation time left out)."""
-
-    def __init__(self, step):
-        self.reset(step)
-
-    def reset(self, step):
-        self.time, self.step = time.time(), step
-
-    def measure(self, step, tokens_per_step):
-        dt, steps = time.time() - self.time, max(1, step - self.step)
-        self.reset(step)
-        return steps * tokens_per_step / max(dt, 1e-9), 1000 * dt / steps
-
-
-def log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats):
-    """The step's log line and TensorBoard scalars (.item() syncs with the GPU: only at log time)."""
-    if run.env.world > 1:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    loss = loss_sum.item()
-    tokens_per_step = run.cfg.batch_size * run.cfg.grad_accum * run.data.block_size
-    tok_s, ms = throughput.measure(run.step, tokens_per_step)
-    mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None  # per device
-    gn = grad_norm.item() if grad_norm is not None else None
-    check_finite_progress(run, loss=loss, grad_norm=gn)
-    log.line(f"step {run.step} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {gn if gn is None else f'{gn:.3f}'} | "
-             f"{tok_s:,.0f} tok/s | {ms:.1f} ms/step" + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""))
-    log.scalars(run.step, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
-                             "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
-    if stats is not None:
-        stats.append({"step": run.step, "loss": loss, "tokens_per_sec": tok_s, "ms_per_step": ms, "mfu": mfu})
+def save(run, val_loss=None, best=False):
+    """Checkpoint the run (engine.save); never weights that are no longer finite (a diverged run
+    keeps its last good checkpoint)."""
+    if not run.cfg.save_checkpoints:
+        return
+    if not all(torch.isfinite(p).all() for p in run.model.parameters() if p.requires_grad):
+        raise Diverged(f"step {run.step}: the weights are no longer finite (NaN or infinity): the run diverged; "
+                       f"{run.cfg.out_dir}/last.pt is left as it was (lower learning_rate, or check the data)")
+    run.engine.save(val_loss, best)
 
 
 def check_finite_progress(run, **values):
@@ -863,141 +632,78 @@ def check_finite_progress(run, **values):
                        "is left as it was (lower learning_rate, raise warmup_iters, or check the data)")
 
 
-def eval_and_save(run, log):
-    """Evaluate (rank 0; under ZeRO-3 every rank, a collective forward), log, checkpoint as the
-    config says; whether the run reached its target_val_loss."""
-    cfg = run.cfg
-    val = evaluate(run) if (run.env.master or run.engine is not None) else None
+class Logger:
+    """Plain-text log (out_dir/train.log) plus TensorBoard scalars; only the master process writes.
+    A log that cannot be written (a full disk) stops the run with one line (OutputError)."""
+
+    def __init__(self, out_dir, enabled, tensorboard):
+        self.enabled, self.tb, self.path = enabled, None, os.path.join(out_dir, "train.log")
+        if not enabled:
+            return
+        make_folder(out_dir)
+        try:
+            self.file = open(self.path, "a", encoding="utf-8")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # (a second to import: only when asked)
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        except OSError as e:
+            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def line(self, text):
+        if self.enabled:
+            print(text, flush=True)
+            try:
+                self.file.write(text + "\n")
+                self.file.flush()
+            except OSError as e:
+                raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+    def scalars(self, step, **values):
+        if self.tb is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self):
+        if self.enabled:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # (a full disk: what could be written was, and the run already said so)
+            if self.tb is not None:
+                self.tb.close()
+
+
+def log_step(run, log, lr, loss_sum, grad_norm, timer, stats):
+    """The step's log line and TensorBoard scalars (.item() waits for the GPU: only at log time):
+    loss, learning rate, gradient norm, throughput, MFU, and the time left at this pace."""
     if run.env.world > 1:
-        box = [val]
-        dist.broadcast_object_list(box, src=0)
-        val = box[0]
-    check_finite_progress(run, val_loss=val)
-    best = val < run.best_val
-    run.best_val = min(run.best_val, val)
-    log.line(f"eval step {run.step} | val loss {val:.4f} | best {run.best_val:.4f} | "
-             f"{time.time() - PROCESS_START:.1f} s since start")
-    log.scalars(run.step, **{"val/loss": val})
-    reached = cfg.target_val_loss is not None and val <= cfg.target_val_loss
-    if cfg.save_on_eval or run.step == cfg.max_iters or reached:
-        save(run, val, best)
-    if reached:
-        log.line(f"reached target val loss {cfg.target_val_loss} at step {run.step}, "
-                 f"{time.time() - PROCESS_START:.1f} s after process start")
-    return reached
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    loss = loss_sum.item()
+    gn = grad_norm.item() if grad_norm is not None else None
+    check_finite_progress(run, loss=loss, grad_norm=gn)
+    dt, steps = time.time() - timer["time"], max(1, run.step - timer["step"])
+    timer.update(time=time.time(), step=run.step)
+    tok_s, ms = steps * run.tokens_per_step / max(dt, 1e-9), 1000 * dt / steps
+    peak = peak_flops_for(run.env.device, run.cfg.peak_flops)
+    mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None
+    eta = (run.cfg.max_iters - run.step) * ms / 1000
+    log.line(f"step {run.step}/{run.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
+             f"{gn if gn is None else f'{gn:.3f}'} | {tok_s:,.0f} tok/s | {ms:.1f} ms/step"
+             + (f" | mfu {100 * mfu:.1f}%" if mfu is not None else "") + f" | eta {format_duration(eta)}")
+    log.scalars(run.step, **{"train/loss": loss, "train/lr": lr, "train/grad_norm": gn,
+                             "perf/tokens_per_sec": tok_s, "perf/mfu": mfu})
+    if stats is not None:
+        stats.append({"step": run.step, "loss": loss, "tokens_per_sec": tok_s, "ms_per_step": ms, "mfu": mfu})
+
+
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------
-# DeepSpeed ZeRO-3 (train_ds.py): the engine runs the model, the backward and the optimizer step
-
-
-def deepspeed_batch_config(ds, cfg: TrainConfig, world):
-    """Fill DeepSpeed's batch fields from the train config ("auto" or absent), and refuse a config
-    whose fields disagree with each other or with it: train_batch_size = micro x accumulation x world."""
-    ds = dict(ds)
-    micro, accum = cfg.batch_size, cfg.grad_accum // world
-    want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
-            "train_batch_size": micro * accum * world}
-    given = {k: ds[k] for k in want if k in ds and ds[k] != "auto"}
-    for k, v in given.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            raise ConfigError(f"ds_config: {k} must be a positive integer or \"auto\", got {v!r}")
-    if len(given) == 3 and given["train_batch_size"] != (given["train_micro_batch_size_per_gpu"]
-                                                         * given["gradient_accumulation_steps"] * world):
-        raise ConfigError(
-            f"ds_config: train_batch_size ({given['train_batch_size']}) must equal train_micro_batch_size_per_gpu "
-            f"({given['train_micro_batch_size_per_gpu']}) x gradient_accumulation_steps "
-            f"({given['gradient_accumulation_steps']}) x world size ({world})")
-    for k, v in given.items():
-        if v != want[k]:
-            raise ConfigError(f"ds_config: {k} is {v}, but the train config (batch_size {micro}, grad_accum "
-                              f"{cfg.grad_accum} over {world} processes) means {want[k]}: make them agree, or "
-                              f"set it to \"auto\"")
-    ds.update(want)
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = cfg.grad_clip
-    ds.setdefault("zero_force_ds_cpu_optimizer", False)  # Nano's AdamW (decay groups) also under offload
-    ds.setdefault("steps_per_print", 10 ** 9)  # Nano logs; DeepSpeed's own step lines would repeat it
-    return ds
-
-
-def deepspeed_meta(ds_dir):
-    """The configs and tokenizer save_deepspeed writes beside the shards (ds/nano.json)."""
-    try:
-        with open(os.path.join(ds_dir, "nano.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{ds_dir} is not a Nano DeepSpeed checkpoint (nano.json: {e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise ConfigError(f"{ds_dir}/nano.json: expected an object with model_config, train_config and tokenizer")
-    return meta
-
-
-def consolidate_deepspeed(ds_dir, tag="last"):
-    """Nano's plain checkpoint (fp32 weights + configs + tokenizer) from a ZeRO checkpoint's shards."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    meta = deepspeed_meta(ds_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag)
-    return {"format": "nano-checkpoint", "version": 1, "model_config": meta["model_config"],
-            "tokenizer": meta["tokenizer"], "train_config": meta["train_config"],
-            "model": {k: v.detach().float().contiguous().cpu() for k, v in state.items()}}
-
-
-
-def deepspeed_engine(run, ds_config):
-    """Hand the model (and Nano's optimizer, unless the config names DeepSpeed's own) to a
-    DeepSpeed engine; the run then trains in the engine's precision."""
-    import deepspeed
-    if run.cfg.mode == "lora":
-        raise ConfigError("LoRA trains a few parameters and gains nothing from ZeRO-3: use train.py or train_ddp.py")
-    ds_config = deepspeed_batch_config(ds_config, run.cfg, run.env.world)
-    if "optimizer" in ds_config:  # DeepSpeed's own (e.g. its CPU Adam when the optimizer is offloaded)
-        run.engine, run.optimizer, _, _ = deepspeed.initialize(
-            model=run.model, model_parameters=param_groups(run.model, run.cfg), config=ds_config)
-    else:
-        run.engine, run.optimizer, _, _ = deepspeed.initialize(model=run.model, optimizer=run.optimizer,
-                                                               config=ds_config)
-    run.env.dtype = "bfloat16" if ds_config.get("bf16", {}).get("enabled") else (
-        "float16" if ds_config.get("fp16", {}).get("enabled") else "float32")
-    run.autocast = nullcontext()  # the engine keeps the model in its own precision
-    run.step_model = run.engine
-
-
-def restore_deepspeed(run, out_dir):
-    """Resume from DeepSpeed's own sharded checkpoint in out_dir/ds (model, optimizer, ...)."""
-    _, client = run.engine.load_checkpoint(os.path.join(out_dir, "ds"), tag="last")
-    if client is None:
-        raise ConfigError(f"no DeepSpeed checkpoint to resume in {out_dir}/ds")
-    run.step, run.best_val, run.tokens_seen = client["step"], client["best_val_loss"], client["tokens_seen"]
-    run.sampler.set_state(client["sampler"])
-    torch.set_rng_state(client["torch_rng"][min(run.env.rank, len(client["torch_rng"]) - 1)])
-
-
-def save_deepspeed(run, val_loss, best):
-    """Every rank writes its shard (resumable); rank 0 then consolidates Nano's plain checkpoint."""
-    cfg, world = run.cfg, run.env.world
-    ds_dir = os.path.join(cfg.out_dir, "ds")
-    rngs = [None] * world
-    dist.all_gather_object(rngs, torch.get_rng_state())
-    client = {"step": run.step, "best_val_loss": run.best_val, "tokens_seen": run.tokens_seen,
-              "sampler": run.sampler.get_state(), "torch_rng": rngs}
-    run.engine.save_checkpoint(ds_dir, tag="last", client_state=client)
-    dist.barrier()  # all shards on disk before rank 0 reads them
-    if not run.env.master:
-        return
-    write_json({"model_config": run.model_cfg.to_dict(), "tokenizer": run.data.tokenizer_spec,
-                "train_config": asdict(cfg)}, os.path.join(ds_dir, "nano.json"))
-    st = consolidate_deepspeed(ds_dir, "last")
-    st.update(step=run.step, val_loss=val_loss, best_val_loss=run.best_val, tokens_seen=run.tokens_seen)
-    save_checkpoint(st, os.path.join(cfg.out_dir, "last.pt"))
-    if best:
-        save_checkpoint(st, os.path.join(cfg.out_dir, "best.pt"))
-    if cfg.save_interval and run.step % cfg.save_interval == 0:
-        save_checkpoint(st, os.path.join(cfg.out_dir, f"step_{run.step}.pt"))
-
-
-# ---------------------------------------------------------------------------
-# The training loop
+# The run: set-up, then the loop
 
 
 RUN_FILES = ("last.pt", "best.pt", "adapter.pt", "train.log", "step_*.pt")
@@ -1054,21 +760,21 @@ class StopSignals:
         return bool(flag.item())
 
 
-def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
+def prepare(model_cfg, cfg, resume, engine, overwrite=False):
     """Everything a run needs before its first step (the Run), from the configs, the data and, when
     resuming, the checkpoint."""
     cfg.validate()
     env = setup_env(cfg)
     if not resume and cfg.save_checkpoints and env.master:
         keep_old_run(cfg.out_dir, overwrite)
-    deepspeed = ds_config is not None
-    use_fast = check_devices(cfg, env, deepspeed)
-    ck, base, model_cfg = starting_point(model_cfg, cfg, resume, deepspeed)
+    check_devices(cfg, env, engine)
+    ck, base, model_cfg = starting_point(model_cfg, cfg, resume, engine)
     if cfg.seq_len is not None and cfg.seq_len > model_cfg.block_size:
         raise ConfigError(f"train config: seq_len {cfg.seq_len} exceeds the model's block_size {model_cfg.block_size}")
     data = open_data(cfg.data_dir, cfg.seq_len or model_cfg.block_size, model_cfg.vocab_size)
     if ck is not None and (ck.get("tokenizer") != data.tokenizer_spec
-                           or ck.get("data_meta", {}).get("fingerprint") != data.meta.get("fingerprint")):
+                           or ck.get("data_meta", {}).get("fingerprint", data.meta.get("fingerprint"))
+                           != data.meta.get("fingerprint")):
         raise ConfigError(f"--resume {resume}: {cfg.data_dir} holds other data than the run was trained on "
                           f"(tokenizer or token files differ from those recorded in the checkpoint): point data_dir "
                           f"at the run's own dataset ({ck.get('train_config', {}).get('data_dir')})")
@@ -1077,22 +783,18 @@ def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
                           f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
     model, lora_base = build_model(model_cfg, cfg, env, base, ck, resume)
     del base
-    optimizer = make_optimizer(model, cfg, env.device, capturable=cfg.cuda_graph)
-    scaler, autocast = precision(env, cfg.cuda_graph)
-    run = Run(cfg, model_cfg, env, data, model, optimizer, scaler, autocast,
+    autocast = (torch.autocast(env.device_type, dtype=getattr(torch, env.dtype), cache_enabled=not cfg.cuda_graph)
+                if env.dtype != "float32" else nullcontext())  # (a weight cache made in a capture cannot outlive it)
+    run = Run(cfg, model_cfg, env, data, model, make_optimizer(model, cfg, env.device), autocast,
               sampler=torch.Generator().manual_seed(cfg.seed), lora_base=lora_base,
-              flops_per_token=model.flops_per_token(cfg.seq_len), n_params=model.num_params(),
-              n_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    if deepspeed:
-        deepspeed_engine(run, ds_config)
+              tokens_per_step=cfg.batch_size * cfg.grad_accum * data.block_size,
+              flops_per_token=model.flops_per_token(data.block_size), n_params=model.num_params(),
+              n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    run.engine = engine(run)
     if ck is not None:
-        restore(run, ck)
-    if deepspeed and resume:
-        restore_deepspeed(run, resume)
-    if not deepspeed:
-        run.step_model = step_model(model, cfg, env, use_fast)
-    on_device = {"true": True, "false": False}.get(cfg.data_on_device)
-    if on_device is None:
+        run.engine.restore(ck, resume)
+    on_device = cfg.data_on_device
+    if on_device == "auto":
         on_device = env.device_type == "cuda" and isinstance(data, PretrainData) and data.nbytes() < 2 ** 30
     if on_device:
         data.to_device(env.device)
@@ -1100,37 +802,68 @@ def prepare(model_cfg, cfg, resume, ds_config, overwrite=False):
     return run
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, ds_config=None,
-          stats=None, profiler=None, overwrite=False):
-    """Train and return the final (unwrapped) model. `resume`: a checkpoint path whose full state
+def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, quiet=False, stats=None,
+          profiler=None, overwrite=False, engine=TorchEngine):
+    """Train and return the final model (unwrapped). `resume`: a checkpoint path whose full state
     (model, optimizer, scaler, step, RNG, sampler) is restored; `stop_at`: end after this step as
-    if interrupted (last.pt is written), e.g. to split a run in two. `ds_config`: a DeepSpeed config
-    dict (train_ds.py): the model is handed to a DeepSpeed engine (ZeRO-3) that does the backward,
-    the gradient sync and the optimizer step; `resume` is then the run's out_dir. `stats`: a list
-    that receives one dict per log line (step, loss, tokens/s, ms/step, mfu): bench.py reads it;
-    `profiler`: a torch.profiler.profile whose step() is called after every optimizer step;
-    `overwrite`: a fresh run may replace the run already in out_dir (else that is refused)."""
+    if interrupted (last.pt is written), e.g. to split a run in two; `stats`: a list that receives
+    one dict per log line (step, loss, tokens/s, ms/step, mfu), which bench.py reads; `profiler`: a
+    torch.profiler.profile whose step() is called after every optimizer step; `overwrite`: a fresh
+    run may replace the run already in out_dir (else that is refused); `engine`: TorchEngine, or
+    train_ds.DeepSpeedEngine (ZeRO-3; `resume` is then the run's out_dir)."""
     with StopSignals() as signals:  # from here Ctrl-C asks to stop at a step boundary
-        run = prepare(model_cfg, cfg, resume, ds_config, overwrite)
+        run = prepare(model_cfg, cfg, resume, engine, overwrite)
         env = run.env
         log = Logger(cfg.out_dir, env.master and not quiet, cfg.tensorboard)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
-        log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {run.n_trainable / 1e6:.3f}M "
-                 f"trained | device {env.device} {env.dtype} | world {env.world} | {tokens_per_step} tokens/step | "
+        log.line(f"mode {cfg.mode} | model: {run.n_params / 1e6:.2f}M parameters, {run.n_trained / 1e6:.3f}M trained | device "
+                 f"{env.device} {env.dtype} | world {env.world} | {run.tokens_per_step} tokens/step | "
                  f"{'resume from ' + resume + ' at step ' + str(run.step) if resume else 'fresh start'}, "
                  f"to step {cfg.max_iters}")
         if cfg.mode in ("sft", "lora") and run.step == 0:
             # the base model's held-out answer loss: the "before" that fine-tuning is measured against
-            val0 = evaluate(run) if (env.master or run.engine is not None) else None
-            if val0 is not None:
-                log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
-                log.scalars(0, **{"val/loss": val0})
-        params = list(run.model.parameters())  # what clipping measures
-        take_step = CudaGraphStep(run, params) if cfg.cuda_graph else lambda batches: eager_step(run, params, batches)
-        run.step_model.train()
+            val0 = evaluate(run)
+            log.line(f"eval step 0 | val loss {val0:.4f} | before fine-tuning")
+            log.scalars(0, **{"val/loss": val0})
+        step = lambda batches: train_step(run, batches)  # noqa: E731
+        if cfg.cuda_graph:
+            step = speed.CudaGraphStep(step)
+        run.engine.model.train()
+        stopped = None
+        timer = {"time": time.time(), "step": run.step}  # tokens/s over the steps since the last log line
+        log_now = False
         try:
-            stopped = loop(run, log, signals, take_step, peak_flops_for(env.device, cfg.peak_flops), stats,
-                           profiler, stop_at)
+            while run.step < cfg.max_iters:
+                if signals.agreed(run, log_now):  # at a step boundary: the state after the last step
+                    log.line(f"{signal.Signals(signals.received).name} at step {run.step}: writing "
+                             f"{cfg.out_dir}/last.pt; continue with --resume")
+                    save(run)
+                    stopped = signals.received
+                    break
+                lr = lr_at(run.step, cfg)
+                set_lr(run.optimizer, lr)
+                loss_sum, grad_norm = step(next_batches(run))
+                if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
+                    profiler.step()
+                run.step += 1
+                run.tokens_seen += run.tokens_per_step
+
+                log_now = run.step % cfg.log_interval == 0 or run.step == cfg.max_iters
+                if log_now:
+                    log_step(run, log, lr, loss_sum, grad_norm, timer, stats)
+                saved = False
+                if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
+                    if eval_and_save(run, log):
+                        break  # reached target_val_loss
+                    saved = cfg.save_on_eval or run.step == cfg.max_iters
+                    timer.update(time=time.time(), step=run.step)  # evaluation time is not training throughput
+                elif cfg.save_interval and run.step % cfg.save_interval == 0:
+                    save(run)
+                    saved = True
+                if stop_at is not None and stop_at <= run.step < cfg.max_iters:
+                    if not saved:
+                        save(run)
+                    log.line(f"stopped at step {run.step} (--stop-at); continue with --resume")
+                    break
         except KeyboardInterrupt:  # a second signal: stop now
             log.line(f"interrupted again at step {run.step}: stopped without saving; the last checkpoint in "
                      f"{cfg.out_dir} is whole")
@@ -1142,45 +875,23 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, resume=None, stop_at=None, q
     return run.model
 
 
-def loop(run, log, signals, take_step, peak, stats, profiler, stop_at):
-    """The steps from run.step to max_iters (or an earlier stop); the signal that stopped it, if any."""
+def eval_and_save(run, log):
+    """Evaluate, log, checkpoint as the config says; whether the run reached its target_val_loss."""
     cfg = run.cfg
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * run.model_cfg.block_size
-    throughput = Throughput(run.step)
-    log_now = False
-    while True:
-        if signals.agreed(run, log_now):  # at a step boundary: the state after the last step
-            log.line(f"{signal.Signals(signals.received).name} at step {run.step}: writing {cfg.out_dir}/last.pt; "
-                     "continue with --resume")
-            save(run)
-            return signals.received
-        if run.step >= cfg.max_iters:
-            return None
-        lr = lr_at(run.step, cfg)
-        set_lr(run.optimizer, lr)
-        loss_sum, grad_norm = take_step(next_batches(run))
-        if profiler is not None:  # bench.py --profile: a torch.profiler schedule counts steps
-            profiler.step()
-        run.step += 1
-        run.tokens_seen += tokens_per_step
-
-        log_now = run.step % cfg.log_interval == 0 or run.step == cfg.max_iters
-        if log_now:
-            log_step(run, log, lr, loss_sum, grad_norm, throughput, peak, stats)
-        saved = False
-        if run.step % cfg.eval_interval == 0 or run.step == cfg.max_iters:
-            if eval_and_save(run, log):
-                return None  # reached target_val_loss
-            saved = cfg.save_on_eval or run.step == cfg.max_iters
-            throughput.reset(run.step)  # evaluation time is not training throughput
-        elif cfg.save_interval and run.step % cfg.save_interval == 0:
-            save(run)
-            saved = True
-        if stop_at is not None and stop_at <= run.step < cfg.max_iters:
-            if not saved:
-                save(run)
-            log.line(f"stopped at step {run.step} (--stop-at); continue with --resume")
-            return None
+    val = evaluate(run)
+    check_finite_progress(run, val_loss=val)
+    best = val < run.best_val
+    run.best_val = min(run.best_val, val)
+    log.line(f"eval step {run.step} | val loss {val:.4f} | best {run.best_val:.4f} | "
+             f"{time.time() - PROCESS_START:.1f} s since start")
+    log.scalars(run.step, **{"val/loss": val})
+    reached = cfg.target_val_loss is not None and val <= cfg.target_val_loss
+    if cfg.save_on_eval or run.step == cfg.max_iters or reached:
+        save(run, val, best)
+    if reached:
+        log.line(f"reached target val loss {cfg.target_val_loss} at step {run.step}, "
+                 f"{time.time() - PROCESS_START:.1f} s after process start")
+    return reached
 
 
 # ---------------------------------------------------------------------------
@@ -1209,15 +920,15 @@ def parse_settings(items):
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             out[key] = value
     return out
 
 
-def load_configs(args, deepspeed=False):
+def load_configs(args, engine=TorchEngine):
     """The model and train configs of the command line, and the checkpoint path to resume from (or
     None). --resume continues the run it finds with that run's own configs; -m, -t and --set given
-    beside it are checked against them (train(): check_resume)."""
+    beside it are checked against them (starting_point: check_resume)."""
     model_path = args.model or "config/model.json"
     train_path = args.train or "config/pretrain.json"
     model_cfg = load_json(model_path, ModelConfig)
@@ -1225,12 +936,11 @@ def load_configs(args, deepspeed=False):
     if not isinstance(raw, dict):
         raise ConfigError(f"{train_path}: expected a JSON object")
     overrides = parse_settings(args.set)
-    train_cfg = dataclass_from_dict(TrainConfig, {**raw, **overrides}, train_path)
-    resume = args.resume
-    if resume == "auto":
-        resume = train_cfg.out_dir if deepspeed else os.path.join(train_cfg.out_dir, "last.pt")
+    where = f"{train_path} with --set {' '.join(args.set)}" if overrides else train_path  # where a bad key came from
+    train_cfg = dataclass_from_dict(TrainConfig, {**raw, **overrides}, where)
+    resume = engine.resume_path(args.resume, train_cfg.out_dir) if args.resume else None
     if resume:
-        ck = deepspeed_meta(os.path.join(resume, "ds")) if deepspeed else load_training_state(resume)
+        ck = engine.resume_state(resume)
         if not args.model:
             model_cfg = ModelConfig.from_dict(ck["model_config"], f"{resume}: model_config")
         if not args.train:
@@ -1243,21 +953,23 @@ def main(argv=None):
     cli(build_parser().parse_args(argv))
 
 
-def cli(args, load_ds_config=None):
-    """Load the configs named on the command line and train; user errors exit with code 2."""
+def cli(args, engine=TorchEngine):
+    """Load the configs named on the command line and train; user errors exit with code 2 and one line."""
     code = 0
     try:
-        ds_config = load_ds_config() if load_ds_config else None
-        model_cfg, train_cfg, resume = load_configs(args, deepspeed=ds_config is not None)
-        train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at, ds_config=ds_config, overwrite=args.overwrite)
+        model_cfg, train_cfg, resume = load_configs(args, engine)
+        train(model_cfg, train_cfg, resume=resume, stop_at=args.stop_at, overwrite=args.overwrite, engine=engine)
         if dist.is_initialized():
             dist.barrier()  # rank 0 may still be writing its checkpoint: leave together
-    except (ConfigError, DataError, TokenizerError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         code = 3
+    except NanoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    except RecursionError:
+        print("error: a config nests too deeply to read", file=sys.stderr)
+        code = 2
     except KeyboardInterrupt:  # a second Ctrl-C before the loop began
         print("interrupted", file=sys.stderr)
         code = 130

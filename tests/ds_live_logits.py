@@ -17,8 +17,9 @@ from model import ModelConfig  # noqa: E402
 model_json, train_json, ds_json, out = sys.argv[1:5]
 model_cfg = load_json(model_json, ModelConfig)
 args = train.build_parser().parse_args(["-m", model_json, "-t", train_json])
-_, train_cfg, _ = train.load_configs(args, deepspeed=True)
-model = train.train(model_cfg, train_cfg, ds_config=train_ds.load_ds_config(ds_json), quiet=True)
+engine = train_ds.deepspeed_engine(train_ds.load_ds_config(ds_json))
+_, train_cfg, _ = train.load_configs(args, engine)
+model = train.train(model_cfg, train_cfg, engine=engine, quiet=True)
 model.eval()
 with torch.no_grad():
     logits, _ = model(torch.arange(1, 17).view(1, 16) % model_cfg.vocab_size)  # collective: every rank

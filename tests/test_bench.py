@@ -31,26 +31,6 @@ def test_bench_measures_the_training_loop_and_profiles_it(tmp_path, capsys):
     assert any(e.get("ph") == "X" and "mm" in e.get("name", "") for e in events)
 
 
-def test_bench_sets_kernel_settings_and_refuses_unknown_ones(tmp_path, monkeypatch, capsys):
-    # --kernels-set: kernels.py's settings for an end-to-end before/after; --no-kernels: none of them
-    import pytest
-    import kernels
-    for name in ("COLS", "HARDWARE_FLOAT8", "available"):
-        monkeypatch.setattr(kernels, name, getattr(kernels, name))  # restored after the test
-    model_file = tmp_path / "model.json"
-    model_file.write_text(json.dumps(dict(block_size=32, vocab_size=64, n_layer=1, n_embd=32, n_head=4, n_hidden=64)))
-    common = ["-m", str(model_file), "-b", "2", "--steps", "2", "--warmup", "1", "--log-interval", "1", "--device", "cpu"]
-    result = bench.main(common + ["--kernels-set", "COLS=128", "HARDWARE_FLOAT8=false"])
-    assert kernels.COLS == 128 and kernels.HARDWARE_FLOAT8 is False
-    assert result["kernels_set"] == ["COLS=128", "HARDWARE_FLOAT8=false"] and result["kernels"]
-    for bad, message in (("NOPE=1", "no setting 'NOPE'"), ("available=false", "no setting 'available'"),
-                         ("COLS=[64", "not JSON")):
-        with pytest.raises(SystemExit):
-            bench.main(common + ["--kernels-set", bad])
-        assert message in capsys.readouterr().err
-    assert not bench.main(common + ["--no-kernels"])["kernels"] and kernels.available is False
-
-
 def test_busy_and_span_counts_overlaps_once():
     assert bench.busy_and_span([]) == (0, 0)
     assert bench.busy_and_span([(0, 10)]) == (10, 10)

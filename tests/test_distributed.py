@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from files import ConfigError
-from train import TrainConfig, deepspeed_batch_config
+from train import TrainConfig
+from train_ds import batch_config as deepspeed_batch_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENTENCES = ["the cat sat on the mat.", "a dog ran in the park.", "the old man fished in the river."]

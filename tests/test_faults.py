@@ -125,8 +125,19 @@ def test_model_config_sizes_and_non_finite_values_are_refused(tmp_path, data_dir
     # sizes under the sanity bound but over this machine's memory: refused before allocating
     from train import Env, check_memory
     huge = tiny_model(n_embd=65536, n_head=64, n_kv_head=64, n_hidden=65536, n_layer=64)
-    with pytest.raises(ConfigError, match="need .* GiB for their float32 weights alone; this machine has"):
-        check_memory(huge, Env(0, 0, 1, "cpu", "float32"))
+    cpu = Env(0, 0, 1, "cpu", "float32")
+    with pytest.raises(ConfigError, match="need at least .* GiB to train .*; this machine has"):
+        check_memory(huge, tiny_train(data_dir, tmp_path), cpu)
+    # weights that fit in memory but a training state (4x: gradients, AdamW's moments) that does not
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_layer = tiny_model(n_embd=1024, n_head=16, n_kv_head=16, n_hidden=4096, n_layer=2).num_params() - \
+        tiny_model(n_embd=1024, n_head=16, n_kv_head=16, n_hidden=4096, n_layer=1).num_params()
+    n_layer = int(ram / 8 / per_layer) + 1  # float32 weights: about half the RAM
+    fits_alone = tiny_model(n_embd=1024, n_head=16, n_kv_head=16, n_hidden=4096, n_layer=n_layer)
+    assert 4 * fits_alone.num_params() < ram < 16 * fits_alone.num_params()
+    with pytest.raises(ConfigError, match="need at least"):
+        check_memory(fits_alone, tiny_train(data_dir, tmp_path), cpu)
+    check_memory(tiny_model(), tiny_train(data_dir, tmp_path), cpu)  # and a small one passes
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -134,15 +145,15 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     train(tiny_model(), tiny_train(data_dir, out, max_iters=10, eval_interval=5), quiet=True)
     good = weights(out / "last.pt")
     import train as train_module
-    real = train_module.clip_and_step
+    real = train_module.TorchEngine.clip_and_update
 
-    def poisoned(optimizer, params, grad_clip, scaler):  # from step 13 on, the gradients blow up
-        if optimizer.state and next(iter(optimizer.state.values()))["step"] >= 12:
-            for p in params:
+    def poisoned(engine):  # from step 13 on, the gradients blow up
+        if engine.optimizer.state and next(iter(engine.optimizer.state.values()))["step"] >= 12:
+            for p in engine.params:
                 p.grad.fill_(float("nan"))
-        return real(optimizer, params, grad_clip, scaler)
+        return real(engine)
 
-    monkeypatch.setattr(train_module, "clip_and_step", poisoned)
+    monkeypatch.setattr(train_module.TorchEngine, "clip_and_update", poisoned)
     with pytest.raises(train_module.Diverged, match="step 15: .*grad norm nan.*stops without saving"):
         train(tiny_model(), tiny_train(data_dir, out, max_iters=20, eval_interval=5), resume=str(out / "last.pt"),
               quiet=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from files import ConfigError, dataclass_from_dict
-from model import ModelConfig, Transformer, apply_rope, rope_tables, sample_next
+from model import Decoder, ModelConfig, Transformer, apply_rope, rope_tables, sample_next
 
 
 def tiny(**kw):
@@ -184,6 +184,80 @@ def test_generate_greedy_matches_argmax_and_stops_at_eos():
     assert len(m.generate(prompt, max_new_tokens=6, temperature=0, callback=lambda t: True)) == 1
     # never beyond the context
     assert len(m.generate(list(range(30)), max_new_tokens=50, temperature=0)) == 3
+
+
+def sharp(seed=0):
+    """A model whose next token depends on the context: at init's scale a random model predicts from the
+    last token alone, and would not notice a wrong or missing cache."""
+    m = make(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" not in name:
+                p.mul_(5)
+    return m
+
+
+def test_generate_gives_the_tokens_of_the_plain_int_position_loop():
+    """generate() runs on the shared Decoder; its tokens, greedy or sampled with a seed, are those of
+    the plain loop over the cache at int positions (the arithmetic the C engine's tests check)."""
+    m = sharp()
+
+    def plain(prompt, n, seed, **kw):  # the loop generate() ran before the Decoder
+        ids, out, gen = list(prompt), [], torch.Generator().manual_seed(seed)
+        cache = m.make_cache(1, min(32, len(ids) + n))
+        logits, _ = m(torch.tensor([ids]), cache=cache, pos=0, last_only=True)
+        for pos in range(len(ids), len(ids) + n):
+            nxt = sample_next(logits[0, -1], previous_ids=ids, generator=gen, **kw)
+            ids.append(nxt)
+            out.append(nxt)
+            if pos >= cache[0][0].size(2):
+                break
+            logits, _ = m(torch.tensor([[nxt]]), cache=cache, pos=pos, last_only=True)
+        return out
+
+    for prompt, n in (([5, 9, 11], 12), ([7], 20), (list(range(25)), 20)):  # the last one fills the context
+        for seed, kw in ((0, dict(temperature=0)), (1, dict(temperature=1.0, top_p=0.9)),
+                         (2, dict(temperature=0.8, top_k=20, repetition_penalty=1.3))):
+            got = m.generate(prompt, max_new_tokens=n, generator=torch.Generator().manual_seed(seed), **kw)
+            assert got == plain(prompt, n, seed, **kw)
+    assert len(got) == 32 - 25 + 1
+
+
+def test_decoder_rows_at_their_own_positions_decode_as_each_row_alone():
+    """serve.py's use of the shared Decoder: requests join (each prompt prefilled into its own row), step
+    together each at its own position, and leave (the last row moves into the freed one); every
+    request's greedy tokens are those of decoding it alone with generate()."""
+    m = sharp()
+    torch.manual_seed(1)
+    prompts = [torch.randint(0, 61, (n,)).tolist() for n in (5, 1, 12, 3, 8, 2)]
+    wants = [9, 4, 7, 10, 1, 6]  # new tokens per request: rows leave at different steps
+    alone = [m.generate(p, max_new_tokens=n, temperature=0) for p, n in zip(prompts, wants)]
+    decoder = Decoder(m, rows=3, max_len=32)
+    seqs, rows, waiting, own_positions = [list(p) for p in prompts], [], list(range(len(prompts))), 0
+
+    def take(r, logits):  # greedy; the row leaves once it has all its tokens, as serve.py frees it
+        j = rows[r]
+        seqs[j].append(int(logits.argmax()))
+        if len(seqs[j]) - len(prompts[j]) == wants[j]:
+            last = len(rows) - 1
+            if r != last:
+                decoder.move(last, r, len(seqs[rows[last]]))
+                rows[r] = rows[last]
+            rows.pop()
+
+    while waiting or rows:
+        while waiting and len(rows) < 3:
+            rows.append(waiting.pop(0))
+            take(len(rows) - 1, decoder.prefill([prompts[rows[-1]]], len(rows) - 1)[0])
+        if rows:
+            pos = [len(seqs[j]) - 1 for j in rows]
+            own_positions += len(set(pos)) > 1
+            logits = decoder.step([seqs[j][-1] for j in rows], pos)
+            assert logits.shape == (len(rows), 61)
+            for r in reversed(range(len(rows))):
+                take(r, logits[r])
+    assert own_positions > 5  # most steps ran rows at different positions (the [B] pos path)
+    assert [s[len(p):] for s, p in zip(seqs, prompts)] == alone
 
 
 def test_sampling_semantics():

@@ -14,7 +14,7 @@ import torch
 
 import problem
 from model import ModelConfig, Transformer
-from train import SFTData
+from data import SFTData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

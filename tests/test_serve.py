@@ -197,6 +197,21 @@ def test_max_tokens_defaults_to_and_is_capped_by_the_context(client, reference, 
         assert r.choices[0].finish_reason == "length"
 
 
+def test_max_tokens_0_is_answered_at_once_by_an_idle_server(client, server):
+    """An empty answer takes no row; on an idle server it was sent only when another request woke the
+    scheduler (an outside probe's hang)."""
+    deadline = time.monotonic() + 10
+    while server.health()["active"] or server.health()["waiting"]:  # idle: nothing else would wake it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    quick = client.with_options(timeout=10)
+    r = quick.completions.create(model="nano-ck", prompt="the fox", max_tokens=0)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "length", 0)
+    for stream in (False, True):
+        text, finish, usage = chat(quick, "the fox", stream=stream, max_tokens=0)
+        assert (text, finish, usage.completion_tokens) == ("", "length", 0)
+
+
 def test_stop_strings_cut_the_answer_streaming_or_not(client, reference):
     full = reference("tree", 40)[0]
     stop = full[12:15]

@@ -11,7 +11,8 @@ from files import ConfigError, check_adapter, load_adapter, load_checkpoint, loa
 from model import (LoRAConfig, ModelConfig, Transformer, add_lora, attach_lora, detach_lora, merge_lora,
                    model_from_checkpoint, set_lora_enabled)
 from tokenizer import load_tokenizer
-from train import SFTData, TrainConfig, eval_loss, sft_targets, train
+from data import SFTData, sft_targets
+from train import TrainConfig, eval_loss, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ANIMALS = ["cat", "dog", "bird", "fish", "cow", "pig", "owl", "fox"]
