@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
-#   bash bench/bench_gpu.sh [tests|kernels|profile|throughput|ttl|sweep|bench|compare|serve|all]
+#   bash bench/bench_gpu.sh [tests|profile|throughput|ttl|sweep|bench|compare|serve|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -16,17 +16,8 @@ $py -c "import torch; print('torch', torch.__version__)"
 git rev-parse --short HEAD 2>/dev/null || true
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  echo "== GPU tests (the fast path against the reference, CUDA graph step vs eager step, resume)"
-  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x tests/test_train.py tests/test_model.py tests/test_fast.py tests/test_kernels.py tests/test_bench.py 2>&1 | tail -3
-fi
-
-if [ "$what" = kernels ] || [ "$what" = all ]; then
-  # single kernels (bench_kernels.py): the loss kernel's variants against Inductor, attention backends (cuDNN, FlashAttention-2, Flex, kernels.py's Triton)
-  for args in "-m config/model_gpt2_124m.json -b 32" "-m config/model_56m.json -b 128"; do
-    echo "== bench/bench_kernels.py loss/attention $args"
-    $py bench/bench_kernels.py loss $args --configs ${LOSS_CONFIGS:-8192,16 4096,8 8192,16,sw} 2>&1 | grep -vE "Warn|warn"
-    $py bench/bench_kernels.py attention $args --backends cudnn,flash,flex,triton 2>&1 | grep -vE "Warn|warn|return F"
-  done
+  echo "== GPU tests (speed.py's swaps against model.py, an edit to model.py trained with fp8 + compile + CUDA graph, resume)"
+  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -x -o addopts="" -p no:cacheprovider tests/test_train.py tests/test_speed.py tests/test_model.py tests/test_bench.py 2>&1 | tail -4
 fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then
@@ -69,8 +60,7 @@ import json, sys
 print(f"{'model':28s} {'settings':50s} {'tok/s':>10s} {'ms/step':>8s} {'mfu':>6s} {'GiB':>5s}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
-    sets = " ".join([f"{k}={v}" for k, v in r.get("train_set", {}).items()] + r.get("set", [])
-                    + r.get("kernels_set", []) + ([] if r.get("kernels", True) else ["no-kernels"]))
+    sets = " ".join([f"{k}={v}" for k, v in r.get("train_set", {}).items()] + r.get("set", []))
     print(f"{r['model'].split('/')[-1]:28s} {sets[-50:]:50s} {r['tokens_per_sec']:10,.0f} {r['ms_per_step']:8.1f} "
           f"{100 * (r['mfu'] or 0):5.1f}% {r['peak_mem_gib']:5.1f}")
 PY

@@ -7,7 +7,7 @@ It writes once a directory of random weights in the shape of Qwen2.5-0.5B (bf16 
 the model is published; 494M parameters, tied head) with a small byte-level BPE tokenizer (the
 tokenizer's size does not matter here), then, each run in a fresh process:
   * convert: `python hf.py import DIR out.pt` (read, reorder the q/k rows, write a Nano checkpoint),
-  * load:    files.load_checkpoint(DIR) + model.model_from_checkpoint, what infer.py -m DIR does.
+  * load:    hf.load_checkpoint(DIR) + model.model_from_checkpoint, what infer.py -m DIR does.
 It prints the median wall time and the median peak resident memory (the process's maximum RSS,
 including the memory-mapped safetensors pages it touched), against the model's float32 size.
 """
@@ -34,7 +34,7 @@ LOAD = """
 import sys, time
 sys.path.insert(0, {root!r})
 t0 = time.perf_counter()
-from files import load_checkpoint
+from hf import load_checkpoint
 from model import model_from_checkpoint
 model = model_from_checkpoint(load_checkpoint({folder!r}), {folder!r})
 print(time.perf_counter() - t0, model.num_params())

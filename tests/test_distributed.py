@@ -98,7 +98,7 @@ def test_zero3_trains_checkpoints_resumes_and_consolidates(setup, single):
     consolidated = weights(setup / "zero3" / "last.pt")
     assert_same_weights(consolidated, one_weights, atol=1e-5)  # same curve as one process
     # the consolidated checkpoint gives the live engine's logits in infer.py's loader
-    from files import load_checkpoint
+    from hf import load_checkpoint
     from model import model_from_checkpoint
     model = model_from_checkpoint(load_checkpoint(str(setup / "zero3" / "last.pt"))).eval()
     with torch.no_grad():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from data import load_sft_rows, prepare_pretrain, prepare_sft, sft_encode
-from files import ConfigError, check_adapter, load_adapter, load_checkpoint, load_json
+from files import ConfigError, check_adapter, load_adapter, load_json
+from hf import load_checkpoint
 from model import (LoRAConfig, ModelConfig, Transformer, add_lora, attach_lora, detach_lora, merge_lora,
                    model_from_checkpoint, set_lora_enabled)
 from tokenizer import load_tokenizer

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from files import ConfigError, load_checkpoint
+from files import ConfigError
+from hf import load_checkpoint
 from model import ModelConfig
 from train import TrainConfig, lr_at, train
 
