@@ -256,13 +256,14 @@ def make_folder(path, what="out_dir"):
 def load_nano_checkpoint(path):
     """Load a Nano checkpoint file (on the CPU) with weights_only=True; errors name the file and what is
     wrong. Where a Hugging Face model directory is accepted too, call hf.load_checkpoint."""
+    if os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path} is a folder, not a file (a Hugging Face model directory is "
+                          "read by hf.load_checkpoint)")
     ck = load_torch_file(path)
     if not isinstance(ck, dict) or "model" not in ck or "model_config" not in ck:
         raise ConfigError(f"{path} is not a Nano checkpoint (no 'model'/'model_config')")
     return ck
 
-
-load_checkpoint = load_nano_checkpoint  # the old name, for train.py until it imports hf.load_checkpoint (a folder is refused here)
 
 
 def load_training_state(path):

@@ -5,7 +5,7 @@ Plot train and validation loss against step from a run's train.log.
     python plot_loss.py checkpoint/pretrain/train.log -o loss.png
     python plot_loss.py checkpoint/pretrain --live 10        # redraw every 10 s while training runs
 
-train.log is the plain-text log train.py writes ("step N | loss L | ..." and
+train.log is the plain-text log train.py writes ("step N/MAX | loss L | ..." and
 "eval step N | val loss L | ..."); a log that was appended to by a resumed run is
 read as one curve (a repeated step keeps its latest value).
 """
@@ -16,7 +16,7 @@ import re
 import sys
 import time
 
-STEP_RE = re.compile(r"^step (\d+) \| loss ([0-9.naif]+)")
+STEP_RE = re.compile(r"^step (\d+)(?:/\d+)? \| loss ([0-9.naif]+)")  # (older logs: no "/max_iters")
 EVAL_RE = re.compile(r"^eval step (\d+) \| val loss ([0-9.naif]+)")
 
 

@@ -42,8 +42,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import speed
 from data import PretrainData, open_data
-from files import (ConfigError, NanoError, OutputError, check_finite, dataclass_from_dict, load_checkpoint,
-                   load_json, load_training_state, make_folder, read_json, save_checkpoint, weights_fingerprint)
+from files import (ConfigError, NanoError, OutputError, check_finite, dataclass_from_dict, load_json,
+                   load_training_state, make_folder, read_json, save_checkpoint, weights_fingerprint)
+from hf import load_checkpoint
 from model import LoRAConfig, ModelConfig, Transformer, add_lora, adapter_checkpoint
 
 # ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ if [ "$what" = ttl ] || [ "$what" = all ]; then
   for i in $(seq "${TTL_RUNS:-3}"); do
     echo "== time to loss, run $i: ${TTL_SET:-shipped config}"
     /usr/bin/time -f "wall %e s" $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
-        --set out_dir="$out/ttl$i" ${TTL_SET:-} 2>&1 | grep -E "^(eval|reached|mode|wall)|rror"
+        --set out_dir="$out/ttl$i" ${TTL_SET:-} --overwrite 2>&1 | grep -E "^(eval|reached|mode|wall)|rror"
   done
 fi
 
@@ -112,7 +112,7 @@ if [ "$what" = compare ]; then
     for tree in "$before" "$PWD"; do
       echo "== $tree: time to loss, run $i"
       line=$(cd "$tree" && $py train.py -m config/shakespeare_char_model.json -t config/shakespeare_char_train.json \
-          --set out_dir="$out/cmp_ttl" 2>&1 | grep -E "^reached|rror" | tail -1)
+          --set out_dir="$out/cmp_ttl" --overwrite 2>&1 | grep -E "^reached|rror" | tail -1)
       echo "$(basename "$tree") | time to loss, run $i | $line" >> "$out/compare.txt"
     done
   done

@@ -56,7 +56,7 @@ def test_signals_at_random_moments_resume_bit_exactly(data_dir, tmp_path):
         # a step, an evaluation or a checkpoint save, at least 8 steps before its end
         after = rnd.randint(1, 52)
         for line in p.stdout:
-            if line.startswith(f"step {after} |"):
+            if line.startswith(f"step {after}/"):
                 break
         time.sleep(rnd.uniform(0, 0.02))
         p.send_signal(sig)

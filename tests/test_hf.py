@@ -17,7 +17,8 @@ import tokenizers  # noqa: E402,F401
 
 import hf  # noqa: E402
 import infer  # noqa: E402
-from files import ConfigError, load_checkpoint  # noqa: E402
+from files import ConfigError  # noqa: E402
+from hf import load_checkpoint  # noqa: E402
 from model import model_from_checkpoint  # noqa: E402
 from tokenizer import tokenizer_from_dict  # noqa: E402
 from locked_make import make  # noqa: E402
