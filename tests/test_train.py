@@ -350,3 +350,16 @@ def test_fp8_compiled_cuda_graph_run_follows_the_bf16_curve(data_dir, tmp_path):
         curves[mode] = torch.tensor([s["loss"] for s in stats])
     assert curves["all"][-1] < 0.5 * curves["all"][0]
     torch.testing.assert_close(curves["all"], curves["off"], rtol=0.05, atol=0.05)
+
+
+def test_tokens_seen_counts_the_training_window(data_dir, tmp_path):
+    # tokens per step is batch_size x grad_accum x the window trained on: seq_len where it is set
+    # (shorter than the model's block_size), else block_size; counted once, for the log and checkpoints
+    for seq_len, window in ((None, 32), (16, 16)):
+        out = tmp_path / str(seq_len)
+        stats = []
+        train(tiny_model(), tiny_train(data_dir, out, max_iters=6, eval_interval=6, log_interval=3, grad_accum=2,
+                                       seq_len=seq_len), quiet=True, stats=stats)
+        ck = load_checkpoint(str(out / "last.pt"))
+        assert ck["tokens_seen"] == 6 * 8 * 2 * window
+        assert all(abs(s["tokens_per_sec"] * s["ms_per_step"] / 1000 - 8 * 2 * window) < 1e-6 * window for s in stats)
