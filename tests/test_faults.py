@@ -110,6 +110,20 @@ def test_non_finite_and_out_of_range_settings_are_refused(data_dir, tmp_path, se
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("setting,message", [
+    ("device=gpu0", "device 'gpu0' is not a device name"),
+    ("device=tpu", "device 'tpu' is not a device name"),
+    ("seed=1180591620717411303424", "seed must be in [0, 2^63)"),
+    ("seed=-1", "seed must be in [0, 2^63)"),
+    ("batch_size=10000000", "batch_size and grad_accum must be at most"),
+    ("max_iter=5", "with --set max_iter=5: unknown key 'max_iter' (did you mean 'max_iters'?)"),
+] + ([("device=cuda", "this machine has no CUDA GPU")] if not torch.cuda.is_available() else []))
+def test_hostile_settings_get_one_line_before_anything_is_allocated(data_dir, tmp_path, setting, message):
+    r = run_train(configs(tmp_path, data_dir, tmp_path / "run") + ["--set", setting])
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_model_config_sizes_and_non_finite_values_are_refused(tmp_path, data_dir):
     for key, value, message in [("rope_theta", float("nan"), "rope_theta must be a finite number"),
                                 ("norm_eps", float("nan"), "norm_eps must be a finite number"),
