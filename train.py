@@ -6,9 +6,9 @@ Train a Nano model: one training loop for every entry point.
     torchrun --nproc_per_node 2 train_ddp.py -m ... -t ...             # DDP: this loop, one process per device
     deepspeed ... train_ds.py ...                                      # ZeRO-3: this loop, DeepSpeed's engine
 
-Read it from the bottom up for the story: train() is the loop (sample a batch, take a step, now and
-then log, evaluate and checkpoint); train_step() is one optimizer step, whole (forward and backward
-over the micro-batches, clipping, the update). Above them, in the order a run needs them: the config,
+The story is in two functions: train(), near the end, is the loop (sample a batch, take a step, now
+and then log, evaluate and checkpoint); train_step() is one optimizer step, whole (forward and
+backward over the micro-batches, clipping, the update). Above them, in the order a run needs them: the config,
 where the run trains, the model and its optimizer, checkpoints and logs. How fast the step runs
 (float8 module swaps, torch.compile, CUDA graphs) comes from speed.py; the data readers from data.py;
 DeepSpeed's specifics from train_ds.py, through the same small Engine interface TorchEngine has here.
