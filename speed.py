@@ -147,13 +147,13 @@ class HeadCrossEntropy(torch.autograd.Function):
         else:
             x_op, w_op, x_inv, w_inv = x, weight.to(x.dtype), None, None
             logits = x_op @ w_op.t()
-        valid = targets >= 0
-        lse = torch.logsumexp(logits.float(), dim=-1)
-        target_logit = logits.float().gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+        valid, logits32 = targets >= 0, logits.float()
+        lse = torch.logsumexp(logits32, dim=-1)
+        target_logit = logits32.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
         count = valid.sum()
         loss = torch.where(valid, lse - target_logit, 0.0).sum() / count
         one_hot = torch.arange(logits.size(-1), device=logits.device) == targets.unsqueeze(1)
-        grad = (torch.exp(logits.float() - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
+        grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
         if fp8:
             top = torch.finfo(FP8_GRADS).max
             grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if ctx.needs_input_grad[1] else None

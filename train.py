@@ -403,6 +403,7 @@ class Run:
     sampler: torch.Generator  # draws every batch: seeded the same on every rank
     tokens_per_step: int  # batch_size x grad_accum x the window (seq_len, else block_size): counted once
     flops_per_token: int  # for MFU; counted before ZeRO-3 partitions the parameters, as is n_params
+    peak_flops: Optional[float]  # the device's, for MFU (None: unknown, no MFU reported)
     n_params: int
     n_trained: int
     lora_base: Optional[dict] = None
@@ -686,8 +687,7 @@ def log_step(run, log, lr, loss_sum, grad_norm, timer, stats):
     dt, steps = time.time() - timer["time"], max(1, run.step - timer["step"])
     timer.update(time=time.time(), step=run.step)
     tok_s, ms = steps * run.tokens_per_step / max(dt, 1e-9), 1000 * dt / steps
-    peak = peak_flops_for(run.env.device, run.cfg.peak_flops)
-    mfu = run.flops_per_token * tok_s / (peak * run.env.world) if peak else None
+    mfu = run.flops_per_token * tok_s / (run.peak_flops * run.env.world) if run.peak_flops else None
     eta = (run.cfg.max_iters - run.step) * ms / 1000
     log.line(f"step {run.step}/{run.cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | grad_norm "
              f"{gn if gn is None else f'{gn:.3f}'} | {tok_s:,.0f} tok/s | {ms:.1f} ms/step"
@@ -789,7 +789,8 @@ def prepare(model_cfg, cfg, resume, engine, overwrite=False):
     run = Run(cfg, model_cfg, env, data, model, make_optimizer(model, cfg, env.device), autocast,
               sampler=torch.Generator().manual_seed(cfg.seed), lora_base=lora_base,
               tokens_per_step=cfg.batch_size * cfg.grad_accum * data.block_size,
-              flops_per_token=model.flops_per_token(data.block_size), n_params=model.num_params(),
+              flops_per_token=model.flops_per_token(data.block_size),
+              peak_flops=peak_flops_for(env.device, cfg.peak_flops), n_params=model.num_params(),
               n_trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
     run.engine = engine(run)
     if ck is not None:
