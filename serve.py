@@ -53,6 +53,10 @@ DEFAULTS = dict(temperature=0.8, top_k=0, top_p=0.95, repetition_penalty=1.0)
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
                "logprobs": (False, 0), "echo": (False,), "tools": ([],)}
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+# characters per stop string: the scheduler thread checks each new token's text against the stop
+# strings for every running row, so their length bounds that work (a 250,000-character stop string
+# once stalled every client for seconds)
+MAX_STOP_CHARS = 1000
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +149,8 @@ def stop_strings(body):
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"stop strings must be at most {MAX_STOP_CHARS} characters long", param="stop")
     return stop
 
 
@@ -218,7 +224,10 @@ class Answer:
         return self._release(final=True)
 
     def _release(self, final):
-        cuts = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        # a stop string cannot begin in text already sent (_held kept back every end that could begin
+        # one), so only the unsent text is searched: the work per token is bounded by the stop strings'
+        # length, not by the reply's
+        cuts = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
         if cuts:
             self.text, self.stopped = self.text[:min(cuts)], True
         end = len(self.text) if final or self.stopped else len(self.text) - self._held()
@@ -226,8 +235,12 @@ class Answer:
         return delta
 
     def _held(self):
-        """The length of the longest end of the text that is the start of a stop string."""
-        return max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        """The length of the longest end of the unsent text that is the start of a stop string."""
+        tail = self.text[self.sent:]
+        for i in range(len(tail)):  # the earliest start is the longest end
+            if any(s.startswith(tail[i:]) for s in self.stop):
+                return len(tail) - i
+        return 0
 
 
 class Job:
@@ -448,7 +461,10 @@ def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_wa
 
     @app.exception_handler(APIError)
     async def api_error(request, e):
-        return error_response(e.status, e.message, e.param, e.code, e.kind)
+        response = error_response(e.status, e.message, e.param, e.code, e.kind)
+        if e.status == 503:
+            response.headers["Retry-After"] = "1"  # a row frees as soon as any answer ends
+        return response
 
     @app.exception_handler(HTTPException)  # unknown path (404), wrong method (405)
     async def http_error(request, e):

@@ -273,6 +273,9 @@ BAD = [  # (body or raw bytes, status, param, code)
     (good(presence_penalty=0.5), 400, "presence_penalty", None),
     (good(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     (good(stop=[""]), 400, "stop", None),
+    (good(stop=["x" * 1001]), 400, "stop", None),  # serve.MAX_STOP_CHARS: a bound on the scheduler's work
+    (good(stop=["ok", "y" * 50_000]), 400, "stop", None),
+    (good(stop=5), 400, "stop", None),
     (good(stream="yes"), 400, "stream", None),
     (good(messages=[]), 400, "messages", None),
     (good(messages="hello"), 400, "messages", None),
@@ -422,6 +425,7 @@ def test_requests_past_max_waiting_get_503_and_the_queue_moves_on(checkpoint):
                     assert s.health()["waiting"] == 1
                     r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 2})
                     assert r.status_code == 503, r.text
+                    assert r.headers["retry-after"] == "1"  # the clients wait that long, then retry
                     error = r.json()["error"]
                     assert error["code"] == "server_overloaded" and "1 requests are waiting" in error["message"]
                     first.close()  # the row frees; the waiting request is served in full
@@ -457,3 +461,43 @@ def test_bad_command_lines_are_one_line_errors(checkpoint, args, message):
                        timeout=60)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_stop_strings_are_found_across_token_boundaries_from_the_unsent_text_alone():
+    # Answer (serve.py) searches only the text it has not sent yet. Against the plain rule it replaces
+    # (after each piece, search the whole text for every stop string and hold back every end that
+    # begins one): the same pieces sent and the same stop, for stop strings that overlap each other
+    # and themselves, cut anywhere by the token boundaries
+    import random
+    import serve
+
+    def plain(pieces, stops):
+        text, sent, out = "", 0, []
+        for piece in pieces + [None]:
+            text += piece or ""
+            cuts = [k for k in (text.find(st) for st in stops) if k >= 0]
+            if cuts:
+                text = text[:min(cuts)]
+            held = max((k for st in stops for k in range(1, len(st)) if text.endswith(st[:k])), default=0)
+            end = len(text) if piece is None or cuts else len(text) - held
+            out.append(text[sent:end])
+            sent = end
+            if cuts:
+                return out, True
+        return out, False
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        stops = ["".join(rnd.choice("abc") for _ in range(rnd.randint(1, 5))) for _ in range(rnd.randint(1, 4))]
+        pieces = ["".join(rnd.choice("abc") for _ in range(rnd.randint(1, 3))) for _ in range(rnd.randint(0, 12))]
+        answer = serve.Answer.__new__(serve.Answer)  # (without a tokenizer: the text arrives as written)
+        answer.stop, answer.text, answer.sent, answer.stopped = stops, "", 0, False
+        out = []
+        for piece in pieces:
+            answer.write(piece)
+            out.append(answer._release(final=False))
+            if answer.stopped:
+                break
+        if not answer.stopped:
+            out.append(answer._release(final=True))
+        assert (out, answer.stopped) == plain(pieces, stops), (pieces, stops)
