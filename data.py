@@ -134,7 +134,7 @@ class _Reader:
                     text.encode("utf-8")  # an unpaired surrogate ("\ud800") could not be saved
             except UnicodeEncodeError:
                 problem = "text has unpaired surrogates"
-            except ValueError:
+            except (ValueError, RecursionError):  # (the parser recurses once per bracket)
                 problem = "not valid JSON"
             if problem:
                 self.skipped_lines += 1
@@ -654,6 +654,8 @@ def _sft_samples(inputs, builtin_pairs, seed, report):
                         exchanges, why = _sft_exchanges(json.loads(line))
                     except json.JSONDecodeError as e:
                         exchanges, why = None, f"invalid JSON ({e.msg})"
+                    except RecursionError:  # (Python's parser recurses once per bracket)
+                        exchanges, why = None, "invalid JSON (nested too deeply to read)"
                     if exchanges is None:
                         report(f"{path}:{n}: {why}")
                     else:

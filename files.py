@@ -139,6 +139,8 @@ def read_json(path, what="config file", error=ConfigError):
         raise error(f"{what} not found: {path}") from None
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
         raise error(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:  # (Python's parser recurses once per bracket: 100,000 of them end it)
+        raise error(f"{path}: not valid JSON: it nests too deeply to read") from None
 
 
 def read_folder_json(folder, name, required=True):
@@ -156,6 +158,8 @@ def read_folder_json(folder, name, required=True):
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: not readable JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not readable JSON (nested too deeply to read)") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return d

@@ -98,6 +98,8 @@ async def read_json(request, max_body):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    except RecursionError:  # (Python's parser recurses once per bracket)
+        raise APIError(400, "the request body nests too deeply to read") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     return data

@@ -969,9 +969,6 @@ def cli(args, engine=TorchEngine):
     except NanoError as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
-    except RecursionError:
-        print("error: a config nests too deeply to read", file=sys.stderr)
-        code = 2
     except KeyboardInterrupt:  # a second Ctrl-C before the loop began
         print("interrupted", file=sys.stderr)
         code = 130

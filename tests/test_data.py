@@ -147,12 +147,12 @@ def test_jsonl_bad_lines_are_counted_and_reported(tmp_path, capsys):
     path = tmp_path / "corpus.jsonl"
     lines = [json.dumps({"text": "good one"}), "not json", json.dumps({"txt": "x"}), "",
              json.dumps({"text": 5}), json.dumps(["text"]), json.dumps({"text": "good\ntwo", "id": 1}),
-             '{"text": "lone \\ud800 surrogate"}']
+             '{"text": "lone \\ud800 surrogate"}', "[" * 100_000 + "]" * 100_000]  # (nested past the parser's reach)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out, meta = build(tmp_path, [str(path)], val_ratio=0)
     err = capsys.readouterr().err
-    assert meta["skipped_lines"] == 5
-    for n in (2, 3, 5, 6, 8):
+    assert meta["skipped_lines"] == 6
+    for n in (2, 3, 5, 6, 8, 9):
         assert f"corpus.jsonl:{n}:" in err
     assert "corpus.jsonl:4:" not in err and "corpus.jsonl:1:" not in err
     assert sorted(split_docs(out, "train")) == sorted(["good one", "good\ntwo"])

@@ -110,6 +110,16 @@ def test_non_finite_and_out_of_range_settings_are_refused(data_dir, tmp_path, se
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_a_config_nested_past_the_parser_is_one_line(data_dir, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for args in (["-t", str(deep)], ["-m", str(deep)]):
+        r = run_train(args + ["--set", f"out_dir={tmp_path / 'run'}"])
+        assert r.returncode == 2 and "nests too deeply" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_train(configs(tmp_path, data_dir, tmp_path / "run") + ["--set", "lora=" + "[" * 50_000 + "]" * 50_000])
+    assert r.returncode == 2 and "key 'lora'" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+
+
 @pytest.mark.parametrize("setting,message", [
     ("device=gpu0", "device 'gpu0' is not a device name"),
     ("device=tpu", "device 'tpu' is not a device name"),

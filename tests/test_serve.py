@@ -257,6 +257,7 @@ BAD = [  # (body or raw bytes, status, param, code)
     (b"{not json", 400, None, None),
     (b"[1, 2]", 400, None, None),
     (b"\xff\xfe", 400, None, None),
+    (b"[" * 30_000 + b"]" * 30_000, 400, None, None),  # nested past Python's parser (under --max-body)
     (good(model="gpt-4"), 404, "model", "model_not_found"),
     ({"messages": [{"role": "user", "content": "x"}]}, 400, "model", None),
     (good(temperature=-1), 400, "temperature", None),
