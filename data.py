@@ -381,7 +381,8 @@ def prepare_pretrain(inputs=None, out_dir="dataset/pretrain", tokenizer="trie", 
     sources, files = _sources(inputs)
     _remove_leftovers(out_dir)
     val_ratio = float((0.01 if inputs else 0.02) if val_ratio is None else val_ratio)
-    workers, part_mb, seed = int(workers or os.cpu_count() or 1), float(part_mb), int(seed)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)  # (0 is refused below, not "all")
+    part_mb, seed = float(part_mb), int(seed)
     if not 0 <= val_ratio < 1 or part_mb <= 0 or workers < 1 or doc_sep not in ("file", "blankline"):
         raise DataError("need 0 <= val_ratio < 1, part_mb > 0, workers >= 1 and doc_sep file or blankline")
     tokenizer = os.fspath(tokenizer)
@@ -701,9 +702,14 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
         print(f"skipped {line}", file=sys.stderr)
     if len(bad) > MAX_WARNINGS:
         print(f"... and {len(bad) - MAX_WARNINGS} more malformed lines", file=sys.stderr)
-    if not samples["train"]:
-        raise DataError(f"no usable SFT samples in {', '.join(inputs) or 'the built-in set'} "
-                        f"({len(bad)} malformed lines, {counts['dropped_overlong']} longer than block_size {block_size})")
+    for split, what in (("train", "training"), ("val", "validation")):  # train.py needs both
+        if not samples[split]:
+            raise DataError(
+                f"no usable {what} samples in {', '.join(inputs) or 'the built-in set'}: of {counts['samples']:,} "
+                f"well-formed samples, {counts['dropped_overlong']:,} are longer than block_size {block_size} "
+                f"(with no answer token in the first {row_len}) and were dropped, and {len(bad):,} lines are "
+                f"malformed; {len(samples['train']) + len(samples['val']):,} remain, {len(samples['val']):,} of "
+                f"them held out (val_ratio {val_ratio}): raise --block-size or --val-ratio, or add samples")
 
     dtype = dtype_for_vocab(tok.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
@@ -733,9 +739,6 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
           f"({rows['train']:,} + {rows['val']:,} rows of {row_len} tokens{', packed' if pack else ''}); "
           f"{counts['dropped_overlong']} dropped and {counts['truncated']} truncated as longer than the context; "
           f"{len(bad)} malformed lines skipped -> {out_dir}")
-    if rows["val"] == 0:  # said now, not only when train.py refuses the dataset
-        print(f"warning: 0 validation rows (val_ratio {val_ratio} of {counts['samples']:,} samples): train.py needs "
-              "some to evaluate; raise --val-ratio or add samples", file=sys.stderr)
     return meta
 
 

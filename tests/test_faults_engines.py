@@ -191,14 +191,24 @@ def test_gitignore_covers_the_bin_files_the_readme_writes():
     assert sorted(r.stdout.split()) == sorted(paths), r.stdout
 
 
-def test_sft_data_with_no_validation_rows_says_so_when_written(tmp_path, capsys):
+def test_sft_data_with_no_validation_rows_is_refused_when_written(tmp_path, capsys):
+    # train.py cannot evaluate without held-out rows: data.py says so (and why) instead of writing it
     tok = TrieTokenizer.build(["What is one plus one? Two. Name a colour. Red."], 100, min_word_count=1)
     tok.save(str(tmp_path / "tok.json"))
     rows = tmp_path / "qa.jsonl"
     rows.write_text('{"question": "What is one plus one?", "answer": "Two."}\n'
                     '{"question": "Name a colour.", "answer": "Red."}\n')
-    data.prepare_sft([rows], str(tmp_path / "sft"), str(tmp_path / "tok.json"), block_size=32, val_ratio=0.0)
-    assert "warning: 0 validation rows" in capsys.readouterr().err
+    with pytest.raises(data.DataError, match="no usable validation samples .* 0 of them held out .val_ratio 0.0"):
+        data.prepare_sft([rows], str(tmp_path / "sft"), str(tmp_path / "tok.json"), block_size=32, val_ratio=0.0)
+    assert not (tmp_path / "sft" / "meta.json").exists()
+    # every sample longer than the rows (the outside probe's --block-size 8): one line from the command, exit 2
+    r = subprocess.run([sys.executable, "data.py", "sft", "--input", str(rows), "--tokenizer", str(tmp_path / "tok.json"),
+                        "--block-size", "4", "--out", str(tmp_path / "sft4")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "longer than block_size 4" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # --workers 0 is refused, not taken as "all cores"
+    r = subprocess.run([sys.executable, "data.py", "--input", str(rows), "--workers", "0", "--out", str(tmp_path / "p")],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "workers >= 1" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_malformed_sft_lines_are_reported_and_skipped(setup, tmp_path, capsys):
     # 600 pairs + the multi-turn sample (longer than 32 tokens: dropped, and counted)
     assert meta["train_samples"] + meta["val_samples"] + meta["dropped_overlong"] == 601
     from data import DataError
-    with pytest.raises(DataError, match="601 longer than block_size 8"):  # counted, never silently lost
+    with pytest.raises(DataError, match="601 are longer than block_size 8"):  # counted, never silently lost
         prepare_sft([str(root / "qa.jsonl")], str(tmp_path / "t"), tokenizer=base, block_size=8, force=True)
     cut = prepare_sft([str(root / "qa.jsonl")], str(tmp_path / "u"), tokenizer=base, block_size=21,
                       overlong="truncate", force=True)
