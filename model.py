@@ -455,13 +455,18 @@ class Decoder:
             k[dst, :, :n], v[dst, :, :n] = k[src, :, :n], v[src, :, :n]
 
 
+# Temperatures below this are greedy, in every engine (infer_c/nano.h NANO_MIN_TEMPERATURE): dividing
+# the logits by a tinier one overflows to infinity, and sampling from infinities is noise
+MIN_TEMPERATURE = 1e-6
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, previous_ids=(), generator=None):
     """Pick the next token from a [vocab] logits vector (on any device; `generator` is a CPU one). The C and
     browser engines follow the same order:
 
     1. repetition penalty on every distinct previous token: divide positive logits, multiply negative
        ones (so a penalty > 1 always makes the token less likely, whatever the logit's sign);
-    2. temperature 0 -> argmax (greedy); otherwise divide by the temperature;
+    2. temperature below MIN_TEMPERATURE (0, say) -> argmax (greedy); otherwise divide by the temperature;
     3. top-k: keep the k largest (0 = off);
     4. top-p: keep the smallest set of most likely tokens whose probability reaches p (always >= 1 token);
     5. sample from the softmax of what is left.
@@ -472,7 +477,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=
         prev = torch.tensor(sorted(set(previous_ids)))
         vals = logits[prev]
         logits[prev] = torch.where(vals > 0, vals / repetition_penalty, vals * repetition_penalty)
-    if temperature <= 0:
+    if not temperature >= MIN_TEMPERATURE:
         return int(torch.argmax(logits))
     logits /= temperature
     if 0 < top_k < logits.numel():

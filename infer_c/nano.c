@@ -2566,7 +2566,8 @@ int nano_sample(Nano *m, NanoSampler *s)
     if (!m->has_logits) return -1;
     int V = m->c.vocab_size;
     float *l = m->work, *p = m->probs;
-    if (!(s->temperature > 0) && s->rep_penalty == 1.0f) return argmax(m->logits, V); /* plain greedy */
+    int greedy = !(s->temperature >= NANO_MIN_TEMPERATURE); /* (NaN too) */
+    if (greedy && s->rep_penalty == 1.0f) return argmax(m->logits, V); /* plain greedy */
     memcpy(l, m->logits, (size_t)V * sizeof(float));
     /* 1. repetition penalty over the distinct previous ids */
     if (s->rep_penalty != 1.0f)
@@ -2575,7 +2576,7 @@ int nano_sample(Nano *m, NanoSampler *s)
             l[m->distinct[i]] = v > 0 ? v / s->rep_penalty : v * s->rep_penalty;
         }
     /* 2. greedy, or temperature */
-    if (!(s->temperature > 0)) return argmax(l, V);
+    if (greedy) return argmax(l, V);
     for (int i = 0; i < V; i++) l[i] /= s->temperature;
     /* 3. top-k: drop what is below the k-th largest (ties with it stay) */
     if (s->top_k > 0 && s->top_k < V) {

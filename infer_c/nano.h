@@ -18,6 +18,9 @@
 #include <stdint.h>
 
 #define NANO_ERRLEN 256
+/* temperatures below this are greedy, in every engine (model.MIN_TEMPERATURE): dividing the logits by
+   a tinier one overflows to infinity, and sampling from infinities is noise */
+#define NANO_MIN_TEMPERATURE 1e-6f
 #define NANO_QUANT_F32 0
 #define NANO_QUANT_Q8 800
 
@@ -51,7 +54,7 @@ typedef struct {
 } NanoConfig;
 
 typedef struct {
-    float temperature;      /* <= 0: greedy */
+    float temperature;      /* < NANO_MIN_TEMPERATURE (0, say): greedy */
     int top_k;              /* 0: off */
     float top_p;            /* >= 1: off */
     float rep_penalty;      /* 1: off */

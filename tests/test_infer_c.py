@@ -325,6 +325,26 @@ def test_generation_modes_match_pytorch(engine, workdir, trained):
         assert got == greedy, args
 
 
+def test_tiny_temperatures_are_greedy_in_both_engines(engine, workdir, trained):
+    # below model.MIN_TEMPERATURE (= nano.h's NANO_MIN_TEMPERATURE) sampling is greedy, in PyTorch and in C
+    # (the page runs the same nano.c): dividing by a tinier temperature overflowed to infinity, which
+    # gave noise (1e-40: "youyouyou..." in PyTorch, <|bos|><|bos|>... in C) while 0 was greedy
+    import model as model_py
+    ck, tok = trained
+    path = export_model(workdir, "trained", ck)
+    ids = [2] + tok.encode("the fox")
+    greedy = torch_generate(ck, ids, 16, temperature=0)
+    for t in (1e-300, 1e-40, 1e-20, 9e-7, model_py.MIN_TEMPERATURE / 2):
+        assert torch_generate(ck, ids, 16, temperature=t, generator=torch.Generator().manual_seed(1)) == greedy, t
+        got = engine_ids(engine["release"], path, "--ids", ",".join(map(str, ids)), "-n", 16, "-t", t, "-s", 1,
+                         "--ignore-eos")
+        assert got == greedy, t
+    # at the threshold it samples (a high-temperature-like spread is not asked for: a finite one is)
+    logits = torch.tensor([0.0, 1e-7, 5.0])
+    assert model_py.sample_next(logits, temperature=model_py.MIN_TEMPERATURE) == 2
+    assert model_py.sample_next(logits, temperature=float("nan")) == 2  # NaN: greedy, never noise
+
+
 def test_sampling_seeded_and_within_top_k(engine, workdir, trained):
     ck, tok = trained
     path = export_model(workdir, "trained", ck, "q8")
