@@ -35,7 +35,7 @@ from files import ConfigError, NanoError, load_nano_checkpoint, read_folder_json
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TokenizerError, _gpt2_files, load_tokenizer, load_tokenizer_dir, tokenizer_from_dict
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # -> the model_type transformers builds
 NANO_TOKENIZER = "nano_tokenizer.json"  # a Nano-trained model's own tokenizer, beside its tokenizer.json
 # config.json keys with a value Nano's model cannot follow: key -> the values it can (None = absent)
 MUST_BE = {"hidden_act": ("silu",), "rope_scaling": (None,), "use_sliding_window": (None, False),
@@ -57,11 +57,18 @@ def model_config_from_hf(hf, where):
     arch = (hf.get("architectures") or [None])[0]
     if arch not in ARCHITECTURES:
         raise ConfigError(f"{where}: architecture {arch!r} is not supported (Nano imports {', '.join(ARCHITECTURES)})")
+    if hf.get("model_type", ARCHITECTURES[arch]) != ARCHITECTURES[arch]:
+        # transformers builds the model of model_type (mistral: sliding-window attention), whatever
+        # `architectures` says: Nano would compute another model
+        raise ConfigError(f"{where}: model_type {hf['model_type']!r} with architecture {arch} (Nano imports "
+                          f"{arch} as model_type {ARCHITECTURES[arch]!r})")
     unfit = [f"{k}={hf[k]!r}" for k, allowed in MUST_BE.items() if hf.get(k) not in allowed]
     if arch == "LlamaForCausalLM" and bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
         unfit.append(f"attention_bias={hf.get('attention_bias')!r} with mlp_bias={hf.get('mlp_bias')!r} "
                      "(Nano has biases on every projection or on none)")
     if arch == "Qwen2ForCausalLM" and hf.get("use_sliding_window") and hf.get("sliding_window"):
+        unfit.append(f"sliding_window={hf['sliding_window']!r}")
+    if arch == "LlamaForCausalLM" and hf.get("sliding_window") is not None:  # (Llama has none: refused, not ignored)
         unfit.append(f"sliding_window={hf['sliding_window']!r}")
     rope = hf.get("rope_parameters") or {}  # transformers 5 writes rope_theta and rope_scaling here
     if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
@@ -70,20 +77,32 @@ def model_config_from_hf(hf, where):
         unfit.append("layer_types other than full_attention (sliding windows)")
     if unfit:
         raise ConfigError(f"{where}: {arch} with settings Nano's model does not have: {'; '.join(unfit)}")
-    try:
-        n_embd, n_head = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        cfg = ModelConfig(
-            block_size=int(hf["max_position_embeddings"]), vocab_size=int(hf["vocab_size"]),
-            n_layer=int(hf["num_hidden_layers"]), n_embd=n_embd, n_head=n_head,
-            n_kv_head=int(hf.get("num_key_value_heads") or n_head), n_hidden=int(hf["intermediate_size"]),
-            head_dim=int(hf.get("head_dim") or n_embd // n_head),
-            bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias")),
-            qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
-    except KeyError as e:
-        raise ConfigError(f"{where}: {arch} config has no {e.args[0]}") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: a size is not a number ({e})") from None
+
+    def size(key, default=None):  # a JSON integer, as transformers reads it: not "64", not 64.7, not true
+        value = hf.get(key)
+        value = default if value is None else value  # (null is absent: some configs write head_dim: null)
+        if value is None:
+            raise ConfigError(f"{where}: {arch} config has no {key}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be an integer, got {json.dumps(value)}")
+        return value
+
+    def number(value, key):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: {key} must be a number, got {json.dumps(value)}")
+        return float(value)
+
+    n_embd, n_head = size("hidden_size"), size("num_attention_heads")
+    if n_head <= 0:
+        raise ConfigError(f"{where}: num_attention_heads must be positive, got {n_head}")
+    cfg = ModelConfig(
+        block_size=size("max_position_embeddings"), vocab_size=size("vocab_size"), n_layer=size("num_hidden_layers"),
+        n_embd=n_embd, n_head=n_head, n_kv_head=size("num_key_value_heads", n_head),
+        n_hidden=size("intermediate_size"), head_dim=size("head_dim", n_embd // n_head),
+        bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias")),
+        qkv_bias=arch == "Qwen2ForCausalLM", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=number(rope.get("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta"),
+        norm_eps=number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"))
     cfg.validate(where)
     return cfg
 
@@ -157,9 +176,9 @@ def weight_files(folder):
     return [single]
 
 
-def load_weights(folder, cfg):
-    """Nano's state dict (float32) from the safetensors files, one tensor at a time (the files are
-    memory-mapped, so the peak is the float32 model plus one tensor)."""
+def load_weights(folder):
+    """Nano-named tensors (float32, as stored: Hugging Face's row order) from the safetensors files, one
+    tensor at a time (the files are memory-mapped, so the peak is the float32 model plus one tensor)."""
     from safetensors import safe_open
     from safetensors import SafetensorError
     sd, skipped = {}, []
@@ -174,34 +193,46 @@ def load_weights(folder, cfg):
                         if not key.endswith("rotary_emb.inv_freq"):
                             skipped.append(key)
                         continue
-                    t = f.get_tensor(key).float()
-                    if name.endswith(("attn.wq.weight", "attn.wq.bias")):
-                        t = halves_to_pairs(t, cfg.n_head, cfg.head_dim)
-                    elif name.endswith(("attn.wk.weight", "attn.wk.bias")):
-                        t = halves_to_pairs(t, cfg.n_kv_head, cfg.head_dim)
-                    sd[name] = t.contiguous()
+                    sd[name] = f.get_tensor(key).float()
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ConfigError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]}); "
                               "is it truncated or still downloading?") from None
     if skipped:
         raise ConfigError(f"{folder}: tensors Nano's model has no place for: {', '.join(skipped[:5])}"
                           f"{' ...' if len(skipped) > 5 else ''}")
-    if cfg.tie_embeddings:
-        sd.pop("output.weight", None)  # some tied checkpoints store the head's copy as well
     return sd
 
 
 def check_weights(sd, cfg, where):
-    """Every tensor the model needs, of its shape: one clear line otherwise."""
+    """Exactly the tensors the model has, each of its shape; a head stored beside tied embeddings only
+    if it is the embedding (transformers would use a different one, Nano the embedding): one clear
+    line otherwise. Drops that copy of the head."""
+    if cfg.tie_embeddings and "output.weight" in sd:
+        head, embedding = sd.pop("output.weight"), sd.get("tok_embeddings.weight")
+        if embedding is None or head.shape != embedding.shape or not torch.equal(head, embedding):
+            raise ConfigError(f"{where}: lm_head.weight differs from model.embed_tokens.weight although config.json "
+                              "says tie_word_embeddings: true (which one the model means is not clear; Nano ties)")
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(sd))
+    missing, extra = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing:
         raise ConfigError(f"{where}: the weights lack {', '.join(hf_name(k) for k in missing[:5])}"
                           f"{' ...' if len(missing) > 5 else ''} (config.json and the weights do not agree)")
+    if extra:
+        raise ConfigError(f"{where}: the weights hold {', '.join(hf_name(k) for k in extra[:5])}"
+                          f"{' ...' if len(extra) > 5 else ''}, which config.json's model has no place for")
     for k, shape in expected.items():
         if tuple(sd[k].shape) != shape:
             raise ConfigError(f"{where}: {hf_name(k)} has shape {tuple(sd[k].shape)}, config.json implies {shape}")
+
+
+def to_nano_rows(sd, cfg):
+    """wq and wk (and their biases) from Hugging Face's rotary row order to Nano's, in place, one at a time."""
+    for name in list(sd):
+        if name.endswith(("attn.wq.weight", "attn.wq.bias", "attn.wk.weight", "attn.wk.bias")):
+            heads = cfg.n_head if ".wq." in name else cfg.n_kv_head
+            sd[name] = halves_to_pairs(sd[name], heads, cfg.head_dim).contiguous()
+    return sd
 
 
 # ---------------------------------------------------------------------------
@@ -227,8 +258,9 @@ def load_hf(folder):
     tok = nano_tokenizer(folder) or load_tokenizer_dir(folder)
     if tok.vocab_size > cfg.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tok.vocab_size} tokens, the model {cfg.vocab_size} embedding rows")
-    sd = load_weights(folder, cfg)
+    sd = load_weights(folder)
     check_weights(sd, cfg, folder)
+    to_nano_rows(sd, cfg)
     return {"format": "nano-checkpoint", "version": 1, "model_config": cfg.to_dict(), "model": sd,
             "tokenizer": tok.to_dict(), "imported_from": os.path.abspath(folder)}
 

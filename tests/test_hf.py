@@ -362,3 +362,58 @@ def test_sharded_safetensors_load_as_one_file_does(tmp_path, corpus):
     os.remove(os.path.join(sharded, sorted(shards)[0]))  # a shard the index names is missing
     with pytest.raises(ConfigError, match="missing"):
         load_checkpoint(sharded)
+
+
+def test_configs_and_weights_that_would_compute_another_model_are_refused(tmp_path, corpus):
+    # the outside probe's silent wrong answers: load exactly what transformers computes, or refuse naming
+    # the key. Each accepted variant's logits are transformers' own for that folder.
+    from safetensors.torch import load_file, save_file
+    good = tmp_path / "good"
+    make_hf_model(str(good), "llama", "llama3", corpus[:30], tied=True, layers=2)
+    config = json.loads((good / "config.json").read_text())
+    weights = load_file(str(good / "model.safetensors"))
+
+    def variant(name, edit=None, tensors=None):
+        d = tmp_path / name
+        subprocess.run(["cp", "-r", str(good), str(d)], check=True)
+        write(str(d), "config.json", {**config, **(edit or {})})
+        if tensors is not None:
+            save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return str(d)
+
+    def same_logits_as_transformers(folder):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        model = model_from_checkpoint(load_checkpoint(folder), folder).eval()
+        ids = torch.randint(0, ref.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids)[0], ref(ids).logits, atol=1e-4, rtol=0)
+
+    embedding = weights["model.embed_tokens.weight"]
+    refused = [
+        # a head stored beside tie_word_embeddings: true that is not the embedding
+        (variant("head", tensors={**weights, "lm_head.weight": embedding + 0.1}), "lm_head.weight differs"),
+        # transformers builds the model of model_type (a Mistral with a 4-token window), not `architectures`
+        (variant("mistral", {"model_type": "mistral", "sliding_window": 4}), "model_type 'mistral'"),
+        (variant("window", {"sliding_window": 4}), "sliding_window=4"),
+        (variant("str", {"hidden_size": "64"}), 'hidden_size must be an integer, got "64"'),
+        (variant("float", {"hidden_size": 64.7}), "hidden_size must be an integer, got 64.7"),
+        (variant("bool", {"num_attention_heads": True}), "num_attention_heads must be an integer, got true"),
+        (variant("eps", {"rms_norm_eps": "1e-5"}), "rms_norm_eps must be a number"),
+        # k/v heads that do not fit the tensors: named as a shape, not blamed on a truncated file
+        (variant("kv", {"num_key_value_heads": 1}), "k_proj.weight has shape"),
+        # tensors of a layer the config lacks: refused here, so export.py cannot drop them silently
+        (variant("extra", {"num_hidden_layers": 1}), "model.layers.1."),
+    ]
+    for folder, message in refused:
+        with pytest.raises(ConfigError) as e:
+            load_checkpoint(folder)
+        assert message in str(e.value), (folder, str(e.value))
+        assert "truncated" not in str(e.value)
+        r = subprocess.run([sys.executable, "export.py", str(tmp_path / "x.bin"), "--checkpoint", folder], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr  # (export.py's code)
+        assert not (tmp_path / "x.bin").exists()
+    # accepted variants: the head stored as the embedding's copy, nulls where a default applies
+    for folder in (variant("copy", tensors={**weights, "lm_head.weight": embedding.clone()}),
+                   variant("nulls", {"head_dim": None, "num_key_value_heads": 2, "sliding_window": None})):
+        same_logits_as_transformers(folder)
