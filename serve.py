@@ -42,6 +42,7 @@ import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from files import NanoError
 from infer import StreamPrinter, chat_ids, check_sampling, load, prompt_ids, stop_ids
@@ -80,20 +81,31 @@ def error_response(status, message, param=None, code=None, kind="invalid_request
 # Reading a request: the JSON body, the sampling settings, the prompt
 
 
-async def read_json(request, max_body):
-    """The body as a JSON object; 413 past max_body bytes (announced or actually sent), else 400.
-    The routes read their bodies here and check the fields themselves (no pydantic models), so that
-    every refusal names its parameter in OpenAI's terms and none is FastAPI's 422."""
+async def read_json(request, max_body, timeout=30.0):
+    """The body as a JSON object; 413 past max_body bytes (announced or actually sent), 408 when it has
+    not all arrived within `timeout` seconds (a client that sends half a body and waits holds a
+    connection), else 400. The routes read their bodies here and check the fields themselves (no
+    pydantic models), so that every refusal names its parameter in OpenAI's terms and none is FastAPI's 422."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
         raise APIError(413, f"the request body is {declared} bytes; this server takes at most {max_body}",
                        code="request_too_large")
-    body = b""
-    async for piece in request.stream():  # a chunked body has no Content-Length: count what arrives
-        body += piece
-        if len(body) > max_body:
-            raise APIError(413, f"the request body is over {max_body} bytes, the most this server takes",
-                           code="request_too_large")
+
+    async def receive():
+        body = b""
+        async for piece in request.stream():  # a chunked body has no Content-Length: count what arrives
+            body += piece
+            if len(body) > max_body:
+                raise APIError(413, f"the request body is over {max_body} bytes, the most this server takes",
+                               code="request_too_large")
+        return body
+
+    try:
+        body = await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+    except ClientDisconnect:  # went away mid-body: nobody to answer, nothing to log
+        raise APIError(400, "the client went away before its request body arrived") from None
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -429,9 +441,17 @@ async def watch_disconnect(request, job):
     job.cancelled = True
 
 
-async def stream(job, chat, name):
+async def stream(job, chat, name, timeout=30.0):
     """Server-sent events: `data: {chunk}` lines, the last chunk with finish_reason and usage, then
-    `data: [DONE]`. A client that goes away cancels this generator, which frees the row."""
+    `data: [DONE]`. A client that goes away cancels this generator, which frees the row; so does one
+    that takes no event for `timeout` seconds (a client that never reads would hold its row, and
+    every token it is sent, until its answer ended)."""
+    sending_since = [None]  # when the event being sent was handed over (None: not sending)
+
+    async def watch_sending():
+        while sending_since[0] is None or time.monotonic() - sending_since[0] < timeout:
+            await asyncio.sleep(min(1.0, timeout / 4))
+        job.cancelled = True
     meta = {"id": new_id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": name}
@@ -439,26 +459,33 @@ async def stream(job, chat, name):
     def event(data):
         return f"data: {json.dumps(data)}\n\n"  # json.dumps: the model's text only ever as a JSON string
 
+    def sent(data):  # what the generator yields: each yield returns once the client has taken it
+        sending_since[0] = time.monotonic()
+        return data
+
+    watch = asyncio.create_task(watch_sending())
     try:
         if chat:  # OpenAI's first chunk names the role
-            yield event({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None, "logprobs": None}]})
+            yield sent(event({**meta, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                   "finish_reason": None, "logprobs": None}]}))
         while True:
+            sending_since[0] = None
             text, (kind, *rest) = await next_events(job)
             if text:
-                yield event({**meta, "choices": [choice(chat, True, text)]})
+                yield sent(event({**meta, "choices": [choice(chat, True, text)]}))
             if kind == "error":
-                yield event({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}})
+                yield sent(event({"error": {"message": rest[0], "type": "server_error", "param": None, "code": None}}))
                 break
             elif kind == "end":
-                yield event({**meta, "choices": [choice(chat, True, None, rest[0])], "usage": rest[1]})
+                yield sent(event({**meta, "choices": [choice(chat, True, None, rest[0])], "usage": rest[1]}))
                 break
         yield "data: [DONE]\n\n"
     finally:
+        watch.cancel()
         job.cancelled = True
 
 
-def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_waiting=64):
+def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_waiting=64, client_timeout=30.0):
     app = FastAPI(title="Nano", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
@@ -506,7 +533,7 @@ def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_wa
         return card
 
     async def complete(request, chat):
-        body = await read_json(request, max_body)
+        body = await read_json(request, max_body, client_timeout)
         check_model(body, name)
         s = sampling(body)
         if chat:
@@ -531,7 +558,7 @@ def make_app(model, tok, scheduler, name, api_key=None, max_body=2 ** 20, max_wa
         job = Job(ids, s, tok, asyncio.get_running_loop())
         scheduler.submit(job)
         if s.stream:
-            return StreamingResponse(stream(job, chat, name), media_type="text/event-stream",
+            return StreamingResponse(stream(job, chat, name, client_timeout), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await reply(request, job, chat, name)
 
@@ -570,6 +597,9 @@ def parse_args(argv=None):
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests queued for a free row; more get 503, which the clients retry (default 64)")
     p.add_argument("--max-body", type=int, default=2 ** 20, help="largest request body in bytes (default 1 MiB)")
+    p.add_argument("--client-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send its request body (else 408), or to take the next piece "
+                        "of a streamed answer (else its row is freed) (default 30)")
     p.add_argument("--context", type=int, help="tokens per request, prompt and answer (default and most: the model's "
                                                "block_size; the KV cache holds max-batch x this: imported models have 32k)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -578,6 +608,8 @@ def parse_args(argv=None):
         p.error(f"--port must be in 1..65535, got {args.port}")
     if min(args.max_batch, args.max_body, args.max_waiting) < 1 or (args.context is not None and args.context < 2):
         p.error("--max-batch, --max-waiting and --max-body must be positive, --context at least 2")
+    if not args.client_timeout > 0:  # (NaN too)
+        p.error("--client-timeout must be a positive number of seconds")
     if args.api_key is not None and not args.api_key.strip():
         p.error("--api-key is empty")
     if args.device.split(":")[0] not in ("cpu", "cuda"):
@@ -606,7 +638,8 @@ def main(argv=None):
         sys.exit(2)
     import uvicorn
     scheduler = Scheduler(model, tok, args.max_batch, args.context)
-    app = make_app(model, tok, scheduler, args.model_name, args.api_key, args.max_body, args.max_waiting)
+    app = make_app(model, tok, scheduler, args.model_name, args.api_key, args.max_body, args.max_waiting,
+                   args.client_timeout)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="http").start()
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:

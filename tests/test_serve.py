@@ -502,3 +502,52 @@ def test_stop_strings_are_found_across_token_boundaries_from_the_unsent_text_alo
         if not answer.stopped:
             out.append(answer._release(final=True))
         assert (out, answer.stopped) == plain(pieces, stops), (pieces, stops)
+
+
+def test_hostile_connections_are_timed_out_and_leave_no_tracebacks(checkpoint):
+    # the outside probe: connections that send half a body and leave (each a ClientDisconnect
+    # traceback before), and a client that sends half a body and waits (never timed out before)
+    s = Server(checkpoint, "--max-batch", "2", "--client-timeout", "2")
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    try:
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", s.port)) as c:
+                c.sendall(head + b'{"model": "nano-ck", ')
+        with socket.create_connection(("127.0.0.1", s.port)) as waiting:
+            waiting.sendall(head + b'{"mo')
+            waiting.settimeout(20)
+            start = time.monotonic()
+            answer = waiting.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer + waiting.recv(4096)
+            assert 1.5 < time.monotonic() - start < 15
+        r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200  # and it goes on serving
+    finally:
+        log = s.stop()
+    assert "Traceback" not in log and len(log.splitlines()) < 5, log[-3000:]
+
+
+def test_a_streaming_client_that_takes_nothing_frees_its_row():
+    # serve.stream hands each event to the server and is resumed once the client has taken it; one
+    # not taken within the timeout cancels the job, so the scheduler frees its row (a client that
+    # never reads held it, and every token sent to it, until its answer ended). A reader that keeps
+    # taking events keeps its row however long the answer.
+    import asyncio
+    import serve
+
+    async def run(pause):
+        job = SimpleNamespace(events=asyncio.Queue(), cancelled=False)
+        for i in range(5):
+            job.events.put_nowait(("text", f"t{i} "))
+        job.events.put_nowait(("end", "length", {"completion_tokens": 5}))
+        gen = serve.stream(job, False, "x", timeout=0.3)
+        got = [await gen.__anext__()]
+        await asyncio.sleep(pause)  # the event is "being sent": the client takes nothing
+        cancelled_while_waiting = job.cancelled
+        got += [piece async for piece in gen]
+        return cancelled_while_waiting, got
+
+    cancelled, _ = asyncio.run(run(1.0))
+    assert cancelled
+    cancelled, got = asyncio.run(run(0.05))
+    assert not cancelled and got[-1] == "data: [DONE]\n\n"
