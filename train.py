@@ -21,12 +21,17 @@ written atomically (temp file, then rename):
   step_<N>.pt      a snapshot every `save_interval` steps (when save_interval > 0)
 """
 
-import argparse
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): exit 130 at once, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # (nothing is written yet; an exception here
+    # would surface inside whatever C extension is loading)
+
+import argparse  # noqa: E402
 import glob
 import json
 import math
-import os
-import signal
 import sys
 import threading
 import time
@@ -34,7 +39,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import torch
+import torch  # noqa: E402
 
 PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist

@@ -110,6 +110,20 @@ def test_non_finite_and_out_of_range_settings_are_refused(data_dir, tmp_path, se
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_ctrl_c_while_train_py_starts_is_quiet(data_dir, tmp_path):
+    # a SIGINT while torch and the rest load (the first second or two) exits 130 without a traceback
+    for delay in (0.3, 0.8, 1.5):
+        p = subprocess.Popen([sys.executable, "train.py", *configs(tmp_path, data_dir, tmp_path / "run")], cwd=ROOT,
+                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err[-2000:])
+        assert p.returncode in (130, 128 + signal.SIGINT), (delay, p.returncode, err[-500:])
+        if (tmp_path / "run").exists():  # (a signal after the loop began stops as a signal does: saved)
+            subprocess.run(["rm", "-rf", str(tmp_path / "run")], check=True)
+
+
 def test_a_config_nested_past_the_parser_is_one_line(data_dir, tmp_path):
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
