@@ -826,6 +826,7 @@ typedef struct {
     BpeSlot *map;         /* bytes -> merged token, open addressing (linear probing) */
     size_t map_mask;
     int32_t byte_id[256]; /* the token of each single byte */
+    uint8_t joins[8192];  /* bit a << 8 | b: some token holds byte a then byte b (a merge can join them) */
     int32_t *special;     /* special token ids, sorted by first byte */
     int n_special;
     int32_t special_from[257]; /* special[special_from[b] .. special_from[b + 1]) start with byte b */
@@ -1801,19 +1802,32 @@ typedef struct {
     int32_t id;
 } Cand;
 
-/* the scratch memory of one nano_encode call for its long pieces: grown as needed, freed at its end */
+/* the scratch memory of one nano_encode call for its long pieces: grown as needed, freed at its end.
+ * mem: 12 bytes a byte of the longest piece (its parts); heap: the candidates, grown as they come
+ * (it can hold up to 3 a byte, but seldom holds more than one). */
 typedef struct {
     void *mem;
     size_t cap;
+    Cand *heap;
+    size_t heap_cap;
 } Scratch;
 
 static int cand_less(const Cand *a, const Cand *b) { return a->rank < b->rank || (a->rank == b->rank && a->left < b->left); }
 
-static void cand_push(Cand *h, size_t *n, Cand c)
+static int cand_push(Scratch *w, size_t *n, Cand c) /* -1: out of memory */
 {
+    if (*n == w->heap_cap) {
+        size_t cap = w->heap_cap ? 2 * w->heap_cap : 4096;
+        Cand *more = cap < (size_t)-1 / sizeof(Cand) ? realloc(w->heap, cap * sizeof(Cand)) : NULL;
+        if (!more) return -1;
+        w->heap = more;
+        w->heap_cap = cap;
+    }
+    Cand *h = w->heap;
     size_t i = (*n)++;
     for (; i > 0 && cand_less(&c, &h[(i - 1) / 2]); i = (i - 1) / 2) h[i] = h[(i - 1) / 2];
     h[i] = c;
+    return 0;
 }
 
 static Cand cand_pop(Cand *h, size_t *n)
@@ -1832,18 +1846,17 @@ static Cand cand_pop(Cand *h, size_t *n)
     return top;
 }
 
-/* the candidate of joining the parts s[left .. end), if that is a token */
-static void cand_try(const Tokenizer *t, const uint8_t *s, Cand *h, size_t *nh, uint32_t left, uint32_t end)
+/* the candidate of joining the parts s[left .. end), if that is a token; -1: out of memory */
+static int cand_try(const Tokenizer *t, const uint8_t *s, Scratch *w, size_t *nh, uint32_t left, uint32_t end)
 {
     const BpeSlot *e = map_find(t, s + left, end - left);
-    if (e) cand_push(h, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1});
+    return e ? cand_push(w, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1}) : 0;
 }
 
 static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
 {
-    /* next/prev: the start of the following / preceding part (next = 0: absorbed); at most n - 1
-     * first candidates and 2 per merge (at most n - 1 merges) */
-    const size_t per_byte = 3 * sizeof(Cand) + 2 * sizeof(uint32_t) + sizeof(int32_t);
+    /* next/prev: the start of the following / preceding part (next = 0: absorbed) */
+    const size_t per_byte = 2 * sizeof(uint32_t) + sizeof(int32_t);
     if (n >= UINT32_MAX || n > (size_t)-1 / per_byte) return -1;
     if (n * per_byte > w->cap) {
         void *mem = malloc(n * per_byte);
@@ -1852,8 +1865,7 @@ static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w
         w->mem = mem;
         w->cap = n * per_byte;
     }
-    Cand *h = w->mem;
-    uint32_t *next = (uint32_t *)(h + 3 * n), *prev = next + n;
+    uint32_t *next = w->mem, *prev = next + n;
     int32_t *id = (int32_t *)(prev + n);
     size_t nh = 0;
     for (uint32_t k = 0; k < n; k++) {
@@ -1861,19 +1873,36 @@ static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w
         prev[k] = k - 1; /* prev[0] is never read */
         id[k] = t->byte_id[s[k]];
     }
-    for (uint32_t k = 0; k + 1 < n; k++) cand_try(t, s, h, &nh, k, k + 2);
+    for (uint32_t k = 0; k + 1 < n; k++)
+        if (cand_try(t, s, w, &nh, k, k + 2)) return -1;
     while (nh) {
-        Cand c = cand_pop(h, &nh);
+        Cand c = cand_pop(w->heap, &nh);
         uint32_t mid = next[c.left];
         if ((c.left && !mid) || mid >= n || next[mid] != c.end) continue; /* stale */
         id[c.left] = c.id; /* join [left, mid) and [mid, end) */
         next[c.left] = c.end;
         next[mid] = 0;
         if (c.end < n) prev[c.end] = c.left;
-        if (c.left) cand_try(t, s, h, &nh, prev[c.left], c.end);
-        if (c.end < n) cand_try(t, s, h, &nh, c.left, next[c.end]);
+        if (c.left && cand_try(t, s, w, &nh, prev[c.left], c.end)) return -1;
+        if (c.end < n && cand_try(t, s, w, &nh, c.left, next[c.end])) return -1;
     }
     for (uint32_t k = 0; k < n; k = next[k]) put_id(o, id[k]);
+    return 0;
+}
+
+/* Where no token holds the two bytes on either side of a position, no merge can join across it:
+ * the two sides merge apart to the ids of the whole. A piece longer than LONG_PIECE is cut at the
+ * first such position past half that length, and again, so that the memory merge_long takes stays
+ * bounded by LONG_PIECE (data.py bounds its pieces the same way); one without such a position (a
+ * run of characters every neighbouring pair of which some token holds) merges whole. */
+#define LONG_PIECE (1u << 16)
+
+static int joinable(const Tokenizer *t, uint8_t a, uint8_t b) { return t->joins[(a << 8 | b) >> 3] >> (b & 7) & 1; }
+
+static int merge_part(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    if (n > PIECE_STACK) return merge_long(t, s, n, w, o);
+    merge_short(t, s, n, o);
     return 0;
 }
 
@@ -1885,9 +1914,15 @@ static int bpe_piece(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w,
         put_id(o, n == 1 ? t->byte_id[s[0]] : (int)whole->id1 - 1);
         return 0;
     }
-    if (n > PIECE_STACK) return merge_long(t, s, n, w, o);
-    merge_short(t, s, n, o);
-    return 0;
+    size_t start = 0;
+    while (n - start > LONG_PIECE) {
+        size_t cut = start + LONG_PIECE / 2;
+        while (cut < n && joinable(t, s[cut - 1], s[cut])) cut++;
+        if (cut == n) break;
+        if (merge_part(t, s + start, cut - start, w, o)) return -1;
+        start = cut;
+    }
+    return merge_part(t, s + start, n - start, w, o);
 }
 
 /* Decodes s[0..n) into UTF-8 with every ill-formed sequence as U+FFFD (3 bytes: out needs 3n of
@@ -1967,7 +2002,7 @@ static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
         s = clean;
     }
     Ids o = {ids, max_ids, 0};
-    Scratch w = {NULL, 0};
+    Scratch w = {NULL, 0, NULL, 0};
     int bad = 0;
     for (size_t i = 0; i < len && !bad;) {
         size_t at;
@@ -1978,6 +2013,7 @@ static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
         i = sp >= 0 ? at + tok_len(t, sp) : at;
     }
     free(w.mem);
+    free(w.heap);
     free(clean);
     return bad ? (size_t)-1 : o.count;
 }
@@ -2059,6 +2095,7 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
             continue;
         }
         if (len == 1) t->byte_id[b[0]] = (int32_t)i;
+        for (size_t k = 1; k < len; k++) t->joins[(b[k - 1] << 8 | b[k]) >> 3] |= (uint8_t)(1u << (b[k] & 7));
         const BpeSlot *same = map_find(t, b, len);
         if (same) return errf(err, "BPE tokenizer section: tokens %u and %zu have the same bytes", same->id1 - 1, i);
         uint64_t h = hash_bytes(b, len);

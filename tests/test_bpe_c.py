@@ -324,6 +324,26 @@ def test_a_megabyte_in_one_piece(builds, files):
     assert list(map(int, got)) == eng.encode(m, big[:30_000])
 
 
+def test_pieces_past_long_piece_are_cut_where_no_merge_crosses(builds, files, tok):
+    """Pieces longer than nano.c's LONG_PIECE (64 KiB) are merged in parts, cut where no token holds
+    the bytes on both sides (the memory merge_long takes stays bounded); the ids are tiktoken's for
+    pieces with such positions (random letters, CJK), and for one without any ("a" repeated: "aa" is a
+    token, so it merges whole), in the library and the sanitized CLI."""
+    eng = builds["engine"]
+    m = eng.load(files["gpt2"])
+    rng = random.Random(5)
+    texts = {"letters": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(300_000)),
+             "cjk": "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(100_000)),
+             "no cut": "a" * 200_000}
+    for name, text in texts.items():
+        assert len(text.encode()) > 1 << 16
+        assert eng.encode(m, text.encode()) == tok.encode(text), name
+        f = files["dir"] / "long.txt"
+        f.write_text(text, encoding="utf-8")
+        got = run(builds["asan"], files["gpt2"], "--tokenize-file", f).stdout.split()
+        assert list(map(int, got)) == tok.encode(text), name
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding
 
