@@ -654,7 +654,7 @@ class Logger:
                 from torch.utils.tensorboard import SummaryWriter  # (a second to import: only when asked)
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
         except OSError as e:
-            raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+            raise OutputError(f"cannot write {self.path}: {(e.strerror or str(e)).lower()}") from None
 
     def line(self, text):
         if self.enabled:
@@ -663,7 +663,7 @@ class Logger:
                 self.file.write(text + "\n")
                 self.file.flush()
             except OSError as e:
-                raise OutputError(f"cannot write {self.path}: {e.strerror or e}") from None
+                raise OutputError(f"cannot write {self.path}: {(e.strerror or str(e)).lower()}") from None
 
     def scalars(self, step, **values):
         if self.tb is not None:

@@ -258,6 +258,15 @@ def test_a_full_disk_keeps_the_previous_checkpoint(data_dir, tmp_path, small_dis
     assert ck["step"] >= 10 and ck["step"] % 10 == 0
 
 
+def test_a_full_disk_under_train_log_is_one_line(data_dir, tmp_path, small_disk):
+    # the log, not a checkpoint, is what runs out of room (checkpoints off): one line, no traceback
+    out = small_disk(8192) / "run"
+    r = run_train(configs(tmp_path, data_dir, out, max_iters=400, eval_interval=1000, log_interval=1,
+                          save_checkpoints=False))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == f"error: cannot write {out}/train.log: no space left on device", r.stderr
+
+
 def test_damaged_checkpoints_get_clear_messages(tmp_path):
     path = tmp_path / "ck.pt"
     torch.save({"model": {"w": torch.zeros(1000)}, "model_config": {}}, path)
