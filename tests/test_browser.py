@@ -300,6 +300,10 @@ def test_greedy_output_equals_the_c_engine(page, files, cli, quant):
         got = ask(page, prompt, mode="continue", max_new=50, **kw)
         ref = cli(files[quant], prompt, mode="continue", n=50, temperature=0.9, top_k=12, top_p=0.9, rep=1.2, seed=1234)
         assert got["gen"] == ref and "seed 1234" in got["meta"]
+        # a temperature below model.MIN_TEMPERATURE is greedy in the page too (1e-40 gave noise before)
+        for tiny in ("1e-40", "5e-7"):
+            assert ask(page, prompt, mode="continue", max_new=40, temperature=tiny, seed=3)["gen"] == \
+                cli(files[quant], prompt, mode="continue", n=40), tiny
         # a reply to look at
         page.click("#clear")
         ask(page, "Once upon a time", mode="continue", max_new=48)
