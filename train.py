@@ -205,16 +205,47 @@ class Env:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
 
+def busy_cores(cpus, interval=0.25):
+    """How many of the CPUs `cpus` other processes keep busy now: their share of non-idle time in
+    /proc/stat over `interval` seconds, summed. The load average would also count a job that ended
+    a minute ago (a previous run), so back-to-back runs would get one thread on an idle machine.
+    None where /proc/stat is not there (not Linux)."""
+    def sample():
+        times = {}
+        try:
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *fields = line.split()
+                    if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                        values = [int(v) for v in fields[:8]]  # user nice system idle iowait irq softirq steal
+                        times[int(name[3:])] = (sum(values), values[3] + values[4])
+        except (OSError, ValueError, IndexError):
+            return None
+        return times
+    before = sample()
+    time.sleep(interval)
+    after = sample()
+    if not before or not after:
+        return None
+    busy = 0.0
+    for cpu in before.keys() & after.keys():
+        total, idle = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
+        busy += 1 - idle / total if total > 0 else 0.0
+    return busy
+
+
 def cpu_threads():
     """torch's CPU threads: OMP_NUM_THREADS if set, else this process's cores less those that other
-    processes keep busy (the 1-minute load average), at least 1. torch's default (every core)
-    collapses when another job shares them: its threads wait for each other at every operation
+    processes keep busy right now (busy_cores), at least 1. torch's default (every core) collapses
+    when another job shares them: its threads wait for each other at every operation
     (docs/BENCHMARKS.md, threads under contention)."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy)))
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    busy = busy_cores(cpus)
+    if busy is None:
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(len(cpus), round(len(cpus) - busy)))
 
 
 def pick_device(name):
