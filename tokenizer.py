@@ -293,7 +293,8 @@ def default_system(template):
 
 
 def load_tokenizer_dir(folder):
-    """The HFTokenizer of a model directory (tokenizer.json + tokenizer_config.json + generation_config.json);
+    """The HFTokenizer of a model directory (tokenizer.json + tokenizer_config.json + generation_config.json;
+    the chat template from tokenizer_config.json or, as transformers 5.x writes it, chat_template.jinja);
     ConfigError names what is missing or unsupported."""
     from tokenizers import Tokenizer
     path = os.path.join(folder, "tokenizer.json")
@@ -313,6 +314,13 @@ def load_tokenizer_dir(folder):
     tc = read_folder_json(folder, "tokenizer_config.json", required=False)
     gen = read_folder_json(folder, "generation_config.json", required=False)
     template = tc.get("chat_template")
+    jinja = os.path.join(folder, "chat_template.jinja")  # where transformers 5.x saves it
+    if template is None and os.path.isfile(jinja):
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{jinja}: cannot read it ({e})") from None
     if isinstance(template, list):  # several named templates: the default one
         template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
     eos_ids = gen.get("eos_token_id")
