@@ -32,6 +32,7 @@ import sys
 import torch
 
 from files import ConfigError, NanoError, load_nano_checkpoint, read_folder_json, save_checkpoint
+from llama2c import is_llama2c, load_llama2c
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TokenizerError, _gpt2_files, load_tokenizer, load_tokenizer_dir, tokenizer_from_dict
 
@@ -114,6 +115,9 @@ def hf_config(cfg, tok):
                           f"({'learned positions' if not cfg.use_rope else 'bidirectional'}) has no such form")
     if cfg.n_embd != cfg.n_head * cfg.head_dim:
         raise ConfigError("n_embd must equal n_head x head_dim")
+    if cfg.recipe():  # transformers would load the weights and compute another model
+        raise ConfigError(f"this model uses {', '.join(f'{k}={v}' for k, v in cfg.recipe().items())}, which Hugging Face "
+                          "Llama and Qwen2 models do not have (docs/RECIPES.md)")
     qwen = cfg.qkv_bias and not cfg.bias
     d = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
          "model_type": "qwen2" if qwen else "llama", "hidden_size": cfg.n_embd,
@@ -266,11 +270,13 @@ def load_hf(folder):
 
 
 def load_checkpoint(path):
-    """A checkpoint dict (on the CPU) from a Nano checkpoint file (files.load_nano_checkpoint) or a
-    Hugging Face model directory (load_hf): what every script that takes a checkpoint calls. Errors
-    are ConfigErrors that name the file and what is wrong."""
+    """A checkpoint dict (on the CPU) from a Nano checkpoint file (files.load_nano_checkpoint), a
+    Hugging Face model directory (load_hf) or a llama2.c model file (llama2c.load_llama2c): what every
+    script that takes a checkpoint calls. Errors are ConfigErrors that name the file and what is wrong."""
     if os.path.isdir(path):  # a Hugging Face model directory is a checkpoint too
         return load_hf(path)
+    if is_llama2c(path):  # and so is a llama2.c model (with its tokenizer.bin beside it)
+        return load_llama2c(path)
     return load_nano_checkpoint(path)
 
 

@@ -22,9 +22,12 @@ special tokens' roles and the chat template read from its model directory (load_
 """
 
 import collections
+import heapq
 import json
+import math
 import os
 import re
+import struct
 
 from files import ConfigError, NanoError, read_folder_json
 
@@ -262,6 +265,167 @@ with it); the checkpoint holds the whole tokenizer.json text.
         return dict(self.spec, type="hf")
 
 
+# llama2.c's tokenizer: the first 3 ids are <unk>, <s> (bos), </s> (eos); the next 256 are the bytes
+LLAMA2C_UNK, LLAMA2C_BOS, LLAMA2C_EOS, LLAMA2C_BYTE0 = 0, 1, 2, 3
+LLAMA2C_NO_MERGE = -1e10  # run.c's starting best score: a merge must score above it
+
+
+def _float32(x):
+    """x rounded to float32, as run.c holds the scores (so merges compare the same numbers in every engine)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+class Llama2cTokenizer:
+    """The tokenizer of llama2.c models (Karpathy's run.c): a SentencePiece BPE vocabulary of pieces with
+    scores, read from llama2.c's tokenizer.bin (read_llama2c_tokenizer); SentencePiece's "\\u2581" is a
+    plain space in its pieces. Encoding follows run.c: a "dummy prefix" " " token first (for non-empty
+    text); each UTF-8 character becomes its piece, or, when it has none, one <0xNN> token per byte
+    (id byte + 3); then, again and again, the adjacent pair whose joined text is the piece of highest
+    score is joined (the leftmost on a tie; scores must exceed -1e10), until no pair joins. Decoding:
+    <0xNN> pieces are raw bytes, and a piece right after <s> loses its leading space.
+    spec: {"type": "llama2c", "tokens": [str], "scores": [float]}. Ids: <unk> 0, <s> 1 (put before a
+    prompt, as run.c does), </s> 2 (ends a document in Nano's data); generation stops at either
+    (run.c stops at <s>, which begins the next story in llama2.c's training data). No instruct marks:
+    these models continue text."""
+    kind = "llama2c"
+    unk_id, bos_id, eos_id, pad_id = LLAMA2C_UNK, LLAMA2C_BOS, LLAMA2C_EOS, None
+    instruct_id = response_id = None
+    stop_ids = [LLAMA2C_BOS, LLAMA2C_EOS]
+
+    def __init__(self, spec):
+        tokens, scores = (spec.get("tokens"), spec.get("scores")) if isinstance(spec, dict) else (None, None)
+        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+            raise TokenizerError("llama2.c tokenizer: 'tokens' must be a list of non-empty strings")
+        if not isinstance(scores, list) or len(scores) != len(tokens) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+            raise TokenizerError("llama2.c tokenizer: 'scores' must be one finite number per token")
+        if len(tokens) < LLAMA2C_BYTE0 + 256:
+            raise TokenizerError(f"llama2.c tokenizer: {len(tokens)} tokens; it needs at least {LLAMA2C_BYTE0 + 256} "
+                                 "(<unk>, <s>, </s> and the 256 byte tokens)")
+        for b in range(256):
+            if tokens[LLAMA2C_BYTE0 + b] != f"<0x{b:02X}>":
+                raise TokenizerError(f"llama2.c tokenizer: token {LLAMA2C_BYTE0 + b} is {tokens[LLAMA2C_BYTE0 + b]!r}, "
+                                     f"not the byte token <0x{b:02X}> (byte fallback needs ids 3..258 in order)")
+        self.piece_id = {}
+        for i, t in enumerate(tokens):
+            if self.piece_id.setdefault(t, i) != i:
+                raise TokenizerError(f"llama2.c tokenizer: tokens {self.piece_id[t]} and {i} are both {t!r}")
+        if " " not in self.piece_id:
+            raise TokenizerError("llama2.c tokenizer: no ' ' token (the space put before the text)")
+        self.tokens, self.scores = tokens, [_float32(x) for x in scores]
+        self.vocab_size = len(tokens)
+
+    def encode(self, text):
+        if not text:
+            return []
+        # text as the C engine sees it: ill-formed UTF-8 (here: lone surrogates) becomes U+FFFD
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        ids = [self.piece_id[" "]]
+        for ch in text:
+            i = self.piece_id.get(ch)
+            ids.extend([i] if i is not None else [LLAMA2C_BYTE0 + b for b in ch.encode("utf-8")])
+        return self._merge(ids)
+
+    def _merge(self, ids):
+        """run.c's merge loop (best score first, leftmost on a tie) through a heap of candidate pairs
+        keyed (-score, start), with the sequence as a linked list: the same merges, without run.c's
+        rescan of every pair after every merge."""
+        n, pieces = len(ids), [self.tokens[i] for i in ids]
+        nxt, prv, heap = list(range(1, n + 1)), list(range(-1, n - 1)), []
+
+        def consider(i):  # the pair that starts at node i, if it joins into a piece
+            j = nxt[i]
+            if j < n:
+                m = self.piece_id.get(pieces[i] + pieces[j])
+                if m is not None and self.scores[m] > LLAMA2C_NO_MERGE:
+                    heapq.heappush(heap, (-self.scores[m], i, m, pieces[i], pieces[j]))
+
+        for i in range(n - 1):
+            consider(i)
+        while heap:
+            _, i, m, left, right = heapq.heappop(heap)
+            j = nxt[i]
+            if pieces[i] != left or j >= n or pieces[j] != right:
+                continue  # stale: one side was joined into something else since
+            ids[i], pieces[i], pieces[j] = m, left + right, None
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            if prv[i] >= 0:
+                consider(prv[i])
+            consider(i)
+        out, i = [], 0
+        while i < n:
+            out.append(ids[i])
+            i = nxt[i]
+        return out
+
+    def _piece_bytes(self, i, prev):
+        if not 0 <= i < self.vocab_size:
+            return SPECIAL_TOKENS[UNK_ID].encode()
+        if LLAMA2C_BYTE0 <= i < LLAMA2C_BYTE0 + 256:
+            return bytes([i - LLAMA2C_BYTE0])
+        piece = self.tokens[i]
+        return (piece[1:] if prev == LLAMA2C_BOS and piece.startswith(" ") else piece).encode()
+
+    def decode(self, ids):
+        out, prev = bytearray(), None
+        for i in ids:
+            out += self._piece_bytes(i, prev)
+            prev = i
+        return out.decode("utf-8", "replace")
+
+    def decode_one(self, i):
+        return self._piece_bytes(i, None).decode("utf-8", "replace")
+
+    def to_dict(self):
+        return {"type": "llama2c", "tokens": self.tokens, "scores": self.scores}
+
+
+def read_llama2c_tokenizer(path, n_tokens=None):
+    """A Llama2cTokenizer from llama2.c's tokenizer.bin: int32 max_token_length, then per token a float32
+    score, an int32 length and that many bytes (UTF-8), to the end of the file. n_tokens: the model's
+    vocabulary size, which the file must hold exactly. TokenizerError names the file and the fault."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise TokenizerError(f"llama2.c tokenizer not found: {path}") from None
+    except OSError as e:
+        raise TokenizerError(f"cannot read llama2.c tokenizer {path}: {e.strerror or e}") from None
+    if len(data) < 4:
+        raise TokenizerError(f"{path}: not a llama2.c tokenizer.bin ({len(data)} bytes, shorter than its header)")
+    max_len = struct.unpack_from("<i", data)[0]
+    if not 1 <= max_len <= 1 << 16:
+        raise TokenizerError(f"{path}: not a llama2.c tokenizer.bin (its max_token_length is {max_len})")
+    tokens, scores, off = [], [], 4
+    while off < len(data):
+        i = len(tokens)
+        if len(data) - off < 8:
+            raise TokenizerError(f"{path}: truncated inside token {i} (a llama2.c tokenizer.bin)")
+        score, length = struct.unpack_from("<fi", data, off)
+        off += 8
+        if not 1 <= length <= max_len:
+            raise TokenizerError(f"{path}: token {i} is {length} bytes long, outside 1 .. max_token_length "
+                                 f"{max_len} (garbled, or not a llama2.c tokenizer.bin)")
+        if len(data) - off < length:
+            raise TokenizerError(f"{path}: truncated inside token {i} (a llama2.c tokenizer.bin)")
+        try:
+            tokens.append(data[off:off + length].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise TokenizerError(f"{path}: token {i} is not UTF-8 text (garbled, or not a llama2.c tokenizer.bin)") from None
+        if not math.isfinite(score):
+            raise TokenizerError(f"{path}: token {i} has the score {score} (garbled)")
+        scores.append(score)
+        off += length
+    if n_tokens is not None and len(tokens) != n_tokens:
+        raise TokenizerError(f"{path} holds {len(tokens)} tokens, the model {n_tokens}: not this model's tokenizer")
+    try:
+        return Llama2cTokenizer({"type": "llama2c", "tokens": tokens, "scores": scores})
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+
+
 # ---------------------------------------------------------------------------
 # A Hugging Face model directory's tokenizer: tokenizer.json, its special tokens' roles and its chat template
 
@@ -354,23 +518,28 @@ def _gpt2_files():
 
 
 def tokenizer_from_dict(d):
-    if not isinstance(d, dict) or d.get("type") not in ("trie", "bpe", "hf"):
-        raise TokenizerError("tokenizer spec must be a dict with type 'trie', 'bpe' or 'hf'")
+    if not isinstance(d, dict) or d.get("type") not in ("trie", "bpe", "hf", "llama2c"):
+        raise TokenizerError("tokenizer spec must be a dict with type 'trie', 'bpe', 'hf' or 'llama2c'")
     if d["type"] == "trie":
         return TrieTokenizer(d.get("tokens"))
     if d["type"] == "hf":
         return HFTokenizer(d)
+    if d["type"] == "llama2c":
+        return Llama2cTokenizer(d)
     return BPETokenizer(d.get("name", "gpt2"))
 
 
 def load_tokenizer(path):
     """Load a tokenizer JSON file ({"type": "trie", "tokens": [...]} or {"type": "bpe", "name": "gpt2"}),
-    or a Hugging Face model directory's own tokenizer (load_tokenizer_dir)."""
+    a Hugging Face model directory's own tokenizer (load_tokenizer_dir), or llama2.c's tokenizer.bin
+    (a .bin file: read_llama2c_tokenizer)."""
     if os.path.isdir(path):
         try:
             return load_tokenizer_dir(path)
         except ConfigError as e:
             raise TokenizerError(str(e)) from None
+    if os.fspath(path).endswith(".bin"):
+        return read_llama2c_tokenizer(path)
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)

@@ -13,7 +13,7 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the bottom layers, lowest first: each may import only the ones before it
-BASE_LAYERS = ["files", "tokenizer", "model", "hf"]
+BASE_LAYERS = ["files", "tokenizer", "model", "llama2c", "hf"]
 
 
 def read_modules():

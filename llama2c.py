@@ -1,0 +1,203 @@
+"""
+llama2.c's model files in: a .bin that Karpathy's llama2.c (run.c) runs loads, with its tokenizer.bin,
+wherever a Nano checkpoint does (hf.load_checkpoint calls load_llama2c), and converts to a .pt once:
+
+    python infer.py -m stories260K.bin --prompt "Once upon a time" -t 0      # tok512.bin lies beside it
+    python llama2c.py import stories15M.bin stories15M.pt --tokenizer tokenizer.bin
+
+The tokenizer: given (--tokenizer here, the tokenizer argument of load_llama2c), or found beside the
+model: tok{vocab_size}.bin first (the name llama2.c gives the tokenizers it trains, tok512.bin for
+stories260K), then tokenizer.bin (llama2.c's Llama 2 tokenizer, of the stories15M/42M/110M models).
+
+Layouts (llama2.c's export.py), all little-endian:
+  * legacy (version 0): 7 int32, dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len
+    (a negative vocab_size: the classifier is not the token embedding), then float32 tensors: token
+    embedding, the attention norms of all layers, wq (all layers), wk, wv, wo, the ffn norms, w1, w2,
+    w3, the final norm, freq_cis_real and freq_cis_imag ([seq_len, head_size / 2] each: skipped, Nano
+    computes its own), then the classifier when it is not shared.
+  * version 1: uint32 magic 0x616b3432 ("ak42"), int32 version 1, the same 7 int32 (vocab_size
+    positive), a byte shared_classifier, zeros to byte 256; then float32: the attention norms, the ffn
+    norms, the final norm, the token embedding, wq, wk, wv, wo, w1, w2, w3, and the classifier when
+    it is not shared.
+  Version 2 (Q8_0, for llama2.c's runq.c) is refused by name.
+
+The model is model.py's own: llama2.c's Llama has RMSNorm with eps 1e-5, RoPE with theta 10000 on
+adjacent pairs taken as complex numbers (model.apply_rope's convention, so no row reordering as
+hf.py needs), SwiGLU and grouped-query attention, no biases.
+"""
+
+import argparse
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+from files import ConfigError, NanoError, save_checkpoint
+from model import ModelConfig
+from tokenizer import TokenizerError, read_llama2c_tokenizer
+
+V1_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c's "ak42", as its export.py writes it
+V1_HEADER = 256
+LEGACY_HEADER = 7 * 4
+NANO_BIN_MAGIC = struct.pack("<II", 0x42443453, 0x55524C4D)  # export.MAGIC: Nano's own .bin, not llama2.c's
+MAX_SIZE = 1 << 24  # a header number past this (dim, layers, vocab, context) is not a model, it is garbage
+
+
+class Llama2cError(ConfigError):
+    """A llama2.c model file that cannot be read: the message names the file and the fault."""
+
+
+def is_llama2c(path):
+    """Whether `path` is (meant as) a llama2.c model file: the version-1/2 magic, or a .bin file that is
+    neither a torch checkpoint (a zip archive) nor Nano's own .bin (the legacy layout has no magic)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if head[:4] == V1_MAGIC:
+        return True
+    return os.fspath(path).endswith(".bin") and not head.startswith(b"PK") and head != NANO_BIN_MAGIC
+
+
+def read_header(path, data_size, head):
+    """(version, header bytes, config ints, shared classifier) of a llama2.c file, checked for numbers that
+    make a model at all; `head`: its first 256 bytes (fewer for a short file)."""
+    if head[:4] == V1_MAGIC:
+        if len(head) < V1_HEADER:
+            raise Llama2cError(f"{path}: a llama2.c version-1 file cut short inside its 256-byte header "
+                               f"({data_size} bytes)")
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version == 2:
+            raise Llama2cError(f"{path}: a llama2.c version-2 (Q8_0, runq.c) file; Nano reads the fp32 layouts "
+                               "(legacy and version 1): export it from llama2.c with --version 1")
+        if version != 1:
+            raise Llama2cError(f"{path}: llama2.c header version {version} (Nano reads the legacy layout and version 1)")
+        ints = struct.unpack_from("<7i", head, 8)
+        shared = head[36]
+        if shared not in (0, 1):
+            raise Llama2cError(f"{path}: shared_classifier byte is {shared}, expected 0 or 1 (garbled header)")
+        if ints[5] < 0:
+            raise Llama2cError(f"{path}: vocab_size {ints[5]} in a version-1 header (garbled header)")
+        return 1, V1_HEADER, ints, bool(shared)
+    if len(head) < LEGACY_HEADER:
+        raise Llama2cError(f"{path}: {data_size} bytes, shorter than a llama2.c header (28 bytes)")
+    ints = struct.unpack_from("<7i", head)
+    shared = ints[5] > 0  # a negative vocab_size: an untied classifier (llama2.c's legacy flag)
+    return 0, LEGACY_HEADER, ints[:5] + (abs(ints[5]), ints[6]), shared
+
+
+def model_config(path, ints, shared):
+    names = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
+    for name, value in zip(names, ints):
+        if not 1 <= value <= MAX_SIZE:
+            raise Llama2cError(f"{path}: header {name} is {value}, outside 1 .. {MAX_SIZE} (not a llama2.c model, "
+                               "or a garbled header)")
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = ints
+    if dim % heads or heads % kv_heads or (dim // heads) % 2:
+        raise Llama2cError(f"{path}: header dim {dim}, n_heads {heads}, n_kv_heads {kv_heads} do not make a model "
+                           "(dim must be n_heads x an even head size, n_heads a multiple of n_kv_heads)")
+    cfg = ModelConfig(block_size=seq_len, vocab_size=vocab, n_layer=layers, n_embd=dim, n_head=heads,
+                      n_kv_head=kv_heads, n_hidden=hidden, tie_embeddings=shared, rope_theta=10000.0, norm_eps=1e-5)
+    try:
+        cfg.validate(path)
+    except ConfigError as e:
+        raise Llama2cError(str(e)) from None
+    return cfg
+
+
+def tensor_layout(cfg, version):
+    """[(name, shape)] in file order; 'skip' entries are the legacy RoPE tables."""
+    D, H, L, V = cfg.n_embd, cfg.n_hidden, cfg.n_layer, cfg.vocab_size
+    Q, KV = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    per_layer = {"attn_norm": (D,), "attn.wq": (Q, D), "attn.wk": (KV, D), "attn.wv": (KV, D), "attn.wo": (D, Q),
+                 "ffn_norm": (D,), "ffn.w1": (H, D), "ffn.w2": (D, H), "ffn.w3": (H, D)}
+    stacked = lambda name: (name, (L, *per_layer[name]))  # noqa: E731  (all layers, one after the other)
+    matrices = [stacked(n) for n in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "ffn.w1", "ffn.w2", "ffn.w3")]
+    if version == 0:
+        rope = (cfg.block_size, cfg.head_dim // 2)
+        order = ([("tok_embeddings", (V, D)), stacked("attn_norm")] + matrices[:4] + [stacked("ffn_norm")]
+                 + matrices[4:] + [("norm", (D,)), ("skip", rope), ("skip", rope)])
+    else:
+        order = [stacked("attn_norm"), stacked("ffn_norm"), ("norm", (D,)), ("tok_embeddings", (V, D))] + matrices
+    return order + ([] if cfg.tie_embeddings else [("output", (V, D))])
+
+
+def find_tokenizer(path, vocab_size):
+    """The tokenizer.bin beside a model: tok{vocab_size}.bin, then tokenizer.bin; Llama2cError if neither."""
+    folder = os.path.dirname(os.path.abspath(path))
+    names = [f"tok{vocab_size}.bin", "tokenizer.bin"]
+    for name in names:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise Llama2cError(f"{path} is a llama2.c model, and its tokenizer is not beside it (looked for "
+                       f"{' and '.join(names)} in {folder}): put it there, or convert the model once with python "
+                       f"llama2c.py import {path} OUT.pt --tokenizer TOKENIZER.bin")
+
+
+def load_llama2c(path, tokenizer=None):
+    """A Nano checkpoint dict (what hf.load_checkpoint returns) from a llama2.c model file and its
+    tokenizer.bin (`tokenizer`, or find_tokenizer's). Llama2cError names what is wrong."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(V1_HEADER)
+    except OSError as e:
+        raise Llama2cError(f"cannot read {path}: {e.strerror or e}") from None
+    version, offset, ints, shared = read_header(path, size, head)
+    cfg = model_config(path, ints, shared)
+    layout = tensor_layout(cfg, version)
+    floats = sum(int(np.prod(shape)) for _, shape in layout)
+    if offset + 4 * floats != size:
+        what = "a shared classifier" if shared else "a classifier of its own"
+        raise Llama2cError(f"{path}: the sizes do not add up: a llama2.c {'version-1' if version else 'legacy'} model "
+                           f"of dim {cfg.n_embd}, hidden {cfg.n_hidden}, {cfg.n_layer} layers, {cfg.n_head}/"
+                           f"{cfg.n_kv_head} heads, vocab {cfg.vocab_size}, context {cfg.block_size} and {what} "
+                           f"is {offset + 4 * floats:,} bytes, the file {size:,} (truncated, or not a llama2.c model)")
+    try:
+        tok = read_llama2c_tokenizer(tokenizer or find_tokenizer(path, cfg.vocab_size), cfg.vocab_size)
+    except TokenizerError as e:
+        raise Llama2cError(str(e)) from None
+    flat = torch.from_numpy(np.fromfile(path, dtype="<f4", count=floats, offset=offset).astype(np.float32, copy=False))
+    sd, at = {}, 0
+    for name, shape in layout:
+        count = int(np.prod(shape))
+        t = flat[at:at + count].view(shape)
+        at += count
+        if name == "skip":
+            continue
+        if len(shape) == 3 or (name.endswith("norm") and name != "norm"):  # one tensor per layer
+            for i in range(cfg.n_layer):
+                sd[f"layers.{i}.{name}.weight"] = t[i].clone()
+        else:
+            sd[f"{name}.weight"] = t.clone()
+    return {"format": "nano-checkpoint", "version": 1, "model_config": cfg.to_dict(), "model": sd,
+            "tokenizer": tok.to_dict(), "imported_from": os.path.abspath(path)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert a llama2.c model (.bin, with its tokenizer.bin) into a Nano "
+                                            "checkpoint (.pt)")
+    p.add_argument("command", choices=["import"])
+    p.add_argument("model", help="the llama2.c model file (legacy or version-1 layout)")
+    p.add_argument("out", help="the checkpoint to write")
+    p.add_argument("--tokenizer", help="its tokenizer.bin (default: tok{vocab_size}.bin or tokenizer.bin beside it)")
+    args = p.parse_args(argv)
+    try:
+        ck = load_llama2c(args.model, args.tokenizer)
+        save_checkpoint(ck, args.out)
+    except NanoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = ck["model_config"]
+    print(f"wrote {args.out}: {cfg['n_layer']} layers, {cfg['n_embd']} wide, vocab {cfg['vocab_size']}, "
+          f"context {cfg['block_size']}, {'tied' if cfg['tie_embeddings'] else 'untied'} classifier")
+
+
+if __name__ == "__main__":
+    main()
