@@ -41,6 +41,8 @@ def prompt_ids(tok, text, instruct, prompt_format=None):
     every sample; the original 2024.10 engine, and the models trained for it, have none."""
     if tok.kind == "hf":  # an imported model: its own template, or its own pipeline's framing
         return chat_ids(tok, [{"role": "user", "content": text}]) if instruct else tok.encode_document(text)
+    if instruct:
+        check_instruct_marks(tok)
     ids = [tok.instruct_id] + tok.encode(text) + [tok.response_id] if instruct else tok.encode(text)
     return ids if prompt_format == FRAMING_2024 else [tok.bos_id] + ids
 
@@ -54,6 +56,7 @@ def chat_ids(tok, messages, prompt_format=None):
     A model imported from Hugging Face is framed by its own chat template (HFTokenizer.chat_text)."""
     if tok.kind == "hf":
         return tok.encode(tok.chat_text(messages))
+    check_instruct_marks(tok)
     ids, system = [] if prompt_format == FRAMING_2024 else [tok.bos_id], []
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
@@ -69,6 +72,13 @@ def chat_ids(tok, messages, prompt_format=None):
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("the last message must be the user's")
     return ids
+
+
+def check_instruct_marks(tok):
+    """A tokenizer without Nano's instruct marks (a llama2.c model's) frames no chat: say so (ValueError)."""
+    if tok.instruct_id is None or tok.response_id is None:
+        raise ValueError("this model's tokenizer has no <|instruct_mark|> or <|response_mark|> token, so instruct "
+                         "(chat) mode cannot frame the prompt: use continuation mode")
 
 
 def stop_ids(tok):
