@@ -33,7 +33,7 @@ import hf
 from files import ConfigError, NanoError, weights_fingerprint
 from merge_lora import merged_checkpoint
 from model import ModelConfig, rope_tables
-from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, TokenizerError
+from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, Llama2cTokenizer, TokenizerError
 
 MAGIC = (0x42443453, 0x55524C4D)
 VERSION = (2026, 11)
@@ -46,6 +46,9 @@ HEADER_SIZE = 256
 ALIGN = 64  # every tensor of a 2026.11 file starts on a 64-byte boundary (cache line, AVX-512 load)
 TOKENIZER_TRIE = 1
 TOKENIZER_BPE = 2  # byte-level BPE section (docs/FORMAT.md, "Byte-level BPE section")
+TOKENIZER_LLAMA2C = 3  # llama2.c's scored BPE with byte fallback (docs/FORMAT.md, "llama2.c tokenizer section")
+LLAMA2C_SECTION_VERSION = 1
+LLAMA2C_HEADER = 40  # section bytes before the first token entry
 BPE_SECTION_VERSION = 1
 BPE_PATTERNS = {"gpt2": 1, "llama3": 2, "qwen2": 3, "smollm": 4}  # pre-tokenization pattern ids
 # the regular expressions of patterns 2 and 3 as Hugging Face tokenizer.json files spell them (a Split
@@ -138,6 +141,12 @@ def load_checkpoint(path_or_dict):
     elif tok.get("type") == "hf":
         try:
             tokens = HFTokenizer(tok)
+        except TokenizerError as e:
+            raise ExportError(str(e)) from None
+        n_tokens = tokens.vocab_size
+    elif tok.get("type") == "llama2c":
+        try:
+            tokens = Llama2cTokenizer(tok)
         except TokenizerError as e:
             raise ExportError(str(e)) from None
         n_tokens = tokens.vocab_size
@@ -457,8 +466,27 @@ def hf_bpe_section(tok):
     return bpe_section(tokens, pattern, special_ids, whole_piece_first=bool(m.get("ignore_merges"))), n
 
 
+def llama2c_section(tok):
+    """The llama2.c tokenizer section (docs/FORMAT.md) of a tokenizer.Llama2cTokenizer: its pieces (UTF-8, with
+    spaces where SentencePiece writes U+2581) and their float32 scores, in id order."""
+    special_ids = [-1] * len(SPECIAL_TOKENS)
+    for role, i in (("<|unknown|>", tok.unk_id), ("<|bos|>", tok.bos_id), ("<|eos|>", tok.eos_id)):
+        special_ids[SPECIAL_TOKENS.index(role)] = i
+    parts = []
+    for i, (piece, score) in enumerate(zip(tok.tokens, tok.scores)):
+        b = piece.encode("utf-8")
+        if len(b) > 0xFFFF:
+            raise ExportError(f"llama2.c token {i} is {len(b)} bytes long; the file's section allows 65535")
+        parts.append(struct.pack("<fI", score, len(b)) + b)
+    body = b"".join(parts)
+    head = struct.pack("<4I6i", LLAMA2C_HEADER + len(body), len(parts), LLAMA2C_SECTION_VERSION, 0, *special_ids)
+    return head + body, len(parts)
+
+
 def _tokenizer_for_file(tokens):
     """-> (tokenizer kind, section bytes, number of tokens) for load_checkpoint's tokens."""
+    if isinstance(tokens, Llama2cTokenizer):
+        return (TOKENIZER_LLAMA2C, *llama2c_section(tokens))
     if isinstance(tokens, BPETokenizer):
         return (TOKENIZER_BPE, *gpt2_bpe_section(tokens))
     if isinstance(tokens, HFTokenizer):
@@ -515,7 +543,7 @@ def write_model(path, checkpoint, quant="fp32", group_size=64, fmt="2026.11"):
     if fmt == "2024.10":
         _check_2024_representable(cfg)
         if kind != TOKENIZER_TRIE:
-            raise ExportError("the 2024.10 layout cannot represent this model: the BPE tokenizer (2024.10 has "
+            raise ExportError(f"the 2024.10 layout cannot represent this model: the {'llama2.c' if kind == TOKENIZER_LLAMA2C else 'BPE'} tokenizer (2024.10 has "
                               "the trie tokenizer's section only); use --format 2026.11")
         return _write_model_2024(path, cfg, sd, tok, quant, group_size)
     gs = choose_group_size(group_size, cfg) if quant == "q8" else 0
