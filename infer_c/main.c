@@ -190,11 +190,11 @@ static void emit(const Nano *m, GenOpts *o, int tok, int first)
 static int generate(Nano *m, GenOpts *o, double *t_decode, int *n_out)
 {
     double t0 = now_s();
-    int last = -1, n = 0, eos = nano_config(m)->special[NANO_EOS];
+    int last = -1, n = 0;
     for (int i = 0; i < o->max_new; i++) {
         int tok = nano_sample(m, &o->sampler);
         last = tok;
-        if (tok < 0 || (tok == eos && !o->ignore_eos)) break;
+        if (tok < 0 || (nano_is_stop(m, tok) && !o->ignore_eos)) break;
         emit(m, o, tok, n == 0);
         n++;
         if (nano_feed(m, tok) != NANO_OK) break;

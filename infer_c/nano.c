@@ -826,6 +826,9 @@ typedef struct {
     BpeSlot *map;         /* bytes -> merged token, open addressing (linear probing) */
     size_t map_mask;
     int32_t byte_id[256]; /* the token of each single byte */
+    /* llama2.c (section 4c; its merge ranks in rank, its texts in map) */
+    int space_id;          /* the " " token put before the text */
+    uint8_t raw_byte[256]; /* raw_byte[b] = b: what the byte token <0xNN> decodes to */
     uint8_t joins[8192];  /* bit a << 8 | b: some token holds byte a then byte b (a merge can join them) */
     int32_t *special;     /* special token ids, sorted by first byte */
     int n_special;
@@ -1076,6 +1079,7 @@ static int read_config_2026(const uint8_t *d, NanoConfig *c, char *err)
  * byte-level BPE one (2026.11, tokenizer kind 2) is [off, off + size). */
 static int tok_build(Nano *m, size_t off, char *err);
 static int bpe_build(Nano *m, size_t off, size_t size, char *err);
+static int l2c_build(Nano *m, size_t off, size_t size, char *err);
 
 static int alloc_state(Nano *m, char *err);
 
@@ -1094,8 +1098,8 @@ static int load_2026(Nano *m, char *err)
         return errf(err, "unknown quant type %d (0 = fp32, 800 = Q8_0)", c->quant);
     }
     c->tok_kind = rd_i32(d + 96);
-    if (c->tok_kind != NANO_TOK_TRIE && c->tok_kind != NANO_TOK_BPE)
-        return errf(err, "unknown tokenizer kind %d (1 = trie, 2 = byte-level BPE)", c->tok_kind);
+    if (c->tok_kind != NANO_TOK_TRIE && c->tok_kind != NANO_TOK_BPE && c->tok_kind != NANO_TOK_LLAMA2C)
+        return errf(err, "unknown tokenizer kind %d (1 = trie, 2 = byte-level BPE, 3 = llama2.c)", c->tok_kind);
     uint64_t tok_off = rd_u64(d + 104), tok_size = rd_u64(d + 112), par_off = rd_u64(d + 120), par_size = rd_u64(d + 128);
     if (tok_off != HEADER_SIZE || tok_size < 8 || tok_size > size - HEADER_SIZE || par_off % ALIGN ||
         par_off < tok_off + tok_size || par_off > size || par_size != size - par_off)
@@ -1104,7 +1108,9 @@ static int load_2026(Nano *m, char *err)
                     (unsigned long long)par_size, size);
     if (rd_u32(d + tok_off) != tok_size) return errf(err, "tokenizer section size %u disagrees with the header's %llu",
                                                     rd_u32(d + tok_off), (unsigned long long)tok_size);
-    if (c->tok_kind == NANO_TOK_TRIE ? tok_build(m, (size_t)tok_off, err) : bpe_build(m, (size_t)tok_off, (size_t)tok_size, err))
+    if (c->tok_kind == NANO_TOK_TRIE          ? tok_build(m, (size_t)tok_off, err)
+        : c->tok_kind == NANO_TOK_BPE         ? bpe_build(m, (size_t)tok_off, (size_t)tok_size, err)
+                                              : l2c_build(m, (size_t)tok_off, (size_t)tok_size, err))
         return -1;
     if (m->tok.n != c->tok_vocab) return errf(err, "tokenizer has %d tokens, header says %d", m->tok.n, c->tok_vocab);
 
@@ -1850,12 +1856,13 @@ static Cand cand_pop(Cand *h, size_t *n)
 static int cand_try(const Tokenizer *t, const uint8_t *s, Scratch *w, size_t *nh, uint32_t left, uint32_t end)
 {
     const BpeSlot *e = map_find(t, s + left, end - left);
-    return e ? cand_push(w, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1}) : 0;
+    return e && e->rank != BPE_NO_RANK ? cand_push(w, nh, (Cand){e->rank, left, end, (int32_t)e->id1 - 1}) : 0;
 }
 
-static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+/* The arrays of the parts of an n-byte string, in w's memory, 12 bytes a byte: next/prev[k], the start of
+ * the part after / before the part that starts at k (next = 0: absorbed); id[k], its token. -1: out of memory */
+static int parts_alloc(Scratch *w, size_t n, uint32_t **next, uint32_t **prev, int32_t **id)
 {
-    /* next/prev: the start of the following / preceding part (next = 0: absorbed) */
     const size_t per_byte = 2 * sizeof(uint32_t) + sizeof(int32_t);
     if (n >= UINT32_MAX || n > (size_t)-1 / per_byte) return -1;
     if (n * per_byte > w->cap) {
@@ -1865,16 +1872,20 @@ static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w
         w->mem = mem;
         w->cap = n * per_byte;
     }
-    uint32_t *next = w->mem, *prev = next + n;
-    int32_t *id = (int32_t *)(prev + n);
+    *next = w->mem;
+    *prev = *next + n;
+    *id = (int32_t *)(*prev + n);
+    return 0;
+}
+
+/* Joins the parts of s[0..n) (n >= 1; set up in next, prev and id, the first at 0) by the heap of
+ * candidates, then writes their ids; -1 when out of memory */
+static int merge_parts(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o, uint32_t *next,
+                       uint32_t *prev, int32_t *id)
+{
     size_t nh = 0;
-    for (uint32_t k = 0; k < n; k++) {
-        next[k] = k + 1;
-        prev[k] = k - 1; /* prev[0] is never read */
-        id[k] = t->byte_id[s[k]];
-    }
-    for (uint32_t k = 0; k + 1 < n; k++)
-        if (cand_try(t, s, w, &nh, k, k + 2)) return -1;
+    for (uint32_t k = 0; next[k] < n; k = next[k])
+        if (cand_try(t, s, w, &nh, k, next[next[k]])) return -1;
     while (nh) {
         Cand c = cand_pop(w->heap, &nh);
         uint32_t mid = next[c.left];
@@ -1888,6 +1899,19 @@ static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w
     }
     for (uint32_t k = 0; k < n; k = next[k]) put_id(o, id[k]);
     return 0;
+}
+
+static int merge_long(const Tokenizer *t, const uint8_t *s, size_t n, Scratch *w, Ids *o)
+{
+    uint32_t *next, *prev;
+    int32_t *id;
+    if (parts_alloc(w, n, &next, &prev, &id)) return -1;
+    for (uint32_t k = 0; k < n; k++) { /* one part a byte */
+        next[k] = k + 1;
+        prev[k] = k - 1; /* prev[0] is never read */
+        id[k] = t->byte_id[s[k]];
+    }
+    return merge_parts(t, s, n, w, o, next, prev, id);
 }
 
 /* Where no token holds the two bytes on either side of a position, no merge can join across it:
@@ -2115,6 +2139,182 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
     return 0;
 }
 
+/* --------------------------------------------------------------------------------------------
+ * 4c. llama2.c's tokenizer (kind 3): SentencePiece BPE by scores with byte fallback, as run.c encodes
+ *
+ * Encoding a text (valid UTF-8, as in 4b): a " " token first (SentencePiece's dummy prefix; none for
+ * an empty text), then each character's token, or, for a character without one, the byte tokens
+ * <0xNN> of its bytes (id 3 + byte); then, again and again, the adjacent pair whose joined text is
+ * the token of highest score is joined (the leftmost on a tie) until no pair joins. The texts joined
+ * are the tokens' own (a byte token's is "<0xNN>"), so the parts are spans of a made-up string, the
+ * tokens' texts one after the other, and 4b's heap (merge_parts) joins them: a token's merge rank is
+ * its place in the order of scores, high to low (equal scores, equal ranks); a token whose score is
+ * at or below run.c's -1e10 is never made by joining. Decoding: a token's text; a byte token's byte.
+ * ------------------------------------------------------------------------------------------ */
+
+#define L2C_HEADER 40   /* section bytes before the first token entry */
+#define L2C_ENTRY 8     /* bytes of an entry before the token's text: f32 score, u32 length */
+#define L2C_BYTE0 3     /* <0x00> .. <0xFF> are ids 3 .. 258 */
+#define L2C_NO_MERGE -1e10f
+
+typedef struct {
+    float score;
+    int32_t id;
+} ScoredId;
+
+static int score_desc(const void *a, const void *b)
+{
+    float x = ((const ScoredId *)a)->score, y = ((const ScoredId *)b)->score;
+    return (x < y) - (x > y);
+}
+
+/* The llama2.c section (docs/FORMAT.md) at [off, off + size) of the file, inside it (load_2026 checked). */
+static int l2c_build(Nano *m, size_t off, size_t size, char *err)
+{
+    const uint8_t *d = m->blob.data + off;
+    Tokenizer *t = &m->tok;
+    if (size < L2C_HEADER)
+        return errf(err, "llama2.c tokenizer section: %zu bytes, shorter than its %d-byte header", size, L2C_HEADER);
+    size_t n = rd_u32(d + 4);
+    uint32_t version = rd_u32(d + 8), reserved = rd_u32(d + 12);
+    if (version != 1) return errf(err, "llama2.c tokenizer section version %u (this engine reads version 1)", version);
+    if (reserved) return errf(err, "llama2.c tokenizer section: reserved field %u, not 0 (corrupted)", reserved);
+    if (n < L2C_BYTE0 + 256 || n > (size_t)m->c.vocab_size)
+        return errf(err, "llama2.c tokenizer has %zu tokens; expected %d .. vocab_size (%d)", n, L2C_BYTE0 + 256,
+                    m->c.vocab_size);
+    for (int i = 0; i < NANO_N_SPECIAL; i++) {
+        int32_t id = rd_i32(d + 16 + 4 * i);
+        if (id < -1 || id >= (int64_t)n) return errf(err, "llama2.c tokenizer: special token id %d out of range", (int)id);
+        m->c.special[i] = id;
+    }
+    /* pass 1: every entry inside the section, its score a number; count the bytes */
+    size_t p = L2C_HEADER, total = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (size - p < L2C_ENTRY) return errf(err, "llama2.c tokenizer section: token %zu runs past the section's end", i);
+        float score;
+        memcpy(&score, d + p, 4);
+        size_t len = rd_u32(d + p + 4);
+        if (!isfinite(score)) return errf(err, "llama2.c tokenizer section: token %zu's score is not a finite number", i);
+        if (len == 0) return errf(err, "llama2.c tokenizer section: token %zu is empty", i);
+        p += L2C_ENTRY;
+        if (size - p < len) return errf(err, "llama2.c tokenizer section: token %zu runs past the section's end", i);
+        p += len;
+        total += len;
+    }
+    if (p != size) return errf(err, "llama2.c tokenizer section: %zu bytes left after %zu tokens (corrupted)", size - p, n);
+    /* pass 2: the texts, the ranks (dense, by score from high to low), the text -> token map */
+    size_t cap = 16;
+    while (cap < 2 * n) cap *= 2;
+    t->kind = NANO_TOK_LLAMA2C;
+    t->n = (int)n;
+    t->text = malloc(total + 1);
+    t->text_off = malloc((n + 1) * sizeof *t->text_off);
+    t->rank = malloc(n * sizeof *t->rank);
+    t->map = calloc(cap, sizeof *t->map);
+    ScoredId *order = malloc(n * sizeof *order);
+    if (!t->text || !t->text_off || !t->rank || !t->map || !order) {
+        free(order);
+        return errf(err, "out of memory (tokenizer)");
+    }
+    t->map_mask = cap - 1;
+    size_t tp = 0;
+    p = L2C_HEADER;
+    for (size_t i = 0; i < n; i++) {
+        size_t len = rd_u32(d + p + 4);
+        memcpy(&order[i].score, d + p, 4);
+        order[i].id = (int32_t)i;
+        p += L2C_ENTRY;
+        t->text_off[i] = tp;
+        memcpy(t->text + tp, d + p, len);
+        tp += len;
+        p += len;
+    }
+    t->text_off[n] = tp;
+    qsort(order, n, sizeof *order, score_desc);
+    for (size_t k = 0, r = 0; k < n; k++) {
+        if (k && order[k].score != order[k - 1].score) r++;
+        t->rank[order[k].id] = order[k].score > L2C_NO_MERGE ? (uint32_t)r : BPE_NO_RANK;
+    }
+    free(order);
+    for (int b = 0; b < 256; b++) {
+        char want[8];
+        snprintf(want, sizeof want, "<0x%02X>", b);
+        if (tok_len(t, L2C_BYTE0 + b) != 6 || memcmp(t->text + t->text_off[L2C_BYTE0 + b], want, 6))
+            return errf(err, "llama2.c tokenizer: token %d is not the byte token %s (byte fallback needs ids 3..258)",
+                        L2C_BYTE0 + b, want);
+        t->raw_byte[b] = (uint8_t)b;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *b = (const uint8_t *)t->text + t->text_off[i];
+        size_t len = tok_len(t, (int)i);
+        const BpeSlot *same = map_find(t, b, len);
+        if (same) return errf(err, "llama2.c tokenizer: tokens %u and %zu have the same text", same->id1 - 1, i);
+        uint64_t h = hash_bytes(b, len);
+        size_t slot = h & t->map_mask;
+        while (t->map[slot].id1) slot = (slot + 1) & t->map_mask;
+        t->map[slot] = (BpeSlot){(uint32_t)h, (uint32_t)i + 1, t->rank[i], (uint32_t)len};
+    }
+    const BpeSlot *space = map_find(t, (const uint8_t *)" ", 1);
+    if (!space) return errf(err, "llama2.c tokenizer: no \" \" token (the space put before the text)");
+    t->space_id = (int)space->id1 - 1;
+    return 0;
+}
+
+/* the parts l2c_encode starts from: token texts one after the other in str (see merge_parts) */
+typedef struct {
+    uint8_t *str;
+    uint32_t *next, *prev;
+    int32_t *id;
+    size_t n;      /* bytes of str so far */
+    uint32_t last; /* where the last part starts */
+} L2cParts;
+
+static void l2c_add(const Tokenizer *t, L2cParts *p, int tok)
+{
+    size_t len = tok_len(t, tok);
+    memcpy(p->str + p->n, t->text + t->text_off[tok], len);
+    p->id[p->n] = tok;
+    p->prev[p->n] = p->last;
+    p->next[p->n] = (uint32_t)(p->n + len);
+    p->last = (uint32_t)p->n;
+    p->n += len;
+}
+
+static size_t l2c_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
+{
+    if (len == 0) return 0; /* no dummy prefix either */
+    uint8_t *clean = NULL;
+    if (!utf8_valid(s, len)) {
+        size_t rest;
+        clean = len < (size_t)-1 / 3 ? malloc(3 * len) : NULL;
+        if (!clean) return (size_t)-1;
+        len = utf8_clean(s, len, (char *)clean, &rest, 1);
+        s = clean;
+    }
+    Ids o = {ids, max_ids, 0};
+    Scratch w = {NULL, 0, NULL, 0};
+    L2cParts p = {NULL, NULL, NULL, NULL, 0, 0};
+    size_t cap = len < ((size_t)-1 - 1) / 6 ? 6 * len + 1 : 0; /* " ", then at most 6 bytes (<0xNN>) a byte */
+    int bad = !cap || !(p.str = malloc(cap)) || parts_alloc(&w, cap, &p.next, &p.prev, &p.id);
+    if (!bad) {
+        l2c_add(t, &p, t->space_id);
+        for (size_t i = 0, k; i < len; i += k) { /* a character's token, else its bytes' tokens */
+            uint32_t cp;
+            k = utf8_next(s + i, len - i, &cp);
+            const BpeSlot *e = map_find(t, s + i, k);
+            if (e) l2c_add(t, &p, (int)e->id1 - 1);
+            else
+                for (size_t j = 0; j < k; j++) l2c_add(t, &p, L2C_BYTE0 + s[i + j]);
+        }
+        bad = merge_parts(t, p.str, p.n, &w, &o, p.next, p.prev, p.id);
+    }
+    free(w.mem);
+    free(w.heap);
+    free(p.str);
+    free(clean);
+    return bad ? (size_t)-1 : o.count;
+}
+
 /* -- text streams ---------------------------------------------------------------------------- */
 
 static size_t utf8_need(uint8_t b0) /* bytes of the sequence a byte starts (1: ASCII or invalid) */
@@ -2180,6 +2380,7 @@ size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t
 {
     const uint8_t *s = (const uint8_t *)text;
     if (m->tok.kind == NANO_TOK_BPE) return bpe_encode(&m->tok, s, len, ids, max_ids);
+    if (m->tok.kind == NANO_TOK_LLAMA2C) return l2c_encode(&m->tok, s, len, ids, max_ids);
     return trie_encode(&m->tok, s, len, ids, max_ids);
 }
 
@@ -2190,8 +2391,18 @@ const char *nano_token_text(const Nano *m, int id, size_t *len)
         *len = sizeof UNKNOWN_TEXT - 1;
         return UNKNOWN_TEXT;
     }
+    if (t->kind == NANO_TOK_LLAMA2C && id >= L2C_BYTE0 && id < L2C_BYTE0 + 256) { /* <0xNN>: the byte */
+        *len = 1;
+        return (const char *)&t->raw_byte[id - L2C_BYTE0];
+    }
     *len = t->text_off[id + 1] - t->text_off[id];
     return t->text + t->text_off[id];
+}
+
+int nano_is_stop(const Nano *m, int token)
+{
+    const NanoConfig *c = &m->c;
+    return token == c->special[NANO_EOS] || (c->tok_kind == NANO_TOK_LLAMA2C && token == c->special[NANO_BOS]);
 }
 
 /* ============================================================================================

@@ -29,7 +29,7 @@
 enum { NANO_PAD = 0, NANO_UNK = 1, NANO_BOS = 2, NANO_EOS = 3, NANO_INSTRUCT = 4, NANO_RESPONSE = 5, NANO_N_SPECIAL = 6 };
 
 /* tokenizer kinds (the header's field at 96) */
-enum { NANO_TOK_TRIE = 1, NANO_TOK_BPE = 2 };
+enum { NANO_TOK_TRIE = 1, NANO_TOK_BPE = 2, NANO_TOK_LLAMA2C = 3 };
 
 /* the header's bias field: which linear layers have a bias (q, k, v only: Qwen2; the bias is added
  * before RoPE rotates q and k, as model.py does) */
@@ -45,7 +45,7 @@ typedef struct {
     int quant, group_size;  /* NANO_QUANT_*; group size actually used */
     int use_rope, is_causal, bias; /* bias: NANO_BIAS_* */
     double rope_theta, norm_eps;
-    int tok_kind;           /* NANO_TOK_TRIE or NANO_TOK_BPE */
+    int tok_kind;           /* NANO_TOK_TRIE, NANO_TOK_BPE or NANO_TOK_LLAMA2C */
     int tok_vocab;          /* tokenizer size (<= vocab_size) */
     int special[NANO_N_SPECIAL]; /* id of <|padding|>, <|unknown|>, <|bos|>, <|eos|>, <|instruct_mark|>,
                                   * <|response_mark|> (index NANO_PAD ...); -1 where the tokenizer has none */
@@ -81,6 +81,9 @@ size_t nano_encode(const Nano *m, const char *text, size_t len, int *ids, size_t
 /* The bytes of a token; ids outside the tokenizer give "<|unknown|>". Trie tokens are whole UTF-8
  * characters; a byte-level BPE token may end inside a character: print through a NanoUtf8Stream. */
 const char *nano_token_text(const Nano *m, int id, size_t *len);
+/* Whether generation ends at this token: the tokenizer's <|eos|>, and for llama2.c's tokenizer also its
+ * <s> (bos), which begins the next text in llama2.c's data and where llama2.c's run.c stops. */
+int nano_is_stop(const Nano *m, int token);
 
 /* -- text streams: the bytes of consecutive tokens -> text ---------------------------------- */
 /* A partial UTF-8 sequence at the end of what was fed is held back until it is complete (like
