@@ -261,6 +261,8 @@ int EXPORT(wa_feed)(WModel *w, int token) { return nano_feed(w->m, token); }
 int EXPORT(wa_prefill)(WModel *w, const int *ids, int n) { return nano_prefill(w->m, ids, n); }
 int EXPORT(wa_context_len)(const WModel *w) { return nano_context_len(w->m); }
 int EXPORT(wa_sample)(WModel *w) { return nano_sample(w->m, &w->sampler); }
+/* 1 where generation ends at this token (nano_is_stop: <|eos|>, and llama2.c models' <s>) */
+int EXPORT(wa_is_stop)(const WModel *w, int token) { return nano_is_stop(w->m, token); }
 
 void EXPORT(wa_sampler_set)(WModel *w, float temperature, int top_k, float top_p, float rep_penalty)
 {

@@ -264,7 +264,6 @@ async function generate({id, text, mode, settings}) {
     // infer.py's templates (<|bos|>text, or <|bos|><|instruct_mark|>text<|response_mark|>; no <|bos|>
     // for 2024.10 files), with the special ids of the model's tokenizer (wa_model_info: 2..5 for the
     // trie, after GPT-2's for BPE), framed by the engine (wa_encode_prompt)
-    const {eos} = modelInfo;
     if (mode === 'instruct' && (modelInfo.instruct < 0 || modelInfo.response < 0)) {
         // a Hugging Face model's tokenizer: no Nano instruct marks, and its chat template is not in the file
         post({type: 'error', kind: 'generate', message: "this model's tokenizer has no <|instruct_mark|> or " +
@@ -308,13 +307,13 @@ async function generate({id, text, mode, settings}) {
     const t1 = performance.now();
     post({type: 'progress', id, done: ids.length - start, total: ids.length - start});
 
-    // the CLI's generate(): sample; stop at <|eos|>; emit; feed (stop when the context is full)
+    // the CLI's generate(): sample; stop at <|eos|> (nano_is_stop); emit; feed (stop when the context is full)
     const dec = new TextDecoder();
     let n = 0;
     slice = performance.now();
     for (let i = 0; i < s.max_new; i++) {
         const tok = E.wa_sample(model);
-        if (tok < 0 || tok === eos) {
+        if (tok < 0 || E.wa_is_stop(model, tok)) {
             reason = tok < 0 ? 'error' : 'eos';
             break;
         }
