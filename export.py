@@ -129,6 +129,9 @@ def load_checkpoint(path_or_dict):
         cfg = ModelConfig.from_dict(dict(ck["model_config"]), "checkpoint model_config")
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if cfg.recipe():  # the engines would compute another model without them: refuse, never drop them
+        raise ExportError(f"this model uses {', '.join(f'{k}={v}' for k, v in cfg.recipe().items())}, which the C and "
+                          "browser engines do not compute (docs/RECIPES.md): it runs in PyTorch only (infer.py, serve.py)")
     tok = ck.get("tokenizer")
     if not isinstance(tok, dict):
         raise ExportError("checkpoint has no 'tokenizer' dict")

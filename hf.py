@@ -32,7 +32,7 @@ import sys
 import torch
 
 from files import ConfigError, NanoError, load_nano_checkpoint, read_folder_json, save_checkpoint
-from llama2c import is_llama2c, load_llama2c
+from llama2c import hf_tokenizer_files, is_llama2c, load_llama2c
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TokenizerError, _gpt2_files, load_tokenizer, load_tokenizer_dir, tokenizer_from_dict
 
@@ -319,6 +319,8 @@ def tokenizer_files(tok):
     WordPiece turns a whole word (here: the whole text between special tokens) into one
     <|unknown|> when a character of it is unknown, where Nano makes only that character <|unknown|>."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    if tok.kind == "llama2c":  # Llama 2's own form (llama2c.py)
+        return hf_tokenizer_files(tok)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
     if tok.kind == "hf":
         spec = tok.to_dict()

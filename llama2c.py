@@ -36,7 +36,7 @@ import torch
 
 from files import ConfigError, NanoError, save_checkpoint
 from model import ModelConfig
-from tokenizer import TokenizerError, read_llama2c_tokenizer
+from tokenizer import LLAMA2C_NO_MERGE, TokenizerError, read_llama2c_tokenizer
 
 V1_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c's "ak42", as its export.py writes it
 V1_HEADER = 256
@@ -178,6 +178,41 @@ def load_llama2c(path, tokenizer=None):
             sd[f"{name}.weight"] = t.clone()
     return {"format": "nano-checkpoint", "version": 1, "model_config": cfg.to_dict(), "model": sd,
             "tokenizer": tok.to_dict(), "imported_from": os.path.abspath(path)}
+
+
+def hf_tokenizer_files(tok):
+    """{file name: text or dict}: tokenizer.json and tokenizer_config.json for a tokenizer.Llama2cTokenizer, in
+    the form of Llama 2's own (a SentencePiece BPE with byte fallback, as transformers' converter writes it):
+    spaces are U+2581 again, a U+2581 goes before the text, and <s> before the document. The `tokenizers`
+    library merges only listed pairs, by their place in the list; run.c joins any adjacent pair whose text is
+    a token, by the token's score. So every way to split every token in two tokens is listed, in the order of
+    the joined token's score (high first; a score at or below -1e10 never joins). Ids 1 and 2 are written
+    <s> and </s>, SentencePiece's names (tokenizer.bin spells them with newlines around)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    names = {tok.unk_id: "<unk>", tok.bos_id: "<s>", tok.eos_id: "</s>"}
+    pieces = [names.get(i, t.replace(" ", "\u2581")) for i, t in enumerate(tok.tokens)]
+    vocab = {p: i for i, p in enumerate(pieces)}
+    if len(vocab) != len(pieces):
+        raise ConfigError("the llama2.c tokenizer has a token spelled <unk>, <s> or </s> besides ids 0-2: it has no "
+                          "Hugging Face form")
+    merges = []
+    for i, p in enumerate(pieces):
+        if i in names or tok.scores[i] <= LLAMA2C_NO_MERGE:
+            continue
+        merges += [(-tok.scores[i], i, k) for k in range(1, len(p)) if p[:k] in vocab and p[k:] in vocab]
+    merges.sort()
+    hf = Tokenizer(models.BPE(vocab, [(pieces[i][:k], pieces[i][k:]) for _, i, k in merges], unk_token="<unk>",
+                              byte_fallback=True, fuse_unk=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in sorted(names)])
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                      special_tokens=[("<s>", tok.bos_id)])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
+              "add_eos_token": False}
+    return {"tokenizer.json": hf.to_str(), "tokenizer_config.json": config}
 
 
 def main(argv=None):

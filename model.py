@@ -38,6 +38,10 @@ from files import ConfigError, check_finite, dataclass_from_dict
 # Config: a dataclass that round-trips through plain JSON and is validated on load
 
 SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
+ACTIVATIONS = ("swiglu", "relu2")
+# The recipe options (docs/RECIPES.md) and the value that means "off": today's model. An engine that
+# lacks one refuses a model that has it switched on, by this name (export.py).
+RECIPE_DEFAULTS = {"qk_norm": False, "activation": "swiglu", "logit_softcap": None}
 MAX_PARAMS = 10 ** 12  # a config past this is a typo (4 TB of float32 weights), refused before allocation
 
 
@@ -49,7 +53,7 @@ class ModelConfig:
     n_embd: int = 256
     n_head: int = 8
     n_kv_head: int = 4  # grouped-query attention: n_head % n_kv_head == 0
-    n_hidden: int = 704  # SwiGLU hidden size
+    n_hidden: int = 704  # SwiGLU hidden size (relu2: 1.5x this, the same parameters and FLOPs)
     head_dim: Optional[int] = None  # default n_embd // n_head
     dropout: float = 0.0
     bias: bool = False  # a bias on every linear layer
@@ -60,6 +64,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
     sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA)
+    # the training recipe (docs/RECIPES.md); the defaults are the model as it always was
+    qk_norm: bool = False  # RMSNorm (with a learned gain) on each head's q and k before RoPE
+    activation: str = "swiglu"  # swiglu: w2(silu(w1 x) * w3 x) | relu2: w2(relu(w1 x)^2), 1.5x wider
+    zero_init: bool = False  # start wo and w2 (what writes into the residual stream) at zero
+    logit_softcap: Optional[float] = None  # logits -> cap * tanh(logits / cap) (None: off)
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.n_embd, int) and isinstance(self.n_head, int) and self.n_head > 0:
@@ -84,6 +93,13 @@ class ModelConfig:
             raise ConfigError(f"{where}: sdpa_kernel must be one of {SDPA_KERNELS}, got {self.sdpa_kernel!r}")
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError(f"{where}: norm_eps and rope_theta must be positive")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"{where}: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.activation == "relu2" and self.n_hidden % 2:
+            raise ConfigError(f"{where}: activation relu2 is 1.5 x n_hidden wide: n_hidden must be even, "
+                              f"got {self.n_hidden}")
+        if self.logit_softcap is not None and self.logit_softcap <= 0:
+            raise ConfigError(f"{where}: logit_softcap must be positive (or null: off), got {self.logit_softcap}")
         if self.num_params() > MAX_PARAMS:  # before anything tries to allocate it
             raise ConfigError(f"{where}: these sizes make {self.num_params():.3g} parameters "
                               f"({4 * self.num_params() / 2 ** 40:,.0f} TiB in float32), far beyond any machine")
@@ -93,11 +109,23 @@ class ModelConfig:
         q, kv, bias = self.n_head * self.head_dim, self.n_kv_head * self.head_dim, int(self.bias)
         qkv_bias = int(self.bias or self.qkv_bias)
         attention = self.n_embd * (q + 2 * kv) + q * self.n_embd + qkv_bias * (q + 2 * kv) + bias * self.n_embd
-        feed_forward = 3 * self.n_embd * self.n_hidden + bias * (2 * self.n_hidden + self.n_embd)
-        layer = attention + feed_forward + 2 * self.n_embd  # + the two norms
+        w1_w3 = 1 if self.activation == "relu2" else 2  # relu2: one input matrix, as many columns as two
+        feed_forward = 3 * self.n_embd * self.n_hidden + bias * (w1_w3 * self.ffn_hidden + self.n_embd)
+        qk_norms = 2 * self.head_dim if self.qk_norm else 0
+        layer = attention + feed_forward + 2 * self.n_embd + qk_norms  # + the two norms
         positions = 0 if self.use_rope else self.block_size * self.n_embd
         head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
         return self.vocab_size * self.n_embd + head + positions + self.n_layer * layer + self.n_embd
+
+    @property
+    def ffn_hidden(self):
+        """The feed-forward's hidden width: n_hidden for SwiGLU; for ReLU^2, which has two matrices to
+        SwiGLU's three, 1.5 x n_hidden, so that both cost the same parameters and FLOPs."""
+        return self.n_hidden * 3 // 2 if self.activation == "relu2" else self.n_hidden
+
+    def recipe(self):
+        """The recipe options switched on (name -> value); those that change what the forward computes."""
+        return {k: getattr(self, k) for k, off in RECIPE_DEFAULTS.items() if getattr(self, k) != off}
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -163,6 +191,10 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
+        # qk_norm: every head's q and k at unit RMS (times a learned gain), so that attention logits
+        # cannot grow without bound (OLMo 2, Qwen3, the NanoGPT speedrun); one gain for all heads
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, cache=None, pos=0):
         B, T, _ = x.shape
@@ -170,6 +202,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = self.attend(q, k, v, cache, pos)
@@ -217,16 +251,19 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); or (activation relu2) ReLU squared, w2(relu(w1 x)^2), 1.5x as
+    wide and without w3: the same cost, and in the NanoGPT speedrun a little better per step."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
-        self.w2 = nn.Linear(cfg.n_hidden, cfg.n_embd, bias=cfg.bias)
-        self.w3 = nn.Linear(cfg.n_embd, cfg.n_hidden, bias=cfg.bias)
+        self.w1 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.n_embd, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.n_embd, cfg.ffn_hidden, bias=cfg.bias) if cfg.activation == "swiglu" else None
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
+        if self.w3 is None:
+            return self.dropout(self.w2(F.relu(self.w1(x)).square()))
         return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
@@ -236,8 +273,14 @@ class OutputHead(nn.Module):
     no parameters; it is a module so that speed.py can put a faster one with the same contract in its
     place (the head and the loss as one step, in float8)."""
 
+    def __init__(self, softcap=None):
+        super().__init__()
+        self.softcap = softcap  # ModelConfig.logit_softcap
+
     def forward(self, x, weight, targets=None):
         logits = F.linear(x, weight)
+        if self.softcap is not None:  # squash the logits smoothly into (-cap, cap): no token's can run away
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -271,7 +314,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.head = OutputHead()
+        self.head = OutputHead(cfg.logit_softcap)
         # activation checkpointing (train config activation_checkpointing): a training choice, not
         # part of the architecture, so it is a plain attribute and not in the config or checkpoint
         self.checkpoint_layers = False
@@ -280,10 +323,14 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 n_layer)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 n_layer);
+        # zero_init: start them at zero, so that every block begins as the identity (modded-nanogpt)
         for name, p in self.named_parameters():
             if name.endswith("attn.wo.weight") or name.endswith("ffn.w2.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+                if cfg.zero_init:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module):
@@ -557,15 +604,18 @@ class LoRALinear(nn.Linear):
 
 
 def _lora_sites(model):
-    """(parent module, attribute name) of every layer LoRA can adapt, in a fixed order."""
+    """(parent module, attribute name) of every layer LoRA can adapt, in a fixed order (relu2 has no w3)."""
     for layer in model.layers:
         for name, part in LORA_TARGETS.items():
-            yield getattr(layer, part), name
+            if getattr(getattr(layer, part), name) is not None:
+                yield getattr(layer, part), name
 
 
 def add_lora(model, cfg: LoRAConfig):
     """Wrap the target layers with fresh adapters (B = 0: the model's outputs do not change)."""
     cfg.validate()
+    if "w3" in cfg.targets and model.cfg.activation != "swiglu":
+        raise ConfigError(f"lora targets: w3 is SwiGLU's; this model's activation is {model.cfg.activation}")
     for parent, name in _lora_sites(model):
         layer = getattr(parent, name)
         if isinstance(layer, LoRALinear):

@@ -118,6 +118,9 @@ class DeepSpeedEngine:
         import deepspeed
         if run.cfg.mode == "lora":
             raise ConfigError("LoRA trains a few parameters and gains nothing from ZeRO-3: use train.py or train_ddp.py")
+        if run.cfg.optimizer == "muon":  # (ZeRO-3 gives the optimizer flat shards of each matrix)
+            raise ConfigError("optimizer muon orthogonalises whole matrices, which ZeRO-3 splits across ranks: "
+                              "use train.py or train_ddp.py for muon, or optimizer adamw here")
         self.run = run
         ds = batch_config(self.ds_config, run.cfg, run.env.world)
         if "optimizer" in ds:  # DeepSpeed's own (e.g. its CPU Adam when the optimizer is offloaded)
