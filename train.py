@@ -45,6 +45,7 @@ PROCESS_START = time.time()  # eval lines report seconds since here: time-to-los
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+import muon
 import speed
 from data import PretrainData, open_data
 from eval import EvalError, during_training, load_tasks
@@ -70,7 +71,12 @@ class TrainConfig:
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
     warmup_iters: int = 100
-    lr_decay_iters: Optional[int] = None  # cosine decay ends here (default: max_iters)
+    lr_decay_iters: Optional[int] = None  # the decay ends here (default: max_iters)
+    lr_schedule: str = "cosine"  # cosine | wsd: warmup, then cosine to min_lr, or stable then a linear cool-down
+    cooldown_frac: float = 0.4  # wsd: the last fraction of the decay iterations that cool down linearly
+    optimizer: str = "adamw"  # adamw | muon: Muon for the hidden matrices, AdamW for the rest (muon.py)
+    muon_lr: float = 0.02  # muon: the hidden matrices' peak learning rate (learning_rate is AdamW's)
+    muon_momentum: float = 0.95  # muon: the momentum after its warmup from 0.85 (muon.py)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -122,7 +128,18 @@ class TrainConfig:
         if not 0 <= self.min_lr <= self.learning_rate or self.learning_rate <= 0:
             raise ConfigError(f"{where}: need 0 <= min_lr <= learning_rate and learning_rate > 0 (got {self.min_lr}, "
                               f"{self.learning_rate})")
-        for key in ("beta1", "beta2"):  # AdamW's moving averages: a weight of 1 or more never forgets
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{where}: lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 < self.cooldown_frac <= 1:
+            raise ConfigError(f"{where}: cooldown_frac must be in (0, 1], got {self.cooldown_frac}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"{where}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.muon_lr <= 0:
+            raise ConfigError(f"{where}: muon_lr must be positive, got {self.muon_lr}")
+        if self.optimizer == "muon" and self.mode == "lora":
+            raise ConfigError(f"{where}: optimizer muon orthogonalises whole hidden matrices; LoRA trains "
+                              "low-rank adapters: use optimizer adamw")
+        for key in ("beta1", "beta2", "muon_momentum"):  # moving averages: a weight of 1 or more never forgets
             if not 0 <= getattr(self, key) < 1:
                 raise ConfigError(f"{where}: {key} must be in [0, 1), got {getattr(self, key)}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -165,6 +182,10 @@ class TrainConfig:
 
     def lora_config(self):
         return dataclass_from_dict(LoRAConfig, self.lora or {}, "train config: key 'lora'")
+
+
+LR_SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 # The train-config keys that --resume lets change: where the run ends, how often it logs, evaluates
@@ -312,7 +333,7 @@ def setup_env(cfg):
     return env
 
 
-def check_devices(cfg, env, engine):
+def check_devices(cfg, model_cfg, env, engine):
     """Refuse the train-config choices that this device or launcher cannot run."""
     where = f"device {env.device}, {env.world} processes, {engine.__name__}"
     fp8_device = env.device_type == "cpu" or (env.device_type == "cuda"
@@ -320,6 +341,9 @@ def check_devices(cfg, env, engine):
     if cfg.fp8 != "off" and (engine is not TorchEngine or not fp8_device):  # (the CPU runs float8 too: tests)
         raise ConfigError(f"train config: fp8 needs a GPU of compute capability 8.9 or later (H100, L4, RTX 40xx) "
                           f"or the CPU, and train.py or train_ddp.py (here: {where}); turn it off with --set fp8=off")
+    if cfg.fp8 in ("head", "all") and model_cfg.logit_softcap is not None:
+        raise ConfigError(f"train config: fp8 {cfg.fp8} computes the head and the loss in one step without the "
+                          f"model's logit_softcap: use --set fp8=blocks (or off)")
     if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or engine is not TorchEngine):
         raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
                           "turn it off with --set cuda_graph=false")
@@ -401,12 +425,18 @@ def check_memory(model_cfg, cfg, env):
 
 
 def lr_at(step, cfg: TrainConfig):
-    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    """Linear warmup to learning_rate, then to min_lr at lr_decay_iters (min_lr after it): a cosine
+    (lr_schedule cosine), or learning_rate held until the last cooldown_frac of the decay iterations
+    and a straight line down (wsd, warmup-stable-decay: the long linear cool-down of the NanoGPT speedrun)."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
     if step >= decay_iters:
         return cfg.min_lr
+    if cfg.lr_schedule == "wsd":
+        cooldown_start = max(cfg.warmup_iters, decay_iters - cfg.cooldown_frac * decay_iters)
+        ratio = max(0.0, step - cooldown_start) / max(1, decay_iters - cooldown_start)
+        return cfg.learning_rate - ratio * (cfg.learning_rate - cfg.min_lr)
     ratio = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
@@ -419,20 +449,32 @@ def param_groups(model, cfg: TrainConfig):
 
 
 def make_optimizer(model, cfg: TrainConfig, device):
-    """AdamW over param_groups; fused on CUDA. Under cuda_graph its step is recorded in the graph:
-    `capturable` keeps the step count on the GPU, and the learning rate is a GPU tensor that set_lr
-    fills in place (a captured graph reads that tensor, so it sees each new value)."""
+    """AdamW over param_groups, fused on CUDA; or optimizer muon (muon.Muon: Muon for the hidden
+    matrices, AdamW for the rest). Under cuda_graph the step is recorded in the graph: AdamW's
+    `capturable` keeps the step count on the GPU (Muon's counts are always there), and each group's
+    learning rate is a GPU tensor that set_lr fills in place (a captured graph reads that tensor, so
+    it sees each new value)."""
+    if cfg.optimizer == "muon":
+        optimizer = muon.Muon(model, cfg.learning_rate, cfg.muon_lr, cfg.muon_momentum, (cfg.beta1, cfg.beta2),
+                              weight_decay=cfg.weight_decay)
+        if cfg.cuda_graph:
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(group["lr"], device=device)
+        return optimizer
     lr = torch.tensor(cfg.learning_rate, device=device) if cfg.cuda_graph else cfg.learning_rate
     return torch.optim.AdamW(param_groups(model, cfg), lr=lr, betas=(cfg.beta1, cfg.beta2),
                              fused=device.startswith("cuda"), capturable=cfg.cuda_graph)
 
 
 def set_lr(optimizer, lr):
+    """Every group's learning rate for this step: lr, times the group's own ratio to it where it has
+    one (muon.Muon's hidden matrices run at muon_lr / learning_rate times the schedule)."""
     for group in optimizer.param_groups:
+        value = lr * group.get("lr_scale", 1.0)
         if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(value)
         else:
-            group["lr"] = lr
+            group["lr"] = value
 
 
 # ---------------------------------------------------------------------------
@@ -483,7 +525,9 @@ class TorchEngine:
         self.run, self.optimizer = run, run.optimizer
         self.scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == "float16")
         self.params = [p for p in run.model.parameters() if p.requires_grad]
-        speed.make_fast(run.model, cfg.fp8, fused_head=env.device_type == "cuda", fast_accum=cfg.fp8_fast_accum)
+        # (speed.FusedLossHead computes the loss without logit_softcap: such a model keeps its own head)
+        fused_head = env.device_type == "cuda" and run.model_cfg.logit_softcap is None
+        speed.make_fast(run.model, cfg.fp8, fused_head=fused_head, fast_accum=cfg.fp8_fast_accum)
         model = run.model
         if cfg.compile:
             model = torch.compile(model, options=speed.compile_options(cfg.compile_tuning))
@@ -818,8 +862,8 @@ def prepare(model_cfg, cfg, resume, engine, overwrite=False):
     env = setup_env(cfg)
     if not resume and cfg.save_checkpoints and env.master:
         keep_old_run(cfg.out_dir, overwrite)
-    check_devices(cfg, env, engine)
     ck, base, model_cfg = starting_point(model_cfg, cfg, resume, engine)
+    check_devices(cfg, model_cfg, env, engine)
     if cfg.seq_len is not None and cfg.seq_len > model_cfg.block_size:
         raise ConfigError(f"train config: seq_len {cfg.seq_len} exceeds the model's block_size {model_cfg.block_size}")
     data = open_data(cfg.data_dir, cfg.seq_len or model_cfg.block_size, model_cfg.vocab_size)
