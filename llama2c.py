@@ -187,7 +187,9 @@ def hf_tokenizer_files(tok):
     library merges only listed pairs, by their place in the list; run.c joins any adjacent pair whose text is
     a token, by the token's score. So every way to split every token in two tokens is listed, in the order of
     the joined token's score (high first; a score at or below -1e10 never joins). Ids 1 and 2 are written
-    <s> and </s>, SentencePiece's names (tokenizer.bin spells them with newlines around)."""
+    <s> and </s>, SentencePiece's names (tokenizer.bin spells them with newlines around). The one difference
+    left: the library takes "<unk>", "<s>" and "</s>" in a text for those tokens (as Llama 2's own Hugging
+    Face tokenizer does), where run.c spells them out like any other text."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
     names = {tok.unk_id: "<unk>", tok.bos_id: "<s>", tok.eos_id: "</s>"}
     pieces = [names.get(i, t.replace(" ", "\u2581")) for i, t in enumerate(tok.tokens)]
