@@ -575,73 +575,104 @@ def load_tokens(out_dir, split, meta=None):
 # Supervised fine-tuning data: question/answer pairs -> fixed-length rows + a loss mask
 #
 # A sample is <|bos|> <|instruct_mark|> question <|response_mark|> answer <|eos|> (a multi-turn
-# sample repeats the part after <|bos|> for every exchange). mask[i] = 1 marks token i as a
+# sample repeats the part after <|bos|> for every exchange; a system message goes before the next
+# question: chat_encode). mask[i] = 1 marks token i as a
 # trained *target* (predicted from position i-1): exactly the answer tokens and their <|eos|>.
 # The mask is built on token positions as the ids are made, never from character counts, and
 # train.py turns masked-out targets into ignore_index, so prompts and padding add nothing to the
 # loss or to any gradient.
 
 
-def _sft_exchanges(obj):
-    """[(question, answer), ...] from one JSONL object, or a reason it is malformed."""
+def _sft_messages(obj):
+    """The conversation of one JSONL object as [{"role", "content"}, ...], or a reason it is malformed.
+    {"question", "answer"}, or {"messages": [...]}: user and assistant messages in turn, ending with the
+    assistant's, with system messages anywhere a user message may come."""
     if not isinstance(obj, dict):
         return None, "not a JSON object"
-    if "messages" in obj:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            return None, "'messages' must be a non-empty list"
-        pairs = []
-        for i in range(0, len(msgs), 2):
-            turn = msgs[i:i + 2]
-            roles = [m.get("role") if isinstance(m, dict) else None for m in turn]
-            if roles != ["user", "assistant"] or not all(isinstance(m.get("content"), str) for m in turn):
-                return None, f"messages {i}-{i + 1}: expected a user then an assistant message with string content"
-            pairs.append((turn[0]["content"], turn[1]["content"]))
-        return pairs, None
-    q, a = obj.get("question"), obj.get("answer")
-    if not isinstance(q, str) or not isinstance(a, str):
-        return None, "expected string fields 'question' and 'answer' (or 'messages')"
-    return [(q, a)], None
+    if "messages" not in obj:
+        q, a = obj.get("question"), obj.get("answer")
+        if not isinstance(q, str) or not isinstance(a, str):
+            return None, "expected string fields 'question' and 'answer' (or 'messages')"
+        return [{"role": "user", "content": q}, {"role": "assistant", "content": a}], None
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        return None, "'messages' must be a non-empty list"
+    expect = "user"
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            return None, f"message {i}: expected an object with a role (system, user or assistant) and string content"
+        if role == "system" and expect == "user":
+            continue
+        if role != expect:
+            return None, (f"message {i}: a {role} message where {'a user or system' if expect == 'user' else 'an assistant'}"
+                          " message belongs (user and assistant take turns)")
+        expect = "assistant" if role == "user" else "user"
+    if msgs[-1]["role"] != "assistant":
+        return None, f"message {len(msgs) - 1}: the conversation must end with an assistant message (the answer trained on)"
+    return [{"role": m["role"], "content": m["content"]} for m in msgs], None
 
 
-def sft_encode(tok, exchanges):
-    """(ids, mask) for one sample; mask[i] = 1 where token i is an answer token or its <|eos|>."""
-    if tok.kind == "hf":
-        return _sft_encode_chat(tok, exchanges)
-    ids, mask = [tok.bos_id], [0]
-    for question, answer in exchanges:
-        prompt = [tok.instruct_id] + tok.encode(question) + [tok.response_id]
-        reply = tok.encode(answer) + [tok.eos_id]
-        ids += prompt + reply
-        mask += [0] * len(prompt) + [1] * len(reply)
+def chat_encode(tok, messages, bos=True):
+    """(ids, mask) of a conversation in Nano's framing, the one framing of training data and prompts
+    alike (infer.chat_ids, serve.py): after one <|bos|> (none for the original 2024.10 framing: bos=False),
+    each exchange is <|instruct_mark|> question <|response_mark|> answer <|eos|>. Nano has no system
+    role: a system message goes before the next user message, separated by a blank line. mask[i] = 1
+    where token i is an answer token or its <|eos|>. A conversation that ends with the user's message
+    ends where the reply begins. messages: [{"role": "system" | "user" | "assistant", "content": str}]."""
+    ids, mask = ([tok.bos_id], [0]) if bos else ([], [])
+    system = []
+    for i, m in enumerate(messages):
+        role, content = m["role"], m["content"]
+        if role == "system":
+            system.append(content)
+        elif role == "user":
+            prompt = [tok.instruct_id] + tok.encode("\n\n".join(system + [content])) + [tok.response_id]
+            ids, mask, system = ids + prompt, mask + [0] * len(prompt), []
+        elif role == "assistant":
+            reply = tok.encode(content) + [tok.eos_id]
+            ids, mask = ids + reply, mask + [1] * len(reply)
+        else:
+            raise ValueError(f"message {i}: unknown role {role!r} (system, user or assistant)")
     return ids, mask
 
 
-def _sft_encode_chat(tok, exchanges):
+def sft_encode(tok, messages):
+    """(ids, mask) for one sample (_sft_messages): Nano's framing (chat_encode), or an imported model's
+    own chat template."""
+    if tok.kind == "hf":
+        return _sft_encode_chat(tok, messages)
+    return chat_encode(tok, messages)
+
+
+def _sft_encode_chat(tok, messages):
     """sft_encode for a model imported from Hugging Face: the conversation in its own chat template
-    (what it is prompted with, infer.chat_ids), each answer followed by the template's end of turn."""
-    ids, mask, messages = [], [], []
+    (what it is prompted with, infer.chat_ids; system messages as the template writes them), each
+    answer followed by the template's end of turn."""
+    ids, mask = [], []
     end = tok.token_to_id(CHAT_TURN_END.get(tok.chat, ""))
     if end is None:
         raise DataError("this tokenizer has no chat template Nano knows (ChatML or Llama 3): cannot frame SFT samples")
-    for question, answer in exchanges:
-        answer = answer.strip() if tok.chat == "llama3" else answer  # as the template writes it back
-        messages.append({"role": "user", "content": question})
-        framed = tok.encode(tok.chat_text(messages))
+    messages = [dict(m) for m in messages]
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if tok.chat == "llama3":
+            m["content"] = m["content"].strip()  # as the template writes it back
+        framed = tok.encode(tok.chat_text(messages[:i]))
         if framed[:len(ids)] != ids:
             raise DataError("the chat template does not extend the conversation so far; cannot frame this sample")
-        reply = tok.encode(answer) + [end]
+        reply = tok.encode(m["content"]) + [end]
         mask += [0] * (len(framed) - len(ids)) + [1] * len(reply)
         ids = framed + reply
-        messages.append({"role": "assistant", "content": answer})
     return ids, mask
 
 
 def _sft_samples(inputs, builtin_pairs, seed, report):
-    """Yield exchanges lists from the JSONL inputs (or the built-in set), reporting bad lines."""
+    """Yield each sample's messages from the JSONL inputs (or the built-in set), reporting bad lines."""
     if not inputs:
         for pair in sft_tasks.make_pairs(builtin_pairs, seed):
-            yield [(pair["question"], pair["answer"])]
+            yield [{"role": "user", "content": pair["question"]}, {"role": "assistant", "content": pair["answer"]}]
         return
     for path in inputs:
         if not os.path.isfile(path):
@@ -652,15 +683,15 @@ def _sft_samples(inputs, builtin_pairs, seed, report):
                     if not line.strip():
                         continue
                     try:
-                        exchanges, why = _sft_exchanges(json.loads(line))
+                        messages, why = _sft_messages(json.loads(line))
                     except json.JSONDecodeError as e:
-                        exchanges, why = None, f"invalid JSON ({e.msg})"
+                        messages, why = None, f"invalid JSON ({e.msg})"
                     except RecursionError:  # (Python's parser recurses once per bracket)
-                        exchanges, why = None, "invalid JSON (nested too deeply to read)"
-                    if exchanges is None:
+                        messages, why = None, "invalid JSON (nested too deeply to read)"
+                    if messages is None:
                         report(f"{path}:{n}: {why}")
                     else:
-                        yield exchanges
+                        yield messages
             except UnicodeDecodeError:
                 raise DataError(f"{path}: not valid UTF-8") from None
 
@@ -687,8 +718,8 @@ def prepare_sft(inputs=None, out_dir="dataset/sft", tokenizer="dataset/pretrain/
     row_len = block_size + 1
     samples = {"train": [], "val": []}
     counts = {"samples": 0, "dropped_overlong": 0, "truncated": 0}
-    for index, exchanges in enumerate(_sft_samples(inputs, builtin_pairs, seed, bad.append)):
-        ids, mask = sft_encode(tok, exchanges)
+    for index, messages in enumerate(_sft_samples(inputs, builtin_pairs, seed, bad.append)):
+        ids, mask = sft_encode(tok, messages)
         counts["samples"] += 1
         if len(ids) > row_len:
             if overlong == "drop" or not any(mask[:row_len]):

@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from data import chat_encode
 from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
 from files import ConfigError, NanoError, load_adapter
 from hf import load_checkpoint
@@ -50,28 +51,16 @@ def prompt_ids(tok, text, instruct, prompt_format=None):
 def chat_ids(tok, messages, prompt_format=None):
     """The ids a whole conversation is fed as, ending where the model's next reply begins.
     messages: [{"role": "system" | "user" | "assistant", "content": str}, ...], the last one from the
-    user. Nano's framing is the SFT data's (data.sft_encode): each exchange is
-    <|instruct_mark|> question <|response_mark|> answer <|eos|>, after one <|bos|>. Nano has no system
-    role: a system message is put before the next user message, separated by a blank line.
+    user. Nano's framing is the SFT data's, one function for both (data.chat_encode): each exchange is
+    <|instruct_mark|> question <|response_mark|> answer <|eos|>, after one <|bos|>; a system message
+    goes before the next user message, separated by a blank line.
     A model imported from Hugging Face is framed by its own chat template (HFTokenizer.chat_text)."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("the last message must be the user's")
     if tok.kind == "hf":
         return tok.encode(tok.chat_text(messages))
     check_instruct_marks(tok)
-    ids, system = [] if prompt_format == FRAMING_2024 else [tok.bos_id], []
-    for i, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if role == "system":
-            system.append(content)
-        elif role == "user":
-            ids += [tok.instruct_id] + tok.encode("\n\n".join(system + [content])) + [tok.response_id]
-            system = []
-        elif role == "assistant":
-            ids += tok.encode(content) + [tok.eos_id]
-        else:
-            raise ValueError(f"message {i}: unknown role {role!r} (system, user or assistant)")
-    if not messages or messages[-1]["role"] != "user":
-        raise ValueError("the last message must be the user's")
-    return ids
+    return chat_encode(tok, messages, bos=prompt_format != FRAMING_2024)[0]
 
 
 def check_instruct_marks(tok):

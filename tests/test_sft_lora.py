@@ -69,7 +69,8 @@ def setup(tmp_path_factory):
 def test_sft_mask_marks_exactly_answers_and_eos(setup, capsys):
     root, _ = setup
     tok = load_tokenizer(str(root / "sft" / "tokenizer.json"))
-    ids, mask = sft_encode(tok, [("what?", "a cat"), ("and?", "dog")])
+    ids, mask = sft_encode(tok, [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "a cat"},
+                                 {"role": "user", "content": "and?"}, {"role": "assistant", "content": "dog"}])
     assert ids[:2] == [tok.bos_id, tok.instruct_id]
     trained = [i for i, m in zip(ids, mask) if m]
     assert trained == tok.encode("a cat") + [tok.eos_id] + tok.encode("dog") + [tok.eos_id]
