@@ -3,6 +3,7 @@ export.py: write a checkpoint or a LoRA adapter as a .bin file for the C engine 
 
     python export.py out.bin --checkpoint ckpt.pt [--quant fp32|q8] [--group-size 64] [--format 2026.11|2024.10]
     python export.py adapter.bin --lora adapter.pt [--format 2026.11|2024.10]
+    python export.py model.gguf --checkpoint ckpt.pt --format gguf [--quant fp32|f16|q8]   # llama.cpp (gguf_export.py)
 
 Two layouts:
   * 2026.11 (default, ours): the original's 256-byte header extended with what the engines need
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 import files
+import gguf_export
 import hf
 from files import ConfigError, NanoError, weights_fingerprint
 from merge_lora import merged_checkpoint
@@ -106,6 +108,32 @@ def _read_checkpoint(path, load=None):
         return (load or hf.load_checkpoint)(path)
     except ConfigError as e:
         raise ExportError(str(e)) from None
+
+
+def write_gguf(path, checkpoint, quant="fp32", adapter=None):
+    """--format gguf: a GGUF file for llama.cpp (gguf_export.py), with a LoRA adapter merged first. An imported
+    model's tokenizer must be one Nano's C engine runs (hf_bpe_section's checks), so that the file answers as
+    the C engine does."""
+    ck = _read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    bos_first = not isinstance(ck, dict) or ck.get("prompt_format") != "2024.10"  # (infer.FRAMING_2024: no <|bos|>)
+    if adapter:
+        try:
+            ck = merged_checkpoint(ck, checkpoint, adapter)
+        except ConfigError as e:
+            raise ExportError(str(e)) from None
+    cfg, sd, tokens, _ = load_checkpoint(ck)
+    if isinstance(tokens, BPETokenizer):
+        vocab = gguf_export.gpt2_vocab(tokens, cfg.vocab_size)
+    elif isinstance(tokens, HFTokenizer):
+        hf_bpe_section(tokens)
+        pattern = _hf_pattern(json.loads(tokens.spec["json"]).get("pre_tokenizer"))
+        vocab = gguf_export.hf_vocab(tokens, cfg.vocab_size, pattern, _hf_bos(tokens))
+    elif isinstance(tokens, list):
+        vocab = gguf_export.trie_vocab(tokens, cfg.vocab_size)
+    else:
+        raise ExportError(f"GGUF export: the {getattr(tokens, 'kind', type(tokens).__name__)} tokenizer has no GGUF form here")
+    vocab.add_bos = vocab.add_bos and bos_first
+    return gguf_export.write_gguf(path, cfg, sd, vocab, quant)
 
 
 def write_hf(out_dir, checkpoint, adapter=None):
@@ -756,11 +784,13 @@ def main(argv=None):
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="base model checkpoint (.pt from train.py)")
     src.add_argument("--lora", help="LoRA adapter checkpoint (.pt, format nano-lora)")
-    ap.add_argument("--quant", default="fp32", choices=list(QUANTS), help="weight type of the matrices (base models)")
+    ap.add_argument("--quant", default="fp32", choices=list(QUANTS) + ["f16"],
+                    help="weight type of the matrices (base models); f16 for --format gguf only, where q8 is q8_0")
     ap.add_argument("--group-size", type=int, default=64, help="Q8 group size requested (default 64)")
-    ap.add_argument("--format", default="2026.11", choices=FORMATS + ("hf",),
-                    help="file layout (default: ours, 2026.11); hf: a Hugging Face model directory at OUT")
-    ap.add_argument("--merge", metavar="ADAPTER", help="--format hf: merge this LoRA adapter into the checkpoint first")
+    ap.add_argument("--format", default="2026.11", choices=FORMATS + ("hf", "gguf"),
+                    help="file layout (default: ours, 2026.11); hf: a Hugging Face model directory at OUT; "
+                         "gguf: a GGUF file for llama.cpp")
+    ap.add_argument("--merge", metavar="ADAPTER", help="--format hf or gguf: merge this LoRA adapter into the checkpoint first")
     args = ap.parse_args(argv)
     try:
         if args.format == "hf":
@@ -769,8 +799,14 @@ def main(argv=None):
             written = write_hf(args.out, args.checkpoint, args.merge)
             print(f"wrote {args.out}/: {', '.join(written)}", file=sys.stderr)
             return 0
+        if args.format == "gguf":
+            if not args.checkpoint:
+                raise ExportError("--format gguf exports a base model: give --checkpoint (and --merge ADAPTER to fold one in)")
+            write_gguf(args.out, args.checkpoint, args.quant, args.merge)
+            print(f"wrote {args.out}", file=sys.stderr)
+            return 0
         if args.merge:
-            raise ExportError("--merge goes with --format hf; for the C engine export the adapter itself with --lora")
+            raise ExportError("--merge goes with --format hf or gguf; for the C engine export the adapter itself with --lora")
         if args.checkpoint:
             write_model(args.out, args.checkpoint, args.quant, args.group_size, args.format)
         else:

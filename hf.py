@@ -297,7 +297,8 @@ def export_hf(ck, out_dir):
             t = pairs_to_halves(t, cfg.n_kv_head, cfg.head_dim)
         tensors[hf_name(name)] = t.contiguous()
     os.makedirs(out_dir, exist_ok=True)
-    files = tokenizer_files(tok)
+    # Nano puts <|bos|> before every prompt, except for models imported from the 2024.10 layout (infer.py)
+    files = tokenizer_files(tok, bos_first=ck.get("prompt_format") != "2024.10")
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"]}
     if tok.kind != "hf":  # the exact tokenizer for import; tokenizer.json is what other tools read
@@ -311,14 +312,17 @@ def export_hf(ck, out_dir):
     return sorted(["model.safetensors", "config.json", "generation_config.json", *files])
 
 
-def tokenizer_files(tok):
+def tokenizer_files(tok, bos_first=True):
     """{file name: text or dict}: tokenizer.json and tokenizer_config.json for a Nano tokenizer.
+    bos_first: Nano puts <|bos|> before a prompt, so tokenizer.json's post-processor does (what the
+    tokenizers library and transformers follow) and tokenizer_config.json says add_bos_token (what
+    llama.cpp's convert_hf_to_gguf.py reads).
     The trie tokenizer becomes a WordPiece model without a pre-tokenizer and with an empty
     continuation prefix: greedy longest match from the left, which is Nano's rule, so the ids are the
     same for every text whose characters are all in the vocabulary. One difference remains:
     WordPiece turns a whole word (here: the whole text between special tokens) into one
     <|unknown|> when a character of it is unknown, where Nano makes only that character <|unknown|>."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     if tok.kind == "llama2c":  # Llama 2's own form (llama2c.py)
         return hf_tokenizer_files(tok)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -347,7 +351,11 @@ def tokenizer_files(tok):
         specials = [(t, i) for i, t in enumerate(SPECIAL_TOKENS)]
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
     config.update(bos_token=SPECIAL_TOKENS[2], eos_token=SPECIAL_TOKENS[3], pad_token=SPECIAL_TOKENS[0],
-                  unk_token=SPECIAL_TOKENS[1])
+                  unk_token=SPECIAL_TOKENS[1], add_bos_token=bos_first, add_eos_token=False)
+    if bos_first:
+        bos = SPECIAL_TOKENS[2]
+        hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                          special_tokens=[(bos, tok.bos_id)])
     return {"tokenizer.json": hf.to_str(), "tokenizer_config.json": config}
 
 
