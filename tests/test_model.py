@@ -339,3 +339,135 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------------
+# The recipe options (issue #34, docs/RECIPES.md): each against the formula it names, and the model's
+# own invariants (KV cache, parameter count) with the options on
+
+RECIPE = dict(qk_norm=True, activation="relu2", zero_init=True, logit_softcap=5.0)
+
+
+def test_recipe_defaults_are_todays_model():
+    torch.manual_seed(0)
+    today = Transformer(tiny())
+    torch.manual_seed(0)
+    explicit = Transformer(tiny(qk_norm=False, activation="swiglu", zero_init=False, logit_softcap=None))
+    assert tiny().recipe() == {} and today.state_dict().keys() == explicit.state_dict().keys()
+    for k, v in today.state_dict().items():
+        assert torch.equal(v, explicit.state_dict()[k]), k
+    assert tiny(**RECIPE).recipe() == {"qk_norm": True, "activation": "relu2", "logit_softcap": 5.0}  # not zero_init
+
+
+def test_relu2_is_relu_squared_at_swiglus_cost():
+    m = make(activation="relu2")
+    ffn = m.layers[0].ffn
+    assert ffn.w3 is None and ffn.w1.weight.shape == (72, 32) and ffn.w2.weight.shape == (32, 72)  # 1.5 x 48
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(ffn(x), (torch.clamp(x @ ffn.w1.weight.T, min=0) ** 2) @ ffn.w2.weight.T)
+    for kw in ({}, {"bias": True}, {"qk_norm": True}):
+        relu2, swiglu = tiny(activation="relu2", **kw), tiny(**kw)
+        assert Transformer(relu2).num_params() == relu2.num_params()
+        if not kw.get("bias"):  # (biases: SwiGLU's w1 and w3 have one each, ReLU^2's wider w1 one)
+            assert relu2.num_params() == swiglu.num_params()
+    assert Transformer(tiny(activation="relu2")).flops_per_token() == Transformer(tiny()).flops_per_token()
+
+
+def test_qk_norm_puts_each_heads_q_and_k_at_unit_rms_before_rope():
+    m = make(qk_norm=True)
+    attn = m.layers[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 2.0)
+        attn.k_norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 7, 32)
+    B, T, H, KV, D = 2, 7, 4, 2, 8
+
+    def unit_rms(t, w):
+        return t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w
+
+    q = unit_rms((x @ attn.wq.weight.T).view(B, T, H, D), attn.q_norm.weight)
+    k = unit_rms((x @ attn.wk.weight.T).view(B, T, KV, D), attn.k_norm.weight)
+    v = (x @ attn.wv.weight.T).view(B, T, KV, D)
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = reference_attention(q.transpose(1, 2), k.repeat_interleave(2, 2).transpose(1, 2),
+                            v.repeat_interleave(2, 2).transpose(1, 2), causal=True)
+    expected = y.transpose(1, 2).reshape(B, T, 32) @ attn.wo.weight.T
+    torch.testing.assert_close(attn(x, (cos, sin)), expected, atol=1e-5, rtol=1e-5)
+    # the gains are parameters (1-D: AdamW's in muon.py), in the checkpoint under their own names
+    assert {"layers.0.attn.q_norm.weight", "layers.0.attn.k_norm.weight"} <= set(m.state_dict())
+    assert m.num_params() == tiny(qk_norm=True).num_params() == tiny().num_params() + 2 * 2 * 8
+
+
+def test_logit_softcap_is_cap_tanh_and_bounds_the_loss_input():
+    plain, capped = make(seed=3), make(seed=3, logit_softcap=2.0)
+    with torch.no_grad():
+        for m in (plain, capped):
+            m.tok_embeddings.weight.mul_(50)  # logits far past the cap
+    idx = torch.randint(0, 61, (2, 9))
+    logits, _ = plain(idx)
+    got, loss = capped(idx, idx)
+    torch.testing.assert_close(got, 2.0 * torch.tanh(logits / 2.0), atol=1e-5, rtol=1e-5)
+    assert logits.abs().max() > 20 and got.abs().max() <= 2.0  # (float32's tanh reaches 1 exactly)
+    torch.testing.assert_close(loss, F.cross_entropy(got.view(-1, 61), idx.view(-1)))
+
+
+def test_zero_init_starts_every_block_as_the_identity():
+    m = make(zero_init=True)
+    for layer in m.layers:
+        assert not layer.attn.wo.weight.any() and not layer.ffn.w2.weight.any()
+        assert layer.attn.wq.weight.std() > 0.01  # the rest as before
+    x = torch.randn(2, 6, 32)
+    rope = (m.rope_cos[:6], m.rope_sin[:6])
+    torch.testing.assert_close(m.layers[0](x, rope), x)
+
+
+@pytest.mark.parametrize("option", [dict(qk_norm=True), dict(activation="relu2"), dict(logit_softcap=3.0), RECIPE])
+def test_kv_cache_and_generation_with_the_recipe_options(option):
+    m = make(**option)
+    with torch.no_grad():  # zero_init's zero projections would make this test trivial
+        for layer in m.layers:
+            layer.attn.wo.weight.normal_(0, 0.1)
+            layer.ffn.w2.weight.normal_(0, 0.1)
+    idx = torch.randint(0, 61, (2, 20))
+    full, _ = m(idx)
+    cache = m.make_cache(batch_size=2)
+    pieces, pos = [], 0
+    for size in (6, 1, 1, 12):
+        out, _ = m(idx[:, pos:pos + size], cache=cache, pos=pos)
+        pieces.append(out)
+        pos += size
+    torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+    out = m.generate([3, 4, 5], max_new_tokens=6, temperature=0)
+    ids = [3, 4, 5]
+    for _ in range(6):
+        ids.append(int(m(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert out == ids[3:]
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(activation="gelu"), "activation must be one of ('swiglu', 'relu2'), got 'gelu'"),
+    (dict(activation="ReLU2"), "activation must be one of"),
+    (dict(activation="relu2", n_hidden=47), "n_hidden must be even, got 47"),
+    (dict(logit_softcap=0.0), "logit_softcap must be positive"),
+    (dict(logit_softcap=-30), "logit_softcap must be positive"),
+    (dict(logit_softcap=float("inf")), "logit_softcap must be a finite number"),
+    (dict(qk_norm="yes"), "qk_norm"),
+    (dict(zero_init=1), "zero_init"),
+])
+def test_recipe_options_refused_by_name(kw, message):
+    d = {**tiny().to_dict(), **kw}
+    with pytest.raises(ConfigError, match="model config") as e:
+        dataclass_from_dict(ModelConfig, d, "model config").validate()
+    assert message in str(e.value)
+
+
+def test_lora_on_relu2_has_no_w3():
+    from model import LoRAConfig, add_lora, merge_lora
+    m = make(activation="relu2")
+    with pytest.raises(ConfigError, match="w3 is SwiGLU's; this model's activation is relu2"):
+        add_lora(m, LoRAConfig(targets=["wq", "w3"]))
+    add_lora(m, LoRAConfig(targets=["wq", "w1", "w2"]))
+    assert {n.split(".")[-2] for n, p in m.named_parameters() if "lora_" in n} == {"wq", "w1", "w2"}
+    merge_lora(m)
+    assert not [n for n, _ in m.named_parameters() if "lora_" in n]

@@ -1,0 +1,174 @@
+"""
+Muon and the recipe options against AdamW on one GPU (issue #34; figures in docs/BENCHMARKS.md and
+docs/RECIPES.md). Three parts, each printed as it ends and once more in a summary at the end:
+
+  ttl         Tiny Shakespeare, character level, to val loss 1.45 (the time-to-loss config,
+              config/shakespeare_char_*.json): AdamW and Muon runs alternating, --runs of each;
+              the median step and seconds from process start to the crossing eval.
+  bpe124      the 124M config (config/model_gpt2_124m.json) on the built-in Bible with GPT-2 BPE:
+              one AdamW and one Muon run of --bpe-steps steps, eval every --bpe-eval; the steps each
+              needs to reach a fixed val loss (--bpe-target, else the best loss both reach) and to
+              its own best.
+  throughput  tokens/s of the 124M b32 fp8=all line (bench.py, compiled, CUDA graph) with AdamW and Muon.
+
+    python bench/bench_recipe.py --shakespeare out/tinyshakespeare.txt             # all three, ~8 min on an H200
+    python bench/bench_recipe.py --shakespeare ../shared/data/tinyshakespeare.txt --parts ttl --runs 3
+    python bench/bench_recipe.py --parts bpe124 --muon "optimizer=muon muon_lr=0.02"
+
+--adamw and --muon are the train-config overrides of the two arms (train.py --set); --model-set adds
+model-config keys to the Muon arm through a copy of the model config (e.g. "qk_norm=true activation=relu2").
+Runs write into --out (default /tmp/nano_recipe) and overwrite what an earlier run left there.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+REACHED = re.compile(r"reached target val loss [\d.]+ at step (\d+), ([\d.]+) s after process start")
+EVAL = re.compile(r"^eval step (\d+) \| val loss ([\d.]+)")
+
+
+def run(cmd, timeout=900):
+    """Run a command in the repository; its output (stdout and stderr), and the seconds it took."""
+    start = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd)} exited {r.returncode}:\n{out[-3000:]}")
+    return out, time.time() - start
+
+
+def model_config(base, model_set, out_dir, name):
+    """base, or a copy of it with the model-config keys of model_set ("key=value ...") in out_dir."""
+    if not model_set:
+        return base
+    with open(os.path.join(ROOT, base)) as f:
+        cfg = json.load(f)
+    for item in model_set.split():
+        key, _, value = item.partition("=")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key] = value
+    path = os.path.join(out_dir, f"{name}_model.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def arms(args):
+    return {"adamw": (args.adamw.split(), None), "muon": (args.muon.split(), args.model_set)}
+
+
+def ttl(args):
+    """Tiny Shakespeare to 1.45, the arms alternating: {arm: [(step, seconds) or None, ...]}."""
+    run([PY, "data.py", "--input", args.shakespeare, "--vocab-size", "0", "--val-tail", "0.1",
+         "--out", "dataset/shakespeare_char"])
+    results = {arm: [] for arm in arms(args)}
+    for i in range(args.runs):
+        for arm, (train_set, model_set) in arms(args).items():
+            model = model_config("config/shakespeare_char_model.json", model_set, args.out, f"ttl_{arm}")
+            out, _ = run([PY, "train.py", "-m", model, "-t", "config/shakespeare_char_train.json", "--overwrite",
+                          "--set", f"out_dir={args.out}/ttl_{arm}", *train_set])
+            m = REACHED.search(out)
+            results[arm].append((int(m.group(1)), float(m.group(2))) if m else None)
+            best = min((v for _, v in curve(out)), default=None)
+            print(f"ttl run {i + 1} {arm}: " + (f"step {m.group(1)}, {m.group(2)} s" if m else f"missed (best {best})"),
+                  flush=True)
+    return results
+
+
+def curve(out):
+    return [(int(s), float(v)) for s, v in (EVAL.match(line).groups() for line in out.splitlines() if EVAL.match(line))]
+
+
+def first_at(points, target):
+    return next((s for s, v in points if v <= target), None)
+
+
+def bpe124(args):
+    """One run of each arm on the Bible with GPT-2 BPE: {arm: [(step, val loss), ...]}."""
+    run([PY, "data.py", "--tokenizer", "bpe", "--out", "dataset/pretrain_bpe"])
+    curves = {}
+    for arm, (train_set, model_set) in arms(args).items():
+        model = model_config("config/model_gpt2_124m.json", model_set, args.out, f"bpe_{arm}")
+        out, seconds = run([PY, "train.py", "-m", model, "--overwrite", "--set", "data_dir=dataset/pretrain_bpe",
+                            f"out_dir={args.out}/bpe_{arm}", "batch_size=16", f"max_iters={args.bpe_steps}",
+                            "learning_rate=6e-4", "min_lr=6e-5", "warmup_iters=30", "weight_decay=0.1",
+                            f"eval_interval={args.bpe_eval}", "eval_iters=8", "log_interval=50", "cuda_graph=true",
+                            "save_on_eval=false", "tensorboard=false", *train_set])
+        curves[arm] = curve(out)
+        print(f"bpe124 {arm}: {seconds:.0f} s; val " + ", ".join(f"{s}:{v:.3f}" for s, v in curves[arm]), flush=True)
+    return curves
+
+
+def throughput(args):
+    """bench.py's median tokens/s of the 124M b32 fp8=all line, per arm."""
+    result = {}
+    for arm, (train_set, model_set) in arms(args).items():
+        model = model_config("config/model_gpt2_124m.json", model_set, args.out, f"tput_{arm}")
+        out, _ = run([PY, "bench.py", "-m", model, "-b", "32", "--compile", "--steps", "30", "--warmup", "15",
+                      "--repeat", str(args.tput_repeat), "--train-set", "cuda_graph=true", "fp8=all", *train_set])
+        line = next(line for line in out.splitlines() if line.startswith("median"))
+        result[arm] = float(re.search(r"([\d,]+) tok/s", line).group(1).replace(",", ""))
+        print(f"throughput {arm}: {line}", flush=True)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shakespeare", default="../shared/data/tinyshakespeare.txt", help="Tiny Shakespeare text (ttl)")
+    p.add_argument("--parts", default="ttl,bpe124,throughput", help="comma-separated: ttl, bpe124, throughput")
+    p.add_argument("--runs", type=int, default=3, help="ttl runs of each arm (alternating)")
+    p.add_argument("--adamw", default="optimizer=adamw", help="train-config overrides of the AdamW arm")
+    p.add_argument("--muon", default="optimizer=muon", help="train-config overrides of the Muon arm")
+    p.add_argument("--model-set", default="", help="model-config keys of the Muon arm, e.g. \"qk_norm=true\"")
+    p.add_argument("--bpe-steps", type=int, default=600)
+    p.add_argument("--bpe-eval", type=int, default=25)
+    p.add_argument("--bpe-target", type=float, help="bpe124's fixed val loss (default: the best loss both arms reach)")
+    p.add_argument("--tput-repeat", type=int, default=1)
+    p.add_argument("--out", default="/tmp/nano_recipe")
+    args = p.parse_args()
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"ttl", "bpe124", "throughput"}
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}: choose from ttl, bpe124, throughput")
+    if "ttl" in parts and not os.path.isfile(args.shakespeare):
+        sys.exit(f"error: {args.shakespeare}: no such file (Tiny Shakespeare; give --shakespeare PATH)")
+    os.makedirs(args.out, exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    print(f"commit {commit or '?'} | arms: adamw [{args.adamw}] muon [{args.muon}]"
+          + (f" model [{args.model_set}]" if args.model_set else ""), flush=True)
+    start = time.time()
+    summary = []
+    if "ttl" in parts:
+        for arm, runs in ttl(args).items():
+            done = [r for r in runs if r]
+            med = (f"median step {statistics.median(s for s, _ in done):.0f}, {statistics.median(t for _, t in done):.1f} s"
+                   if len(done) == len(runs) else f"{len(runs) - len(done)} of {len(runs)} missed 1.45")
+            each = ", ".join(f"{r[0]}/{r[1]:.1f}s" if r else "missed" for r in runs)
+            summary.append(f"Tiny Shakespeare to 1.45, {arm}: {med} (step/seconds: {each})")
+    if "bpe124" in parts:
+        curves = bpe124(args)
+        target = args.bpe_target or max(min(v for _, v in c) for c in curves.values())
+        for arm, c in curves.items():
+            best_step, best = min(c, key=lambda sv: sv[1])
+            summary.append(f"124M BPE Bible, {arm}: val <= {target:.3f} at step {first_at(c, target)}; "
+                           f"best {best:.3f} at step {best_step}")
+    if "throughput" in parts:
+        tput = throughput(args)
+        summary.append("124M b32 fp8=all tokens/s: " + ", ".join(f"{arm} {v:,.0f}" for arm, v in tput.items())
+                       + f" (muon/adamw {tput['muon'] / tput['adamw']:.3f})")
+    print(f"\n== summary ({time.time() - start:.0f} s)")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
