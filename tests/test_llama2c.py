@@ -180,3 +180,106 @@ def test_merges_follow_scores_leftmost_first():
     assert names("é") == [" ", "<0xC3>", "<0xA9>"]  # byte fallback
 
 
+# ---------------------------------------------------------------------------
+# the layouts
+
+
+def reference_logits(t, ids, wcls=None):
+    """stories260K's logits computed here from llama2.c's own arrays, the way run.c computes them (RMSNorm
+    eps 1e-5, RoPE on adjacent pairs with theta 10000, grouped-query attention, SwiGLU), in float64."""
+    g = {k: torch.from_numpy(np.array(v, dtype=np.float64)) for k, v in t.items()}
+    hd, kvd = DIM // HEADS, DIM // HEADS * KV_HEADS
+    T = len(ids)
+    x = g["tok"].view(VOCAB, DIM)[ids]
+    pos = torch.arange(T, dtype=torch.float64)[:, None]
+    angle = pos * 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+
+    def rope(v):  # [T, heads, hd]: pairs (2i, 2i+1) turned as complex numbers
+        c = torch.view_as_complex(v.reshape(*v.shape[:-1], hd // 2, 2).contiguous())
+        return torch.view_as_real(c * torch.polar(torch.ones_like(angle), angle)[:, None, :]).reshape(v.shape)
+
+    def norm(v, w):
+        return v / torch.sqrt((v * v).mean(-1, keepdim=True) + 1e-5) * w
+
+    for layer in range(LAYERS):
+        w = lambda name, rows, cols: g[name].view(LAYERS, rows, cols)[layer]  # noqa: E731
+        h = norm(x, g["rms_att"].view(LAYERS, DIM)[layer])
+        q = rope((h @ w("wq", DIM, DIM).T).view(T, HEADS, hd))
+        k = rope((h @ w("wk", kvd, DIM).T).view(T, KV_HEADS, hd)).repeat_interleave(HEADS // KV_HEADS, 1)
+        v = (h @ w("wv", kvd, DIM).T).view(T, KV_HEADS, hd).repeat_interleave(HEADS // KV_HEADS, 1)
+        att = torch.einsum("thd,shd->hts", q, k) / math.sqrt(hd)
+        att = att.masked_fill(torch.triu(torch.ones(T, T, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+        x = x + torch.einsum("hts,shd->thd", att, v).reshape(T, DIM) @ w("wo", DIM, DIM).T
+        h = norm(x, g["rms_ffn"].view(LAYERS, DIM)[layer])
+        a, b = h @ w("w1", HIDDEN, DIM).T, h @ w("w3", HIDDEN, DIM).T
+        x = x + (a * torch.sigmoid(a) * b) @ w("w2", DIM, HIDDEN).T
+    head = g["tok"].view(VOCAB, DIM) if wcls is None else torch.from_numpy(np.array(wcls, np.float64)).view(VOCAB, DIM)
+    return norm(x, g["rms_final"]) @ head.T
+
+
+def nano_logits(ck, ids):
+    model = model_from_checkpoint(ck, "test").eval().double()
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0]
+
+
+@pytest.mark.parametrize("layout", ["legacy", "v1"])
+@pytest.mark.parametrize("classifier", ["tied", "untied"])
+def test_layouts_load_the_same_model(tmp_path, tok, layout, classifier):
+    """Files written here from the legacy file's floats (llama2.c's export.py orders): legacy and version 1,
+    with the shared classifier and with one of their own (legacy: a negative vocab_size; version 1: the
+    shared byte 0). Nano's logits equal those computed here from llama2.c's arrays."""
+    t = legacy_tensors()
+    wcls = None
+    if classifier == "untied":  # a classifier that is not the embedding
+        wcls = (np.random.default_rng(0).standard_normal(VOCAB * DIM) * 0.05).astype(np.float32)
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "model.bin"
+    (write_legacy if layout == "legacy" else write_v1)(path, t, wcls)
+    shutil.copy(TOKENIZER, tmp_path / "m" / "tokenizer.bin")  # found as tokenizer.bin beside the model
+    loaded = hf.load_checkpoint(str(path))
+    assert loaded["model_config"]["tie_embeddings"] == (wcls is None)
+    assert ("output.weight" in loaded["model"]) == (wcls is not None)
+    ids = [1] + tok.encode(PROMPT + ", there was a little girl")
+    got, want = nano_logits(loaded, ids), reference_logits(t, ids, wcls)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    if layout == "legacy" and wcls is None:  # the file itself, rewritten: byte for byte the shared one
+        assert path.read_bytes() == MODEL.read_bytes()
+
+
+# ---------------------------------------------------------------------------
+# fine-tuning from a llama2.c model
+
+
+def test_lora_and_sft_start_from_a_llama2c_model(tmp_path, tok):
+    """data.py tokenizes with the tokenizer.bin (what the model was trained with), train.py starts from the
+    model file itself (init_from), a few steps of LoRA and of full fine-tuning lower the loss on the text,
+    and infer.py runs the result."""
+    from data import prepare_pretrain
+    from train import TrainConfig, train
+    stories = shared(GOLDEN).read_text().split("\n")
+    docs = tmp_path / "stories.jsonl"
+    docs.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories * 10))
+    meta = prepare_pretrain([str(docs)], str(tmp_path / "data"), tokenizer=str(TOKENIZER), val_ratio=0.2, workers=1,
+                            progress=False)
+    assert meta["vocab_size"] == VOCAB
+    ids = np.fromfile(tmp_path / "data" / "train.bin", dtype=np.uint16)
+    assert ids[0] == tok.bos_id and tok.eos_id in ids  # <s> text </s>, document after document
+    windows = torch.from_numpy(ids[:8 * 65].astype(np.int64)).view(8, 65)
+
+    def loss(model):
+        with torch.no_grad():
+            return model.eval()(windows[:, :-1], windows[:, 1:])[1].item()
+
+    before = loss(model_from_checkpoint(hf.load_checkpoint(str(MODEL))))
+    for mode in ("lora", "sft"):
+        cfg = TrainConfig(mode=mode, init_from=str(MODEL), data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / mode),
+                          batch_size=4, max_iters=15, learning_rate=3e-3, warmup_iters=1, eval_interval=15,
+                          eval_iters=2, device="cpu", tensorboard=False, seq_len=64,
+                          lora={"rank": 4, "alpha": 8} if mode == "lora" else None)
+        tuned = train(None, cfg, quiet=True)
+        assert loss(tuned) < 0.9 * before, mode
+        out = tmp_path / mode
+        args = (["-m", MODEL, "-l", out / "adapter.pt"] if mode == "lora" else ["-m", out / "last.pt"])
+        r = infer_cli(*args, "--prompt", PROMPT, "-t", "0", "-n", "20")
+        assert r.returncode == 0 and r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 10, r.stderr
