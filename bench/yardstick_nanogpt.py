@@ -1,7 +1,7 @@
 """Yardstick: nanoGPT's GPT-2 124M (LayerNorm without bias, GELU MLP, fused c_attn, SDPA causal,
 tied head, vocab 50304) timed the way nanoGPT's bench.py does (compile, bf16 autocast, fused AdamW,
 fixed random batch, 10 burn-in + 20 timed iterations). Written for this comparison because
-nanoGPT's own source is not reachable offline on the GPU machine; Run: python3 bench/yardstick_nanogpt.py [BATCH]"""
+nanoGPT's own source is not reachable offline on the GPU machine. Run: python3 bench/yardstick_nanogpt.py [BATCH]"""
 import sys, time, math, torch, torch.nn as nn, torch.nn.functional as F
 B, T, V, L, H, C = int(sys.argv[1]) if len(sys.argv) > 1 else 32, 1024, 50304, 12, 12, 768
 torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
