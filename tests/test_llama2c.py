@@ -283,3 +283,214 @@ def test_lora_and_sft_start_from_a_llama2c_model(tmp_path, tok):
         args = (["-m", MODEL, "-l", out / "adapter.pt"] if mode == "lora" else ["-m", out / "last.pt"])
         r = infer_cli(*args, "--prompt", PROMPT, "-t", "0", "-n", "20")
         assert r.returncode == 0 and r.stdout.startswith(PROMPT) and len(r.stdout) > len(PROMPT) + 10, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# export
+
+
+def test_export_to_hugging_face_gives_transformers_logits(tmp_path, ck, tok):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "export.py", str(out), "--checkpoint", str(MODEL), "--format", "hf"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = shared(GOLDEN).read_text()[:400]
+    ids = hf_tok(text).input_ids
+    assert ids == [1] + tok.encode(text)  # transformers frames the text as Nano does: <s> first
+    with torch.no_grad():
+        want = ref(torch.tensor([ids])).logits[0].double()
+    got = nano_logits(ck, ids)
+    assert torch.allclose(got, want, atol=2e-4, rtol=1e-4), (got - want).abs().max()
+    back = hf.load_checkpoint(str(out))  # and back: the same checkpoint
+    assert back["tokenizer"] == ck["tokenizer"] and back["model_config"] == ck["model_config"]
+    assert all(torch.equal(back["model"][k], v) for k, v in ck["model"].items())
+
+
+def test_export_to_nano_bin_round_trips_the_tokenizer(tmp_path, ck):
+    import export
+    path = tmp_path / "s.bin"
+    fields = export.write_model(str(path), str(MODEL))
+    assert fields["tokenizer_kind"] == export.TOKENIZER_LLAMA2C and fields["tokenizer_vocab"] == VOCAB
+    data = path.read_bytes()
+    off = export.HEADER_SIZE
+    size, n, version, reserved, *special = struct.unpack_from("<4I6i", data, off)
+    assert (n, version, reserved, special) == (VOCAB, 1, 0, [-1, 0, 1, 2, -1, -1])
+    p, tokens, scores = off + export.LLAMA2C_HEADER, [], []
+    for _ in range(n):
+        score, length = struct.unpack_from("<fI", data, p)
+        tokens.append(data[p + 8:p + 8 + length].decode())
+        scores.append(score)
+        p += 8 + length
+    assert p == off + size and {"type": "llama2c", "tokens": tokens, "scores": scores} == ck["tokenizer"]
+    tb = read_llama2c_tokenizer(TOKENIZER)  # the tokenizer.bin's own pieces and scores
+    assert tokens == tb.tokens and scores == tb.scores
+    with pytest.raises(export.ExportError, match="2024.10 layout cannot represent this model: the llama2.c tokenizer"):
+        export.write_model(str(tmp_path / "old.bin"), str(MODEL), fmt="2024.10")
+
+
+# ---------------------------------------------------------------------------
+# broken files: one line each
+
+
+def one_line_error(path, match=None):
+    """hf.load_checkpoint's ConfigError (one line), and infer.py's `error: ...` (one line, exit 2, no traceback)."""
+    with pytest.raises(ConfigError) as e:
+        hf.load_checkpoint(str(path))
+    message = str(e.value)
+    assert "\n" not in message
+    if match:
+        assert match in message, message
+    return message
+
+
+def model_dir(tmp_path, data, tokenizer=None, name="model.bin"):
+    d = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    (d / name).write_bytes(data)
+    (d / "tok512.bin").write_bytes(TOKENIZER.read_bytes() if tokenizer is None else tokenizer)
+    return d / name
+
+
+def test_truncated_and_grown_files(tmp_path):
+    data = shared(MODEL).read_bytes()
+    for cut in (0, 3, 27, 28, 100, 4096, len(data) // 2, len(data) - 4, len(data) - 1):
+        one_line_error(model_dir(tmp_path, data[:cut]),
+                       "shorter than a llama2.c header" if cut < 28 else "the sizes do not add up")
+    one_line_error(model_dir(tmp_path, data + bytes(4)), "the sizes do not add up")
+    # the classifier flag flipped: an untied classifier would need vocab x dim more floats
+    untied = struct.pack("<i", -VOCAB)
+    one_line_error(model_dir(tmp_path, data[:20] + untied + data[24:]), "a classifier of its own")
+    v1 = bytearray(256)
+    struct.pack_into("<Ii7iB", v1, 0, 0x616B3432, 1, DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ, 1)
+    for cut in (8, 100, 255):
+        one_line_error(model_dir(tmp_path, bytes(v1[:cut])), "cut short inside its 256-byte header")
+    one_line_error(model_dir(tmp_path, bytes(v1) + bytes(1000)), "the sizes do not add up")
+
+
+def test_wrong_magic_and_versions(tmp_path):
+    data = shared(MODEL).read_bytes()
+    for version, match in ((2, "version-2 (Q8_0"), (0, "header version 0"), (3, "header version 3"),
+                           (-1, "header version -1")):
+        head = struct.pack("<Ii7iB", 0x616B3432, version, DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ, 1)
+        one_line_error(model_dir(tmp_path, head.ljust(256, b"\0") + data[28:]), match)
+    head = struct.pack("<Ii7iB", 0x616B3432, 1, DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ, 7)
+    one_line_error(model_dir(tmp_path, head.ljust(256, b"\0")), "shared_classifier byte is 7")
+    # other files named .bin: not read as llama2.c models by mistake
+    one_line_error(model_dir(tmp_path, b"PK\x03\x04" + bytes(100)), "not a torch checkpoint")
+    nano_bin = struct.pack("<II", 0x42443453, 0x55524C4D) + bytes(300)
+    assert not llama2c.is_llama2c(str(model_dir(tmp_path, nano_bin)))
+
+
+def test_hostile_header_numbers(tmp_path):
+    """Every header number out of range or inconsistent is named before anything is allocated (a 2^31 dim would
+    otherwise ask for exabytes)."""
+    good = [DIM, HIDDEN, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ]
+    names = ["dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"]
+    body = shared(MODEL).read_bytes()[28:]
+    for i, name in enumerate(names):
+        for bad in (0, -7, 2 ** 31 - 1, 2 ** 25):
+            if name == "vocab_size" and bad < 0:
+                continue  # negative: the untied flag (tested above)
+            ints = list(good)
+            ints[i] = bad
+            one_line_error(model_dir(tmp_path, struct.pack("<7i", *ints) + body), f"header {name} is {bad}")
+    for ints in ([DIM, HIDDEN, LAYERS, 7, KV_HEADS, VOCAB, SEQ],  # 64 is no multiple of 7 heads
+                 [DIM, HIDDEN, LAYERS, HEADS, 3, VOCAB, SEQ],  # 8 heads cannot share 3 kv heads
+                 [66, HIDDEN, LAYERS, 6, 3, VOCAB, SEQ]):  # a head size of 11: RoPE turns pairs
+        one_line_error(model_dir(tmp_path, struct.pack("<7i", *ints) + body), "do not make a model")
+    # huge but in range: the size check refuses it without allocating (a GiB-scale model would be read otherwise)
+    one_line_error(model_dir(tmp_path, struct.pack("<7i", 4096, 11008, 32, 32, 32, 32000, 4096) + body),
+                   "the sizes do not add up")
+
+
+def garbled_tokenizers():
+    good = shared(TOKENIZER).read_bytes()
+    entries, off = [], 4
+    while off < len(good):
+        score, n = struct.unpack_from("<fi", good, off)
+        entries.append((score, good[off + 8:off + 8 + n]))
+        off += 8 + n
+
+    def build(es, max_len=7):
+        return struct.pack("<i", max_len) + b"".join(struct.pack("<fi", s, len(b)) + b for s, b in es)
+
+    swapped = list(entries)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    return [
+        (b"", "shorter than its header"),
+        (good[:2], "shorter than its header"),
+        (good[:-3], "truncated inside token 511"),
+        (good[:4 + 5], "truncated inside token 0"),
+        (struct.pack("<i", 0) + good[4:], "max_token_length is 0"),
+        (struct.pack("<i", -1) + good[4:], "max_token_length is -1"),
+        (build(entries[:-1]), "holds 511 tokens, the model 512"),
+        (build(entries + [(0.0, b"zz")]), "holds 513 tokens, the model 512"),
+        (build(entries[:5] + [(0.0, b"\xff\xfe")] + entries[6:]), "token 5 is not UTF-8"),
+        (build(entries[:300] + [(float("nan"), entries[300][1])] + entries[301:]), "token 300 has the score nan"),
+        (build(entries[:300] + [(0.0, b"")] + entries[301:]), "token 300 is 0 bytes long"),
+        (build(entries[:300] + [(0.0, b"x" * 9)] + entries[301:]), "token 300 is 9 bytes long"),
+        (build(swapped), "token 3 is '<0x01>'"),
+        (build(entries[:300] + [entries[301]] + entries[301:]), "are both"),
+        (build([(s, b"_" if b == b" " else b) for s, b in entries]), "no ' ' token"),
+        (good[:8] + struct.pack("<i", 2 ** 31 - 1) + good[12:], "token 0 is 2147483647 bytes"),
+        (good[:8] + struct.pack("<i", -5) + good[12:], "token 0 is -5 bytes"),
+    ]
+
+
+def test_missing_and_garbled_tokenizer(tmp_path):
+    data = shared(MODEL).read_bytes()
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "stories260K.bin").write_bytes(data)
+    msg = one_line_error(lone / "stories260K.bin", "its tokenizer is not beside it")
+    assert "tok512.bin and tokenizer.bin" in msg and "--tokenizer" in msg
+    for garbled, match in garbled_tokenizers():
+        one_line_error(model_dir(tmp_path, data, tokenizer=garbled), match)
+    # found as tokenizer.bin too, and tok{vocab}.bin first
+    d = tmp_path / "both"
+    d.mkdir()
+    (d / "m.bin").write_bytes(data)
+    (d / "tokenizer.bin").write_bytes(b"garbage")
+    (d / "tok512.bin").write_bytes(TOKENIZER.read_bytes())
+    assert hf.load_checkpoint(str(d / "m.bin"))["tokenizer"]["type"] == "llama2c"
+    (d / "tok512.bin").unlink()
+    one_line_error(d / "m.bin", "tokenizer.bin: not a llama2.c tokenizer.bin")
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    data = shared(MODEL).read_bytes()
+    cases = [(model_dir(tmp_path, data[:1000]), "the sizes do not add up"),
+             (model_dir(tmp_path, data, tokenizer=b"\x07\0\0\0junk"), "truncated inside token 0")]
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "s.bin").write_bytes(data)
+    cases.append((lone / "s.bin", "its tokenizer is not beside it"))
+    for path, match in cases:
+        for script in (["infer.py", "-m", str(path), "--prompt", "x"], ["export.py", str(tmp_path / "o.bin"),
+                                                                        "--checkpoint", str(path)],
+                       ["llama2c.py", "import", str(path), str(tmp_path / "o.pt")]):
+            r = subprocess.run([sys.executable, *script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "error: " in lines[0] and match in lines[0], (script, r.stderr)
+    r = infer_cli("-m", MODEL, "--prompt", "x", "-i")  # no instruct marks: one line
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: this model's tokenizer has no <|instruct_mark|> or <|response_mark|> token, so instruct (chat) mode "
+        "cannot frame the prompt: use continuation mode"]
+
+
+def test_llama2c_import_with_a_tokenizer_given(tmp_path, ck):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "s.bin").write_bytes(shared(MODEL).read_bytes())
+    r = subprocess.run([sys.executable, "llama2c.py", "import", str(lone / "s.bin"), str(tmp_path / "s.pt"),
+                        "--tokenizer", str(TOKENIZER)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    back = hf.load_checkpoint(str(tmp_path / "s.pt"))
+    assert back["tokenizer"] == ck["tokenizer"] and all(torch.equal(back["model"][k], v) for k, v in ck["model"].items())
+    assert load_tokenizer(str(TOKENIZER)).to_dict() == ck["tokenizer"]  # data.py's --tokenizer tok512.bin
+    with pytest.raises(TokenizerError, match="not a llama2.c tokenizer.bin"):
+        load_tokenizer(str(MODEL))  # the model where its tokenizer belongs
