@@ -354,3 +354,36 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run(tmp_path / "n.bin", "--lora", ck_path)
     assert r.returncode == 1 and "not a LoRA adapter" in r.stderr
+
+
+@pytest.mark.parametrize("option,named", [
+    (dict(qk_norm=True), "qk_norm=True"), (dict(activation="relu2"), "activation=relu2"),
+    (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+    (dict(qk_norm=True, activation="relu2", zero_init=True), "qk_norm=True, activation=relu2"),
+])
+def test_recipe_options_the_engines_lack_are_refused_by_name(tmp_path, option, named):
+    # (issue #34) the C and browser engines, and Hugging Face's Llama, would compute another model
+    ck = checkpoint(**option)
+    for fmt in ("2026.11", "2024.10"):
+        with pytest.raises(ExportError, match=f"this model uses {named}, which the C and browser engines do not compute"):
+            export.write_model(str(tmp_path / "x.bin"), ck, "fp32", 64, fmt)
+    ck_path = tmp_path / "ck.pt"
+    torch.save(ck, ck_path)
+    with pytest.raises(ExportError, match=f"this model uses {named}, which Hugging Face"):
+        export.write_hf(str(tmp_path / "hf"), str(ck_path))
+    assert not (tmp_path / "x.bin").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "export.py"), str(tmp_path / "x.bin"), "--checkpoint", str(ck_path)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and r.stderr.startswith("export.py: error: this model uses") and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_zero_init_is_only_a_start_and_exports(tmp_path):
+    # zero_init changes the first weights, not the forward: a trained zero_init model is a plain model
+    ck = checkpoint(zero_init=True)
+    export.write_model(str(tmp_path / "z.bin"), ck)
+    _, _, sd = read_model_2026((tmp_path / "z.bin").read_bytes())
+    assert set(sd) == set(ck["model"])
+    for name, w in ck["model"].items():
+        np.testing.assert_array_equal(sd[name], w.numpy(), err_msg=name)
+    assert not sd["layers.1.attn.wo.weight"].any() and not sd["layers.0.ffn.w2.weight"].any()
