@@ -19,6 +19,7 @@ a line starting with // sends the rest from its second slash on ("//etc" -> "/et
 
 import argparse
 import math
+import os
 import struct
 import sys
 import time
@@ -161,7 +162,7 @@ def generate_text(model, tok, text, args, instruct, stream=True):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Nano inference (PyTorch)")
-    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by train.py, or a Hugging Face model directory")
+    p.add_argument("-m", "--model", required=True, help="checkpoint (.pt) written by train.py, a run folder (its best.pt), or a Hugging Face model directory")
     p.add_argument("-l", "--lora", help="LoRA adapter checkpoint to attach")
     p.add_argument("-i", "--instruct", action="store_true", help="instruct (chat) mode")
     p.add_argument("--prompt", help="generate once for this prompt and exit")
@@ -207,7 +208,20 @@ def refuse_non_finite(model, path):
                           "broken (did training diverge?)")
 
 
+def run_checkpoint(path):
+    """A training run's folder (checkpoint/pretrain) stands for its best checkpoint: best.pt, else
+    last.pt (said on stderr). A Hugging Face model directory (config.json) and files are themselves."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    for name in ("best.pt", "last.pt"):
+        if os.path.isfile(os.path.join(path, name)):
+            print(f"[{path} is a training run: using its {name}]", file=sys.stderr)
+            return os.path.join(path, name)
+    return path
+
+
 def load(args):
+    args.model = run_checkpoint(args.model)
     refuse_nano_bin(args.model)
     ck = load_checkpoint(args.model)
     model = model_from_checkpoint(ck, args.model, args.device).eval()

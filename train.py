@@ -855,6 +855,18 @@ class StopSignals:
         return bool(flag.item())
 
 
+def warn_unused_vocab(model_cfg, data, cfg, env, base):
+    """A model whose vocabulary is far larger than the data's tokenizer trains embedding rows that
+    no token ever uses (model_56m.json's 16,384 on the default 4,096-token data): say so once. A base
+    model's vocabulary is the base's, and a padded one (50,304 for GPT-2's 50,257) is no mistake."""
+    used = data.meta["vocab_size"]
+    if base is None and env.master and model_cfg.vocab_size > -(-used // 128) * 128:
+        print(f"warning: the model's vocab_size is {model_cfg.vocab_size:,} but {cfg.data_dir}'s tokenizer has "
+              f"{used:,} tokens: {model_cfg.vocab_size - used:,} embedding rows will never be used; prepare the "
+              f"data with python data.py --vocab-size {model_cfg.vocab_size} (or use a model config with vocab_size "
+              f"{used})", file=sys.stderr)
+
+
 def prepare(model_cfg, cfg, resume, engine, overwrite=False):
     """Everything a run needs before its first step (the Run), from the configs, the data and, when
     resuming, the checkpoint."""
@@ -876,6 +888,7 @@ def prepare(model_cfg, cfg, resume, engine, overwrite=False):
     if base is not None and base.get("tokenizer") != data.tokenizer_spec:
         raise ConfigError(f"{cfg.data_dir} was tokenized with another tokenizer than the base {cfg.init_from}: "
                           f"rebuild it with python data.py sft --tokenizer {cfg.init_from}")
+    warn_unused_vocab(model_cfg, data, cfg, env, base)
     model, lora_base = build_model(model_cfg, cfg, env, base, ck, resume)
     del base
     autocast = (torch.autocast(env.device_type, dtype=getattr(torch, env.dtype), cache_enabled=not cfg.cuda_graph)
@@ -1039,6 +1052,9 @@ def load_configs(args, engine=TorchEngine):
     if not isinstance(raw, dict):
         raise ConfigError(f"{train_path}: expected a JSON object")
     overrides = parse_settings(args.set)
+    typos = {k: v for k, v in overrides.items() if k not in TrainConfig.__dataclass_fields__}
+    if typos:  # the key came from --set, not from the config file: name --set alone
+        dataclass_from_dict(TrainConfig, typos, f"--set {' '.join(args.set)}")
     where = f"{train_path} with --set {' '.join(args.set)}" if overrides else train_path  # where a bad key came from
     train_cfg = dataclass_from_dict(TrainConfig, {**raw, **overrides}, where)
     resume = engine.resume_path(args.resume, train_cfg.out_dir) if args.resume else None

@@ -261,6 +261,9 @@ static int *prompt_ids(const Nano *m, const char *text, size_t len, int instruct
         return NULL;
     }
     *n_ids = (int)nano_encode_prompt(m, text, len, instruct, ids, need);
+    int context = nano_config(m)->block_size;
+    if (*n_ids > context) /* nano_prefill keeps the most recent ids: say so, as infer.py does */
+        fprintf(stderr, "[prompt is %d tokens; only the last %d fit the context]\n", *n_ids, context);
     return ids;
 }
 
