@@ -140,3 +140,22 @@ def test_bad_deepspeed_batch_fields_fail_clearly(setup):
     r = subprocess.run([sys.executable, "train_ds.py", "--deepspeed_config", str(bad), "-m", str(setup / "model.json"),
                         "-t", train_json(setup, "bad")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "ds_config: train_batch_size is 7" in r.stderr
+
+
+def test_ddp_muon_takes_the_single_process_step(setup):
+    # (issue #34) every rank orthogonalises the all-reduced gradient itself: the run is the one-process run
+    one = run([sys.executable, "train.py", "-m", str(setup / "model.json"), "-t",
+               train_json(setup, "muon_single", optimizer="muon", lr_schedule="wsd")])
+    r = run(torchrun("train_ddp.py", "-m", str(setup / "model.json"), "-t",
+                     train_json(setup, "muon_ddp", optimizer="muon", lr_schedule="wsd")))
+    assert "world 2" in r.stdout and len(losses(r.stdout)) == 20
+    assert losses(r.stdout) == pytest.approx(losses(one.stdout), abs=1e-4)
+    assert_same_weights(weights(setup / "muon_ddp" / "last.pt"), weights(setup / "muon_single" / "last.pt"), atol=1e-5)
+
+
+def test_zero3_refuses_muon_in_one_line(setup):
+    r = subprocess.run([sys.executable, "train_ds.py", "--deepspeed_config", str(setup / "ds.json"), "-m",
+                        str(setup / "model.json"), "-t", train_json(setup, "muon_ds", optimizer="muon")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: optimizer muon orthogonalises whole matrices, which ZeRO-3 splits across ranks" in r.stderr
