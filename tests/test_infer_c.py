@@ -683,3 +683,135 @@ def test_cli_errors(engine, workdir):
     r = run(engine["release"], workdir / "ver.bin", "-t", "abc", check=False)
     assert r.returncode == 2 and b"bad or incomplete option" in r.stderr
     assert b"--dump-logits" in run(engine["release"], "--help").stdout
+
+
+# ---------------------------------------------------------------------------
+# llama2.c models (llama2c.py): the tokenizer section of kind 3
+
+
+LLAMA2C = ROOT.parent / "shared" / "data" / "llama2c"
+LLAMA2C_PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="session")
+def stories(workdir):
+    """stories260K (with tok512.bin beside it) exported as a 2026.11 fp32 file, and its checkpoint."""
+    import llama2c
+    if not (LLAMA2C / "stories260K.bin").exists():
+        pytest.fail(f"{LLAMA2C} is missing: the llama2.c tests need ../shared/data/llama2c/ (../shared/README.md)")
+    ck = llama2c.load_llama2c(LLAMA2C / "stories260K.bin")
+    path = workdir / "stories260K.fp32.bin"
+    export.write_model(str(path), ck, "fp32")
+    return path, ck
+
+
+def test_llama2c_model_continues_as_run_c(engine, stories):
+    """run.c's own output (-t 0 -n 200: 200 positions, the <s> and the prompt's tokens included)."""
+    from tokenizer import Llama2cTokenizer
+    path, ck = stories
+    golden = (LLAMA2C / "greedy_once_upon_a_time.txt").read_bytes()
+    n_new = 200 - (1 + len(Llama2cTokenizer(ck["tokenizer"]).encode(LLAMA2C_PROMPT))) + 1
+    for binary in (engine["release"], engine["asan"]):
+        r = run(binary, path, "-g", LLAMA2C_PROMPT, "-t", 0, "-n", n_new)
+        assert r.stdout == golden
+
+
+def test_llama2c_generation_stops_at_bos(engine, stories):
+    """run.c stops where the model writes <s> (the start of the next story); with --ignore-eos it goes on."""
+    path, _ = stories
+    stopped = run(engine["release"], path, "-g", "The end", "-t", 0, "-n", 500, "--print-ids").stdout.split()
+    going = run(engine["release"], path, "-g", "The end", "-t", 0, "-n", 500, "--print-ids", "--ignore-eos").stdout.split()
+    assert 0 < len(stopped) < len(going) and going[:len(stopped)] == stopped and going[len(stopped)] == b"1"
+
+
+def llama2c_texts(n, seed):
+    rng = random.Random(seed)
+    alphabet = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ.,!?;:'\"-\n\t0123456789") + list("éüßçñ☃€😀👍🏽你好Привет\u0301")
+    words = (LLAMA2C / "greedy_once_upon_a_time.txt").read_text().split(" ")
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))))
+        else:
+            k = rng.randint(0, len(words) - 1)
+            out.append(" ".join(words[k:k + rng.randint(1, 30)]))
+    return out + ["", " ", "\n", "<0x41>", "<s>", "\n<s>\n", "<unk>", "\ufffd", "x\x00y", "a" * 5000, MULTILINGUAL]
+
+
+def test_llama2c_tokenizer_ids_equal_python(engine, stories):
+    """nano_encode (libnano.so, in-process) gives Llama2cTokenizer's ids on 3,000+ texts and on invalid UTF-8;
+    the CLI under the sanitizers on a few; <0xNN> tokens print their byte."""
+    import ctypes
+    sys.path.insert(0, str(ENGINE_DIR))
+    from nanolib import NanoLib
+    from tokenizer import Llama2cTokenizer
+    path, ck = stories
+    tok = Llama2cTokenizer(ck["tokenizer"])
+    lib = NanoLib()
+    m = lib.load(path)
+    try:
+        texts = llama2c_texts(3000, 1)
+        bad = [t for t in texts if lib.encode(m, t.encode()) != tok.encode(t)]
+        assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:3]!r}"
+        raw = b"ok \xff\xfe \xe2\x82 \xed\xa0\x80 \xf0\x9f\x98 \xc0\xaf x\x00y \xf4\x90\x80\x80 end\xe4"
+        assert lib.encode(m, raw) == tok.encode(raw.decode("utf-8", errors="replace"))
+        for i in range(tok.vocab_size):  # token bytes: the pieces, <0xNN> as the byte itself
+            n = ctypes.c_size_t()
+            p = lib.lib.nano_token_text(m, i, ctypes.byref(n))
+            want = bytes([i - 3]) if 3 <= i < 259 else tok.tokens[i].encode()
+            assert ctypes.string_at(p, n.value) == want, i
+    finally:
+        lib.free(m)
+    for text in ("Once upon a time", "héllo ☃ 😀", ""):
+        r = run(engine["asan"], path, "--tokenize", text)
+        assert [int(t) for t in r.stdout.split()] == tok.encode(text)
+
+
+def test_llama2c_section_damage_is_one_line(engine, workdir, stories):
+    """Each field of the section made wrong (the CRC-32 recomputed, so the section's own checks must catch it):
+    one line and exit status 1 under the sanitizers."""
+    import struct
+    import zlib
+    path, _ = stories
+    data = path.read_bytes()
+    off = export.HEADER_SIZE
+    u32 = lambda at: struct.unpack_from("<I", data, at)[0]  # noqa: E731
+    n = u32(off + 4)
+    first = off + export.LLAMA2C_HEADER  # token 0's entry: f32 score, u32 length, "<unk>"
+
+    def entry(i):
+        p = first
+        for _ in range(i):
+            p += 8 + u32(p + 4)
+        return p
+
+    e300, e3, space = entry(300), entry(3), entry(410)
+    twin = next(entry(j) for j in range(301, n) if u32(entry(j) + 4) == u32(e300 + 4))  # as long as token 300
+    cases = [
+        (off + 8, struct.pack("<I", 2), "section version 2"),
+        (off + 12, struct.pack("<I", 9), "reserved field 9"),
+        (off + 4, struct.pack("<I", 100), "has 100 tokens"),
+        (off + 4, struct.pack("<I", n + 1), "has 513 tokens; expected 259 .. vocab_size (512)"),
+        (entry(n - 1) + 4, struct.pack("<I", 1000), "token 511 runs past the section's end"),
+        (off + 4, struct.pack("<I", n - 1), "bytes left after 511 tokens"),
+        (off + 16 + 8, struct.pack("<i", 9999), "special token id 9999 out of range"),
+        (e300, struct.pack("<f", float("nan")), "token 300's score is not a finite number"),
+        (e300 + 4, struct.pack("<I", 0), "token 300 is empty"),
+        (e300 + 4, struct.pack("<I", 0xFFFFFFFF), "token 300 runs past the section's end"),
+        (e3 + 8, b"<0x07>", "token 3 is not the byte token <0x00>"),
+        (twin + 8, data[e300 + 8:e300 + 8 + u32(e300 + 4)], "have the same text"),
+        (space + 8, b"_", "no \" \" token"),
+    ]
+    assert data[space + 8:space + 9] == b" " and u32(space + 4) == 1
+    for k, (at, patch, message) in enumerate(cases):
+        bad = bytearray(data)
+        bad[at:at + len(patch)] = patch
+        bad[export.CRC_OFFSET:export.CRC_OFFSET + 4] = bytes(4)
+        crc = zlib.crc32(bytes(bad[:export.HEADER_SIZE]), zlib.crc32(bytes(bad[export.HEADER_SIZE:])))
+        bad[export.CRC_OFFSET:export.CRC_OFFSET + 4] = struct.pack("<I", crc)
+        f = workdir / f"l2c_bad{k}.bin"
+        f.write_bytes(bad)
+        r = run(engine["asan"], f, "-g", "hi", "-n", 2, check=False)
+        err = r.stderr.decode().strip().splitlines()
+        assert r.returncode == 1 and len(err) == 1 and message in err[0], (message, r.stderr)
+
