@@ -42,14 +42,24 @@ def weights(path):
 def test_signals_at_random_moments_resume_bit_exactly(data_dir, tmp_path):
     # SIGINT (Ctrl-C) or SIGTERM at a random moment of a real run, then --resume: the final weights
     # equal those of a run never interrupted, bit for bit (the stop lands on a step boundary)
+    signals_resume_bit_exactly(data_dir, tmp_path, [signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM])
+
+
+def test_muon_with_wsd_resumes_bit_exactly_through_signals(data_dir, tmp_path):
+    # (issue #34) Muon's momentum buffers and warmup clock and the WSD schedule come back exactly too
+    signals_resume_bit_exactly(data_dir, tmp_path, [signal.SIGINT, signal.SIGTERM], optimizer="muon",
+                               lr_schedule="wsd", grad_accum=2)
+
+
+def signals_resume_bit_exactly(data_dir, tmp_path, signals, **train_kw):
     straight = tmp_path / "straight"
-    r = run_train(configs(tmp_path, data_dir, straight))
+    r = run_train(configs(tmp_path, data_dir, straight, **train_kw))
     assert r.returncode == 0, r.stderr
     reference = weights(straight / "last.pt")
     rnd = random.Random(os.getpid())
-    for i, sig in enumerate([signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM]):
+    for i, sig in enumerate(signals):
         out = tmp_path / f"run{i}"
-        p = subprocess.Popen([sys.executable, "train.py", *configs(tmp_path, data_dir, out)], cwd=ROOT,
+        p = subprocess.Popen([sys.executable, "train.py", *configs(tmp_path, data_dir, out, **train_kw)], cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         # the moment is chosen by the run's own progress, not by a clock (a fast machine finishes 60 steps
         # in under a second): once step `after` is logged, the signal lands wherever the run then is, in
