@@ -231,6 +231,14 @@ def task_requests(task):
     return out
 
 
+def framing_ids(tok, prompt_format=None):
+    """The tokens before a text: the model's own framing as infer.py frames a prompt (Nano: <|bos|>; a
+    Hugging Face model: what its tokenizer's pipeline puts first, Llama 3's <|begin_of_text|>), and
+    where that is nothing (Qwen2, a 2024.10 model), the end-of-text token, as lm-eval-harness does,
+    so that the text's first token is predicted too."""
+    return prompt_ids(tok, "", False, prompt_format) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+
+
 def encode_many(tok, texts):
     """tok.encode of each text, through the tokenizer's own batch call where it has one (the same ids,
     in its threads)."""
@@ -252,6 +260,7 @@ def encode_requests(tok, requests, prompt_format=None, chat=False):
         replies = encode_many(tok, [r[1].lstrip() for r in requests])
         return [context_ids[r[0]] + ids for r, ids in zip(requests, replies)], [len(ids) for ids in replies]
     prefix = prompt_ids(tok, "", False, prompt_format)  # <|bos|>, or what a Hugging Face pipeline puts first
+    fallback = framing_ids(tok, prompt_format)
     context_ids = dict(zip(unique, encode_many(tok, unique)))
     wholes = encode_many(tok, [r[0] + r[1] for r in requests])
     seqs, n_scored = [], []
@@ -260,9 +269,8 @@ def encode_requests(tok, requests, prompt_format=None, chat=False):
         if n <= 0:  # the boundary merge swallowed the continuation: score its own tokens
             whole = context_ids[context] + tok.encode(continuation)
             n = len(whole) - len(context_ids[context])
-        # something must come before the first scored token (lm-eval: the end-of-text token)
-        start = prefix if prefix or n < len(whole) else [tok.eos_id]
-        seqs.append(start + whole)
+        # something must come before the first scored token (an empty context)
+        seqs.append((prefix if prefix or n < len(whole) else fallback) + whole)
         n_scored.append(n)
     return seqs, n_scored
 
@@ -475,12 +483,14 @@ def text_file_ids(tok, path, prompt_format=None):
         raise EvalError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror or e}") from None
-    return prompt_ids(tok, text, False, prompt_format)
+    return framing_ids(tok, prompt_format) + tok.encode(text)
 
 
 def dataset_val_ids(tok, folder):
     """A data.py dataset's val.bin, after checking it is of the model's tokenizer."""
     from data import load_meta, load_tokens  # (data.py and its dependencies only when a dataset is asked for)
+    if not os.path.isfile(os.path.join(folder, "meta.json")):
+        raise EvalError(f"{folder} holds no meta.json: --bpb takes text files and dataset folders written by data.py")
     try:
         raw = read_json(os.path.join(folder, "meta.json"), "dataset meta", DataError)
         kind = raw.get("kind", "pretrain") if isinstance(raw, dict) else "pretrain"
