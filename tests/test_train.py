@@ -363,3 +363,15 @@ def test_tokens_seen_counts_the_training_window(data_dir, tmp_path):
         ck = load_checkpoint(str(out / "last.pt"))
         assert ck["tokens_seen"] == 6 * 8 * 2 * window
         assert all(abs(s["tokens_per_sec"] * s["ms_per_step"] / 1000 - 8 * 2 * window) < 1e-6 * window for s in stats)
+
+
+def test_the_fused_float8_head_is_refused_for_a_soft_capped_model(data_dir, tmp_path):
+    # (issue #34) speed.FusedLossHead computes the loss from uncapped logits: fp8 head / all would
+    # train another model than model.py's, so they are refused by name; fp8 blocks keeps model.py's head
+    for fp8 in ("head", "all"):
+        with pytest.raises(ConfigError, match=f"fp8 {fp8} computes the head and the loss in one step without the "
+                                              "model's logit_softcap"):
+            train(tiny_model(logit_softcap=10.0), tiny_train(data_dir, tmp_path, fp8=fp8, max_iters=2), quiet=True)
+    model = train(tiny_model(logit_softcap=10.0), tiny_train(data_dir, tmp_path / "blocks", fp8="blocks", max_iters=2,
+                                                             eval_interval=2), quiet=True)
+    assert type(model.head).__name__ == "OutputHead" and model.head.softcap == 10.0
