@@ -519,3 +519,29 @@ def test_server_sends_the_policy_to_the_worker_and_isolates(browser, server):
         assert not got["ran"] and {"script-src-elem", "connect-src"} <= set(got["seen"]), got
     finally:
         context.close()
+
+
+# ---------------------------------------------------------------------------
+# a llama2.c model (llama2c.py): its tokenizer (kind 3) in the page
+
+
+def test_llama2c_model_continues_as_run_c(page, cli, tmp_path):
+    """stories260K (Karpathy's llama2.c, with tok512.bin), exported: the page's greedy continuation is run.c's own
+    output (-t 0 -n 200: 200 positions, <s> and the prompt's tokens included), and it stops at <s> as run.c does."""
+    import llama2c
+    from tokenizer import Llama2cTokenizer
+    shared = ROOT.parent / "shared" / "data" / "llama2c"
+    if not (shared / "stories260K.bin").exists():
+        pytest.fail(f"{shared} is missing: the llama2.c tests need ../shared/data/llama2c/ (../shared/README.md)")
+    ck = llama2c.load_llama2c(shared / "stories260K.bin")
+    path = tmp_path / "stories260K.bin"
+    export.write_model(str(path), ck, "fp32")
+    load(page, path)
+    prompt = "Once upon a time"
+    golden = (shared / "greedy_once_upon_a_time.txt").read_text()
+    n_new = 200 - (1 + len(Llama2cTokenizer(ck["tokenizer"]).encode(prompt))) + 1
+    got = ask(page, prompt, mode="continue", max_new=n_new)
+    assert prompt + got["gen"] + "\n" == golden and got["reason"] == "max"
+    # "The end" ends its story after 378 tokens, where the model writes <s>: the page stops there, as the CLI does
+    got = ask(page, "The end", mode="continue", max_new=500)
+    assert got["reason"] == "eos" and got["gen"] == cli(path, "The end", mode="continue", n=500)
