@@ -494,3 +494,24 @@ def test_llama2c_import_with_a_tokenizer_given(tmp_path, ck):
     assert load_tokenizer(str(TOKENIZER)).to_dict() == ck["tokenizer"]  # data.py's --tokenizer tok512.bin
     with pytest.raises(TokenizerError, match="not a llama2.c tokenizer.bin"):
         load_tokenizer(str(MODEL))  # the model where its tokenizer belongs
+
+
+def test_serve_continues_a_llama2c_model(tok):
+    """serve.py on the model file: a completion is run.c's text, a chat is refused with a 400 that says why."""
+    import httpx
+    from test_serve import Server
+    golden = shared(GOLDEN).read_text()
+    server = Server(MODEL)
+    try:
+        r = httpx.post(server.url + "/v1/completions", timeout=120,
+                       json={"model": server.health().get("model", "nano"), "prompt": PROMPT, "max_tokens": 40,
+                             "temperature": 0})
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+        assert len(text) > 100 and golden.startswith(PROMPT + text)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={"model": server.health().get("model", "nano"), "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "no <|instruct_mark|>" in r.json()["error"]["message"]
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
