@@ -214,3 +214,18 @@ def test_resume_refuses_another_optimizer_or_schedule(data_dir, tmp_path):  # no
         other = tiny_train(data_dir, tmp_path, **{"optimizer": "muon", "max_iters": 20, key: value})
         with pytest.raises(ConfigError, match=f"{key} .* -> "):
             train(tiny_model(), other, resume=str(tmp_path / "last.pt"), quiet=True)
+
+
+def test_a_run_checkpointed_before_the_recipe_keys_existed_resumes(data_dir, tmp_path):  # noqa: F811
+    # a checkpoint written before issue #34 has no qk_norm, activation, zero_init or logit_softcap in its
+    # model_config: it trained today's model, their defaults, and resumes as it did
+    cfg = tiny_train(data_dir, tmp_path, max_iters=10)
+    train(tiny_model(), cfg, stop_at=5, quiet=True)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    for key in ("qk_norm", "activation", "zero_init", "logit_softcap"):
+        del ck["model_config"][key]
+    torch.save(ck, tmp_path / "last.pt")
+    train(tiny_model(), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 10
+    with pytest.raises(ConfigError, match="model config differs from the checkpoint's in qk_norm"):
+        train(tiny_model(qk_norm=True), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
