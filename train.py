@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch  # noqa: E402
@@ -201,8 +201,10 @@ def check_resume(ck, path, cfg, model_cfg):
     """Refuse to resume checkpoint ck with a model or train config that differs from its own in a key
     that is not SAFE_ON_RESUME; the message names each such key. (The data is checked by prepare:
     data_dir may move, but its tokens must be the same.)"""
-    if ck.get("model_config") != model_cfg.to_dict():
-        differ = sorted(k for k, v in model_cfg.to_dict().items() if ck.get("model_config", {}).get(k) != v)
+    # a checkpoint from before a model-config key existed trained with that key's default (issue #34's options)
+    saved_model = {**{f.name: f.default for f in fields(ModelConfig)}, **ck.get("model_config", {})}
+    if saved_model != model_cfg.to_dict():
+        differ = sorted(k for k, v in model_cfg.to_dict().items() if saved_model.get(k) != v)
         raise ConfigError(f"--resume {path}: the model config differs from the checkpoint's in {', '.join(differ)}: "
                           "resume without -m (the checkpoint's own model), or start a new run in another out_dir")
     saved, now = ck.get("train_config", {}), asdict(cfg)
