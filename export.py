@@ -123,16 +123,15 @@ def write_gguf(path, checkpoint, quant="fp32", adapter=None):
             raise ExportError(str(e)) from None
     cfg, sd, tokens, _ = load_checkpoint(ck)
     if isinstance(tokens, BPETokenizer):
-        vocab = gguf_export.gpt2_vocab(tokens, cfg.vocab_size)
+        vocab = gguf_export.gpt2_vocab(tokens, cfg.vocab_size, bos_first)
     elif isinstance(tokens, HFTokenizer):
         hf_bpe_section(tokens)
         pattern = _hf_pattern(json.loads(tokens.spec["json"]).get("pre_tokenizer"))
         vocab = gguf_export.hf_vocab(tokens, cfg.vocab_size, pattern, _hf_bos(tokens))
     elif isinstance(tokens, list):
-        vocab = gguf_export.trie_vocab(tokens, cfg.vocab_size)
+        vocab = gguf_export.trie_vocab(tokens, cfg.vocab_size, bos_first)
     else:
         raise ExportError(f"GGUF export: the {getattr(tokens, 'kind', type(tokens).__name__)} tokenizer has no GGUF form here")
-    vocab.add_bos = vocab.add_bos and bos_first
     return gguf_export.write_gguf(path, cfg, sd, vocab, quant)
 
 

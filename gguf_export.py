@@ -38,7 +38,9 @@ The tokenizers, and what cannot be carried over:
     `llama-bpe`, `qwen2`, `smollm`). Special-token strings in a prompt are special tokens when
     llama.cpp parses special tokens (llama-completion and llama-tokenize do by default). Like Nano's
     C engine, llama.cpp does not apply a tokenizer's NFC normalizer (Qwen2's).
-  * <|bos|> goes before every prompt where Nano puts it (add_bos_token), the end-of-generation tokens
+  * <|bos|> goes before every prompt where Nano puts it (add_bos_token; but llama.cpp never adds a BOS to an
+    rwkv vocabulary's text, so there a prompt starts with "<|bos|>" written out), Nano's chat framing is
+    the chat template (an imported model keeps its own), the end-of-generation tokens
     are Nano's (<|eos|>; an imported model's eos and end-of-turn tokens). llama.cpp also ends at any
     token spelled like an end-of-turn token of a known family (LLAMA_CPP_EOG_TEXTS): GPT-2's
     <|endoftext|>, for one, which Nano's engines generate through. write_gguf prints a note naming
@@ -71,6 +73,17 @@ LLAMA_CPP_EOG_TEXTS = frozenset([
     "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
     "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
     "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>"])
+
+
+# Nano's chat framing (data.chat_encode) as a chat template for llama.cpp's chat modes: each exchange is
+# <|instruct_mark|> question <|response_mark|> answer <|eos|>; a system message goes before the next
+# question, a blank line between. BOS_SLOT: "<|bos|>" where llama.cpp adds none itself (rwkv), else "".
+NANO_CHAT_TEMPLATE = (
+    "BOS_SLOT{%- set ns = namespace(system='') -%}{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{%- set ns.system = ns.system + m['content'] + '\n\n' -%}"
+    "{%- elif m['role'] == 'user' -%}{{- '<|instruct_mark|>' + ns.system + m['content'] + '<|response_mark|>' -}}"
+    "{%- set ns.system = '' -%}"
+    "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + '<|eos|>' -}}{%- endif -%}{%- endfor -%}")
 
 
 class GGUFExportError(NanoError):
@@ -112,8 +125,9 @@ def _special_crossings(tokens):
     return [t for t in tokens[len(SPECIAL_TOKENS):] if len(t) > 1 and crosses(t)]
 
 
-def trie_vocab(tok, n_vocab):
-    """Nano's trie tokenizer (tokenizer.TrieTokenizer, or its list of strings) as an rwkv vocabulary."""
+def trie_vocab(tok, n_vocab, bos_first=True):
+    """Nano's trie tokenizer (tokenizer.TrieTokenizer, or its list of strings) as an rwkv vocabulary.
+    bos_first: Nano puts <|bos|> before a prompt (all but models framed as 2024.10's engines did)."""
     tokens = list(getattr(tok, "tokens", tok))
     crossing = _special_crossings(tokens)
     if crossing:
@@ -131,8 +145,11 @@ def trie_vocab(tok, n_vocab):
         print(f"gguf: note: {', '.join(map(repr, traps))} starts Nano's special tokens but is not a token of this "
               "vocabulary: llama.cpp's rwkv tokenizer does not come back from a text with it outside a special "
               "token (Nano makes it <|unknown|>)", file=sys.stderr)
+    # (llama.cpp never puts a BOS before an rwkv vocabulary's text, add_bos_token or not: a prompt starts
+    # with "<|bos|>" written out, and the chat template writes it)
     return Vocab("rwkv", escaped, types, bos=ids["<|bos|>"], eos=ids["<|eos|>"], eot=ids["<|eos|>"],
-                 unk=ids["<|unknown|>"], pad=ids["<|padding|>"], add_bos=True, stop=[ids["<|eos|>"]])
+                 unk=ids["<|unknown|>"], pad=ids["<|padding|>"], add_bos=bos_first, stop=[ids["<|eos|>"]],
+                 template=NANO_CHAT_TEMPLATE.replace("BOS_SLOT", "<|bos|>" if bos_first else ""))
 
 
 def bpe_vocab(tokenizer_json, n_vocab, pre, bos, eos, eot=None, stop=(), pad=None, unk=None, template=None):
@@ -155,12 +172,14 @@ def bpe_vocab(tokenizer_json, n_vocab, pre, bos, eos, eot=None, stop=(), pad=Non
                  unk=unk, pad=pad, add_bos=bos is not None, stop=stop, template=template)
 
 
-def gpt2_vocab(tok, n_vocab):
+def gpt2_vocab(tok, n_vocab, bos_first=True):
     """Nano's GPT-2 BPE (tokenizer.BPETokenizer): GPT-2's vocabulary and merges as hf.tokenizer_files writes
     them into tokenizer.json, then Nano's special tokens; <|bos|> before every prompt, <|eos|> ends."""
     j = json.loads(tokenizer_files(tok)["tokenizer.json"])
-    return bpe_vocab(j, n_vocab, "gpt2", bos=tok.bos_id, eos=tok.eos_id, eot=tok.eos_id, stop=[tok.eos_id],
-                     pad=tok.pad_id, unk=tok.unk_id)
+    vocab = bpe_vocab(j, n_vocab, "gpt2", bos=tok.bos_id, eos=tok.eos_id, eot=tok.eos_id, stop=[tok.eos_id],
+                      pad=tok.pad_id, unk=tok.unk_id, template=NANO_CHAT_TEMPLATE.replace("BOS_SLOT", ""))
+    vocab.add_bos = bos_first
+    return vocab
 
 
 def hf_vocab(tok, n_vocab, pattern, bos):

@@ -48,14 +48,14 @@ fi
 cmake -S "$LLAMA" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=ON \
     "${CPU_FLAGS[@]}" -DGGML_OPENMP=ON -DGGML_BLAS=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON \
-    -DCMAKE_RUNTIME_OUTPUT_DIRECTORY="$OUT/bin" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$OUT/bin"
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_EXAMPLES=ON
 cmake --build "$OUT/build" --config Release -j "$JOBS" --target \
     llama-completion llama-tokenize llama-bench llama-eval-callback llama-simple
 
+# llama.cpp puts every binary and library in build/bin
+ln -sfn build/bin "$OUT/bin"
 rm -rf "$OUT/python"
 mkdir -p "$OUT/python"
 cp -r "$OUT/src/$NAME/llama_cpp" "$OUT/python/"
-BUILD_NUMBER="$(grep -m1 -o 'LLAMA_BUILD_NUMBER[^)]*' "$OUT/build/CMakeCache.txt" 2>/dev/null || true)"
-echo "$NAME ${BUILD_NUMBER} ${PORTABLE:+portable}${PORTABLE:-native}" > "$OUT/VERSION"
+echo "$NAME $([ -n "${PORTABLE:-}" ] && echo portable-avx2 || echo native)" > "$OUT/VERSION"
 echo "llama.cpp built: $OUT/bin"
