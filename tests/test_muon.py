@@ -229,3 +229,27 @@ def test_a_run_checkpointed_before_the_recipe_keys_existed_resumes(data_dir, tmp
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 10
     with pytest.raises(ConfigError, match="model config differs from the checkpoint's in qk_norm"):
         train(tiny_model(qk_norm=True), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_muon_in_a_cuda_graph_follows_the_eager_curve_and_resumes(data_dir, tmp_path, compile):  # noqa: F811
+    # the captured step reads the learning-rate tensors set_lr fills and Muon's on-device warmup clock
+    curves = {}
+    for graph in (False, True):
+        stats = []
+        cfg = tiny_train(data_dir, tmp_path / f"g{graph}", device="cuda", dtype="float32", max_iters=30, log_interval=1,
+                         eval_interval=15, grad_accum=2, cuda_graph=graph, compile=compile, optimizer="muon",
+                         lr_schedule="wsd")
+        train(tiny_model(), cfg, quiet=True, stats=stats)
+        curves[graph] = torch.tensor([s["loss"] for s in stats])
+    assert curves[True][-1] < 0.7 * curves[True][0]
+    torch.testing.assert_close(curves[True], curves[False], rtol=2e-3, atol=2e-3)
+    cfg = tiny_train(data_dir, tmp_path / "resume", device="cuda", dtype="bfloat16", max_iters=30, cuda_graph=True,
+                     compile=compile, optimizer="muon")
+    train(tiny_model(), cfg, stop_at=15, quiet=True)
+    train(tiny_model(), cfg, resume=str(tmp_path / "resume" / "last.pt"), quiet=True)
+    assert load_checkpoint(str(tmp_path / "resume" / "last.pt"))["step"] == 30
