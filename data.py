@@ -233,7 +233,10 @@ def _encode_piece(piece):
     text, first, last = piece
     tok, dtype = _WORKER
     # (a tokenizer imported from Hugging Face may have no bos: Qwen2's documents are only ended)
-    ids = ([tok.bos_id] if first and tok.bos_id is not None else []) + tok.encode(text) + \
+    # (llama2.c's tokenizer puts a space before a text, SentencePiece's "dummy prefix": before a document,
+    # not before the later pieces of a long one)
+    body = tok.encode(text) if first or tok.kind != "llama2c" else tok.encode(text, dummy_prefix=False)
+    ids = ([tok.bos_id] if first and tok.bos_id is not None else []) + body + \
         ([tok.eos_id] if last and tok.eos_id is not None else [])
     return np.array(ids, dtype=dtype), len(text.encode("utf-8"))
 

@@ -314,17 +314,40 @@ class Llama2cTokenizer:
             raise TokenizerError("llama2.c tokenizer: no ' ' token (the space put before the text)")
         self.tokens, self.scores = tokens, [_float32(x) for x in scores]
         self.vocab_size = len(tokens)
+        # Speed: where no token holds a space after another character (SentencePiece's pieces have their
+        # space in front), no join reaches across the start of a run of spaces that follows other text.
+        # So a text's words (spaces, then the rest up to the next space) merge apart to the ids of the
+        # whole, and a word seen before is looked up (run.c's rule, about 10x faster on prose).
+        self._words = None if any(re.search("[^ ] ", t) for t in tokens) else re.compile(" *[^ ]+| +")
+        self._cache = {}
 
-    def encode(self, text):
+    def encode(self, text, dummy_prefix=True):
+        """run.c's ids for `text`; dummy_prefix=False: without the space in front (a text that continues
+        one encoded before it, as data.py's pieces of a long document do)."""
         if not text:
             return []
         # text as the C engine sees it: ill-formed UTF-8 (here: lone surrogates) becomes U+FFFD
         text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-        ids = [self.piece_id[" "]]
+        text = " " + text if dummy_prefix else text
+        if self._words is None:
+            return self._merge(self._start(text))
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        ids = []
+        for word in self._words.findall(text):
+            done = self._cache.get(word)
+            if done is None:
+                done = self._cache[word] = self._merge(self._start(word))
+            ids += done
+        return ids
+
+    def _start(self, text):
+        """The ids before any join: each character's token, or its bytes' tokens (byte fallback)."""
+        ids = []
         for ch in text:
             i = self.piece_id.get(ch)
             ids.extend([i] if i is not None else [LLAMA2C_BYTE0 + b for b in ch.encode("utf-8")])
-        return self._merge(ids)
+        return ids
 
     def _merge(self, ids):
         """run.c's merge loop (best score first, leftmost on a tie) through a heap of candidate pairs

@@ -178,6 +178,10 @@ def test_merges_follow_scores_leftmost_first():
     assert names("ccc") == [" ", "cc", "c"]  # "ccc" scores -1e10: never made
     assert names("abcc") == [" ", "abc", "c"]
     assert names("é") == [" ", "<0xC3>", "<0xA9>"]  # byte fallback
+    # a token that holds a space after a letter: joins reach across words (encode then merges the text whole)
+    across = Llama2cTokenizer({"tokens": pieces + ["a ", "a b"], "scores": scores + [-0.5, -0.1]})
+    assert [across.tokens[i] for i in across.encode("ca b")] == [" ", "c", "a b"]
+    assert [tok.tokens[i] for i in tok.encode("ca b")] == [" ", "c", "a", " ", "b"]
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +276,13 @@ def test_lora_and_sft_start_from_a_llama2c_model(tmp_path, tok):
             return model.eval()(windows[:, :-1], windows[:, 1:])[1].item()
 
     before = loss(model_from_checkpoint(hf.load_checkpoint(str(MODEL))))
+    # a document longer than data.py's pieces (about 1M characters): the same ids as the whole, one space in front
+    long_doc = " ".join(stories) * (2 ** 20 // len(" ".join(stories)) + 2)
+    (tmp_path / "long.txt").write_text(long_doc)
+    prepare_pretrain([str(tmp_path / "long.txt")], str(tmp_path / "long"), tokenizer=str(TOKENIZER), val_ratio=0.0,
+                     workers=1, progress=False)
+    got = np.fromfile(tmp_path / "long" / "train.bin", dtype=np.uint16).tolist()
+    assert got == [tok.bos_id] + tok.encode(long_doc) + [tok.eos_id]
     for mode in ("lora", "sft"):
         cfg = TrainConfig(mode=mode, init_from=str(MODEL), data_dir=str(tmp_path / "data"), out_dir=str(tmp_path / mode),
                           batch_size=4, max_iters=15, learning_rate=3e-3, warmup_iters=1, eval_interval=15,
