@@ -324,9 +324,12 @@ def setup_env(cfg):
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
-    if cfg.grad_accum % world:
+    if cfg.grad_accum % world:  # each rank takes whole micro-batches of the step (next_batches)
+        same = (f"--set batch_size={cfg.batch_size // world} grad_accum={cfg.grad_accum * world} keeps the batch "
+                f"of one process ({cfg.batch_size * cfg.grad_accum} sequences a step); " if cfg.batch_size % world == 0 else "")
         raise ConfigError(f"train config: grad_accum ({cfg.grad_accum}) must be a multiple of the number of "
-                          f"processes ({world}): set --set grad_accum={world} (or a multiple of it)")
+                          f"processes ({world}), which share each step's micro-batches: {same}--set "
+                          f"grad_accum={world * cfg.grad_accum} makes the batch {world} times larger")
     env = Env(rank, local_rank, world, device, pick_dtype(cfg.dtype, device))
     torch.manual_seed(cfg.seed + rank)  # dropout differs per rank; data sampling is shared (the sampler)
     if env.device_type == "cuda":

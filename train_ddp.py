@@ -1,7 +1,8 @@
 """
 Data-parallel training with PyTorch DDP: the same loop as train.py, one process per device.
 
-    torchrun --standalone --nproc_per_node 2 train_ddp.py -m config/model.json -t config/pretrain.json
+    torchrun --standalone --nproc_per_node 2 train_ddp.py -m config/model.json -t config/pretrain.json \\
+             --set batch_size=8 grad_accum=2 out_dir=checkpoint/pretrain_ddp
 
 Across machines (run on each, node_rank 0..N-1; the master's address must be reachable):
 
@@ -24,6 +25,7 @@ import train
 if __name__ == "__main__":
     if "RANK" not in os.environ:
         print("train_ddp.py runs under torchrun, e.g.: torchrun --standalone --nproc_per_node 2 train_ddp.py "
-              "-m config/model.json -t config/pretrain.json (or use train.py for one process)", file=sys.stderr)
+              "-m config/model.json -t config/pretrain.json --set batch_size=8 grad_accum=2 out_dir=checkpoint/pretrain_ddp "
+              "(or use train.py for one process)", file=sys.stderr)
         sys.exit(2)
     train.main()
