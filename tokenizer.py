@@ -317,7 +317,7 @@ class Llama2cTokenizer:
         # Speed: where no token holds a space after another character (SentencePiece's pieces have their
         # space in front), no join reaches across the start of a run of spaces that follows other text.
         # So a text's words (spaces, then the rest up to the next space) merge apart to the ids of the
-        # whole, and a word seen before is looked up (run.c's rule, about 10x faster on prose).
+        # whole, and a word seen before is looked up (bench/bench_llama2c_tokenizer.py).
         self._words = None if any(re.search("[^ ] ", t) for t in tokens) else re.compile(" *[^ ]+| +")
         self._cache = {}
 
