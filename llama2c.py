@@ -180,6 +180,20 @@ def load_llama2c(path, tokenizer=None):
             "tokenizer": tok.to_dict(), "imported_from": os.path.abspath(path)}
 
 
+SENTENCEPIECE_NAMES = {0: "<unk>", 1: "<s>", 2: "</s>"}  # tokenizer.bin writes "\n<s>\n" and "\n</s>\n"
+
+
+def sentencepiece_pieces(tok):
+    """The tokens of a tokenizer.Llama2cTokenizer as SentencePiece spells them, the form the Llama tokenizers of
+    Hugging Face and of llama.cpp (GGUF's "llama" vocabulary, with the scores and add_space_prefix) read: a
+    space is U+2581 again, ids 0-2 are <unk>, <s> and </s>. ConfigError if that makes two tokens alike."""
+    pieces = [SENTENCEPIECE_NAMES.get(i, t.replace(" ", "\u2581")) for i, t in enumerate(tok.tokens)]
+    if len(set(pieces)) != len(pieces):
+        raise ConfigError("the llama2.c tokenizer has a token spelled <unk>, <s> or </s> (or with U+2581) besides "
+                          "ids 0-2: it has no SentencePiece form")
+    return pieces
+
+
 def hf_tokenizer_files(tok):
     """{file name: text or dict}: tokenizer.json and tokenizer_config.json for a tokenizer.Llama2cTokenizer, in
     the form of Llama 2's own (a SentencePiece BPE with byte fallback, as transformers' converter writes it):
@@ -191,12 +205,9 @@ def hf_tokenizer_files(tok):
     left: the library takes "<unk>", "<s>" and "</s>" in a text for those tokens (as Llama 2's own Hugging
     Face tokenizer does), where run.c spells them out like any other text."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
-    names = {tok.unk_id: "<unk>", tok.bos_id: "<s>", tok.eos_id: "</s>"}
-    pieces = [names.get(i, t.replace(" ", "\u2581")) for i, t in enumerate(tok.tokens)]
+    pieces = sentencepiece_pieces(tok)
     vocab = {p: i for i, p in enumerate(pieces)}
-    if len(vocab) != len(pieces):
-        raise ConfigError("the llama2.c tokenizer has a token spelled <unk>, <s> or </s> besides ids 0-2: it has no "
-                          "Hugging Face form")
+    names = {i: pieces[i] for i in SENTENCEPIECE_NAMES}
     merges = []
     for i, p in enumerate(pieces):
         if i in names or tok.scores[i] <= LLAMA2C_NO_MERGE:
