@@ -828,6 +828,7 @@ typedef struct {
     int32_t byte_id[256]; /* the token of each single byte */
     /* llama2.c (section 4c; its merge ranks in rank, its texts in map) */
     int space_id;          /* the " " token put before the text */
+    int l2c_words;         /* no token holds a space after another byte: words merge apart (l2c_encode) */
     uint8_t raw_byte[256]; /* raw_byte[b] = b: what the byte token <0xNN> decodes to */
     uint8_t joins[8192];  /* bit a << 8 | b: some token holds byte a then byte b (a merge can join them) */
     int32_t *special;     /* special token ids, sorted by first byte */
@@ -2254,6 +2255,10 @@ static int l2c_build(Nano *m, size_t off, size_t size, char *err)
         while (t->map[slot].id1) slot = (slot + 1) & t->map_mask;
         t->map[slot] = (BpeSlot){(uint32_t)h, (uint32_t)i + 1, t->rank[i], (uint32_t)len};
     }
+    t->l2c_words = 1;
+    for (size_t i = 0; i < n; i++)
+        for (size_t k = t->text_off[i] + 1; k < t->text_off[i + 1]; k++)
+            if (t->text[k] == ' ' && t->text[k - 1] != ' ') t->l2c_words = 0;
     const BpeSlot *space = map_find(t, (const uint8_t *)" ", 1);
     if (!space) return errf(err, "llama2.c tokenizer: no \" \" token (the space put before the text)");
     t->space_id = (int)space->id1 - 1;
@@ -2280,6 +2285,12 @@ static void l2c_add(const Tokenizer *t, L2cParts *p, int tok)
     p->n += len;
 }
 
+/* a word of l2c_encode's: where a space follows another byte, unless the tokenizer joins across it */
+static int l2c_cut(const Tokenizer *t, const uint8_t *s, size_t i) { return t->l2c_words && s[i] == ' ' && s[i - 1] != ' '; }
+
+/* Where no token holds a space after another byte (SentencePiece's pieces have theirs in front), no join
+ * reaches across the start of a run of spaces that follows other text: the words merge apart to the ids
+ * of the whole, in memory bounded by the longest word (as Llama2cTokenizer.encode does). */
 static size_t l2c_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
 {
     if (len == 0) return 0; /* no dummy prefix either */
@@ -2294,19 +2305,28 @@ static size_t l2c_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
     Ids o = {ids, max_ids, 0};
     Scratch w = {NULL, 0, NULL, 0};
     L2cParts p = {NULL, NULL, NULL, NULL, 0, 0};
-    size_t cap = len < ((size_t)-1 - 1) / 6 ? 6 * len + 1 : 0; /* " ", then at most 6 bytes (<0xNN>) a byte */
+    size_t longest = 0;
+    for (size_t a = 0, i = 1; i <= len; i++)
+        if (i == len || l2c_cut(t, s, i)) {
+            longest = i - a > longest ? i - a : longest;
+            a = i;
+        }
+    size_t cap = longest < ((size_t)-1 - 1) / 6 ? 6 * longest + 1 : 0; /* " ", then at most 6 bytes a byte */
     int bad = !cap || !(p.str = malloc(cap)) || parts_alloc(&w, cap, &p.next, &p.prev, &p.id);
-    if (!bad) {
-        l2c_add(t, &p, t->space_id);
-        for (size_t i = 0, k; i < len; i += k) { /* a character's token, else its bytes' tokens */
+    for (size_t a = 0, i = 1; !bad && i <= len; i++) {
+        if (i < len && !l2c_cut(t, s, i)) continue;
+        p.n = p.last = 0;
+        if (a == 0) l2c_add(t, &p, t->space_id);
+        for (size_t j = a, k; j < i; j += k) { /* a character's token, else its bytes' tokens */
             uint32_t cp;
-            k = utf8_next(s + i, len - i, &cp);
-            const BpeSlot *e = map_find(t, s + i, k);
+            k = utf8_next(s + j, i - j, &cp);
+            const BpeSlot *e = map_find(t, s + j, k);
             if (e) l2c_add(t, &p, (int)e->id1 - 1);
             else
-                for (size_t j = 0; j < k; j++) l2c_add(t, &p, L2C_BYTE0 + s[i + j]);
+                for (size_t b = 0; b < k; b++) l2c_add(t, &p, L2C_BYTE0 + s[j + b]);
         }
         bad = merge_parts(t, p.str, p.n, &w, &o, p.next, p.prev, p.id);
+        a = i;
     }
     free(w.mem);
     free(w.heap);
