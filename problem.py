@@ -55,6 +55,7 @@ PROCESS_START = time.time()  # the wall time reported runs from here to the fina
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data import dtype_for_vocab
 from files import ConfigError, NanoError
@@ -381,6 +382,7 @@ def predict(model, task, tok, questions, batch_size=1000):
     for i, p in enumerate(encoded):
         by_len[len(p)].append(i)
     answers = [None] * len(questions)
+    progress = tqdm(total=len(questions), desc="evaluating", unit=" questions", leave=False, mininterval=2)  # with an ETA
     for length, idx in by_len.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
@@ -394,6 +396,8 @@ def predict(model, task, tok, questions, batch_size=1000):
                 outs = model.one_pass(x)[:, length:length + n_ans].tolist()
             for i, out in zip(chunk, outs):
                 answers[i] = task.answer_from_target(tok.decode(out))
+            progress.update(len(chunk))
+    progress.close()
     return answers
 
 
