@@ -32,7 +32,8 @@ The tokenizers, and what cannot be carried over:
     one <|unknown|> of each character, llama.cpp one <|unknown|> of each UTF-8 byte when the byte
     starts no token, and when the character's first bytes do start a token (another character with
     the same lead bytes, or '<' of the special tokens where '<' is not itself a token) its
-    tokenizer does not find its way out of the trie (it goes back to the text's start).
+    tokenizer loops forever (it finds no token there and starts again from the text's beginning).
+    Nano's default corpus has no '<', so "a < b" hangs llama.cpp with such a vocabulary.
   * GPT-2 BPE (Nano's `bpe`) and byte-level BPE tokenizers of imported Hugging Face models are
     llama.cpp's `gpt2` vocabulary with their merges and the pre-tokenizer's llama.cpp name (`gpt-2`,
     `llama-bpe`, `qwen2`, `smollm`). Special-token strings in a prompt are special tokens when
@@ -143,7 +144,7 @@ def trie_vocab(tok, n_vocab, bos_first=True):
     traps = sorted({s[0] for s in SPECIAL_TOKENS} - set(tokens))
     if traps:
         print(f"gguf: note: {', '.join(map(repr, traps))} starts Nano's special tokens but is not a token of this "
-              "vocabulary: llama.cpp's rwkv tokenizer does not come back from a text with it outside a special "
+              "vocabulary: llama.cpp's rwkv tokenizer loops forever on a text with a '<' that starts no special "
               "token (Nano makes it <|unknown|>)", file=sys.stderr)
     # (llama.cpp never puts a BOS before an rwkv vocabulary's text, add_bos_token or not: a prompt starts
     # with "<|bos|>" written out, and the chat template writes it)

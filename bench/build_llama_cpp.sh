@@ -57,5 +57,6 @@ ln -sfn build/bin "$OUT/bin"
 rm -rf "$OUT/python"
 mkdir -p "$OUT/python"
 cp -r "$OUT/src/$NAME/llama_cpp" "$OUT/python/"
+"$PYTHON" -m pip install diskcache  # the bindings' one dependency that Nano's requirements lack
 echo "$NAME $([ -n "${PORTABLE:-}" ] && echo portable-avx2 || echo native)" > "$OUT/VERSION"
 echo "llama.cpp built: $OUT/bin"
