@@ -128,6 +128,8 @@ def write_gguf(path, checkpoint, quant="fp32", adapter=None):
         hf_bpe_section(tokens)
         pattern = _hf_pattern(json.loads(tokens.spec["json"]).get("pre_tokenizer"))
         vocab = gguf_export.hf_vocab(tokens, cfg.vocab_size, pattern, _hf_bos(tokens))
+    elif isinstance(tokens, Llama2cTokenizer):
+        vocab = gguf_export.llama2c_vocab(tokens, cfg.vocab_size)
     elif isinstance(tokens, list):
         vocab = gguf_export.trie_vocab(tokens, cfg.vocab_size, bos_first)
     else:

@@ -62,7 +62,7 @@ import torch
 
 from files import NanoError
 from hf import pairs_to_halves, tokenizer_files
-from tokenizer import CHAT_TURN_END, SPECIAL_TOKENS
+from tokenizer import CHAT_TURN_END, LLAMA2C_BYTE0, LLAMA2C_NO_MERGE, SPECIAL_TOKENS
 
 GGUF_QUANTS = {"fp32": "F32", "f16": "F16", "q8": "Q8_0"}  # --quant -> the GGUF type of the matrices
 Q8_0_BLOCK = 32  # weights per q8_0 block (llama.cpp's QK8_0)
@@ -201,6 +201,26 @@ def hf_vocab(tok, n_vocab, pattern, bos):
                      template=tok.spec.get("template"))
 
 
+def llama2c_vocab(tok, n_vocab):
+    """A llama2.c model's tokenizer (tokenizer.Llama2cTokenizer: SentencePiece pieces with scores) as llama.cpp's
+    `llama` (SentencePiece) vocabulary, as its own convert-llama2c-to-ggml writes it: spaces spelled U+2581,
+    the scores, <0xNN> byte tokens, a space put before the text (add_space_prefix, run.c's dummy prefix),
+    <s> first; generation ends at </s> and at <s> (run.c's stop, which begins the next story)."""
+    if any(sc <= LLAMA2C_NO_MERGE for sc in tok.scores):
+        raise GGUFExportError(f"llama2.c tokenizer: a score at or below {LLAMA2C_NO_MERGE:g}, which run.c never merges "
+                              "and llama.cpp would")
+    n = len(tok.tokens)
+    tokens = [t.replace(" ", "\u2581") for t in tok.tokens] + [f"[PAD{i}]" for i in range(n, n_vocab)]
+    types = [gguf.TokenType.NORMAL] * n + [gguf.TokenType.UNUSED] * (n_vocab - n)
+    types[tok.unk_id] = gguf.TokenType.UNKNOWN
+    types[tok.bos_id] = types[tok.eos_id] = gguf.TokenType.CONTROL
+    types[LLAMA2C_BYTE0:LLAMA2C_BYTE0 + 256] = [gguf.TokenType.BYTE] * 256
+    vocab = Vocab("llama", tokens, types, bos=tok.bos_id, eos=tok.eos_id, eot=tok.bos_id, unk=tok.unk_id,
+                  add_bos=True, stop=tok.stop_ids)
+    vocab.scores = list(tok.scores) + [-1e9] * (n_vocab - n)  # (placeholders: below every piece, never merged to)
+    return vocab
+
+
 def check_stops(vocab):
     """Nano's stop tokens against the ones llama.cpp will have: eos, eot and every token spelled like a
     known family's end of turn (LLAMA_CPP_EOG_TEXTS). A stop of Nano's missing there is refused; one
@@ -313,6 +333,9 @@ def write_gguf(path, cfg, sd, vocab, quant="fp32", name="nano"):
         w.add_token_types([int(t) for t in vocab.types])
         if vocab.merges is not None:
             w.add_token_merges(vocab.merges)
+        if vocab.model == "llama":  # SentencePiece: scores rank the merges, a space goes before the text
+            w.add_token_scores(vocab.scores)
+            w.add_add_space_prefix(True)
         for add, i in ((w.add_bos_token_id, vocab.bos), (w.add_eos_token_id, vocab.eos), (w.add_eot_token_id, vocab.eot),
                        (w.add_unk_token_id, vocab.unk), (w.add_pad_token_id, vocab.pad)):
             if i is not None:

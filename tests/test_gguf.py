@@ -25,7 +25,7 @@ import gguf_export
 import hf
 from hf import halves_to_pairs
 from model import ModelConfig, Transformer, model_from_checkpoint
-from tokenizer import SPECIAL_TOKENS, BPETokenizer, TrieTokenizer, _gpt2_files
+from tokenizer import SPECIAL_TOKENS, BPETokenizer, TrieTokenizer, _gpt2_files, tokenizer_from_dict
 from test_hf import make_hf_model
 
 TEXTS = ["In the beginning God created the heavens and the earth.", "And God said, Let there be light",
@@ -362,3 +362,33 @@ def test_chat_template_frames_as_nano_does(tmp_path, trie):
             text = jinja2.Environment().from_string(meta["tokenizer.chat_template"]).render(messages=conversation)
             added = [tok.bos_id] if meta["tokenizer.ggml.add_bos_token"] and tok.kind == "bpe" else []
             assert added + tok.encode(text) == chat_encode(tok, conversation, bos=framing is None)[0], (tok.kind, framing)
+
+
+STORIES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "llama2c",
+                       "stories260K.bin")
+
+
+def test_llama2c_model_as_llama_cpps_sentencepiece_vocabulary(tmp_path):
+    """stories260K (llama2.c) as llama.cpp's `llama` vocabulary: pieces with U+2581 for spaces, run.c's
+    scores, byte tokens, the dummy-prefix space; transformers builds its tokenizer from those keys and
+    gives run.c's ids (Llama2cTokenizer's), and computes the model's logits from the tensors."""
+    assert os.path.exists(STORIES), f"{STORIES} is missing: the shared data (../shared/data/llama2c) is needed"
+    ck = hf.load_checkpoint(STORIES)
+    tok = tokenizer_from_dict(ck["tokenizer"])
+    path = export_gguf(tmp_path, ck, name="stories260K")
+    reader = check_tensors(path, ck, "fp32", "llama")
+    meta = fields(reader)
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    assert meta["tokenizer.ggml.tokens"] == [t.replace(" ", "\u2581") for t in tok.tokens]
+    assert meta["tokenizer.ggml.scores"] == pytest.approx(tok.scores, rel=0, abs=0)
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
+    assert (meta["tokenizer.ggml.bos_token_id"], meta["tokenizer.ggml.eos_token_id"],
+            meta["tokenizer.ggml.eot_token_id"], meta["tokenizer.ggml.add_bos_token"]) == (1, 2, 1, True)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path))
+    for text in ["Once upon a time", "Lily said, \"Hello!\" and ran.", "café 你好 😀", "two  spaces"]:
+        assert theirs(text)["input_ids"] == [tok.bos_id] + tok.encode(text), text
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=os.path.basename(path)).eval()
+    ids = torch.tensor([[tok.bos_id] + tok.encode("Once upon a time, there was a little girl")])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, model_from_checkpoint(ck).eval()(ids)[0], atol=2e-5, rtol=0)
