@@ -5,9 +5,10 @@
  * this file for one reason: its kernel table (g_rows_f32, g_wsum, g_q8_256: the runtime dispatch
  * of section 2) is static, and nano.c has kernels for x86 only, so under wasm it would run its
  * scalar ones. The SIMD128 kernels below plug into that table; everything else (loading and
- * validation, tokenizer, forward pass, sampler, LoRA) is nano.c's code, with two libm calls
- * inlined (below). Should nano.c gain a wasm_simd128.h path of its own, this file goes back to
- * linking it.
+ * validation, tokenizer, forward pass, sampler, LoRA) is nano.c's code; the prompt's matrix
+ * products (nano.c's generic kernel for CPUs without matrix-matrix ones) run the SIMD128 row
+ * kernels over tiles of rows. Should nano.c gain a wasm_simd128.h path of its own, this file goes
+ * back to linking it.
  *
  * The rest adapts nano.h to what JavaScript can call through WebAssembly: i32/f32/f64
  * arguments, pointers as offsets into the linear memory, strings as UTF-8 bytes (never UTF-16:
@@ -22,26 +23,7 @@
  * loaders (fopen) included, which keeps the WASI imports to three stubs (fd_write, fd_seek,
  * fd_close: stdio's, never called).
  */
-/* Two libm calls in nano.c's activation quantizer (Q8) cost a function call per element under
- * wasm, where roundf (half away from zero) and fmaxf (NaN-ignoring) have no instruction of their
- * own: ~10% of a Q8 token. The inline roundf returns the same value for every input (NaN,
- * infinities, signed zeros included); the inline fmaxf too, except which zero fmaxf(+0, -0)
- * gives, which C leaves open and which cannot arise there (its arguments are +0 and |x|).
- * <math.h> comes first so that nano.c's own #include of it cannot undo the macros. */
-#include <math.h>
-static inline float wasm_roundf(float v)
-{
-    float t = __builtin_truncf(v); /* v - t is exact: |v| < 2^23, or t == v */
-    return __builtin_fabsf(v - t) >= 0.5f ? t + __builtin_copysignf(1.0f, v) : t;
-}
-static inline float wasm_fmaxf(float a, float b) { return a > b || b != b ? a : b; }
-#define roundf(x) wasm_roundf(x)
-#define fmaxf(a, b) wasm_fmaxf(a, b)
-
 #include "../infer_c/nano.c"
-
-#undef roundf
-#undef fmaxf
 
 #include <wasm_simd128.h>
 
@@ -259,6 +241,8 @@ int EXPORT(wa_token_len)(void) { return (int)g_tok_len; }
 void EXPORT(wa_reset)(WModel *w) { nano_reset(w->m); }
 int EXPORT(wa_feed)(WModel *w, int token) { return nano_feed(w->m, token); }
 int EXPORT(wa_prefill)(WModel *w, const int *ids, int n) { return nano_prefill(w->m, ids, n); }
+/* n ids appended as one batch (nano_feed_batch): the page's prefill, a slice at a time */
+int EXPORT(wa_feed_batch)(WModel *w, const int *ids, int n) { return nano_feed_batch(w->m, ids, n, NULL); }
 int EXPORT(wa_context_len)(const WModel *w) { return nano_context_len(w->m); }
 int EXPORT(wa_sample)(WModel *w) { return nano_sample(w->m, &w->sampler); }
 /* 1 where generation ends at this token (nano_is_stop: <|eos|>, and llama2.c models' <s>) */

@@ -28,6 +28,7 @@
 
 const NANO_OK = 0;
 const VERIFY = 1; // check the CRC-32 of 2026.11 files: cheap next to reading them
+const PREFILL_SLICE = 64; // prompt tokens per wa_feed_batch: one batch of the engine (nano.c, PREFILL_ROWS)
 
 let E = null;               // the wasm exports
 let model = 0, adapter = 0; // WModel* / WLora* (0: none)
@@ -284,26 +285,32 @@ async function generate({id, text, mode, settings}) {
     const start = Math.max(0, ids.length - block); // nano_prefill keeps the end of a long prompt
     post({type: 'prompt', id, text: decode(textIds), tokens: ids.length, kept: ids.length - start});
 
-    // nano_prefill(), one token at a time so that progress shows and Stop works
+    // nano_prefill(), as batches of PREFILL_SLICE tokens (wa_feed_batch) so that progress shows and Stop works
     const t0 = performance.now();
     let slice = t0, reason = 'max';
     E.wa_reset(model);
-    for (let i = start; i < ids.length; i++) {
-        if (E.wa_feed(model, ids[i]) !== NANO_OK) {
+    const ip = ptr(E.wa_malloc(4 * PREFILL_SLICE));
+    for (let i = start; i < ids.length; i += PREFILL_SLICE) {
+        const part = ids.slice(i, i + PREFILL_SLICE);
+        if (ip) new Int32Array(E.memory.buffer, ip, part.length).set(part);
+        if (!ip || E.wa_feed_batch(model, ip, part.length) !== NANO_OK) {
+            if (ip) E.wa_free(ip);
             post({type: 'error', kind: 'generate', message: 'the forward pass failed on the prompt'});
             post({type: 'done', id, tokens: 0, tok_s: 0, prefill_tok_s: 0, reason: 'error', seed});
             return;
         }
         if (performance.now() - slice > 25) {
-            post({type: 'progress', id, done: i + 1 - start, total: ids.length - start});
+            post({type: 'progress', id, done: i + part.length - start, total: ids.length - start});
             await yieldToEvents();
             slice = performance.now();
             if (stopId === id) {
+                E.wa_free(ip);
                 post({type: 'done', id, tokens: 0, tok_s: 0, prefill_tok_s: 0, reason: 'stopped', seed});
                 return;
             }
         }
     }
+    E.wa_free(ip);
     const t1 = performance.now();
     post({type: 'progress', id, done: ids.length - start, total: ids.length - start});
 

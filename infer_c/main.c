@@ -51,6 +51,8 @@ static void usage(FILE *f)
             "  --ids 2,17,9          prompt given as token ids (no template); generates, or with\n"
             "  --dump-logits OUT     writes float32 logits [T, vocab] for every prompt position, each\n"
             "                        computed one token at a time through the KV cache\n"
+            "  --dump-prefill-logits OUT  the same, computed as one batch (nano_prefill_logits, as the\n"
+            "                        prompt is read)\n"
             "  --print-ids           print generated token ids instead of text\n"
             "  --ignore-eos          do not stop at <|eos|> (benchmarks)\n",
             DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW, DEFAULT_SEED);
@@ -357,7 +359,8 @@ static int chat(Nano *m, GenOpts *o, NanoLora **lora, int verify)
     return 0;
 }
 
-static int dump_logits(Nano *m, const int *ids, int n, const char *path)
+/* every position's logits, token by token (nano_forward) or as the batched prompt (batch) */
+static int dump_logits(Nano *m, const int *ids, int n, const char *path, int batch)
 {
     const NanoConfig *c = nano_config(m);
     if (!c->is_causal) {
@@ -374,14 +377,23 @@ static int dump_logits(Nano *m, const int *ids, int n, const char *path)
         fprintf(stderr, "error: cannot write %s: %s\n", path, strerror(errno));
         return 1;
     }
+    float *all = batch ? malloc(((size_t)n ? (size_t)n : 1) * (size_t)c->vocab_size * sizeof(float)) : NULL;
+    if (batch && n > 0 && (!all || nano_prefill_logits(m, ids, n, all) != NANO_OK)) {
+        fprintf(stderr, "error: %s\n", all ? "forward pass failed on the prompt" : "out of memory");
+        free(all);
+        fclose(f);
+        return 1;
+    }
     for (int t = 0; t < n; t++) {
-        const float *logits = nano_forward(m, ids[t], t);
+        const float *logits = batch ? all + (size_t)t * c->vocab_size : nano_forward(m, ids[t], t);
         if (!logits || fwrite(logits, sizeof(float), (size_t)c->vocab_size, f) != (size_t)c->vocab_size) {
             fprintf(stderr, "error: forward pass or write failed at position %d\n", t);
+            free(all);
             fclose(f);
             return 1;
         }
     }
+    free(all);
     if (fclose(f)) {
         fprintf(stderr, "error: cannot write %s\n", path);
         return 1;
@@ -408,7 +420,7 @@ int main(int argc, char **argv)
     const char *dump = NULL, *tok_text = NULL, *tok_file = NULL;
     float temperature = DEFAULT_TEMPERATURE, top_p = DEFAULT_TOP_P, rep = 1.0f;
     long top_k = 0, max_new = DEFAULT_MAX_NEW, threads = 0, seed = DEFAULT_SEED;
-    int verify = 1, info = 0;
+    int verify = 1, info = 0, dump_batch = 0;
     GenOpts o = {0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -433,6 +445,7 @@ int main(int argc, char **argv)
         else if (!strcmp(a, "-j")) bad = parse_int(val, 1, 1024, &threads);
         else if (!strcmp(a, "--ids")) ids_arg = val;
         else if (!strcmp(a, "--dump-logits")) dump = val;
+        else if (!strcmp(a, "--dump-prefill-logits")) { dump = val; dump_batch = 1; }
         else if (!strcmp(a, "--tokenize")) tok_text = val;
         else if (!strcmp(a, "--tokenize-file")) tok_file = val;
         else bad = 1;
@@ -452,7 +465,7 @@ int main(int argc, char **argv)
         return 2;
     }
     if (dump && !ids_arg) {
-        fprintf(stderr, "error: --dump-logits needs --ids\n");
+        fprintf(stderr, "error: --dump-logits and --dump-prefill-logits need --ids\n");
         return 2;
     }
     int rc = check_sampling(temperature, top_k, top_p, rep, max_new, seed);
@@ -541,7 +554,7 @@ int main(int argc, char **argv)
                 goto done;
             }
         if (dump) {
-            rc = dump_logits(m, ids, n_ids, dump);
+            rc = dump_logits(m, ids, n_ids, dump, dump_batch);
             goto done;
         }
     }

@@ -722,6 +722,291 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx51
 }
 #endif
 
+/* -- matrix times a block of rows (prefill) ---------------------------------------------------
+ * out[t ldo + r] = w[r] . x[t ldx] for r < rows, t < T: the prompt's T token rows against a weight
+ * matrix. A tile of R weight rows by TT token rows keeps its R x TT sums in registers, so each
+ * weight vector is loaded once per TT tokens and each token vector once per R rows (a matvec loads
+ * every weight once per token; the prompt is compute-bound instead). Rows go outermost: a row
+ * tile's weights stay in L1 while the block's token rows (a few hundred KiB) come from L2. */
+
+/* the tiling every kernel below shares: R x TT tiles, then the leftover tokens with R rows, then the
+ * leftover rows; TILE(r, t, R, TT) computes one tile */
+#define MM_TILES(rows, T, R_, TT_, TILE)                                  \
+    do {                                                                  \
+        int r_ = 0, t_;                                                   \
+        for (; r_ + (R_) <= (rows); r_ += (R_)) {                         \
+            for (t_ = 0; t_ + (TT_) <= (T); t_ += (TT_)) TILE(r_, t_, R_, TT_); \
+            for (; t_ < (T); t_++) TILE(r_, t_, R_, 1);                   \
+        }                                                                 \
+        for (; r_ < (rows); r_++) {                                       \
+            for (t_ = 0; t_ + (TT_) <= (T); t_ += (TT_)) TILE(r_, t_, 1, TT_); \
+            for (; t_ < (T); t_++) TILE(r_, t_, 1, 1);                    \
+        }                                                                 \
+    } while (0)
+#define MM_MAX 4 /* the largest R and TT: the tiles' register arrays are declared this big */
+
+/* out[r] = w[r] . x[t] for the weight rows r of one tile, against `T` token rows of x; the generic
+ * kernel of the scalar and wasm builds: the row kernel (g_rows_f32 or the Q8 one), over tiles of
+ * rows that fit in L1 (16 KiB), for one token row after another */
+#define MM_GENERIC_TILE_BYTES 16384
+
+typedef void (*mm_f32_fn)(const float *w, const float *x, int ldx, float *out, int ldo, int rows, int n, int T);
+typedef void (*mm_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out,
+                         int ldo, int rows, int n, int gs, int T);
+
+#ifdef NANO_X86
+/* A tile's sums are horizontal sums of its R x TT registers; one at a time they cost a third of a
+ * 15M-shape prompt (n = 288: 18 steps of the loop per 16 reductions). These sum 4 rows' registers
+ * for a token or two at once, transposing as they add, and store each token's 4 sums together. */
+__attribute__((target("avx512f"), always_inline)) static inline void store_tile4x4_avx512(float *out, int ldo,
+                                                                                          __m512 a[MM_MAX][MM_MAX])
+{
+    __m512 s[8], u[4];
+    for (int i = 0; i < 8; i++) { /* 512 -> 256 bits: a register and the next (r-major) share one */
+        __m512 x = a[2 * i / 4][2 * i % 4], y = a[(2 * i + 1) / 4][(2 * i + 1) % 4];
+        s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x44), _mm512_shuffle_f32x4(x, y, 0xEE));
+    }
+    for (int i = 0; i < 4; i++) /* -> 128 bits: 128-bit lane k of u[i] sums a[i][k] */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+    __m512 v0 = _mm512_add_ps(_mm512_unpacklo_ps(u[0], u[2]), _mm512_unpackhi_ps(u[0], u[2]));
+    __m512 v1 = _mm512_add_ps(_mm512_unpacklo_ps(u[1], u[3]), _mm512_unpackhi_ps(u[1], u[3]));
+    float sums[16]; /* lane 4t + r: the sum of a[r][t] */
+    _mm512_storeu_ps(sums, _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1)));
+    for (int t = 0; t < 4; t++) memcpy(out + (size_t)t * ldo, sums + 4 * t, 4 * sizeof(float));
+}
+
+/* The sums of a[0..3][t] (and of a[0..3][t + 1] when two) into out[0..3] (and out[ldo ..]), each
+ * added in hsum256's order: the two 128-bit halves, then (0 + 1) + (2 + 3). A Q8 sum is then
+ * bit for bit the decode kernels' (rows_q8_avx2; rows_q8_avx512's after a fold to 256 bits, the
+ * order of _mm512_reduce_add_ps): the prompt quantizes the activations that come out of it, and one
+ * rounding step apart there would move a logit by more than float rounding. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void store_rows4_avx2(float *out, int ldo,
+                                                                                       __m256 a[MM_MAX][MM_MAX], int t,
+                                                                                       int two)
+{
+    __m256 h[2];
+    for (int k = 0; k <= two; k++) { /* 128-bit lane 0: rows 0 and 2, lane 1: rows 1 and 3, in pairs */
+        __m256 s01 = _mm256_add_ps(_mm256_permute2f128_ps(a[0][t + k], a[1][t + k], 0x20),
+                                   _mm256_permute2f128_ps(a[0][t + k], a[1][t + k], 0x31));
+        __m256 s23 = _mm256_add_ps(_mm256_permute2f128_ps(a[2][t + k], a[3][t + k], 0x20),
+                                   _mm256_permute2f128_ps(a[2][t + k], a[3][t + k], 0x31));
+        h[k] = _mm256_hadd_ps(s01, s23);
+    }
+    __m256 g = _mm256_hadd_ps(h[0], two ? h[1] : h[0]); /* lane 0: rows 0, 2 of t, t + 1; lane 1: rows 1, 3 */
+    __m128 even = _mm256_castps256_ps128(g), odd = _mm256_extractf128_ps(g, 1);
+    _mm_storeu_ps(out, _mm_unpacklo_ps(even, odd));
+    if (two) _mm_storeu_ps(out + ldo, _mm_unpackhi_ps(even, odd));
+}
+
+/* every sum of an R x TT tile of 256-bit registers into out[t ldo + r] */
+__attribute__((target("avx2,fma"), always_inline)) static inline void store_tile_avx2(float *out, int ldo,
+                                                                                      __m256 a[MM_MAX][MM_MAX],
+                                                                                      const int R, const int TT)
+{
+    if (R == 4) {
+        int t = 0;
+        for (; t + 2 <= TT; t += 2) store_rows4_avx2(out + (size_t)t * ldo, ldo, a, t, 1);
+        if (t < TT) store_rows4_avx2(out + (size_t)t * ldo, ldo, a, t, 0);
+        return;
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) out[(size_t)t * ldo + r] = hsum256(a[r][t]);
+}
+
+__attribute__((target("avx512f"), always_inline)) static inline void tile_f32_avx512(const float *w, const float *x,
+                                                                                      int ldx, float *out, int ldo,
+                                                                                      int n, const int R, const int TT)
+{
+    __m512 acc[MM_MAX][MM_MAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 xv[MM_MAX];
+        for (int t = 0; t < TT; t++) xv[t] = _mm512_maskz_loadu_ps(k, x + (size_t)t * ldx + i);
+        for (int r = 0; r < R; r++) {
+            __m512 wv = _mm512_maskz_loadu_ps(k, w + (size_t)r * n + i);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    if (R == 4 && TT == 4) {
+        store_tile4x4_avx512(out, ldo, acc);
+        return;
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) out[(size_t)t * ldo + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+
+__attribute__((target("avx512f"))) static void mm_f32_avx512(const float *w, const float *x, int ldx, float *out,
+                                                              int ldo, int rows, int n, int T)
+{
+#define TILE(r, t, R, TT) tile_f32_avx512(w + (size_t)(r) * n, x + (size_t)(t) * ldx, ldx, out + (size_t)(t) * ldo + (r), ldo, n, R, TT)
+    MM_TILES(rows, T, 4, 4, TILE);
+#undef TILE
+}
+
+/* AVX2 has 16 registers: 4 x 2 tiles (8 sums, 2 token vectors, a weight vector) */
+__attribute__((target("avx2,fma"), always_inline)) static inline void tile_f32_avx2(const float *w, const float *x,
+                                                                                     int ldx, float *out, int ldo,
+                                                                                     int n, const int R, const int TT)
+{
+    __m256 acc[MM_MAX][MM_MAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 xv[MM_MAX];
+        for (int t = 0; t < TT; t++) xv[t] = _mm256_loadu_ps(x + (size_t)t * ldx + i);
+        for (int r = 0; r < R; r++) {
+            __m256 wv = _mm256_loadu_ps(w + (size_t)r * n + i);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm256_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    store_tile_avx2(out, ldo, acc, R, TT);
+    for (int r = 0; r < R; r++) /* n % 8 leftover columns */
+        for (int t = 0; t < TT; t++)
+            for (int j = i; j < n; j++) out[(size_t)t * ldo + r] += w[(size_t)r * n + j] * x[(size_t)t * ldx + j];
+}
+
+__attribute__((target("avx2,fma"))) static void mm_f32_avx2(const float *w, const float *x, int ldx, float *out,
+                                                             int ldo, int rows, int n, int T)
+{
+#define TILE(r, t, R, TT) tile_f32_avx2(w + (size_t)(r) * n, x + (size_t)(t) * ldx, ldx, out + (size_t)(t) * ldo + (r), ldo, n, R, TT)
+    MM_TILES(rows, T, 4, 2, TILE);
+#undef TILE
+}
+
+/* Q8 tiles, gs % 32 == 0, in 32-byte slices: the sign trick of dot_q8_avx2 (|x| times w*sign(x)),
+ * one int32 sum per weight row and token row for each group, then scaled by both groups' scales.
+ * With AVX-512 VNNI (and VL) the products go through vpdpbusd on 256-bit registers: 32 of them, so
+ * 4 x 4 tiles fit; on Zen 4 a 512-bit operation is two 256-bit ones, so nothing is lost, and group
+ * sizes of 32 (n_embd 288) run on it too. AVX2's maddubs + madd take 4 x 2 tiles. */
+#define Q8_TILE_BODY(DOT)                                                                                   \
+    const int groups = n / gs;                                                                              \
+    __m256 acc[MM_MAX][MM_MAX];                                                                             \
+    for (int r = 0; r < R; r++)                                                                             \
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();                                      \
+    for (int g = 0; g < groups; g++) {                                                                      \
+        __m256i isum[MM_MAX][MM_MAX];                                                                       \
+        for (int r = 0; r < R; r++)                                                                         \
+            for (int t = 0; t < TT; t++) isum[r][t] = _mm256_setzero_si256();                              \
+        for (int j = g * gs; j < (g + 1) * gs; j += 32) {                                                   \
+            __m256i xv[MM_MAX], ax[MM_MAX];                                                                 \
+            for (int t = 0; t < TT; t++) {                                                                  \
+                xv[t] = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * ldx + j));                     \
+                ax[t] = _mm256_sign_epi8(xv[t], xv[t]);                                                     \
+            }                                                                                               \
+            for (int r = 0; r < R; r++) {                                                                   \
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * n + j));                  \
+                for (int t = 0; t < TT; t++) isum[r][t] = DOT(isum[r][t], ax[t], _mm256_sign_epi8(wv, xv[t])); \
+            }                                                                                               \
+        }                                                                                                   \
+        __m256 xsc[MM_MAX];                                                                                 \
+        for (int t = 0; t < TT; t++) xsc[t] = _mm256_set1_ps(xs[(size_t)t * ldx + g]);                     \
+        for (int r = 0; r < R; r++) {                                                                       \
+            __m256 wsc = _mm256_set1_ps(ws[(size_t)r * groups + g]);                                        \
+            for (int t = 0; t < TT; t++)                                                                    \
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_mul_ps(wsc, xsc[t]), acc[r][t]); \
+        }                                                                                                   \
+    }                                                                                                       \
+    store_tile_avx2(out, ldo, acc, R, TT);
+
+#define Q8_DOT_VNNI(sum, ux, sw) _mm256_dpbusd_epi32(sum, ux, sw)
+#define Q8_DOT_AVX2(sum, ux, sw) _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(ux, sw), _mm256_set1_epi16(1)))
+
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
+tile_q8_vnni(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int n,
+             int gs, const int R, const int TT)
+{
+    Q8_TILE_BODY(Q8_DOT_VNNI)
+}
+
+__attribute__((target("avx2,fma"), always_inline)) static inline void tile_q8_avx2(const int8_t *w, const float *ws,
+                                                                                    const int8_t *x, const float *xs,
+                                                                                    int ldx, float *out, int ldo, int n,
+                                                                                    int gs, const int R, const int TT)
+{
+    Q8_TILE_BODY(Q8_DOT_AVX2)
+}
+
+/* gs % 64 == 0 with VNNI: rows_q8_avx512's arithmetic (512-bit sums per group), 4 x 2 tiles (their
+ * sums and the group's int32 sums take 16 of the 32 registers); folded to 256 bits at the end */
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
+tile_q8_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int n,
+               int gs, const int R, const int TT)
+{
+    const int groups = n / gs;
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc[MM_MAX][MM_MAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512i isum[MM_MAX][MM_MAX];
+        for (int r = 0; r < R; r++)
+            for (int t = 0; t < TT; t++) isum[r][t] = zero;
+        for (int j = g * gs; j < (g + 1) * gs; j += 64) {
+            __m512i ax[MM_MAX];
+            __mmask64 neg[MM_MAX];
+            for (int t = 0; t < TT; t++) {
+                __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)t * ldx + j));
+                ax[t] = _mm512_abs_epi8(xv);
+                neg[t] = _mm512_movepi8_mask(xv);
+            }
+            for (int r = 0; r < R; r++) {
+                __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)r * n + j));
+                for (int t = 0; t < TT; t++)
+                    isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], ax[t], _mm512_mask_sub_epi8(wv, neg[t], zero, wv));
+            }
+        }
+        __m512 xsc[MM_MAX];
+        for (int t = 0; t < TT; t++) xsc[t] = _mm512_set1_ps(xs[(size_t)t * ldx + g]);
+        for (int r = 0; r < R; r++) {
+            __m512 wsc = _mm512_set1_ps(ws[(size_t)r * groups + g]);
+            for (int t = 0; t < TT; t++)
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][t]), _mm512_mul_ps(wsc, xsc[t]), acc[r][t]);
+        }
+    }
+    __m256 half[MM_MAX][MM_MAX];
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < TT; t++)
+            half[r][t] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][t]),
+                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1)));
+    store_tile_avx2(out, ldo, half, R, TT);
+}
+
+#define Q8_TILE(kernel, r, t, R, TT) \
+    kernel(w + (size_t)(r) * n, ws + (size_t)(r) * (n / gs), x + (size_t)(t) * ldx, xs + (size_t)(t) * ldx, ldx, \
+           out + (size_t)(t) * ldo + (r), ldo, n, gs, R, TT)
+
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+mm_q8_vnni(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int rows,
+           int n, int gs, int T)
+{
+#define TILE(r, t, R, TT) Q8_TILE(tile_q8_vnni, r, t, R, TT)
+    MM_TILES(rows, T, 4, 4, TILE);
+#undef TILE
+}
+
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+mm_q8_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int rows,
+             int n, int gs, int T)
+{
+#define TILE(r, t, R, TT) Q8_TILE(tile_q8_avx512, r, t, R, TT)
+    MM_TILES(rows, T, 4, 2, TILE);
+#undef TILE
+}
+
+__attribute__((target("avx2,fma"))) static void mm_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
+                                                            const float *xs, int ldx, float *out, int ldo, int rows,
+                                                            int n, int gs, int T)
+{
+#define TILE(r, t, R, TT) Q8_TILE(tile_q8_avx2, r, t, R, TT)
+    MM_TILES(rows, T, 4, 2, TILE);
+#undef TILE
+}
+#endif
+
 /* out[r] = w[r] . x for `rows` consecutive rows of n floats (the matvec kernel) */
 typedef void (*rows_f32_fn)(const float *w, const float *x, float *out, int rows, int n);
 static rows_f32_fn g_rows_f32 = rows_f32_scalar;
@@ -733,6 +1018,9 @@ static dot_q8_fn g_q8_256, g_q8_512; /* NULL where the CPU lacks them */
 typedef void (*rows_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, float *out, int rows,
                            int n, int gs);
 static rows_q8_fn g_rows_q8_256, g_rows_q8_512; /* paired with g_q8_256 and g_q8_512 */
+/* matrix times a block of token rows (prefill); NULL: the generic one over the row kernels */
+static mm_f32_fn g_mm_f32;
+static mm_q8_fn g_mm_q8_256, g_mm_q8_512; /* paired with g_q8_256 and g_q8_512 */
 static const char *g_kernel_name = "scalar";
 
 /* Pick kernels once. NANO_SIMD=scalar|avx2|avx512 caps the choice (tests compare the paths). */
@@ -753,6 +1041,8 @@ static void simd_init(void)
         g_swiglu = swiglu_avx2;
         g_q8_256 = dot_q8_avx2;
         g_rows_q8_256 = rows_q8_avx2;
+        g_mm_f32 = mm_f32_avx2;
+        g_mm_q8_256 = mm_q8_avx2;
         g_kernel_name = "avx2";
     }
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -763,6 +1053,11 @@ static void simd_init(void)
         g_swiglu = swiglu_avx512;
         g_q8_512 = dot_q8_avx512;
         g_rows_q8_512 = rows_q8_avx512;
+        g_mm_f32 = mm_f32_avx512;
+        if (__builtin_cpu_supports("avx512vl")) {
+            g_mm_q8_256 = mm_q8_vnni;
+            g_mm_q8_512 = mm_q8_avx512;
+        }
         g_kernel_name = "avx512-vnni";
     }
 #endif
@@ -789,6 +1084,7 @@ typedef struct {
     int type, rows, cols, gs; /* type: NANO_QUANT_F32 or NANO_QUANT_Q8 */
     dot_q8_fn kq;             /* Q8: the row kernel for this group size */
     rows_q8_fn kr;            /* Q8: a kernel over a range of rows, or NULL (then kq, row by row) */
+    mm_q8_fn km;              /* Q8: the kernel against a block of token rows, or NULL (the generic one) */
     const float *w;           /* fp32 [rows*cols] */
     const int8_t *q;          /* q8 [rows*cols] */
     const float *s;           /* q8 scales [rows*cols/gs]; groups never span rows */
@@ -892,10 +1188,12 @@ struct Nano {
     const float *pos_emb, *final_norm;
     Layer *layers;
     Tokenizer tok;
-    /* run state, all allocated at load */
+    /* run state, all allocated at load. x .. v, aq and as hold a block of prefill_rows token rows, ld
+     * apart (a token's forward uses row 0; the prompt goes through in blocks: forward_block) */
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits, *kcache, *vcache, *rope_cos, *rope_sin;
     int8_t *aq; /* activation quantized for Q8 matmuls */
-    float *as;
+    float *as;  /* its scales, ld apart too */
+    int prefill_rows, ld;
     /* generation context */
     int *ids, n_ids, pos, has_logits;
     uint8_t *seen;
@@ -967,6 +1265,7 @@ static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_
     if (n % (size_t)gs) return errf(c->err, "%s: %zu elements are not a multiple of the group size %d", what, n, gs);
     M->kq = pick_q8(gs);
     M->kr = M->kq == g_q8_512 ? g_rows_q8_512 : M->kq == g_q8_256 ? g_rows_q8_256 : NULL;
+    M->km = M->kq == g_q8_512 ? g_mm_q8_512 : M->kq == g_q8_256 ? g_mm_q8_256 : NULL; /* the same sums as kr */
     M->q = (const int8_t *)take(c, n, 1, align, what, layer);
     if (!M->q) return -1;
     M->s = take_f32(c, n / gs, align, what, layer);
@@ -1231,6 +1530,12 @@ static void *zalloc(size_t n, size_t el, int *ok)
     return p;
 }
 
+/* The prompt goes through the layers PREFILL_ROWS token rows at a time (forward_block): enough rows
+ * that each weight, loaded once per tile of rows, serves many tokens; few enough that a block's
+ * activations stay in L2 (64 rows of a 2048-wide hidden layer: 512 KiB). */
+#define PREFILL_ROWS 64
+#define PREFILL_ROWS_MAX 4096
+
 static int alloc_state(Nano *m, char *err)
 {
     const NanoConfig *c = &m->c;
@@ -1241,26 +1546,42 @@ static int alloc_state(Nano *m, char *err)
     int ok = 1;
     size_t kv = mul3(L, KV, B, &ok);
     size_t rope = c->use_rope ? mul2(B, c->head_dim / 2, &ok) : 0;
+    /* prefill block rows: PREFILL_ROWS, or NANO_PREFILL_ROWS (tests: short blocks, so that their small
+     * models' prompts span several), at most the context */
+#ifdef __wasi__
+    const char *rows_env = NULL; /* the page gives wasm no environment: wasi-libc's getenv would exit */
+#else
+    const char *rows_env = getenv("NANO_PREFILL_ROWS");
+#endif
+    char *end = NULL;
+    long PB = rows_env ? strtol(rows_env, &end, 10) : PREFILL_ROWS;
+    if (rows_env && (end == rows_env || *end || PB < 1 || PB > PREFILL_ROWS_MAX))
+        return errf(err, "NANO_PREFILL_ROWS must be a whole number from 1 to %d, got \"%.40s\"", PREFILL_ROWS_MAX,
+                    rows_env);
+    if ((size_t)PB > B) PB = (long)B;
+    m->prefill_rows = (int)PB;
+    m->ld = (int)wide;
+    size_t block = mul2(wide, (size_t)PB, &ok);
     size_t floats = add2(add2(mul2(kv, 2, &ok), mul2(rope, 2, &ok), &ok), mul2((size_t)c->n_head, B, &ok), &ok);
-    floats = add2(floats, add2(mul2(V, 3, &ok), mul2(wide, 9, &ok), &ok), &ok);
-    size_t bytes = add2(mul2(floats, 4, &ok), mul2(V, 5, &ok), &ok);
+    floats = add2(floats, add2(mul2(V, 3, &ok), mul2(block, 9, &ok), &ok), &ok);
+    size_t bytes = add2(add2(mul2(floats, 4, &ok), mul2(V, 5, &ok), &ok), block, &ok);
     if (!ok || (uint64_t)bytes > MAX_STATE_BYTES)
         return errf(err, "run state (KV cache and buffers) would take %s%llu MiB, over the %llu MiB limit",
                     ok ? "" : "over ", (unsigned long long)(bytes >> 20), (unsigned long long)(MAX_STATE_BYTES >> 20));
-    m->x = zalloc(wide, 4, &ok);
-    m->xb = zalloc(wide, 4, &ok);
-    m->xb2 = zalloc(wide, 4, &ok);
-    m->hb = zalloc(wide, 4, &ok);
-    m->hb2 = zalloc(wide, 4, &ok);
-    m->q = zalloc(Q, 4, &ok);
-    m->k = zalloc(KV, 4, &ok);
-    m->v = zalloc(KV, 4, &ok);
+    m->x = zalloc(block, 4, &ok);
+    m->xb = zalloc(block, 4, &ok);
+    m->xb2 = zalloc(block, 4, &ok);
+    m->hb = zalloc(block, 4, &ok);
+    m->hb2 = zalloc(block, 4, &ok);
+    m->q = zalloc(block, 4, &ok);
+    m->k = zalloc(block, 4, &ok);
+    m->v = zalloc(block, 4, &ok);
     m->att = zalloc((size_t)c->n_head * B, 4, &ok);
     m->logits = zalloc(V, 4, &ok);
     m->kcache = zalloc(kv, 4, &ok);
     m->vcache = zalloc(kv, 4, &ok);
-    m->aq = zalloc(wide, 1, &ok);
-    m->as = zalloc(wide, 4, &ok);
+    m->aq = zalloc(block, 1, &ok);
+    m->as = zalloc(block, 4, &ok);
     m->ids = zalloc(B + 1, sizeof(int), &ok);
     m->distinct = zalloc(B + 1, sizeof(int), &ok);
     m->seen = zalloc(V, 1, &ok);
@@ -2429,18 +2750,32 @@ int nano_is_stop(const Nano *m, int token)
  * 5. forward pass
  * ============================================================================================ */
 
-/* symmetric int8 per group, as the Q8_0 weights; an all-zero group gets scale 0 */
+/* symmetric int8 per group, as the Q8_0 weights; an all-zero group gets scale 0. No libm call is
+ * left in it (the prompt quantizes every row of a block, and fmaxf and roundf were a function call
+ * per element: 14% of a Q8 prompt): the largest |x| is the largest bit pattern (non-negative floats
+ * order as integers), NaN skipped; roundf is truncation plus a step away from zero, the same value
+ * (checked on 2M random groups, infinities, zeros and denormals among them). */
 static void quantize_act(int8_t *q, float *s, const float *x, int n, int gs)
 {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
-        float amax = 0;
-        for (int i = 0; i < gs; i++) amax = fmaxf(amax, fabsf(xg[i]));
+        uint32_t top = 0;
+        for (int i = 0; i < gs; i++) {
+            uint32_t b;
+            memcpy(&b, xg + i, 4);
+            b &= 0x7FFFFFFFu;
+            b = b > 0x7F800000u ? 0 : b; /* NaN */
+            top = b > top ? b : top;
+        }
+        float amax;
+        memcpy(&amax, &top, 4);
         float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
         for (int i = 0; i < gs; i++) {
             float v = xg[i] * inv;
             v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
-            q[(size_t)g * gs + i] = (int8_t)(int)roundf(v);
+            float t = truncf(v);
+            t = fabsf(v - t) >= 0.5f ? t + copysignf(1.0f, v) : t;
+            q[(size_t)g * gs + i] = (int8_t)(int)t;
         }
         s[g] = amax / 127.0f;
     }
@@ -2461,18 +2796,44 @@ static void mat_rows(const Mat *W, int r0, int r1, float *out, const float *x, c
     for (int r = r0; r < r1; r++) out[r] = W->kq(W->q + r * c, W->s + r * (c / W->gs), xq, xs, W->cols, W->gs);
 }
 
+/* out[t ldo + r] = W[r] x[t] for rows [r0, r1) and T token rows of x (and of xq, xs: x quantized),
+ * ld apart. One token: the matvec kernels (mat_rows). More: the matrix-matrix kernels, or where the
+ * CPU has none (scalar, wasm), the row kernel over tiles of rows that stay in L1 while every token
+ * row passes them. */
+static void mat_block(const Mat *W, int r0, int r1, float *out, int ldo, const float *x, const int8_t *xq,
+                      const float *xs, int ld, int T)
+{
+    size_t c = (size_t)W->cols;
+    if (T == 1) {
+        mat_rows(W, r0, r1, out, x, xq, xs);
+    } else if (W->type == NANO_QUANT_F32 && g_mm_f32) {
+        g_mm_f32(W->w + r0 * c, x, ld, out + r0, ldo, r1 - r0, W->cols, T);
+    } else if (W->type == NANO_QUANT_Q8 && W->km) {
+        W->km(W->q + r0 * c, W->s + r0 * (c / W->gs), xq, xs, ld, out + r0, ldo, r1 - r0, W->cols, W->gs, T);
+    } else {
+        size_t row_bytes = c * (W->type == NANO_QUANT_F32 ? sizeof(float) : 1);
+        int tile = row_bytes < MM_GENERIC_TILE_BYTES ? (int)(MM_GENERIC_TILE_BYTES / row_bytes) : 1;
+        for (int a = r0; a < r1; a += tile)
+            for (int t = 0; t < T; t++)
+                mat_rows(W, a, a + tile < r1 ? a + tile : r1, out + (size_t)t * ldo, x + (size_t)t * ld,
+                         xq + (size_t)t * ld, xs + (size_t)t * ld);
+    }
+}
+
 /* out[i] = W[i] x for up to 3 matrices that share the input (wq wk wv; w1 w3), as one parallel
  * region over all their rows: one OpenMP fork/join instead of one per matrix. Each thread takes one
  * contiguous range of the concatenated rows, so it streams its weights sequentially (what the
  * prefetchers follow best: kernels that interleave two or four rows measured about 10% slower, and
- * 8 accumulators instead of 4 no faster). xq/xs: x quantized, for Q8 matrices. */
-static void matvec_multi(const Mat *const *W, float *const *out, int n, const float *x, const int8_t *xq,
-                         const float *xs)
+ * 8 accumulators instead of 4 no faster). x: T token rows, ld apart, as the outputs' rows (ldo
+ * apart); xq/xs: x quantized, for Q8 matrices. A block's ranges start at multiples of 4 rows, the
+ * kernels' tiles. */
+static void matmul_multi(const Mat *const *W, float *const *out, int ldo, int n, const float *x, const int8_t *xq,
+                         const float *xs, int ld, int T)
 {
     int total = 0;
     for (int i = 0; i < n; i++) total += W[i]->rows;
 #ifdef _OPENMP
-#pragma omp parallel if ((long long)total * W[0]->cols >= 32768)
+#pragma omp parallel if ((long long)total * W[0]->cols * T >= 32768)
 #endif
     {
         int nt = 1, t = 0;
@@ -2481,9 +2842,13 @@ static void matvec_multi(const Mat *const *W, float *const *out, int n, const fl
         t = omp_get_thread_num();
 #endif
         int lo = (int)((long long)total * t / nt), hi = (int)((long long)total * (t + 1) / nt), start = 0;
+        if (T > 1) {
+            lo = lo / 4 * 4;
+            hi = t == nt - 1 ? total : hi / 4 * 4;
+        }
         for (int i = 0; i < n; i++) {
             int a = lo > start ? lo : start, b = hi < start + W[i]->rows ? hi : start + W[i]->rows;
-            if (a < b) mat_rows(W[i], a - start, b - start, out[i], x, xq, xs);
+            if (a < b) mat_block(W[i], a - start, b - start, out[i], ldo, x, xq, xs, ld, T);
             start += W[i]->rows;
         }
     }
@@ -2498,24 +2863,30 @@ static void lora_apply(const NanoLora *a, int layer, int t, float *out, const fl
     for (int o = 0; o < outn; o++) out[o] += a->scale * dot_f32_scalar(B + (size_t)o * r, a->tmp, r);
 }
 
-/* out[i] = W_t[i] x (+ bias) (+ LoRA delta) for the n layers t[] that read x; x quantized already
- * (maybe_quantize) for Q8 files */
-static void linear(Nano *m, int layer, const int *t, int n, float *const *out, const float *x)
+/* out[i] = W_t[i] x (+ bias) (+ LoRA delta) for the n layers t[] that read x, for T token rows (ld
+ * apart, in x and in each out[i]); x quantized already (quantize_rows) for Q8 files */
+static void linear(Nano *m, int layer, const int *t, int n, float *const *out, const float *x, int T)
 {
     const Layer *L = &m->layers[layer];
     const Mat *W[3] = {NULL, NULL, NULL};
+    int ld = m->ld;
     for (int i = 0; i < n; i++) W[i] = &L->mat[t[i]];
-    matvec_multi(W, out, n, x, m->aq, m->as);
-    for (int i = 0; i < n; i++) {
-        if (L->bias[t[i]])
-            for (int j = 0; j < W[i]->rows; j++) out[i][j] += L->bias[t[i]][j];
-        if (m->lora) lora_apply(m->lora, layer, t[i], out[i], x, W[i]->cols, W[i]->rows);
-    }
+    matmul_multi(W, out, ld, n, x, m->aq, m->as, ld, T);
+    for (int i = 0; i < n; i++)
+        for (int row = 0; row < T; row++) {
+            float *o = out[i] + (size_t)row * ld;
+            if (L->bias[t[i]])
+                for (int j = 0; j < W[i]->rows; j++) o[j] += L->bias[t[i]][j];
+            if (m->lora) lora_apply(m->lora, layer, t[i], o, x + (size_t)row * ld, W[i]->cols, W[i]->rows);
+        }
 }
 
-static void maybe_quantize(Nano *m, const float *x, int n)
+/* for Q8 files: the T rows of x (n wide, ld apart) into m->aq / m->as, the same ld apart */
+static void quantize_rows(Nano *m, const float *x, int n, int T)
 {
-    if (m->c.quant == NANO_QUANT_Q8) quantize_act(m->aq, m->as, x, n, m->c.group_size);
+    if (m->c.quant != NANO_QUANT_Q8) return;
+    for (int t = 0; t < T; t++)
+        quantize_act(m->aq + (size_t)t * m->ld, m->as + (size_t)t * m->ld, x + (size_t)t * m->ld, n, m->c.group_size);
 }
 
 /* model.RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float (the sum in double) */
@@ -2555,61 +2926,84 @@ static void embed_row(float *x, const Mat *E, int row)
 /* the layers of a block, grouped by the input they read (each group is one parallel loop) */
 static const int QKV[] = {WQ, WK, WV}, WO_[] = {WO}, W13[] = {W1, W3}, W2_[] = {W2};
 
+/* T tokens (T <= m->prefill_rows; checked by the callers) at positions pos .. pos + T - 1 through
+ * every layer, their keys and values into the KV cache, each matrix as one product with the block
+ * of T rows; the logits of the last n_logits positions (0 .. T) into `logits`, vocab_size apart. One
+ * token (nano_forward) is the block of one row. Every step but the matrix products works row by row,
+ * with the same code a single token runs, and attention is causal position by position: position
+ * pos + t reads the cache up to itself, all of which the block has written before. */
+static void forward_block(Nano *m, const int *tokens, int T, int pos, float *logits, int n_logits)
+{
+    const NanoConfig *c = &m->c;
+    int D = c->n_embd, hd = c->head_dim, nh = c->n_head, nkv = c->n_kv_head, Q = nh * hd, H = c->n_hidden;
+    int B = c->block_size, group = nh / nkv, ld = m->ld;
+    float eps = (float)c->norm_eps, scale = 1.0f / sqrtf((float)hd);
+    for (int t = 0; t < T; t++) {
+        float *x = m->x + (size_t)t * ld;
+        embed_row(x, &m->tok_emb, tokens[t]);
+        if (m->pos_emb)
+            for (int i = 0; i < D; i++) x[i] += m->pos_emb[(size_t)(pos + t) * D + i];
+    }
+
+    for (int l = 0; l < c->n_layer; l++) {
+        const Layer *L = &m->layers[l];
+        for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * ld, m->x + (size_t)t * ld, L->attn_norm, D, eps);
+        quantize_rows(m, m->xb, D, T);
+        linear(m, l, QKV, 3, (float *const[]){m->q, m->k, m->v}, m->xb, T);
+        for (int t = 0; t < T; t++) {
+            float *qt = m->q + (size_t)t * ld, *kt = m->k + (size_t)t * ld, *vt = m->v + (size_t)t * ld;
+            if (c->use_rope) {
+                const float *cos_t = m->rope_cos + (size_t)(pos + t) * (hd / 2);
+                const float *sin_t = m->rope_sin + (size_t)(pos + t) * (hd / 2);
+                rope(qt, nh, hd, cos_t, sin_t);
+                rope(kt, nkv, hd, cos_t, sin_t);
+            }
+            /* compact cache [layer][kv head][position][head_dim] */
+            for (int h = 0; h < nkv; h++) {
+                size_t slot = (((size_t)l * nkv + h) * B + pos + t) * hd;
+                memcpy(m->kcache + slot, kt + (size_t)h * hd, hd * sizeof(float));
+                memcpy(m->vcache + slot, vt + (size_t)h * hd, hd * sizeof(float));
+            }
+        }
+        OMP_FOR_IF((long long)nh * T * (pos + T) * hd >= 16384)
+        for (int h = 0; h < nh; h++) {
+            const float *kb = m->kcache + ((size_t)l * nkv + h / group) * B * hd; /* GQA: kv head h / group */
+            const float *vb = m->vcache + ((size_t)l * nkv + h / group) * B * hd;
+            float *att = m->att + (size_t)h * B;
+            for (int t = 0; t < T; t++) {
+                int n_keys = pos + t + 1;
+                g_rows_f32(kb, m->q + (size_t)t * ld + (size_t)h * hd, att, n_keys, hd); /* the cached keys times q */
+                g_softmax(att, n_keys, scale);
+                g_wsum(m->xb2 + (size_t)t * ld + (size_t)h * hd, att, vb, n_keys, hd);
+            }
+        }
+        quantize_rows(m, m->xb2, Q, T);
+        linear(m, l, WO_, 1, &m->xb, m->xb2, T);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < D; i++) m->x[(size_t)t * ld + i] += m->xb[(size_t)t * ld + i];
+
+        for (int t = 0; t < T; t++) rmsnorm(m->xb + (size_t)t * ld, m->x + (size_t)t * ld, L->ffn_norm, D, eps);
+        quantize_rows(m, m->xb, D, T);
+        linear(m, l, W13, 2, (float *const[]){m->hb, m->hb2}, m->xb, T);
+        for (int t = 0; t < T; t++) g_swiglu(m->hb + (size_t)t * ld, m->hb2 + (size_t)t * ld, H); /* silu(w1 x) * w3 x */
+        quantize_rows(m, m->hb, H, T);
+        linear(m, l, W2_, 1, &m->xb, m->hb, T);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < D; i++) m->x[(size_t)t * ld + i] += m->xb[(size_t)t * ld + i];
+    }
+    if (n_logits == 0) return; /* a prompt's earlier blocks: no output head */
+    const float *last = m->x + (size_t)(T - n_logits) * ld;
+    for (int t = 0; t < n_logits; t++) rmsnorm(m->xb + (size_t)t * ld, last + (size_t)t * ld, m->final_norm, D, eps);
+    quantize_rows(m, m->xb, D, n_logits);
+    const Mat *head = &m->head;
+    matmul_multi(&head, &logits, c->vocab_size, 1, m->xb, m->aq, m->as, ld, n_logits);
+}
+
 const float *nano_forward(Nano *m, int token, int pos)
 {
     const NanoConfig *c = &m->c;
     if (!c->is_causal || token < 0 || token >= c->vocab_size || pos < 0 || pos >= c->block_size) return NULL;
-    int D = c->n_embd, hd = c->head_dim, nh = c->n_head, nkv = c->n_kv_head, Q = nh * hd, H = c->n_hidden;
-    int B = c->block_size, group = nh / nkv;
-    float eps = (float)c->norm_eps, scale = 1.0f / sqrtf((float)hd);
-    float *x = m->x;
-    embed_row(x, &m->tok_emb, token);
-    if (m->pos_emb)
-        for (int i = 0; i < D; i++) x[i] += m->pos_emb[(size_t)pos * D + i];
-    const float *cos_t = c->use_rope ? m->rope_cos + (size_t)pos * (hd / 2) : NULL;
-    const float *sin_t = c->use_rope ? m->rope_sin + (size_t)pos * (hd / 2) : NULL;
-
-    for (int l = 0; l < c->n_layer; l++) {
-        const Layer *L = &m->layers[l];
-        rmsnorm(m->xb, x, L->attn_norm, D, eps);
-        maybe_quantize(m, m->xb, D);
-        linear(m, l, QKV, 3, (float *const[]){m->q, m->k, m->v}, m->xb);
-        if (c->use_rope) {
-            rope(m->q, nh, hd, cos_t, sin_t);
-            rope(m->k, nkv, hd, cos_t, sin_t);
-        }
-        /* compact cache [layer][kv head][position][head_dim] */
-        for (int h = 0; h < nkv; h++) {
-            size_t slot = (((size_t)l * nkv + h) * B + pos) * hd;
-            memcpy(m->kcache + slot, m->k + (size_t)h * hd, hd * sizeof(float));
-            memcpy(m->vcache + slot, m->v + (size_t)h * hd, hd * sizeof(float));
-        }
-        OMP_FOR_IF((long long)nh * (pos + 1) * hd >= 16384)
-        for (int h = 0; h < nh; h++) {
-            const float *qh = m->q + (size_t)h * hd;
-            const float *kb = m->kcache + ((size_t)l * nkv + h / group) * B * hd; /* GQA: kv head h / group */
-            const float *vb = m->vcache + ((size_t)l * nkv + h / group) * B * hd;
-            float *att = m->att + (size_t)h * B;
-            g_rows_f32(kb, qh, att, pos + 1, hd); /* the scores: the cached keys times q */
-            g_softmax(att, pos + 1, scale);
-            g_wsum(m->xb2 + (size_t)h * hd, att, vb, pos + 1, hd);
-        }
-        maybe_quantize(m, m->xb2, Q);
-        linear(m, l, WO_, 1, &m->xb, m->xb2);
-        for (int i = 0; i < D; i++) x[i] += m->xb[i];
-
-        rmsnorm(m->xb, x, L->ffn_norm, D, eps);
-        maybe_quantize(m, m->xb, D);
-        linear(m, l, W13, 2, (float *const[]){m->hb, m->hb2}, m->xb);
-        g_swiglu(m->hb, m->hb2, H); /* SwiGLU: silu(w1 x) * w3 x */
-        maybe_quantize(m, m->hb, H);
-        linear(m, l, W2_, 1, &m->xb, m->hb);
-        for (int i = 0; i < D; i++) x[i] += m->xb[i];
-    }
-    rmsnorm(m->xb, x, m->final_norm, D, eps);
-    maybe_quantize(m, m->xb, D);
-    const Mat *head = &m->head;
-    matvec_multi(&head, &m->logits, 1, m->xb, m->aq, m->as);
+    forward_block(m, &token, 1, pos, m->logits, 1);
     return m->logits;
 }
 
@@ -2692,6 +3086,16 @@ size_t nano_encode_prompt(const Nano *m, const char *text, size_t len, int instr
     return n;
 }
 
+/* the token joins the ids the repetition penalty looks at */
+static void remember(Nano *m, int token)
+{
+    m->ids[m->n_ids++] = token;
+    if (!m->seen[token]) {
+        m->seen[token] = 1;
+        m->distinct[m->n_distinct++] = token;
+    }
+}
+
 /* Like generate(): the token joins the ids (for the repetition penalty) even when the context is
  * full; then it is forwarded if a position is left. */
 int nano_feed(Nano *m, int token)
@@ -2699,11 +3103,7 @@ int nano_feed(Nano *m, int token)
     const NanoConfig *c = &m->c;
     if (token < 0 || token >= c->vocab_size) return NANO_ERR;
     if (m->n_ids > c->block_size) return NANO_FULL;
-    m->ids[m->n_ids++] = token;
-    if (!m->seen[token]) {
-        m->seen[token] = 1;
-        m->distinct[m->n_distinct++] = token;
-    }
+    remember(m, token);
     if (m->pos >= c->block_size) return NANO_FULL;
 #ifdef _OPENMP
     double t0 = omp_get_wtime();
@@ -2717,17 +3117,44 @@ int nano_feed(Nano *m, int token)
     return NANO_OK;
 }
 
-int nano_prefill(Nano *m, const int *ids, int n)
+/* The ids in blocks of prefill_rows tokens (forward_block), the output head for the last position
+ * only unless every position's logits are asked for. Threads: all of them (the ThreadTuner's one
+ * thread is for decoding, where a parallel loop is a few microseconds; a block's loops are
+ * prefill_rows times longer). */
+int nano_feed_batch(Nano *m, const int *ids, int n, float *logits)
 {
-    nano_reset(m);
-    if (n < 1) return NANO_ERR;
-    int start = n > m->c.block_size ? n - m->c.block_size : 0; /* keep the most recent context that fits */
-    for (int i = start; i < n; i++) {
-        int r = nano_feed(m, ids[i]);
-        if (r != NANO_OK) return r;
+    const NanoConfig *c = &m->c;
+    if (n < 1 || !c->is_causal) return NANO_ERR;
+    for (int i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= c->vocab_size) return NANO_ERR;
+    if (n > c->block_size - m->pos) return NANO_FULL;
+    for (int i = 0; i < n; i++) remember(m, ids[i]);
+#ifdef _OPENMP
+    int threads_before = omp_get_max_threads();
+    if (m->tune.full > 1) omp_set_num_threads(m->tune.full);
+#endif
+    for (int i = 0; i < n; i += m->prefill_rows) {
+        int T = n - i < m->prefill_rows ? n - i : m->prefill_rows;
+        if (logits) forward_block(m, ids + i, T, m->pos, logits + (size_t)i * c->vocab_size, T);
+        else forward_block(m, ids + i, T, m->pos, m->logits, i + T == n);
+        m->pos += T;
     }
+    if (logits) memcpy(m->logits, logits + (size_t)(n - 1) * c->vocab_size, (size_t)c->vocab_size * sizeof(float));
+#ifdef _OPENMP
+    omp_set_num_threads(threads_before);
+#endif
+    m->has_logits = 1;
     return NANO_OK;
 }
+
+int nano_prefill_logits(Nano *m, const int *ids, int n, float *logits)
+{
+    nano_reset(m);
+    int start = n > m->c.block_size ? n - m->c.block_size : 0; /* keep the most recent context that fits */
+    return nano_feed_batch(m, ids + start, n - start, logits);
+}
+
+int nano_prefill(Nano *m, const int *ids, int n) { return nano_prefill_logits(m, ids, n, NULL); }
 
 void nano_sampler_seed(NanoSampler *s, uint64_t seed)
 {

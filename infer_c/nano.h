@@ -116,7 +116,18 @@ void nano_reset(Nano *m);                          /* empty context */
  * of load time, whichever is faster (nano.c, ThreadTuner: a machine whose cores other processes
  * use); it sets the count with omp_set_num_threads. NANO_TUNE_THREADS=0 keeps the count fixed. */
 int nano_feed(Nano *m, int token);                 /* append + forward; NANO_FULL when no room */
-int nano_prefill(Nano *m, const int *ids, int n);  /* reset, then feed the last block_size ids */
+/* Appends n ids to the context and forwards them as a batch: blocks of up to 64 positions
+ * (NANO_PREFILL_ROWS at load changes it) go through each layer as matrix-matrix products, filling the
+ * KV cache, on all the threads of load time; the output head runs for the last position only, or
+ * for every one into `logits` (n rows of vocab_size floats; NULL: none). Then nano_sample draws the
+ * next token as after nano_feed: the same ids and logits as feeding the ids one by one, within
+ * float rounding. NANO_FULL (nothing done) when they do not fit in the context; NANO_ERR for ids
+ * outside the vocabulary, n < 1 or a bidirectional model. */
+int nano_feed_batch(Nano *m, const int *ids, int n, float *logits);
+/* reset, then nano_feed_batch the last block_size ids (a longer prompt keeps its most recent ones) */
+int nano_prefill(Nano *m, const int *ids, int n);
+/* nano_prefill with every position's logits: min(n, block_size) rows of vocab_size floats */
+int nano_prefill_logits(Nano *m, const int *ids, int n, float *logits);
 int nano_context_len(const Nano *m);               /* tokens forwarded so far (= next position) */
 void nano_sampler_seed(NanoSampler *s, uint64_t seed);
 int nano_sample(Nano *m, NanoSampler *s);          /* next id from the last logits, or -1 */

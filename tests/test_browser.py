@@ -117,6 +117,7 @@ def files(tmp_path_factory):
         "fp32": d / "fox.fp32.bin", "q8": d / "fox.q8.bin", "adapter": d / "fox_adapter.bin",
         "multi": d / "multi.bin", "multi_adapter": d / "multi_adapter.bin", "long": d / "long.bin",
         "tok_multi": TrieTokenizer(multi["tokenizer"]["tokens"]),
+        "tok_long": TrieTokenizer(long_ctx["tokenizer"]["tokens"]),
     }
     export.write_model(str(out["fp32"]), trained, "fp32")
     export.write_model(str(out["q8"]), trained, "q8")
@@ -153,12 +154,12 @@ def cli():
     binary = str(ENGINE_DIR / "infer")
 
     def generate(model, prompt, mode="instruct", n=40, temperature=0.0, top_k=0, top_p=1.0, rep=1.0, seed=0,
-                 adapter=None):
+                 adapter=None, env=None):
         args = [binary, str(model), "-i" if mode == "instruct" else "-g", prompt, "-n", str(n), "-t", str(temperature),
                 "-k", str(top_k), "-p", str(top_p), "-r", str(rep), "-s", str(seed), "-j", "1"]
         if adapter:
             args += ["-l", str(adapter)]
-        r = subprocess.run(args, capture_output=True, timeout=60)
+        r = subprocess.run(args, capture_output=True, timeout=60, env=dict(os.environ, **(env or {})))
         assert r.returncode == 0, r.stderr.decode(errors="replace")
         assert r.stdout.endswith(b"\n")
         out = r.stdout[:-1].decode()  # the CLI ends the reply with a newline of its own
@@ -329,6 +330,18 @@ def test_bpe_model_greedy_output_equals_the_c_engine_and_pytorch(page, files, cl
             ([tok.response_id] if mode == "instruct" else [])
         ids = model.generate(prompt_ids, max_new_tokens=48, temperature=0, eos_id=tok.eos_id)
         assert got["gen"] == tok.decode(ids), mode
+
+
+def test_batched_prompt_equals_the_c_engine_token_by_token(page, files, cli):
+    """The page reads a prompt of several batches (wa_feed_batch, 64 tokens each) and answers as the CLI
+    does when it feeds the prompt one token at a time (NANO_PREFILL_ROWS=1), and as its batched prefill."""
+    load(page, files["long"])  # Q8, a 4096-token context
+    prompt = TRAIN_TEXT[:800]  # ~190 tokens: three batches, the last one ragged
+    assert len(files["tok_long"].encode(prompt)) > 2 * 64
+    got = ask(page, prompt, mode="continue", max_new=30)
+    assert got["gen"] == cli(files["long"], prompt, mode="continue", n=30, env={"NANO_PREFILL_ROWS": "1"})
+    assert got["gen"] == cli(files["long"], prompt, mode="continue", n=30)
+    assert got["gen"] and got["reason"] == "max"
 
 
 def test_adapter_attach_changes_and_detach_restores(page, files, cli):

@@ -686,6 +686,99 @@ def test_cli_errors(engine, workdir):
 
 
 # ---------------------------------------------------------------------------
+# the prompt as a batch (nano_feed_batch: blocks of token rows through matrix-matrix kernels)
+# against the same prompt fed one token at a time (nano_forward: the decode path)
+
+
+def batch_and_stepwise_logits(binary, path, ids, workdir, *extra, env=None):
+    step = engine_logits(binary, path, ids, workdir / "step.f32", *extra, env=env)
+    run(binary, path, "--ids", ",".join(map(str, ids)), "--dump-prefill-logits", workdir / "batch.f32", *extra, env=env)
+    return step, np.fromfile(workdir / "batch.f32", dtype=np.float32).reshape(len(ids), -1)
+
+
+def assert_fp32_close(step, batch, what):
+    """The two differ only in the order of float additions (the kernels' tiles): fp32 rounding"""
+    assert step.shape == batch.shape, what
+    assert np.abs(step - batch).max() <= 2e-5 * max(1.0, np.abs(step).max()), what
+
+
+@pytest.mark.parametrize("kernels", ["scalar", "avx2", "avx512"])
+def test_prefill_batch_equals_token_by_token(engine, workdir, random_models, kernels):
+    """Every position's logits of the batched prompt equal those of feeding it token by token, fp32
+    and Q8 (activations quantized per row and group, as decoding does), on every kernel path this CPU
+    has (NANO_SIMD caps the dispatch), for the random models' shapes (learned positions and biases,
+    MQA, widths that leave rows, columns and group sizes over from the tiles, a padded vocabulary),
+    for one token, prompts of several blocks with a ragged last one, and a full context."""
+    for name in ("rope_gqa", "learned_bias", "mqa_eps_theta", "odd_widths", "padded_vocab"):
+        ck = random_models[name]
+        block, vocab = ck["model_config"]["block_size"], ck["model_config"]["vocab_size"]
+        rng = random.Random(name)
+        for quant in ("fp32", "q8"):
+            path = export_model(workdir, name, ck, quant)
+            for rows, n in (("64", 1), ("5", 1), ("5", 17), ("5", block), ("64", block)):
+                ids = [rng.randrange(vocab) for _ in range(n)]
+                env = {"NANO_SIMD": kernels, "NANO_PREFILL_ROWS": rows}
+                step, batch = batch_and_stepwise_logits(engine["release"], path, ids, workdir, env=env)
+                assert_fp32_close(step, batch, (name, quant, rows, n))
+
+
+def test_prefill_batch_with_lora_and_under_asan(engine, workdir, random_models):
+    """The same with a LoRA adapter on every target (fp32 and Q8 bases), and under AddressSanitizer +
+    UBSan (its build has the same SIMD kernels, without OpenMP) for a prompt that fills the context."""
+    ck = random_models["learned_bias"]
+    apath = str(workdir / "prefill_ad.bin")
+    export.write_lora(apath, make_adapter(ck, export.LORA_TARGETS))
+    block = ck["model_config"]["block_size"]
+    ids = [random.Random(1).randrange(ck["model_config"]["vocab_size"]) for _ in range(block)]
+    for quant in ("fp32", "q8"):
+        path = export_model(workdir, "learned_bias", ck, quant)
+        for binary in (engine["release"], engine["asan"]):
+            for rows in ("5", "64"):
+                env = {"NANO_PREFILL_ROWS": rows}
+                on_step, on_batch = batch_and_stepwise_logits(binary, path, ids, workdir, "-l", apath, env=env)
+                assert_fp32_close(on_step, on_batch, (quant, binary, rows, "lora"))
+                off_step, off_batch = batch_and_stepwise_logits(binary, path, ids, workdir, env=env)
+                assert_fp32_close(off_step, off_batch, (quant, binary, rows))
+                assert np.abs(on_batch - off_batch).max() > 1e-2  # the adapter is applied in the batch too
+    odd = random_models["odd_widths"]
+    for quant in ("fp32", "q8"):
+        path = export_model(workdir, "odd_widths", odd, quant)
+        ids = [random.Random(2).randrange(odd["model_config"]["vocab_size"]) for _ in range(odd["model_config"]["block_size"])]
+        step, batch = batch_and_stepwise_logits(engine["asan"], path, ids, workdir, env={"NANO_PREFILL_ROWS": "7"})
+        assert_fp32_close(step, batch, ("asan odd_widths", quant))
+
+
+def test_prefill_batch_greedy_text_unchanged(engine, workdir, trained):
+    """Greedy generation after a batched prompt gives the ids of a prompt fed one row at a time
+    (NANO_PREFILL_ROWS=1: each block is one token, nano_forward's path), and PyTorch's, for a prompt
+    of several blocks, one token, and one longer than the context (its most recent ids are kept)."""
+    ck, tok = trained
+    prompt = TRAIN_TEXT[:70]
+    ids = [2] + tok.encode(prompt)
+    assert len(ids) > 2 * 7
+    want = torch_generate(ck, ids, 20, temperature=0)
+    for quant in ("fp32", "q8"):
+        path = export_model(workdir, "trained", ck, quant)
+        for binary in (engine["release"], engine["asan"]):
+            for args in (("-g", prompt), ("--ids", "2"), ("--ids", ",".join(map(str, ids * 5)))):
+                flags = (*args, "-n", 20, "-t", 0, "--ignore-eos")
+                one = engine_ids(binary, path, *flags, env={"NANO_PREFILL_ROWS": "1"})
+                for rows in ("7", "64"):
+                    assert engine_ids(binary, path, *flags, env={"NANO_PREFILL_ROWS": rows}) == one, \
+                        (quant, binary, args[0], rows)
+                if quant == "fp32" and args[0] == "-g":
+                    assert one == want
+
+
+def test_prefill_rows_setting_is_checked(engine, workdir, trained):
+    path = export_model(workdir, "trained", trained[0])
+    for bad in ("0", "-3", "abc", "12abc", "", "4097", "99999999999999999999"):
+        r = run(engine["release"], path, "-g", "hi", "-n", 2, env={"NANO_PREFILL_ROWS": bad}, check=False)
+        assert r.returncode == 1 and b"NANO_PREFILL_ROWS must be a whole number from 1 to 4096" in r.stderr, (bad, r.stderr)
+    assert run(engine["release"], path, "-g", "hi", "-n", 2, env={"NANO_PREFILL_ROWS": "4096"}).returncode == 0
+
+
+# ---------------------------------------------------------------------------
 # llama2.c models (llama2c.py): the tokenizer section of kind 3
 
 
