@@ -150,7 +150,7 @@ def test_a_config_nested_past_the_parser_is_one_line(data_dir, tmp_path):
     ("seed=1180591620717411303424", "seed must be in [0, 2^63)"),
     ("seed=-1", "seed must be in [0, 2^63)"),
     ("batch_size=10000000", "batch_size and grad_accum must be at most"),
-    ("max_iter=5", "with --set max_iter=5: unknown key 'max_iter' (did you mean 'max_iters'?)"),
+    ("max_iter=5", "error: --set max_iter=5: unknown key 'max_iter' (did you mean 'max_iters'?)"),
 ] + ([("device=cuda", "this machine has no CUDA GPU")] if not torch.cuda.is_available() else []))
 def test_hostile_settings_get_one_line_before_anything_is_allocated(data_dir, tmp_path, setting, message):
     r = run_train(configs(tmp_path, data_dir, tmp_path / "run") + ["--set", setting])
