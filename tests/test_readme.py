@@ -68,3 +68,15 @@ def test_the_shipped_config_alone_names_both_ways_out(corpus, tmp_path):
     assert ("grad_accum (1) must be a multiple of the number of processes (2), which share each step's micro-batches: "
             "--set batch_size=8 grad_accum=2 keeps the batch of one process (16 sequences a step); --set grad_accum=2 "
             "makes the batch 2 times larger") in r.stderr
+
+
+def test_the_readme_run_runs_every_command_but_the_placeholders():
+    """tests/readme_run.py (CI: --quick) leaves out only lines with "..." placeholders (several machines)."""
+    from readme_commands import bash_lines, strip_comment
+    from readme_run import Runner
+    lines = [line for _, line in bash_lines()]
+    left_out = [line for line in lines if Runner.skip_reason(line)]
+    assert left_out and all(" -m ... -t ..." in line for line in left_out)
+    assert all(line.startswith(("torchrun --nnodes", "deepspeed --hostfile")) for line in left_out)
+    assert len(lines) > 40 and "python data.py" in lines
+    assert strip_comment('python x.py --prompt "a # b"   # a comment') == 'python x.py --prompt "a # b"   '
