@@ -44,8 +44,8 @@ def python_blocks(path=os.path.join(ROOT, "README.md")):
 
 
 class Runner:
-    def __init__(self, work, quick, venv_python):
-        self.work, self.quick = work, quick
+    def __init__(self, work, quick, venv_python, only=None):
+        self.work, self.quick, self.only = work, quick, only
         self.repo = os.path.join(work, "nano")
         self.home = os.path.join(work, "home")
         bin_dir = os.path.dirname(venv_python)
@@ -110,7 +110,7 @@ open("my_pairs.jsonl", "w").write("".join(json.dumps(p) + "\\n" for p in pairs))
         """What `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct` would leave: a Llama
         model directory with a ChatML template, here tiny and random, saved by transformers."""
         code = f"""
-import sys
+import json, sys
 sys.path.insert(0, {os.path.join(self.repo, 'tests')!r}); sys.path.insert(0, {self.repo!r})
 from corpus import default_corpus_documents
 from test_hf import make_hf_model
@@ -118,6 +118,9 @@ import transformers
 folder = {os.path.join(self.home, 'models', 'smollm2')!r}
 make_hf_model(folder, "llama", "chatml", list(default_corpus_documents())[:200], tied=True)
 transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # as a download holds them
+config = json.load(open(folder + "/config.json"))  # SmolLM2's context (RoPE: no weights depend on it)
+config["max_position_embeddings"] = 2048
+json.dump(config, open(folder + "/config.json", "w"))
 """
         return self.shell(f"python -c {shlex.quote(code)}", self.repo)
 
@@ -235,6 +238,8 @@ transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # as
         self.inputs_made = False
         section_before, cwd = None, self.repo
         for section, command in bash_lines(os.path.join(self.repo, "README.md")):
+            if self.only and not (section.startswith(self.only) or command.startswith("pip install -r requirements")):
+                continue
             if section != section_before:  # every section starts at the repository's root, no server up
                 self.stop_servers()
                 section_before, cwd = section, self.repo
@@ -265,12 +270,15 @@ def main():
     p.add_argument("--quick", action="store_true", help="short training runs (CI)")
     p.add_argument("--work", default=os.path.join("/tmp", "nano-readme-run"), help="scratch folder (removed first)")
     p.add_argument("--python", default=sys.executable, help="the Python that makes the fresh virtual environment")
+    p.add_argument("--only", metavar="SECTION", help='the set-up, then only the README section whose title starts '
+                   'so (e.g. "10."), in the venv of an earlier run (--work)')
     args = p.parse_args()
     t0 = time.time()
     venv = os.path.join(args.work + "-venv")
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([args.python, "-m", "venv", venv], check=True)
-    runner = Runner(args.work, args.quick, os.path.join(venv, "bin", "python"))
+    if not (args.only and os.path.exists(os.path.join(venv, "bin", "python"))):
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([args.python, "-m", "venv", venv], check=True)
+    runner = Runner(args.work, args.quick, os.path.join(venv, "bin", "python"), args.only)
     print(f"README commands on a fresh clone of {ROOT} ({subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}) "
           f"in a fresh venv ({venv}); {'--quick' if args.quick else 'full'}; {os.cpu_count()} CPUs, load "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
