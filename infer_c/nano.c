@@ -1007,6 +1007,74 @@ __attribute__((target("avx2,fma"))) static void mm_q8_avx2(const int8_t *w, cons
 }
 #endif
 
+/* -- activation quantization (Q8 files): quantize_act's arithmetic on one group -------------------
+ * Returns the group's scale and writes its int8 values, bit for bit quantize_act's (section 5):
+ * the largest |x| as the largest bit pattern (NaN skipped), 127 / that, the products clamped to
+ * +-127 (NaN to 0), rounded half away from zero. gs a multiple of the lane count. In scalar code
+ * this was a quarter of a 15M-shape Q8 prompt. */
+typedef float (*quant_group_fn)(int8_t *q, const float *x, int gs);
+
+#ifdef NANO_X86
+__attribute__((target("avx512f"))) static float quant_group_avx512(int8_t *q, const float *x, int gs)
+{
+    const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF), inf_bits = _mm512_set1_epi32(0x7F800000);
+    __m512i top = _mm512_setzero_si512();
+    for (int i = 0; i < gs; i += 16) {
+        __m512i b = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + i)), abs_bits);
+        top = _mm512_max_epu32(top, _mm512_maskz_mov_epi32(_mm512_cmple_epu32_mask(b, inf_bits), b));
+    }
+    uint32_t topb = _mm512_reduce_max_epu32(top);
+    float amax;
+    memcpy(&amax, &topb, 4);
+    float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv), lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    const __m512 half = _mm512_set1_ps(0.5f);
+    const __m512i one = _mm512_castps_si512(_mm512_set1_ps(1.0f)), sign = _mm512_set1_epi32((int)0x80000000u);
+    for (int i = 0; i < gs; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), vinv);
+        __mmask16 num = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+        v = _mm512_maskz_mov_ps(num, _mm512_min_ps(lim, _mm512_max_ps(nlim, v)));
+        __m512 t = _mm512_roundscale_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __m512 away = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(_mm512_castps_si512(v), sign), one));
+        __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(v, t)), half, _CMP_GE_OQ);
+        t = _mm512_mask_add_ps(t, up, t, away);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(t)));
+    }
+    return amax / 127.0f;
+}
+
+__attribute__((target("avx2,fma"))) static float quant_group_avx2(int8_t *q, const float *x, int gs)
+{
+    const __m256i abs_bits = _mm256_set1_epi32(0x7FFFFFFF), inf_bits = _mm256_set1_epi32(0x7F800000);
+    __m256i top = _mm256_setzero_si256();
+    for (int i = 0; i < gs; i += 8) {
+        __m256i b = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + i)), abs_bits);
+        top = _mm256_max_epu32(top, _mm256_andnot_si256(_mm256_cmpgt_epi32(b, inf_bits), b)); /* both >= 0 */
+    }
+    uint32_t lanes[8], topb = 0;
+    _mm256_storeu_si256((__m256i *)lanes, top);
+    for (int k = 0; k < 8; k++) topb = lanes[k] > topb ? lanes[k] : topb;
+    float amax;
+    memcpy(&amax, &topb, 4);
+    float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
+    const __m256 vinv = _mm256_set1_ps(inv), lim = _mm256_set1_ps(127.0f), nlim = _mm256_set1_ps(-127.0f);
+    const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < gs; i += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
+        __m256 num = _mm256_cmp_ps(v, v, _CMP_ORD_Q);
+        v = _mm256_and_ps(num, _mm256_min_ps(lim, _mm256_max_ps(nlim, v)));
+        __m256 t = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __m256 away = _mm256_or_ps(_mm256_and_ps(v, sign), one);
+        __m256 up = _mm256_cmp_ps(_mm256_andnot_ps(sign, _mm256_sub_ps(v, t)), half, _CMP_GE_OQ);
+        t = _mm256_add_ps(t, _mm256_and_ps(up, away));
+        __m256i i32 = _mm256_cvttps_epi32(t);
+        __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+        _mm_storel_epi64((__m128i *)(q + i), _mm_packs_epi16(i16, i16));
+    }
+    return amax / 127.0f;
+}
+#endif
+
 /* out[r] = w[r] . x for `rows` consecutive rows of n floats (the matvec kernel) */
 typedef void (*rows_f32_fn)(const float *w, const float *x, float *out, int rows, int n);
 static rows_f32_fn g_rows_f32 = rows_f32_scalar;
@@ -1021,6 +1089,8 @@ static rows_q8_fn g_rows_q8_256, g_rows_q8_512; /* paired with g_q8_256 and g_q8
 /* matrix times a block of token rows (prefill); NULL: the generic one over the row kernels */
 static mm_f32_fn g_mm_f32;
 static mm_q8_fn g_mm_q8_256, g_mm_q8_512; /* paired with g_q8_256 and g_q8_512 */
+static quant_group_fn g_quant_group; /* NULL: quantize_act's scalar loops */
+static int g_quant_lanes;
 static const char *g_kernel_name = "scalar";
 
 /* Pick kernels once. NANO_SIMD=scalar|avx2|avx512 caps the choice (tests compare the paths). */
@@ -1043,6 +1113,8 @@ static void simd_init(void)
         g_rows_q8_256 = rows_q8_avx2;
         g_mm_f32 = mm_f32_avx2;
         g_mm_q8_256 = mm_q8_avx2;
+        g_quant_group = quant_group_avx2;
+        g_quant_lanes = 8;
         g_kernel_name = "avx2";
     }
     if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -1054,6 +1126,8 @@ static void simd_init(void)
         g_q8_512 = dot_q8_avx512;
         g_rows_q8_512 = rows_q8_avx512;
         g_mm_f32 = mm_f32_avx512;
+        g_quant_group = quant_group_avx512;
+        g_quant_lanes = 16;
         if (__builtin_cpu_supports("avx512vl")) {
             g_mm_q8_256 = mm_q8_vnni;
             g_mm_q8_512 = mm_q8_avx512;
@@ -2759,6 +2833,10 @@ static void quantize_act(int8_t *q, float *s, const float *x, int n, int gs)
 {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
+        if (g_quant_group && gs % g_quant_lanes == 0) {
+            s[g] = g_quant_group(q + (size_t)g * gs, xg, gs);
+            continue;
+        }
         uint32_t top = 0;
         for (int i = 0; i < gs; i++) {
             uint32_t b;
