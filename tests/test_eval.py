@@ -113,7 +113,7 @@ def reference_loglik(model, hf_tok, context, continuation, block_size):
 def test_every_loglik_and_answer_equals_transformers(oracle):
     folder, model, hf_tok = oracle
     ev = nano_evaluator(folder, batch_tokens=1024)  # several padded batches of mixed lengths
-    tasks = evaluation.load_tasks(",".join(TASKS), shared_tasks(), limit=6)
+    tasks = evaluation.load_tasks(",".join(TASKS), shared_tasks(), limit=4)
     result = ev.evaluate(tasks)
     checked = 0
     for task in tasks:
@@ -134,7 +134,7 @@ def test_every_loglik_and_answer_equals_transformers(oracle):
                 assert got["pred"] == int(np.argmax(want))  # the same answer
                 k += m
             checked += 1
-    assert checked == 66
+    assert checked == 44
 
 
 def test_scores_by_hand_on_a_small_fixture(oracle, tmp_path):
@@ -210,6 +210,13 @@ def test_nano_framing_puts_bos_first_and_scores_the_continuation(corpus):
     assert seqs[0][0] == tok.bos_id
     assert tok.decode(seqs[0][-n[0]:]) == " Let there be light"
     assert seqs[0] == [tok.bos_id] + tok.encode("And God said Let there be light")
+
+
+def test_chat_framing_is_a_user_turn_and_the_reply(corpus):
+    tok = TrieTokenizer.build(corpus, 600)
+    seqs, n = evaluation.encode_requests(tok, [("Question: Who built the ark?\nAnswer:", " Noah", 4)], chat=True)
+    want = [tok.bos_id, tok.instruct_id] + tok.encode("Question: Who built the ark?\nAnswer:") + [tok.response_id]
+    assert seqs[0] == want + tok.encode("Noah") and n == [len(tok.encode("Noah"))]
 
 
 BAD_ITEMS = [
