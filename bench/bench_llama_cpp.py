@@ -101,6 +101,12 @@ def hf_checkpoint(out, arch):
         tj = json.loads(path.read_text(encoding="utf-8"))
         tj["model"]["ignore_merges"] = True
         path.write_text(json.dumps(tj), encoding="utf-8")
+        # and Llama 3 ends at <|end_of_text|> as well as <|eot_id|> (its generation_config.json), which
+        # llama.cpp does anyway by their names (without it: docs/GGUF.md, "End of generation by name")
+        ids = {a["content"]: a["id"] for a in tj["added_tokens"]}
+        gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+        gen["eos_token_id"] = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+        (folder / "generation_config.json").write_text(json.dumps(gen), encoding="utf-8")
     return hf.load_checkpoint(str(folder))
 
 
