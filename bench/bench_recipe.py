@@ -10,6 +10,8 @@ docs/RECIPES.md). Three parts, each printed as it ends and once more in a summar
               needs to reach a fixed val loss (--bpe-target, else the best loss both reach) and to
               its own best.
   throughput  tokens/s of the 124M b32 fp8=all line (bench.py, compiled, CUDA graph) with AdamW and Muon.
+  cpustep     (not in the default parts) ms per step of the README's default run (config/model.json,
+              batch 16, on the CPU) with each arm: bench.py, --runs of each, alternating.
 
     python bench/bench_recipe.py --shakespeare out/tinyshakespeare.txt             # all three, ~8 min on an H200
     python bench/bench_recipe.py --shakespeare ../shared/data/tinyshakespeare.txt --parts ttl --runs 3
@@ -122,10 +124,24 @@ def throughput(args):
     return result
 
 
+def cpustep(args):
+    """bench.py's median ms/step of the default model on the CPU, the arms alternating: {arm: [ms, ...]}."""
+    result = {arm: [] for arm in arms(args)}
+    for i in range(args.runs):
+        for arm, (train_set, model_set) in arms(args).items():
+            model = model_config("config/model.json", model_set, args.out, f"cpu_{arm}")
+            out, _ = run([PY, "bench.py", "-m", model, "-b", "16", "--device", "cpu", "--steps", "10", "--warmup", "3",
+                          "--train-set", *train_set])
+            line = next(line for line in out.splitlines() if line.startswith("median"))
+            result[arm].append(float(re.search(r"([\d.]+) ms/step", line).group(1)))
+            print(f"cpustep run {i + 1} {arm}: {result[arm][-1]:.1f} ms/step", flush=True)
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shakespeare", default="../shared/data/tinyshakespeare.txt", help="Tiny Shakespeare text (ttl)")
-    p.add_argument("--parts", default="ttl,bpe124,throughput", help="comma-separated: ttl, bpe124, throughput")
+    p.add_argument("--parts", default="ttl,bpe124,throughput", help="comma-separated: ttl, bpe124, throughput, cpustep")
     p.add_argument("--runs", type=int, default=3, help="ttl runs of each arm (alternating)")
     p.add_argument("--adamw", default="optimizer=adamw", help="train-config overrides of the AdamW arm")
     p.add_argument("--muon", default="optimizer=muon", help="train-config overrides of the Muon arm")
@@ -137,9 +153,9 @@ def main():
     p.add_argument("--out", default="/tmp/nano_recipe")
     args = p.parse_args()
     parts = args.parts.split(",")
-    unknown = set(parts) - {"ttl", "bpe124", "throughput"}
+    unknown = set(parts) - {"ttl", "bpe124", "throughput", "cpustep"}
     if unknown:
-        p.error(f"unknown parts {sorted(unknown)}: choose from ttl, bpe124, throughput")
+        p.error(f"unknown parts {sorted(unknown)}: choose from ttl, bpe124, throughput, cpustep")
     if "ttl" in parts and not os.path.isfile(args.shakespeare):
         sys.exit(f"error: {args.shakespeare}: no such file (Tiny Shakespeare; give --shakespeare PATH)")
     os.makedirs(args.out, exist_ok=True)
@@ -166,6 +182,10 @@ def main():
         tput = throughput(args)
         summary.append("124M b32 fp8=all tokens/s: " + ", ".join(f"{arm} {v:,.0f}" for arm, v in tput.items())
                        + f" (muon/adamw {tput['muon'] / tput['adamw']:.3f})")
+    if "cpustep" in parts:
+        for arm, ms in cpustep(args).items():
+            summary.append(f"default model on the CPU, {arm}: median {statistics.median(ms):.0f} ms/step "
+                           f"(runs: {', '.join(f'{m:.0f}' for m in ms)})")
     print(f"\n== summary ({time.time() - start:.0f} s)")
     print("\n".join(summary))
 
