@@ -392,3 +392,20 @@ def test_llama2c_model_as_llama_cpps_sentencepiece_vocabulary(tmp_path):
     ids = torch.tensor([[tok.bos_id] + tok.encode("Once upon a time, there was a little girl")])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, model_from_checkpoint(ck).eval()(ids)[0], atol=2e-5, rtol=0)
+
+
+def test_lora_adapter_merged_into_the_file(tmp_path, trie):
+    """--merge ADAPTER: the file holds W + (alpha / rank) B A for every targeted projection, the rest as is."""
+    from test_export import lora_checkpoint
+    ck = checkpoint(trie)
+    adapter = lora_checkpoint(ck, ("wq", "w2"), rank=2, alpha=4)
+    torch.save(adapter, tmp_path / "adapter.pt")
+    path = str(tmp_path / "merged.gguf")
+    assert export.main([path, "--checkpoint", save(tmp_path, ck, "base"), "--format", "gguf",
+                        "--merge", str(tmp_path / "adapter.pt")]) == 0
+    got = {t.name: gguf_export.dequantized(t) for t in gguf.GGUFReader(path).tensors}
+    for name, w in ck["model"].items():
+        a, b = adapter["adapter"].get(name.replace(".weight", ".lora_A")), adapter["adapter"].get(name.replace(".weight", ".lora_B"))
+        want = w + 4 / 2 * b @ a if a is not None else w
+        torch.testing.assert_close(got[gguf_export.gguf_name(name)], want, atol=1e-5, rtol=0)
+    assert any(".lora_A" in k for k in adapter["adapter"]) and "blk.0.attn_q.weight" in got
