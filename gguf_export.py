@@ -62,6 +62,7 @@ import torch
 
 from files import NanoError
 from hf import pairs_to_halves, tokenizer_files
+from llama2c import sentencepiece_pieces
 from tokenizer import CHAT_TURN_END, LLAMA2C_BYTE0, LLAMA2C_NO_MERGE, SPECIAL_TOKENS
 
 GGUF_QUANTS = {"fp32": "F32", "f16": "F16", "q8": "Q8_0"}  # --quant -> the GGUF type of the matrices
@@ -203,14 +204,14 @@ def hf_vocab(tok, n_vocab, pattern, bos):
 
 def llama2c_vocab(tok, n_vocab):
     """A llama2.c model's tokenizer (tokenizer.Llama2cTokenizer: SentencePiece pieces with scores) as llama.cpp's
-    `llama` (SentencePiece) vocabulary, as its own convert-llama2c-to-ggml writes it: spaces spelled U+2581,
+    `llama` (SentencePiece) vocabulary (llama2c.sentencepiece_pieces): spaces spelled U+2581, <unk> <s> </s>,
     the scores, <0xNN> byte tokens, a space put before the text (add_space_prefix, run.c's dummy prefix),
     <s> first; generation ends at </s> and at <s> (run.c's stop, which begins the next story)."""
     if any(sc <= LLAMA2C_NO_MERGE for sc in tok.scores):
         raise GGUFExportError(f"llama2.c tokenizer: a score at or below {LLAMA2C_NO_MERGE:g}, which run.c never merges "
                               "and llama.cpp would")
     n = len(tok.tokens)
-    tokens = [t.replace(" ", "\u2581") for t in tok.tokens] + [f"[PAD{i}]" for i in range(n, n_vocab)]
+    tokens = sentencepiece_pieces(tok) + [f"[PAD{i}]" for i in range(n, n_vocab)]
     types = [gguf.TokenType.NORMAL] * n + [gguf.TokenType.UNUSED] * (n_vocab - n)
     types[tok.unk_id] = gguf.TokenType.UNKNOWN
     types[tok.bos_id] = types[tok.eos_id] = gguf.TokenType.CONTROL

@@ -379,7 +379,7 @@ def test_llama2c_model_as_llama_cpps_sentencepiece_vocabulary(tmp_path):
     reader = check_tensors(path, ck, "fp32", "llama")
     meta = fields(reader)
     assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
-    assert meta["tokenizer.ggml.tokens"] == [t.replace(" ", "\u2581") for t in tok.tokens]
+    assert meta["tokenizer.ggml.tokens"] == ["<unk>", "<s>", "</s>"] + [t.replace(" ", "\u2581") for t in tok.tokens[3:]]
     assert meta["tokenizer.ggml.scores"] == pytest.approx(tok.scores, rel=0, abs=0)
     types = meta["tokenizer.ggml.token_type"]
     assert types[:3] == [2, 3, 3] and set(types[3:259]) == {6} and set(types[259:]) == {1}
