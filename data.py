@@ -645,6 +645,9 @@ def sft_encode(tok, messages):
     own chat template."""
     if tok.kind == "hf":
         return _sft_encode_chat(tok, messages)
+    if tok.instruct_id is None or tok.response_id is None:  # llama2.c's tokenizer: its models continue text
+        raise DataError("this tokenizer has no <|instruct_mark|> or <|response_mark|> token, so Nano cannot frame "
+                        "question/answer samples for it: fine-tune its model on text (python data.py --tokenizer ...)")
     return chat_encode(tok, messages)
 
 

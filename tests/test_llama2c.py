@@ -487,7 +487,14 @@ def test_cli_errors_are_one_line(tmp_path):
             assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
             lines = r.stderr.strip().splitlines()
             assert len(lines) == 1 and "error: " in lines[0] and match in lines[0], (script, r.stderr)
-    r = infer_cli("-m", MODEL, "--prompt", "x", "-i")  # no instruct marks: one line
+    qa = tmp_path / "qa.jsonl"  # no instruct marks: question/answer data cannot be framed, one line
+    qa.write_text(json.dumps({"question": "hi there", "answer": "yes it is"}) + "\n")
+    r = subprocess.run([sys.executable, "data.py", "sft", "--input", str(qa), "--tokenizer", str(TOKENIZER), "--out",
+                        str(tmp_path / "sft")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: this tokenizer has no <|instruct_mark|> or <|response_mark|> token, so Nano cannot frame "
+        "question/answer samples for it: fine-tune its model on text (python data.py --tokenizer ...)"], r.stderr
+    r = infer_cli("-m", MODEL, "--prompt", "x", "-i")  # and no instruct mode
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: this model's tokenizer has no <|instruct_mark|> or <|response_mark|> token, so instruct (chat) mode "
         "cannot frame the prompt: use continuation mode"]
