@@ -112,16 +112,19 @@ def main():
                         for t in tasks}}
     result["centred"] = evaluation.centred_mean(result["tasks"])
     total_s = time.perf_counter() - T_START
+    cpu_s = time.process_time()  # on a shared machine the wall time depends on the others; this less so
     print(evaluation.format_table(result))
     figures = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
                "model": args.checkpoint or args.config, "params": model.num_params(), "items": n_items,
                "requests": n_requests, "tokens": n_tokens, "startup_s": startup_s, "tokenize_s": tokenize_s,
                "nano_score_s": nano_s, "nano_total_s": total_s, "nano_items_per_s": n_items / total_s,
-               "nano_tokens_per_s_scoring": n_tokens / nano_s, "torch": torch.__version__}
+               "nano_tokens_per_s_scoring": n_tokens / nano_s, "nano_process_cpu_s": cpu_s,
+               "load_average": os.getloadavg(), "torch": torch.__version__}
     print(f"\n{n_items:,} items, {n_requests:,} requests, {n_tokens:,} tokens, on {figures['device']}")
     print(f"start-up (imports, model, task files, tokenizing {tokenize_s:.1f} s): {startup_s:.1f} s")
     print(f"Nano scoring: {nano_s:.1f} s ({n_tokens / nano_s:,.0f} tokens/s); total from process start "
-          f"{total_s:.1f} s = {n_items / total_s:,.1f} items/s")
+          f"{total_s:.1f} s = {n_items / total_s:,.1f} items/s; process CPU time {cpu_s:.1f} s; load average "
+          f"{os.getloadavg()[0]:.1f}")
 
     if args.compile:
         compiled = torch.compile(evaluation.nano_forward(model), dynamic=True)
