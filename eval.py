@@ -234,8 +234,8 @@ def task_requests(task):
 def framing_ids(tok, prompt_format=None):
     """The tokens before a text: the model's own framing as infer.py frames a prompt (Nano: <|bos|>; a
     Hugging Face model: what its tokenizer's pipeline puts first, Llama 3's <|begin_of_text|>), and
-    where that is nothing (Qwen2, a 2024.10 model), the end-of-text token, as lm-eval-harness does,
-    so that the text's first token is predicted too."""
+    where that is nothing (Qwen2, a 2024.10 model), its begin-of-text token if it has one, else its
+    end-of-text token (lm-eval-harness's prefix token), so that the text's first token is predicted too."""
     return prompt_ids(tok, "", False, prompt_format) or [tok.bos_id if tok.bos_id is not None else tok.eos_id]
 
 
