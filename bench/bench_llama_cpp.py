@@ -9,7 +9,7 @@ Models: a trie-tokenizer model and a GPT-2-BPE model, each trained for a minute 
 sentences (confident predictions, so that greedy text means something); two Hugging Face models
 (transformers' Llama with a Llama-3-style tokenizer, Qwen2 with q/k/v biases; random weights, as
 tests/test_hf.py makes them) imported by hf.py; llama2.c's stories260K (../shared/data/llama2c) when
-hf.load_checkpoint reads llama2.c files.
+hf.load_checkpoint reads llama2.c files (and llama.cpp's greedy text for "Once upon a time" against run.c's, the shared golden file).
 
 For each model and each of 5 prompts (two of them non-ASCII):
   * prompt ids: the C engine's (nano_encode_prompt: <|bos|> + text, or the model's own framing) and
@@ -250,6 +250,11 @@ def compare(name, out, llama_cpp, n_new):
               "tokenizer": ck["tokenizer"]["type"], "prompts": rows, "cli": cli}
     if name == "trie":
         result["unknown_characters"] = unknown_character_demo(gguf, tok)
+    if name == "llama2c":  # run.c's own greedy text: -n 200 steps, the last prompt token's the first that samples
+        golden = (ROOT.parent / "shared" / "data" / "llama2c" / "greedy_once_upon_a_time.txt").read_text(encoding="utf-8")
+        ids = ll.prompt_ids("Once upon a time")
+        gen, _ = ll.greedy_and_logits(ids, 200 - len(ids) + 1)
+        result["run_c_golden_equal"] = "Once upon a time" + ll.text(gen) == golden.rstrip("\n")
     return result
 
 
