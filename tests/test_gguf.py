@@ -13,7 +13,6 @@ The same files against llama.cpp itself: bench/bench_llama_cpp.py (docs/BENCHMAR
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
