@@ -114,6 +114,15 @@ def main():
         engines = [str(ROOT / "infer_c" / "infer")]
     if a.llama_bench and not a.gguf_dir:
         ap.error("--llama-bench needs --gguf-dir")
+    unknown = [x for x in a.shapes.split(",") if x not in SHAPES] + \
+        [x for x in a.quants.split(",") if x not in GGUF_QUANT]
+    if unknown:
+        ap.error(f"unknown shape or quant {unknown[0]!r} (shapes: {', '.join(SHAPES)}; quants: fp32, q8)")
+    missing = [e for e in engines + ([a.llama_bench] if a.llama_bench else []) if not os.access(e, os.X_OK)]
+    missing += [str(Path(a.gguf_dir) / f"{s}.{GGUF_QUANT[q]}.gguf") for s in a.shapes.split(",")
+                for q in a.quants.split(",") if a.llama_bench and not (Path(a.gguf_dir) / f"{s}.{GGUF_QUANT[q]}.gguf").exists()]
+    if missing:
+        ap.error(f"not found (or not executable): {missing[0]}")
     configs = [(s, q, int(t), mode, n) for s in a.shapes.split(",") for q in a.quants.split(",")
                for t in a.threads.split(",") for mode, n in (("pp", a.pp), ("tg", a.tg)) if n > 0]
     files = {(s, q): make_file(out, s, q) for s, q in {(c[0], c[1]) for c in configs}}

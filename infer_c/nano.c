@@ -745,9 +745,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx51
     } while (0)
 #define MM_MAX 4 /* the largest R and TT: the tiles' register arrays are declared this big */
 
-/* out[r] = w[r] . x[t] for the weight rows r of one tile, against `T` token rows of x; the generic
- * kernel of the scalar and wasm builds: the row kernel (g_rows_f32 or the Q8 one), over tiles of
- * rows that fit in L1 (16 KiB), for one token row after another */
+/* where a CPU has no kernels of this kind (scalar, wasm), mat_block runs the row kernel over tiles of
+ * weight rows this large (they stay in L1), for one token row after another */
 #define MM_GENERIC_TILE_BYTES 16384
 
 typedef void (*mm_f32_fn)(const float *w, const float *x, int ldx, float *out, int ldo, int rows, int n, int T);
@@ -877,11 +876,11 @@ __attribute__((target("avx2,fma"))) static void mm_f32_avx2(const float *w, cons
 #undef TILE
 }
 
-/* Q8 tiles, gs % 32 == 0, in 32-byte slices: the sign trick of dot_q8_avx2 (|x| times w*sign(x)),
- * one int32 sum per weight row and token row for each group, then scaled by both groups' scales.
- * With AVX-512 VNNI (and VL) the products go through vpdpbusd on 256-bit registers: 32 of them, so
- * 4 x 4 tiles fit; on Zen 4 a 512-bit operation is two 256-bit ones, so nothing is lost, and group
- * sizes of 32 (n_embd 288) run on it too. AVX2's maddubs + madd take 4 x 2 tiles. */
+/* Q8 tiles, gs % 32 == 0, in 32-byte slices: rows_q8_avx2's arithmetic (the sign trick, |x| times
+ * w*sign(x); one 8-lane int32 sum per weight row and token row for each group, then scaled by both
+ * groups' scales), for the matrices decoding runs through rows_q8_avx2. With AVX-512 VNNI (and VL)
+ * the products go through vpdpbusd on 256-bit registers, 32 of them: 4 x 4 tiles fit (group sizes
+ * of 32: n_embd 288). AVX2's maddubs + madd take 4 x 2 tiles. */
 #define Q8_TILE_BODY(DOT)                                                                                   \
     const int groups = n / gs;                                                                              \
     __m256 acc[MM_MAX][MM_MAX];                                                                             \
