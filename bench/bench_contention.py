@@ -23,9 +23,10 @@ prints the median and the lowest tokens/s of --runs runs of each.
 
 With --torch it measures torch's training step instead (the default model and batch, 16 x 256
 tokens, forward + backward + AdamW, in a fresh process per run) with torch's default thread count
-(every core) and with train.py's choice (train.cpu_threads: the cores less the 1-minute load
-average), quiet and busy. The load average lags, so the busy phase first waits until it shows the
-competitors (at most 90 s), as it would for a training run started on a machine that was busy.
+(every core) and with train.py's choice (train.cpu_threads: the cores less those busy now, from
+/proc/stat sampled over 0.25 s; figures recorded before 2026-12-04 used the 1-minute load average),
+quiet and busy. The busy phase first waits until the load average shows the competitors (at most
+90 s), so that they are running before a run starts.
 """
 
 import argparse
