@@ -2365,6 +2365,20 @@ static int utf8_valid(const uint8_t *s, size_t n)
     return 1;
 }
 
+/* The text to tokenize as valid UTF-8: s itself, or (ill-formed sequences as U+FFFD) a copy in
+ * *clean that the caller frees, with *s and *len moved to it. 0 when the copy cannot be allocated. */
+static int valid_utf8_text(const uint8_t **s, size_t *len, uint8_t **clean)
+{
+    *clean = NULL;
+    if (utf8_valid(*s, *len)) return 1;
+    size_t rest;
+    *clean = *len < (size_t)-1 / 3 ? malloc(3 * *len) : NULL;
+    if (!*clean) return 0;
+    *len = utf8_clean(*s, *len, (char *)*clean, &rest, 1);
+    *s = *clean;
+    return 1;
+}
+
 /* The pieces of s[0..n) (a text between special tokens), one after the other, through `piece`.
  * SmolLM (Hugging Face's Sequence[Digits(individual_digits), ByteLevel(use_regex)]) first cuts
  * every number character (\p{N}: Rust's char::is_numeric, the same categories Nd Nl No) out as a
@@ -2413,13 +2427,7 @@ static int pretokenize_text(int pattern, const uint8_t *s, size_t n, PieceSink *
 static size_t bpe_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *ids, size_t max_ids)
 {
     uint8_t *clean = NULL;
-    if (!utf8_valid(s, len)) {
-        size_t rest;
-        clean = len < (size_t)-1 / 3 ? malloc(3 * len) : NULL;
-        if (!clean) return (size_t)-1;
-        len = utf8_clean(s, len, (char *)clean, &rest, 1);
-        s = clean;
-    }
+    if (!valid_utf8_text(&s, &len, &clean)) return (size_t)-1;
     Ids o = {ids, max_ids, 0};
     Scratch w = {NULL, 0, NULL, 0};
     int bad = 0;
@@ -2689,13 +2697,7 @@ static size_t l2c_encode(const Tokenizer *t, const uint8_t *s, size_t len, int *
 {
     if (len == 0) return 0; /* no dummy prefix either */
     uint8_t *clean = NULL;
-    if (!utf8_valid(s, len)) {
-        size_t rest;
-        clean = len < (size_t)-1 / 3 ? malloc(3 * len) : NULL;
-        if (!clean) return (size_t)-1;
-        len = utf8_clean(s, len, (char *)clean, &rest, 1);
-        s = clean;
-    }
+    if (!valid_utf8_text(&s, &len, &clean)) return (size_t)-1;
     Ids o = {ids, max_ids, 0};
     Scratch w = {NULL, 0, NULL, 0};
     L2cParts p = {NULL, NULL, NULL, NULL, 0, 0};
