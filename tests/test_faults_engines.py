@@ -182,11 +182,13 @@ def test_an_answer_that_ends_at_once_says_so(engine, files):
     assert r.returncode == 0 and message in r.stderr and r.stdout == "the fox\n"
 
 
-def test_gitignore_covers_the_bin_files_the_readme_writes():
+def test_gitignore_covers_the_model_files_the_readme_writes():
     readme = (ROOT / "README.md").read_text()
     blocks = "\n".join(re.findall(r"```bash\n(.*?)```", readme, re.S))
-    paths = {os.path.normpath(p.replace("../", "")) for p in re.findall(r"(?<![\w/.-])([\w./-]+\.bin)\b", blocks)}
-    assert {"model.bin", "adapter.bin"} <= paths, paths
+    # the model files the commands name inside the repository (those under ../ are inputs from outside it)
+    found = re.findall(r"(?<![\w/.-])([\w./-]+\.(?:bin|gguf))\b", blocks)
+    paths = {os.path.normpath(p) for p in found if not p.startswith("../")}
+    assert {"model.bin", "adapter.bin", "model.gguf"} <= paths, paths
     r = subprocess.run(["git", "check-ignore", *sorted(paths)], cwd=ROOT, capture_output=True, text=True)
     assert sorted(r.stdout.split()) == sorted(paths), r.stdout
 
