@@ -35,7 +35,7 @@ import hf
 from files import ConfigError, NanoError, weights_fingerprint
 from merge_lora import merged_checkpoint
 from model import ModelConfig, rope_tables
-from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, Llama2cTokenizer, TokenizerError
+from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, Llama2cTokenizer, TokenizerError, tokenizer_from_dict
 
 MAGIC = (0x42443453, 0x55524C4D)
 VERSION = (2026, 11)
@@ -148,7 +148,7 @@ def write_hf(out_dir, checkpoint, adapter=None):
 
 def load_checkpoint(path_or_dict):
     """-> (ModelConfig, state_dict, tokens, fingerprint hex) from a train.py checkpoint (path or dict);
-    tokens: the trie tokenizer's list of strings, a tokenizer.BPETokenizer or a tokenizer.HFTokenizer."""
+    tokens: the trie tokenizer's list of strings, a tokenizer.BPETokenizer, HFTokenizer or Llama2cTokenizer."""
     ck = _read_checkpoint(path_or_dict) if isinstance(path_or_dict, str) else path_or_dict
     if not isinstance(ck, dict) or "model_config" not in ck or "model" not in ck:
         raise ExportError("not a Nano checkpoint: expected a dict with 'model_config' and 'model'")
@@ -164,21 +164,9 @@ def load_checkpoint(path_or_dict):
     tok = ck.get("tokenizer")
     if not isinstance(tok, dict):
         raise ExportError("checkpoint has no 'tokenizer' dict")
-    if tok.get("type") == "bpe":
+    if tok.get("type") in ("bpe", "hf", "llama2c"):
         try:
-            tokens = BPETokenizer(tok.get("name", "gpt2"))  # "tokens" is then the tokenizer itself
-        except TokenizerError as e:
-            raise ExportError(str(e)) from None
-        n_tokens = tokens.vocab_size
-    elif tok.get("type") == "hf":
-        try:
-            tokens = HFTokenizer(tok)
-        except TokenizerError as e:
-            raise ExportError(str(e)) from None
-        n_tokens = tokens.vocab_size
-    elif tok.get("type") == "llama2c":
-        try:
-            tokens = Llama2cTokenizer(tok)
+            tokens = tokenizer_from_dict(tok)  # "tokens" is then the tokenizer itself
         except TokenizerError as e:
             raise ExportError(str(e)) from None
         n_tokens = tokens.vocab_size
