@@ -27,9 +27,11 @@ import time
 import torch
 
 from data import chat_encode
-from export import MAGIC  # docs/FORMAT.md: the first 8 bytes of every Nano .bin
 from files import ConfigError, NanoError, load_adapter
 from hf import load_checkpoint
+# the first 8 bytes of every Nano .bin (docs/FORMAT.md), from the loaders' layer, not from export.py: eval.py,
+# and so train.py, load models through this file, and export.py brings gguf_export.py and the gguf package
+from llama2c import NANO_BIN_MAGIC
 from model import attach_lora, model_from_checkpoint, set_lora_enabled
 from tokenizer import tokenizer_from_dict
 
@@ -189,7 +191,7 @@ def refuse_nano_bin(path):
             head = f.read(20)
     except OSError:
         return  # load_checkpoint names the problem
-    if len(head) < 20 or struct.unpack_from("<II", head) != MAGIC:
+    if len(head) < 20 or head[:8] != NANO_BIN_MAGIC:
         return
     major, minor, kind = struct.unpack_from("<iii", head, 8)
     what = "LoRA adapter" if kind == 10 else "model"

@@ -183,3 +183,40 @@ def test_every_error_class_is_a_nano_error():
     bad = [f"{m}.py:{line} {c}({', '.join(b for _, b in bases)})" for m, line, c, k, bases in error_classes(mods)
            if k == "other exception" and (m, c) != ("files", "NanoError")]
     assert not bad, "error classes that do not derive from files.NanoError: " + "; ".join(bad)
+
+
+# ---------------------------------------------------------------------------
+# What training start-up loads: train.py imports eval.py (the train config's eval_tasks), which loads
+# models as infer.py does; none of that may bring in the exporters (export.py, gguf_export.py and the
+# gguf package they need), which a training run never uses
+
+
+def reachable(graph, start):
+    """Every project module `start` imports, directly or through others (function-level imports too)."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), {}):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_training_start_up_does_not_import_the_exporters():
+    import subprocess
+    import sys
+    graph = project_imports(read_modules())
+    for script in ("train", "eval"):
+        found = reachable(graph, script) & {"export", "gguf_export"}
+        assert not found, f"{script}.py reaches {sorted(found)} through its imports (even inside a function)"
+    code = ("import sys, train, eval; "
+            "print(' '.join(m for m in ('export', 'gguf_export', 'gguf', 'eval', 'infer') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["eval", "infer"], f"importing train and eval loaded: {r.stdout.strip()}"
+
+
+def test_reachable_follows_the_graph():
+    """The checker itself: through a function-level import, and not backwards."""
+    graph = {"a": {"b": ["line 1"]}, "b": {"c": ["line 2, inside f()"]}, "c": {}, "d": {"a": ["line 1"]}}
+    assert reachable(graph, "a") == {"b", "c"} and reachable(graph, "c") == set()
