@@ -45,9 +45,12 @@ tokenizer). The stream is cut into windows of block_size + 1 tokens that overlap
 every token but the first is predicted once, from the start of its window. Special tokens (<|bos|>,
 <|eos|>, <|unknown|>, a Hugging Face tokenizer's special tokens) neither count nor add bytes.
 
-Speed: requests are sorted by length and run as right-padded batches of about --batch-tokens tokens
-through the causal forward (no cache: right padding changes nothing before it), under bf16 autocast
-on a GPU; only the scored positions' logits go through log_softmax, in float32.
+Speed: a multiple-choice item's query is forwarded once into model.py's KV cache and its choices
+continue from it as a batch (shared_prefix_groups says when, and why it is exact; --no-shared-prefix:
+every request in its own row). The other requests are sorted by length and run as right-padded batches
+of about --batch-tokens tokens through the causal forward (no cache: right padding changes nothing
+before it). Under bf16 autocast on a GPU; only the scored positions' logits go through log_softmax, in
+float32.
 """
 
 import argparse
@@ -57,6 +60,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -296,11 +300,12 @@ def special_ids(tok):
 
 @torch.no_grad()
 def score(forward, seqs, n_scored, block_size, device="cpu", autocast=nullcontext(), batch_tokens=8192,
-          ignore_ids=(), progress=None):
+          ignore_ids=(), progress=None, stats=None):
     """For each token sequence, the summed log-likelihood of its last n_scored tokens (float64), and
     whether greedy decoding gives every one of them; a sequence longer than block_size + 1 keeps its
     last block_size + 1 tokens. Targets in ignore_ids count for nothing (bits per byte).
-    forward: [B, T] ids -> [B, T, vocab] logits (nano_forward, or another model's for comparison)."""
+    forward: [B, T] ids -> [B, T, vocab] logits (nano_forward, or another model's for comparison).
+    stats: a Counter that gets what was forwarded (count_forward)."""
     n = len(seqs)
     lengths = np.array([min(len(s), block_size + 1) for s in seqs])
     order = np.argsort(-lengths, kind="stable")  # longest first: a batch pads to its first row
@@ -330,6 +335,7 @@ def score(forward, seqs, n_scored, block_size, device="cpu", autocast=nullcontex
         tgt = torch.from_numpy(np.concatenate(targets)).to(device)
         with autocast:
             logits = forward(torch.from_numpy(x).to(device))
+        count_forward(stats, len(rows), int(ends.sum()), x.size)
         picked = logits[row_t, col_t].float()
         token_ll = torch.log_softmax(picked, dim=-1).gather(1, tgt[:, None])[:, 0].double()
         miss = (picked.argmax(dim=-1) != tgt).double()
@@ -347,6 +353,121 @@ def score(forward, seqs, n_scored, block_size, device="cpu", autocast=nullcontex
         loglik[where] = torch.cat(totals).cpu().numpy()
         greedy[where] = torch.cat(misses).cpu().numpy() == 0
     return loglik, greedy
+
+
+def count_forward(stats, rows, tokens, slots):
+    """Add one forward to stats (a Counter, or None): its rows, its real tokens, and its slots (rows x
+    width: the tokens plus the padding)."""
+    if stats is not None:
+        stats.update(forwards=1, rows=rows, tokens=tokens, slots=slots)
+
+
+# Shared prefixes. A multiple-choice item's choices all follow one query; scored one request a row, the
+# query is forwarded once per choice (HellaSwag's context 4 times, BoolQ's passage twice). Instead the
+# prefix (framing + query) is forwarded once into model.py's KV cache, and the item's choices continue
+# from it as one batch, each in its own copy of the prefix's cache rows at the prefix's end: the
+# per-row positions of Transformer.forward that serve.py decodes with. Why the cache and not one packed
+# row (prefix, then every choice, a mask keeping the choices apart): the cache is model.py's as it
+# is, where a packed row would need an attention mask and positions per token in the one forward.
+# Exact, not approximate: an item shares its prefix only when every choice's tokens before its scored
+# ones are the same tokens. Where tokenising query + choice merges across the join, so that the whole
+# does not start with the query's own tokens (or starts differently for some choice), the item is
+# scored as before, each request in its own row (as lm-eval-harness, which shares a context only where
+# the tokens agree). Requests longer than the context are compared as score() cuts them (their last
+# block_size + 1 tokens): BoolQ's long passages share a prefix when "yes" and "no" cut them alike.
+
+
+def split_scored(seq, n_scored, block_size):
+    """(the tokens before the scored ones, the scored ones) of a request as score() forwards it: its last
+    block_size + 1 tokens, of which at most all but the first are scored."""
+    s = list(seq[-(block_size + 1):])
+    n = min(n_scored, len(s) - 1)
+    return s[:len(s) - n], s[len(s) - n:]
+
+
+def shared_prefix_groups(task, seqs, n_scored, block_size):
+    """[(prefix ids, [request index, ...])]: the multiple-choice items whose requests all have the same
+    tokens before their scored ones; every other request is scored in its own row."""
+    if task.kind != "choice":
+        return []  # schema: one continuation after different contexts; LAMBADA: one request an item
+    groups, k = [], 0
+    for item in task.items:
+        members = list(range(k, k + len(item["choices"])))
+        k += len(members)
+        prefixes = {tuple(split_scored(seqs[j], n_scored[j], block_size)[0]) for j in members}
+        if len(prefixes) == 1:
+            groups.append((list(prefixes.pop()), members))
+    return groups
+
+
+@torch.no_grad()
+def score_shared(cached_forward, make_cache, groups, seqs, n_scored, block_size, device="cpu",
+                 autocast=nullcontext(), batch_tokens=8192, progress=None, stats=None):
+    """score()'s two arrays for the requests of shared_prefix_groups, in the groups' order of requests:
+    each group's prefix forwarded once into a KV cache, then every request's scored tokens but the last
+    from its own copy of that cache. Groups are batched longest prefix first, right-padded (padding
+    after a row's own tokens is never attended to: the prefix forward is causal, and the
+    continuations' queries see cache positions up to their own only).
+    cached_forward(ids [B, T], cache, pos) -> logits (model.py's forward with cache= and pos=);
+    make_cache(rows, max_len, dtype) -> a cache (Transformer.make_cache)."""
+    conts = [[np.asarray(split_scored(seqs[j], n_scored[j], block_size)[1], dtype=np.int64) for j in members]
+             for _, members in groups]
+    order = sorted(range(len(groups)), key=lambda g: -len(groups[g][0]))  # a batch pads to its first prefix
+    dev = torch.device(device).type
+    results, i = {}, 0
+    while i < len(order):
+        width = len(groups[order[i]][0])
+        batch, n_rows, cont_width = [], 0, 0  # cont_width: continuation tokens fed after the prefix
+        for g in order[i:]:
+            w = max(cont_width, max(len(c) for c in conts[g]) - 1)
+            rows = n_rows + len(conts[g])
+            if batch and ((len(batch) + 1) * width + rows * w > batch_tokens or width + w > block_size):
+                break
+            batch.append(g)
+            n_rows, cont_width = rows, w
+        i += len(batch)
+        prefix_len = np.array([len(groups[g][0]) for g in batch])
+        x = np.zeros((len(batch), width), dtype=np.int64)
+        for r, g in enumerate(batch):
+            x[r, :prefix_len[r]] = groups[g][0]
+        rows = [c for g in batch for c in conts[g]]
+        owner = np.repeat(np.arange(len(batch)), [len(conts[g]) for g in batch])  # each row's prefix
+        owner_t = torch.from_numpy(owner).to(device)
+        fed = np.array([len(c) - 1 for c in rows])
+        with autocast:
+            # the cache in the dtype the forward computes k and v in: the same values the unshared rows attend to
+            cache = make_cache(len(batch), width + cont_width,
+                               torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            logits = cached_forward(torch.from_numpy(x).to(device), cache, 0)
+            count_forward(stats, len(batch), int(prefix_len.sum()), x.size)
+            # each row's first scored token is predicted at its prefix's last position
+            picked = [logits[owner_t, torch.from_numpy(prefix_len - 1).to(device)[owner_t]]]
+            if cont_width:
+                y = np.zeros((len(rows), cont_width), dtype=np.int64)
+                for r, c in enumerate(rows):
+                    y[r, :len(c) - 1] = c[:-1]
+                cache = [(k[owner_t], v[owner_t]) for k, v in cache]  # the prefix's rows, one copy per choice
+                logits = cached_forward(torch.from_numpy(y).to(device), cache,
+                                        torch.from_numpy(prefix_len[owner]).to(device))
+                count_forward(stats, len(rows), int(fed.sum()), y.size)
+                row_of = np.repeat(np.arange(len(rows)), fed)
+                col_of = np.arange(fed.sum()) - np.repeat(np.cumsum(fed) - fed, fed)
+                picked.append(logits[torch.from_numpy(row_of).to(device), torch.from_numpy(col_of).to(device)])
+        picked = torch.cat(picked).float()
+        row_t = torch.from_numpy(np.concatenate([np.arange(len(rows)), np.repeat(np.arange(len(rows)), fed)])).to(device)
+        tgt = torch.from_numpy(np.concatenate([[c[0] for c in rows]] + [c[1:] for c in rows])).to(device)
+        token_ll = torch.log_softmax(picked, dim=-1).gather(1, tgt[:, None])[:, 0].double()
+        miss = (picked.argmax(dim=-1) != tgt).double()
+        total = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_t, token_ll)
+        missed = torch.zeros(len(rows), dtype=torch.float64, device=device).index_add_(0, row_t, miss)
+        results.update(zip(batch, np.split(np.stack([total.cpu().numpy(), missed.cpu().numpy()]),
+                                           np.cumsum([len(conts[g]) for g in batch])[:-1], axis=1)))
+        if progress is not None:
+            progress.update(len(rows))
+    if not groups:
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    both = np.concatenate([results[g] for g in range(len(groups))], axis=1)
+    return both[0], both[1] == 0
 
 
 # ---------------------------------------------------------------------------
@@ -403,14 +524,31 @@ def centred_mean(summaries):
     return sum(s["centred"] for s in summaries.values()) / len(summaries) if summaries else float("nan")
 
 
+@dataclass
+class Requests:
+    """A task's requests, tokenised: the token sequences, how many of their last tokens are scored, the
+    scored characters (acc_norm), and the groups that share a prefix (shared_prefix_groups)."""
+    seqs: list
+    n_scored: list
+    chars: np.ndarray
+    groups: list
+
+
 class Evaluator:
-    """A model, its tokenizer and how to run it: evaluate(tasks) and bits_per_byte(ids)."""
+    """A model, its tokenizer and how to run it: evaluate(tasks) and bits_per_byte(ids).
+    forward: [B, T] ids -> logits. model: the Nano Transformer behind it, whose KV cache scores a
+    multiple-choice item's shared prefix once (shared_prefix=False, or no model: every request in its
+    own row). forwarded: what the forwards were given so far (count_forward)."""
 
     def __init__(self, forward, tok, block_size, device="cpu", autocast=nullcontext(), batch_tokens=None,
-                 prompt_format=None, chat=False, progress=True):
+                 prompt_format=None, chat=False, progress=True, model=None, shared_prefix=True):
         self.forward, self.tok, self.block_size, self.device = forward, tok, block_size, device
         self.autocast, self.prompt_format, self.chat, self.progress = autocast, prompt_format, chat, progress
         self.batch_tokens = max(batch_tokens or (32768 if torch.device(device).type == "cuda" else 4096), block_size)
+        # a bidirectional model's positions see the padding after them: no cache path for it
+        self.model = model if shared_prefix and model is not None and model.cfg.is_causal else None
+        self.cached_forward = lambda x, cache, pos: model(x, cache=cache, pos=pos)[0]
+        self.forwarded = Counter()
 
     def _bar(self, total, desc):
         if not self.progress:
@@ -421,21 +559,39 @@ class Evaluator:
     def requests(self, task):
         reqs = task_requests(task)
         seqs, n_scored = encode_requests(self.tok, reqs, self.prompt_format, self.chat)
-        return seqs, n_scored, np.array([r[2] for r in reqs], dtype=np.float64)
+        groups = shared_prefix_groups(task, seqs, n_scored, self.block_size) if self.model is not None else []
+        return Requests(seqs, n_scored, np.array([r[2] for r in reqs], dtype=np.float64), groups)
+
+    def score_requests(self, req, progress=None):
+        """(summed log-likelihoods, greedy exactness) of every request: the shared groups through the
+        cache, the others one a row."""
+        n = len(req.seqs)
+        loglik, greedy = np.zeros(n), np.zeros(n, dtype=bool)
+        groups = req.groups if self.model is not None else []  # (another Evaluator's requests may have some)
+        shared = [j for _, members in groups for j in members]
+        alone = np.setdiff1d(np.arange(n), shared)
+        if len(alone):
+            loglik[alone], greedy[alone] = score(
+                self.forward, [req.seqs[j] for j in alone], [req.n_scored[j] for j in alone], self.block_size,
+                self.device, self.autocast, self.batch_tokens, progress=progress, stats=self.forwarded)
+        if shared:
+            loglik[shared], greedy[shared] = score_shared(
+                self.cached_forward, self.model.make_cache, groups, req.seqs, req.n_scored, self.block_size,
+                self.device, self.autocast, self.batch_tokens, progress=progress, stats=self.forwarded)
+        return loglik, greedy
 
     def run_task(self, task):
         """(summary, per-item results) of one task."""
-        seqs, n_scored, chars = self.requests(task)
-        bar = self._bar(len(seqs), task.name)
+        req = self.requests(task)
+        bar = self._bar(len(req.seqs), task.name)
         try:
-            loglik, greedy = score(self.forward, seqs, n_scored, self.block_size, self.device, self.autocast,
-                                   self.batch_tokens, progress=bar)
+            loglik, greedy = self.score_requests(req, bar)
         finally:
             if bar is not None:
                 bar.close()
-        results = item_results(task, loglik, greedy, chars)
+        results = item_results(task, loglik, greedy, req.chars)
         summary = summarize(task, results)
-        summary["truncated"] = sum(len(s) > self.block_size + 1 for s in seqs)
+        summary["truncated"] = sum(len(s) > self.block_size + 1 for s in req.seqs)
         return summary, results
 
     def evaluate(self, tasks):
@@ -459,7 +615,7 @@ class Evaluator:
         bar = self._bar(len(windows), "bits per byte")
         try:
             loglik, _ = score(self.forward, windows, [len(w) - 1 for w in windows], T, self.device, self.autocast,
-                              self.batch_tokens, ignore_ids=specials, progress=bar)
+                              self.batch_tokens, ignore_ids=specials, progress=bar, stats=self.forwarded)
         finally:
             if bar is not None:
                 bar.close()
@@ -518,7 +674,7 @@ def during_training(model, tok, tasks, autocast, val_ids=None, max_tokens=None):
     model.eval()
     try:
         device = next(model.parameters()).device
-        ev = Evaluator(nano_forward(model), tok, model.cfg.block_size, device, autocast, progress=False)
+        ev = Evaluator(nano_forward(model), tok, model.cfg.block_size, device, autocast, progress=False, model=model)
         result = ev.evaluate(tasks)
         out = {f"task/{name}": s["acc_norm" if s["kind"] == "choice" else "acc"] for name, s in result["tasks"].items()}
         out["tasks/centred"] = result["centred"]
@@ -567,6 +723,9 @@ def parse_args(argv=None):
                    help="autocast dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--batch-tokens", type=int, help="tokens per batch (default 32768 on a GPU, 4096 on the CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (bench/bench_eval.py measures it)")
+    p.add_argument("--no-shared-prefix", action="store_true",
+                   help="forward every (query, choice) request in its own row, the query again for each choice "
+                        "(default: a multiple-choice item's query once, its choices from its KV cache)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for flag, value in (("--limit", args.limit), ("--batch-tokens", args.batch_tokens), ("--bpb-tokens", args.bpb_tokens)):
@@ -596,11 +755,11 @@ def setup(args):
             sources.append((path, text_file_ids(tok, path, prompt_format)))
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    forward = nano_forward(model)
+    ev = Evaluator(nano_forward(model), tok, model.cfg.block_size, device, autocast, args.batch_tokens, prompt_format,
+                   args.chat, progress=not args.no_progress, model=model, shared_prefix=not args.no_shared_prefix)
     if args.compile:
-        forward = torch.compile(forward, dynamic=True)
-    ev = Evaluator(forward, tok, model.cfg.block_size, device, autocast, args.batch_tokens, prompt_format,
-                   args.chat, progress=not args.no_progress)
+        ev.forward = torch.compile(ev.forward, dynamic=True)
+        ev.cached_forward = torch.compile(ev.cached_forward, dynamic=True)
     return ev, tasks, sources
 
 
@@ -620,12 +779,13 @@ def main(argv=None):
         print(format_table(result))
     for path, b in result["bits_per_byte"].items():
         print(f"bits per byte of {path}: {b['bits_per_byte']:.4f} ({b['tokens']:,} tokens, {b['bytes']:,} bytes)")
-    print(f"{n_items:,} items in {seconds:.1f} s ({n_items / seconds:,.0f} items/s) on {ev.device}, start-up included",
-          file=sys.stderr)
+    print(f"{n_items:,} items in {seconds:.1f} s ({n_items / seconds:,.0f} items/s) on {ev.device}, start-up included; "
+          f"{ev.forwarded['tokens']:,} tokens forwarded in {ev.forwarded['rows']:,} rows", file=sys.stderr)
     if args.json:
         out = {"model": args.model, "adapter": args.lora, "tasks": result["tasks"], "centred": result["centred"],
                "bits_per_byte": result["bits_per_byte"], "seconds": seconds, "device": str(ev.device),
-               "delimiters": {t.name: DELIMITERS.get(t.name, DEFAULT_DELIMITER) for t in tasks}, "chat": args.chat}
+               "delimiters": {t.name: DELIMITERS.get(t.name, DEFAULT_DELIMITER) for t in tasks}, "chat": args.chat,
+               "shared_prefix": ev.model is not None, "forwarded": dict(ev.forwarded)}
         if args.details:
             out["items"] = result["items"]
         text = json.dumps(out, indent=1)

@@ -9,15 +9,20 @@ bench_eval.py: how long eval.py takes over the task sets, start-up included, and
 One process, timed from its first line:
   1. start-up: import torch, build the model (random weights of --config, on the device; or load
      --checkpoint), read and check the task files, tokenize every request;
-  2. Nano: eval.py's scoring of every request (padded batches through model.py's forward, bf16
-     autocast on a GPU), then the per-task tables; "total" is from the process's first line to here;
-  3. with --compile: the same with torch.compile(dynamic=True), compile time included;
-  4. transformers (unless --no-hf): the same weights exported to a Hugging Face directory (hf.export_hf)
-     and loaded as a LlamaForCausalLM, run on the very same batches through the same scorer, so the
-     comparison is the model's forward alone; the largest difference between the two models' summed
-     log-likelihoods is printed (float32 on the CPU: ~1e-5; bf16 on a GPU: bf16 noise).
+  2. Nano: eval.py's scoring of every request, as `python eval.py` scores them: a multiple-choice item's
+     query forwarded once into the KV cache and its choices from it (--no-shared-prefix: every request
+     in its own row), padded batches through model.py's forward, bf16 autocast on a GPU; then the
+     per-task tables; "total" is from the process's first line to here;
+  3. with --unshared too: the same again with every request in its own row, for comparison;
+  4. with --compile: the same with torch.compile(dynamic=True), compile time included;
+  5. transformers (unless --no-hf): the same weights exported to a Hugging Face directory (hf.export_hf)
+     and loaded as a LlamaForCausalLM, every request in its own row through eval.py's scorer (the
+     padded batches an lm-eval-style script would run); the largest difference between the two models'
+     summed log-likelihoods is printed (float32 on the CPU: ~1e-5; bf16 on a GPU: bf16 noise).
 Items/s counts task items (HellaSwag's 10,042, not its 40,168 endings); requests are the scored
-(context, continuation) pairs; tokens are the tokens fed to the forward, padding excluded.
+(context, continuation) pairs; "request tokens" are the tokens the requests hold (one row each,
+padding excluded), "forwarded" what the forwards were actually given: rows, tokens and slots (rows x
+width: tokens + padding), which the shared prefixes cut.
 """
 
 import time
@@ -29,6 +34,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+from collections import Counter  # noqa: E402
 from contextlib import nullcontext  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,16 +69,29 @@ def build(args, device):
     return model, tok, {"model_config": cfg.to_dict(), "tokenizer": tok.to_dict()}
 
 
-def timed_score(forward, requests, model_cfg, device, autocast, batch_tokens):
-    """Score every task's requests; (seconds, {task: (loglik, greedy) arrays})."""
+def timed(score_all, device):
+    """(seconds, what score_all() returns: {task: (loglik, greedy) arrays}), the GPU's queue drained."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = {name: evaluation.score(forward, seqs, n, model_cfg.block_size, device, autocast, batch_tokens)
-           for name, (seqs, n, _) in requests.items()}
+    out = score_all()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
+
+
+def nano_scoring(model, tok, device, autocast, batch_tokens, shared_prefix, compile=False):
+    """An eval.Evaluator of the model, its forwards compiled as eval.py --compile compiles them."""
+    ev = evaluation.Evaluator(evaluation.nano_forward(model), tok, model.cfg.block_size, device, autocast,
+                              batch_tokens, progress=False, model=model, shared_prefix=shared_prefix)
+    if compile:
+        ev.forward = torch.compile(ev.forward, dynamic=True)
+        ev.cached_forward = torch.compile(ev.cached_forward, dynamic=True)
+    return ev
+
+
+def forwarded_text(c):
+    return f"{c['rows']:,} rows, {c['tokens']:,} tokens, {c['slots']:,} slots in {c['forwards']:,} forwards"
 
 
 def main():
@@ -86,6 +105,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int)
     p.add_argument("--compile", action="store_true", help="also time Nano's forward under torch.compile")
+    p.add_argument("--no-shared-prefix", action="store_true", help="Nano: every request in its own row")
+    p.add_argument("--unshared", action="store_true", help="also time Nano with every request in its own row")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here")
@@ -97,18 +118,18 @@ def main():
 
     model, tok, ck = build(args, device)
     tasks = evaluation.load_tasks(args.tasks, args.tasks_dir, args.limit)
-    ev = evaluation.Evaluator(evaluation.nano_forward(model), tok, model.cfg.block_size, device, autocast,
-                              batch_tokens, progress=False)
+    ev = nano_scoring(model, tok, device, autocast, batch_tokens, not args.no_shared_prefix)
     t_tok = time.perf_counter()
     requests = {t.name: ev.requests(t) for t in tasks}
     tokenize_s = time.perf_counter() - t_tok
     startup_s = time.perf_counter() - T_START
     n_items = sum(len(t.items) for t in tasks)
-    n_requests = sum(len(r[0]) for r in requests.values())
-    n_tokens = sum(min(len(s), model.cfg.block_size + 1) - 1 for r in requests.values() for s in r[0])
+    n_requests = sum(len(r.seqs) for r in requests.values())
+    n_tokens = sum(min(len(s), model.cfg.block_size + 1) - 1 for r in requests.values() for s in r.seqs)
+    n_shared = sum(len(r.groups) for r in requests.values())
 
-    nano_s, nano_out = timed_score(ev.forward, requests, model.cfg, device, autocast, batch_tokens)
-    result = {"tasks": {t.name: evaluation.summarize(t, evaluation.item_results(t, *nano_out[t.name], requests[t.name][2]))
+    nano_s, nano_out = timed(lambda: {name: ev.score_requests(r) for name, r in requests.items()}, device)
+    result = {"tasks": {t.name: evaluation.summarize(t, evaluation.item_results(t, *nano_out[t.name], requests[t.name].chars))
                         for t in tasks}}
     result["centred"] = evaluation.centred_mean(result["tasks"])
     total_s = time.perf_counter() - T_START
@@ -116,20 +137,31 @@ def main():
     print(evaluation.format_table(result))
     figures = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
                "model": args.checkpoint or args.config, "params": model.num_params(), "items": n_items,
-               "requests": n_requests, "tokens": n_tokens, "startup_s": startup_s, "tokenize_s": tokenize_s,
-               "nano_score_s": nano_s, "nano_total_s": total_s, "nano_items_per_s": n_items / total_s,
-               "nano_tokens_per_s_scoring": n_tokens / nano_s, "nano_process_cpu_s": cpu_s,
-               "load_average": os.getloadavg(), "torch": torch.__version__}
-    print(f"\n{n_items:,} items, {n_requests:,} requests, {n_tokens:,} tokens, on {figures['device']}")
+               "requests": n_requests, "request_tokens": n_tokens, "shared_prefix": ev.model is not None,
+               "items_sharing_a_prefix": n_shared, "forwarded": dict(ev.forwarded), "startup_s": startup_s,
+               "tokenize_s": tokenize_s, "nano_score_s": nano_s, "nano_total_s": total_s,
+               "nano_items_per_s": n_items / total_s, "nano_forwarded_tokens_per_s_scoring": ev.forwarded["tokens"] / nano_s,
+               "nano_process_cpu_s": cpu_s, "load_average": os.getloadavg(), "torch": torch.__version__}
+    print(f"\n{n_items:,} items, {n_requests:,} requests, {n_tokens:,} request tokens, on {figures['device']}")
+    print(f"Nano forwarded ({'a multiple-choice query once for its choices: ' + format(n_shared, ',') + ' items' if ev.model is not None else 'every request in its own row'}): "
+          f"{forwarded_text(ev.forwarded)}")
     print(f"start-up (imports, model, task files, tokenizing {tokenize_s:.1f} s): {startup_s:.1f} s")
-    print(f"Nano scoring: {nano_s:.1f} s ({n_tokens / nano_s:,.0f} tokens/s); total from process start "
-          f"{total_s:.1f} s = {n_items / total_s:,.1f} items/s; process CPU time {cpu_s:.1f} s; load average "
+    print(f"Nano scoring: {nano_s:.1f} s ({ev.forwarded['tokens'] / nano_s:,.0f} forwarded tokens/s); total from process "
+          f"start {total_s:.1f} s = {n_items / total_s:,.1f} items/s; process CPU time {cpu_s:.1f} s; load average "
           f"{os.getloadavg()[0]:.1f}")
 
+    if args.unshared:
+        alone = nano_scoring(model, tok, device, autocast, batch_tokens, False)
+        s, out = timed(lambda: {name: alone.score_requests(r) for name, r in requests.items()}, device)
+        diff = max(float(np.abs(nano_out[k][0] - out[k][0]).max()) for k in nano_out)
+        figures.update(unshared_score_s=s, unshared_forwarded=dict(alone.forwarded), shared_vs_unshared_max_difference=diff)
+        print(f"Nano, every request in its own row: scoring {s:.1f} s; {forwarded_text(alone.forwarded)}; largest "
+              f"difference of a summed log-likelihood from the shared scoring: {diff:.2e}")
+
     if args.compile:
-        compiled = torch.compile(evaluation.nano_forward(model), dynamic=True)
-        s, _ = timed_score(compiled, requests, model.cfg, device, autocast, batch_tokens)
-        s2, _ = timed_score(compiled, requests, model.cfg, device, autocast, batch_tokens)
+        compiled = nano_scoring(model, tok, device, autocast, batch_tokens, not args.no_shared_prefix, compile=True)
+        s, _ = timed(lambda: {name: compiled.score_requests(r) for name, r in requests.items()}, device)
+        s2, _ = timed(lambda: {name: compiled.score_requests(r) for name, r in requests.items()}, device)
         figures.update(compiled_first_s=s, compiled_second_s=s2)
         print(f"Nano compiled: {s:.1f} s the first time (compiling included), {s2:.1f} s the second")
 
@@ -139,13 +171,18 @@ def main():
             export_hf({**ck, "model": {k: v.cpu() for k, v in model.state_dict().items()}}, folder)
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
         hf_forward = lambda x: hf_model(input_ids=x).logits  # noqa: E731
-        hf_s, hf_out = timed_score(hf_forward, requests, model.cfg, device, autocast, batch_tokens)
+        hf_stats = Counter()
+        hf_s, hf_out = timed(lambda: {name: evaluation.score(hf_forward, r.seqs, r.n_scored, model.cfg.block_size, device,
+                                                             autocast, batch_tokens, stats=hf_stats)
+                                      for name, r in requests.items()}, device)
         diff = max(float(np.abs(nano_out[k][0] - hf_out[k][0]).max()) for k in nano_out)
         hf_rate = n_items / (tokenize_s + hf_s)
-        figures.update(hf_score_s=hf_s, hf_items_per_s=hf_rate, hf_tokens_per_s_scoring=n_tokens / hf_s,
-                       max_loglik_difference=diff, transformers=transformers.__version__)
-        print(f"transformers {transformers.__version__} LlamaForCausalLM on the same batches: scoring {hf_s:.1f} s "
-              f"({n_tokens / hf_s:,.0f} tokens/s); with the same tokenizing {n_items / (tokenize_s + hf_s):,.1f} items/s "
+        figures.update(hf_score_s=hf_s, hf_items_per_s=hf_rate, hf_forwarded=dict(hf_stats),
+                       hf_tokens_per_s_scoring=hf_stats["tokens"] / hf_s, max_loglik_difference=diff,
+                       transformers=transformers.__version__)
+        print(f"transformers {transformers.__version__} LlamaForCausalLM, every request in its own row: scoring {hf_s:.1f} s "
+              f"({forwarded_text(hf_stats)}; {hf_stats['tokens'] / hf_s:,.0f} tokens/s); with the same tokenizing "
+              f"{n_items / (tokenize_s + hf_s):,.1f} items/s "
               f"(Nano's scoring + tokenizing: {n_items / (tokenize_s + nano_s):,.1f} items/s); largest difference of "
               f"summed log-likelihoods: {diff:.2e}")
     if args.json:

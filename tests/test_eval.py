@@ -89,7 +89,7 @@ def nano_evaluator(folder, **kw):
     ck = load_checkpoint(folder)
     model = model_from_checkpoint(ck, folder).eval()
     return evaluation.Evaluator(evaluation.nano_forward(model), tokenizer_from_dict(ck["tokenizer"]),
-                                model.cfg.block_size, progress=False, **kw)
+                                model.cfg.block_size, progress=False, model=model, **kw)
 
 
 @torch.no_grad()
@@ -115,9 +115,11 @@ def test_every_loglik_and_answer_equals_transformers(oracle):
     ev = nano_evaluator(folder, batch_tokens=1024)  # several padded batches of mixed lengths
     tasks = evaluation.load_tasks(",".join(TASKS), shared_tasks(), limit=4)
     result = ev.evaluate(tasks)
-    checked = 0
+    checked = shared = 0
     for task in tasks:
-        seqs, n_scored, _ = ev.requests(task)
+        req = ev.requests(task)
+        seqs, n_scored = req.seqs, req.n_scored
+        shared += len(req.groups)  # multiple-choice items scored from their query's KV cache
         refs = [reference_loglik(model, hf_tok, c, k, ev.block_size) for c, k, _ in evaluation.task_requests(task)]
         for seq, n, ref in zip(seqs, n_scored, refs):  # the scored tokens are transformers' tokens
             assert list(seq[-n:])[-len(ref[2]):] == ref[2]
@@ -134,7 +136,80 @@ def test_every_loglik_and_answer_equals_transformers(oracle):
                 assert got["pred"] == int(np.argmax(want))  # the same answer
                 k += m
             checked += 1
-    assert checked == 44
+    assert checked == 44 and shared == 32  # the eight multiple-choice sets' items, each through the shared prefix
+
+
+def join_items(corpus):
+    """(tokenizer, task): the Bible's trie tokenizer plus a token that spans a query and one of its choices
+    (" God sa": greedy longest match then reads "And God said" as "And", " God sa", "id", where the query
+    alone is "And", " God"), and items whose choices share the query's tokens, do not (that join), and
+    run past a 256-token context."""
+    base = TrieTokenizer.build(corpus, 600)
+    tok = TrieTokenizer(base.tokens + [" God sa"])
+    long_query = " ".join(corpus[7].split()[:300])
+    items = [{"query": "And God", "choices": ["made", "said", "saw"], "gold": 1},
+             {"query": "In the beginning", "choices": ["God created", "was the Word", "darkness"], "gold": 0},
+             {"query": long_query, "choices": ["and the earth", "and the sea."], "gold": 0},
+             {"query": long_query, "choices": ["yes", "no"], "gold": 1},
+             {"query": "Question: Who led Israel out of Egypt?\nAnswer:", "choices": ["Moses", "Pharaoh"], "gold": 0}]
+    return tok, evaluation.Task("join", "join.jsonl", "choice", items)
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_shared_prefix_scores_equal_unshared_item_by_item(corpus, chat):
+    """A multiple-choice item's query forwarded once and its choices from the KV cache give every
+    request's log-likelihood of the one-request-a-row scoring (float32, within 1e-5), on crafted items
+    (a join that tokenises differently falls back to unshared scoring; queries past the context) and on
+    the first items of the eight multiple-choice sets; and forward fewer tokens."""
+    tok, task = join_items(corpus)
+    assert tok.encode("And God said")[:2] != tok.encode("And God")  # the fixture merges across the join
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
+                                    n_kv_head=2, n_hidden=128)).eval()
+    shared = evaluation.Evaluator(evaluation.nano_forward(model), tok, 256, progress=False, chat=chat, model=model,
+                                  batch_tokens=1024)
+    alone = evaluation.Evaluator(evaluation.nano_forward(model), tok, 256, progress=False, chat=chat, model=model,
+                                 batch_tokens=1024, shared_prefix=False)
+    choice_sets = ["arc_challenge", "arc_easy", "boolq", "commonsense_qa", "copa", "hellaswag", "openbook_qa", "piqa"]
+    tasks = [task] + evaluation.load_tasks(",".join(choice_sets), shared_tasks(), limit=12)
+    n_shared = {}
+    for t in tasks:
+        req = shared.requests(t)
+        assert alone.requests(t).groups == []
+        if t is task:
+            item_of = [i for i, item in enumerate(t.items) for _ in item["choices"]]
+            grouped = {item_of[members[0]] for _, members in req.groups}
+            # the join that merges falls back (a chat reply is tokenised on its own: no join to merge)
+            assert (0 in grouped) == chat and {1, 4} <= grouped, req.groups
+            assert any(len(s) > 257 for s in req.seqs)  # queries cut to the context
+        else:
+            n_shared[t.name] = len(req.groups)
+        a, b = shared.run_task(t)[1], alone.run_task(t)[1]
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x["loglik"], y["loglik"], atol=1e-5, rtol=0)
+            assert (x["pred"], x["pred_norm"]) == (y["pred"], y["pred_norm"])
+    # (BoolQ's passages run past this context, and "yes" and "no" of different lengths cut them apart)
+    assert sum(n_shared.values()) >= 0.8 * 12 * len(choice_sets), n_shared
+    assert shared.forwarded["tokens"] < 0.7 * alone.forwarded["tokens"], (shared.forwarded, alone.forwarded)
+
+
+def test_shared_prefix_under_bf16_autocast(corpus):
+    """The cache in the autocast dtype: under bf16 autocast (the GPU's setting, here on the CPU) the shared
+    scores equal the unshared ones within bf16's rounding, and pick the same answers where the margin is
+    wider than that."""
+    tok, task = join_items(corpus)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(block_size=256, vocab_size=tok.vocab_size, n_layer=2, n_embd=64, n_head=4,
+                                    n_kv_head=2, n_hidden=128)).eval()
+    runs = [evaluation.Evaluator(evaluation.nano_forward(model), tok, 256, progress=False, model=model,
+                                 autocast=torch.autocast("cpu", dtype=torch.bfloat16), shared_prefix=on)
+            for on in (True, False)]
+    tasks = [task] + evaluation.load_tasks("hellaswag,piqa", shared_tasks(), limit=10)
+    for t in tasks:
+        assert runs[0].requests(t).groups
+        a, b = (ev.run_task(t)[1] for ev in runs)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x["loglik"], y["loglik"], rtol=0.02, atol=0.05)
 
 
 def test_scores_by_hand_on_a_small_fixture(oracle, tmp_path):
