@@ -31,6 +31,7 @@ cannot be orthogonalised: train_ds.py refuses optimizer "muon".
 """
 
 import torch
+from torch.optim.adamw import adamw as torch_adamw  # torch.optim.AdamW's arithmetic, as a function
 
 # The quintic Newton-Schulz coefficients of modded-nanogpt: chosen to push every singular value in
 # (0, 1] towards 1 as fast as possible in 5 steps. They do not converge exactly (singular values end
@@ -98,9 +99,11 @@ class Muon(torch.optim.Optimizer):
                 (self.muon_step if group["kind"] == "muon" else self.adamw_step)(group, params)
 
     def muon_step(self, group, params):
-        lr = group["lr"]
-        # the matrices of one shape are orthogonalised together, as one batch of matrix products
-        by_shape = {}
+        lr, decay = group["lr"], group["weight_decay"]
+        # Each line below is one operation over a whole list of matrices (torch._foreach_*, as
+        # torch.optim's own optimizers do): a handful of kernels a step instead of several per matrix,
+        # which is most of an optimizer step for a small model on a GPU.
+        by_shape = {}  # the matrices of one shape are orthogonalised together, as one batch of products
         for p in params:
             by_shape.setdefault(p.shape, []).append(p)
         for shape, same in by_shape.items():
@@ -111,39 +114,37 @@ class Muon(torch.optim.Optimizer):
                     # a CUDA graph) and saved with the state, so resume continues the warmup exactly
                     st["momentum_buffer"] = torch.zeros_like(p)
                     st["updates"] = torch.zeros((), device=p.device)
-            steps = states[0]["updates"]
             # the momentum of this step, warming up from MOMENTUM_START over MOMENTUM_WARMUP_STEPS
-            warm = torch.clamp(steps / MOMENTUM_WARMUP_STEPS, max=1.0)
+            warm = torch.clamp(states[0]["updates"] / MOMENTUM_WARMUP_STEPS, max=1.0)
             momentum = MOMENTUM_START + warm * (group["momentum"] - MOMENTUM_START)
-            updates = []
-            for p, st in zip(same, states):
-                buf = st["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
-                # Nesterov: step along the gradient as the momentum will see it, grad + momentum * (buf - grad)
-                updates.append(p.grad.lerp(buf, momentum))
-                st["updates"] += 1
+            grads, bufs = [p.grad for p in same], [st["momentum_buffer"] for st in states]
+            torch._foreach_mul_(bufs, momentum)  # buf = momentum * buf + (1 - momentum) * grad
+            torch._foreach_add_(bufs, torch._foreach_mul(grads, 1 - momentum))
+            # Nesterov: step along the gradient as the momentum will see it, (1 - momentum) grad + momentum buf
+            updates = torch._foreach_mul(grads, 1 - momentum)
+            torch._foreach_add_(updates, torch._foreach_mul(bufs, momentum))
+            torch._foreach_add_([st["updates"] for st in states], 1)
             orthogonal = orthogonalise(torch.stack(updates))
             # an orthogonal [rows, cols] matrix has entries of RMS 1/sqrt(max(rows, cols)); a tall one
             # (rows > cols) would get smaller updates per entry than the square ones: scale them back up
             rows, cols = shape
-            orthogonal *= max(1.0, rows / cols) ** 0.5
-            for p, update in zip(same, orthogonal):
-                p.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW's
-                p.sub_(lr * update)
+            orthogonal *= lr * max(1.0, rows / cols) ** 0.5
+            torch._foreach_mul_(same, 1 - lr * decay)  # decoupled weight decay, as AdamW's
+            torch._foreach_sub_(same, list(orthogonal.unbind()))
 
     def adamw_step(self, group, params):
-        """AdamW (Loshchilov & Hutter), written out: moving averages of the gradient and its square,
-        bias-corrected, and decoupled weight decay; the same arithmetic as torch.optim.AdamW."""
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        for p in params:
-            st = self.state[p]
+        """AdamW (Loshchilov & Hutter): moving averages of the gradient and its square, bias-corrected,
+        and decoupled weight decay. torch's own implementation (fused on CUDA), so these parameters
+        train exactly as under optimizer "adamw"."""
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
             if not st:
                 st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
                 st["updates"] = torch.zeros((), device=p.device)
-            st["updates"] += 1
-            st["exp_avg"].lerp_(p.grad, 1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            # early averages lean towards their zero start: divide it out (1 - beta^t)
-            bias1, bias2 = 1 - beta1 ** st["updates"], 1 - beta2 ** st["updates"]
-            p.mul_(1 - lr * group["weight_decay"])
-            p.sub_(lr / bias1 * st["exp_avg"] / ((st["exp_avg_sq"] / bias2).sqrt() + eps))
+        beta1, beta2 = group["betas"]
+        fused = params[0].is_cuda  # the fused kernel keeps the step counts on the GPU (CUDA graphs)
+        torch_adamw(
+            params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            [], [st["updates"] for st in states], fused=fused, foreach=False if fused else None,
+            amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+            eps=group["eps"], maximize=False)
