@@ -435,9 +435,10 @@ def score_shared(cached_forward, make_cache, groups, seqs, n_scored, block_size,
         owner_t = torch.from_numpy(owner).to(device)
         fed = np.array([len(c) - 1 for c in rows])
         with autocast:
-            # the cache in the dtype the forward computes k and v in: the same values the unshared rows attend to
-            cache = make_cache(len(batch), width + cont_width,
-                               torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            # the cache in the dtype the forward computes k and v in: the same values the unshared rows attend
+            # to (none when every choice is one token, BoolQ's "yes" and "no": the prefix's logits score it)
+            cache = make_cache(len(batch), width + cont_width, torch.get_autocast_dtype(dev)
+                               if torch.is_autocast_enabled(dev) else None) if cont_width else None
             logits = cached_forward(torch.from_numpy(x).to(device), cache, 0)
             count_forward(stats, len(batch), int(prefix_len.sum()), x.size)
             # each row's first scored token is predicted at its prefix's last position

@@ -141,7 +141,8 @@ def main():
                "items_sharing_a_prefix": n_shared, "forwarded": dict(ev.forwarded), "startup_s": startup_s,
                "tokenize_s": tokenize_s, "nano_score_s": nano_s, "nano_total_s": total_s,
                "nano_items_per_s": n_items / total_s, "nano_forwarded_tokens_per_s_scoring": ev.forwarded["tokens"] / nano_s,
-               "nano_process_cpu_s": cpu_s, "load_average": os.getloadavg(), "torch": torch.__version__}
+               "nano_process_cpu_s": cpu_s, "load_average": os.getloadavg(), "torch": torch.__version__,
+               "tasks": result["tasks"], "centred": result["centred"]}
     print(f"\n{n_items:,} items, {n_requests:,} requests, {n_tokens:,} request tokens, on {figures['device']}")
     print(f"Nano forwarded ({'a multiple-choice query once for its choices: ' + format(n_shared, ',') + ' items' if ev.model is not None else 'every request in its own row'}): "
           f"{forwarded_text(ev.forwarded)}")
