@@ -8,7 +8,7 @@ one of them on.
         Parameters, the same checkpoint keys), the products in float8 (fp8 blocks / all);
       - FusedLossHead in place of model.OutputHead: the output head and the loss as one step that
         never keeps the logits for the backward (the largest tensor of a step), in float8 with
-        fp8 head / all. On CUDA its loss and gradient are one Triton kernel (below).
+        fp8 head / all.
     make_fast(model, fp8, fused_head) swaps them in; everything else of the model runs as written.
   * torch.compile options (compile_options) for train config compile / compile_tuning.
   * CudaGraphStep: train config cuda_graph captures a whole optimizer step once and replays it.
@@ -28,12 +28,6 @@ import torch
 import torch.nn as nn
 
 from model import OutputHead
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU builds of torch come without Triton: the loss runs as PyTorch ops
-    triton = None
 
 FP8_MODES = ("off", "head", "blocks", "all")
 FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2  # 3 mantissa bits; a wider range for gradients
@@ -153,15 +147,19 @@ class HeadCrossEntropy(torch.autograd.Function):
         else:
             x_op, w_op, x_inv, w_inv = x, weight.to(x.dtype), None, None
             logits = x_op @ w_op.t()
-        # the gradient scaled to fill float8's range (softmax - one-hot lies in [-1, 1]) and, for the
-        # head's weight gradient, also as [vocab, rows]: float8 products reduce along both operands'
-        # contiguous dim
-        top = torch.finfo(FP8_GRADS).max if fp8 else 1.0
-        grad_dtype, transposed = (FP8_GRADS, ctx.needs_input_grad[1]) if fp8 else (logits.dtype, False)
-        loss_grad = cross_entropy_grad if loss_kernel_runs(logits) else cross_entropy_grad_reference
-        row_loss, grad, grad_t = loss_grad(logits, targets, grad_dtype, top, transposed)
-        count = (targets >= 0).sum()
-        loss, scale = row_loss.sum() / count, 1.0 / top
+        valid, logits32 = targets >= 0, logits.float()
+        lse = torch.logsumexp(logits32, dim=-1)
+        target_logit = logits32.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
+        count = valid.sum()
+        loss = torch.where(valid, lse - target_logit, 0.0).sum() / count
+        one_hot = torch.arange(logits.size(-1), device=logits.device) == targets.unsqueeze(1)
+        grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
+        if fp8:
+            top = torch.finfo(FP8_GRADS).max
+            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if ctx.needs_input_grad[1] else None
+            grad, scale = (grad * top).to(FP8_GRADS), 1.0 / top
+        else:
+            grad, grad_t, scale = grad.to(logits.dtype), None, 1.0
         ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
         ctx.fp8, ctx.scale, ctx.out_dtype, ctx.weight_dtype = fp8, scale, x.dtype, weight.dtype
         ctx.mark_non_differentiable(logits)
@@ -181,140 +179,6 @@ class HeadCrossEntropy(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 grad_w = (weight_grad(grad.t(), x_op, torch.float32) * scale).to(ctx.weight_dtype)
         return grad_x, grad_w, None, None, None
-
-
-
-# ---------------------------------------------------------------------------
-# The loss and its gradient as one Triton kernel (CUDA)
-#
-# Compiled, the loss above is Inductor's: it reads the logits twice and writes the gradient, and the
-# float8 transposed copy costs a pass of its own (5.1 ms a step at the 124M config, docs/BENCHMARKS.md).
-# One program per row here: pass 1 the row's log-sum-exp (online max and sum), pass 2, right after
-# while the row (100 KB at a 50k vocabulary) is still in L2, softmax - one-hot written in the
-# gradient's dtype; then a tiled transpose for the float8 copy. It enters as a function of the
-# swapped head only (model.py never sees it); off CUDA, or without Triton, the same arithmetic runs
-# as PyTorch ops (cross_entropy_grad_reference, also the tests' oracle: tests/test_speed.py runs the
-# kernel in Triton's interpreter on the CPU).
-
-# vocabulary columns per inner step, warps, pipeline stages (tuned on an H100 for the 124M config)
-LOSS_COLS, LOSS_WARPS, LOSS_STAGES = 8192, 16, 3
-
-
-def loss_kernel_runs(t):
-    return triton is not None and t.is_cuda
-
-
-def hardware_float8(t):
-    """The GPU's own float8 conversion instruction (compute capability 8.9+; not in the interpreter)."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(t.device) >= (8, 9)
-
-
-def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
-    """(loss per row, 0 where the target is -1; (softmax - one-hot) x grad_scale in grad_dtype, 0 on
-    ignored rows; the same as [vocab, rows] if transposed, else an empty tensor)."""
-    logits32, valid = logits.float(), targets >= 0
-    lse = torch.logsumexp(logits32, dim=-1)
-    target_logit = logits32.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-    loss = torch.where(valid, lse - target_logit, 0.0)
-    one_hot = torch.arange(logits.size(-1), device=logits.device) == targets.unsqueeze(1)
-    grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1) * grad_scale
-    grad_t = (grad.t().to(grad_dtype).contiguous() if transposed else grad.new_empty(0, dtype=grad_dtype))
-    return loss, grad.to(grad_dtype), grad_t
-
-
-if triton is not None:
-    @triton.jit
-    def _e5m2_bits(x, HARDWARE: tl.constexpr):
-        """float32 (|x| <= 57344, e5m2's largest value) -> float8_e5m2 bits, rounded to nearest even as
-        torch rounds. On the GPU by its conversion instruction (cvt.rn.satfinite, two values each);
-        in the interpreter by integer arithmetic: round the mantissa to 2 bits (a carry moves into the
-        exponent) and rebias the exponent; below 2^-14 count in units of 2^-16 (adding 2^23 in float32
-        rounds that count to nearest even)."""
-        if HARDWARE:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b16 lo, hi; cvt.rn.satfinite.e5m2x2.f32 lo, $2, $1; cvt.rn.satfinite.e5m2x2.f32 hi, $4, $3;"
-                " mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=tl.uint8, is_pure=True, pack=4)
-        a = tl.abs(x)
-        bits = a.to(tl.uint32, bitcast=True)
-        rounded = bits + ((1 << 20) - 1) + ((bits >> 21) & 1)
-        normal = (((rounded >> 23) - (127 - 15)) << 2) | ((rounded >> 21) & 3)
-        subnormal = ((a * 65536.0 + 8388608.0) - 8388608.0).to(tl.uint32)
-        sign = (x.to(tl.uint32, bitcast=True) >> 24) & 0x80
-        return (tl.where(a < 2.0 ** -14, subnormal, normal) | sign).to(tl.uint8)
-
-    @triton.jit
-    def _cross_entropy_grad_kernel(logits_ptr, targets_ptr, loss_ptr, grad_ptr, vocab, grad_scale,
-                                   COLS: tl.constexpr, E5M2: tl.constexpr, WIDE: tl.constexpr,
-                                   HARDWARE: tl.constexpr):
-        # (offsets in 64 bits only where the logits have 2^31 elements or more: they cost instructions)
-        row = tl.program_id(0)
-        target = tl.load(targets_ptr + row)
-        row_start = row.to(tl.int64) * vocab if WIDE else row * vocab
-        run_max = tl.full([], float("-inf"), tl.float32)  # pass 1: online log-sum-exp, a tile at a time
-        run_sum = tl.zeros([], tl.float32)
-        for start in range(0, vocab, COLS):
-            col = start + tl.arange(0, COLS)
-            x = tl.load(logits_ptr + row_start + col, mask=col < vocab, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(run_max, tl.max(x))
-            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(x - new_max))
-            run_max = new_max
-        lse = run_max + tl.log(run_sum)
-        valid = target >= 0  # targets of -1 are ignored, as in F.cross_entropy
-        picked = tl.load(logits_ptr + row_start + tl.maximum(target, 0)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
-        row_scale = tl.where(valid, grad_scale, 0.0)
-        for start in range(0, vocab, COLS):  # pass 2: (softmax - one-hot) x grad_scale
-            col = start + tl.arange(0, COLS)
-            x = tl.load(logits_ptr + row_start + col, mask=col < vocab, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) * row_scale - tl.where(col == target, row_scale, 0.0)
-            g = _e5m2_bits(g, HARDWARE) if E5M2 else g.to(grad_ptr.dtype.element_ty)
-            tl.store(grad_ptr + row_start + col, g, mask=col < vocab)
-
-    @triton.jit
-    def _transpose_kernel(x_ptr, out_ptr, rows, cols, BLOCK: tl.constexpr):
-        # one BLOCK x BLOCK tile per program, read along x's rows and written along out's rows
-        row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        ok = (row < rows)[:, None] & (col < cols)[None, :]
-        x = tl.load(x_ptr + row[:, None].to(tl.int64) * cols + col[None, :], mask=ok)
-        tl.store(out_ptr + col[:, None].to(tl.int64) * rows + row[None, :], tl.trans(x), mask=tl.trans(ok))
-
-
-def cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transposed):
-    """cross_entropy_grad_reference's results from the kernel (CUDA tensors, or CPU ones under
-    TRITON_INTERPRET=1). float8 gradients are e5m2, handled as their bytes."""
-    rows, vocab = logits.shape
-    assert logits.is_contiguous() and targets.shape == (rows,), "logits [rows, vocab] contiguous, targets [rows]"
-    e5m2 = grad_dtype == torch.float8_e5m2
-    assert e5m2 or grad_dtype.itemsize > 1, "float8 gradients: e5m2 only"
-    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    grad = torch.empty(rows, vocab, dtype=grad_dtype, device=logits.device)
-    _cross_entropy_grad_kernel[(rows,)](
-        logits, targets, loss, grad.view(torch.uint8) if e5m2 else grad, vocab, float(grad_scale),
-        COLS=LOSS_COLS, E5M2=e5m2, WIDE=rows * vocab >= 2 ** 31, HARDWARE=hardware_float8(logits),
-        num_warps=LOSS_WARPS, num_stages=LOSS_STAGES)
-    grad_t = grad.new_empty(0)
-    if transposed:  # (a loss kernel writing this copy too needs 32-row programs: slower, docs/BENCHMARKS.md)
-        grad_t, block = torch.empty(vocab, rows, dtype=grad_dtype, device=logits.device), 128
-        as_bytes = (lambda t: t.view(torch.uint8)) if e5m2 else (lambda t: t)
-        _transpose_kernel[(triton.cdiv(rows, block), triton.cdiv(vocab, block))](
-            as_bytes(grad), as_bytes(grad_t), rows, vocab, BLOCK=block, num_warps=8)
-    return loss, grad, grad_t
-
-
-# a custom op, so that torch.compile calls the kernel as it is (one node of the compiled graph) and
-# knows the output shapes from the fake version without running it
-@torch.library.custom_op("nano::cross_entropy_grad", mutates_args=())
-def cross_entropy_grad(logits: torch.Tensor, targets: torch.Tensor, grad_dtype: torch.dtype, grad_scale: float,
-                       transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return cross_entropy_grad_triton(logits, targets, grad_dtype, grad_scale, transposed)
-
-
-@cross_entropy_grad.register_fake
-def _(logits, targets, grad_dtype, grad_scale, transposed):
-    rows, vocab = logits.shape
-    return (logits.new_empty(rows, dtype=torch.float32), logits.new_empty(rows, vocab, dtype=grad_dtype),
-            logits.new_empty((vocab, rows) if transposed else (0,), dtype=grad_dtype))
 
 
 class FusedLossHead(OutputHead):
