@@ -687,7 +687,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx51
  * rows, where those costs are a large part of a row: the output head of a small model with a large
  * vocabulary (GPT-2's 50,304 rows of 256 bytes) took 78% of a Q8 token in dot_q8_avx512. Each row's
  * arithmetic is dot_q8_avx512's, in the same order; the rows stream as one (consecutive), and are
- * prefetched like the fp32 ones. */
+ * prefetched like the fp32 ones. Rows of 512 bytes and more go one at a time instead: four of them
+ * are four streams PREFETCH_AHEAD apart, and on a Zen 4 guest that read the 110M shape's weights at
+ * 7-9 GB/s where a row at a time reads them at 16-21 GB/s, the memory's speed (Q8 decode 74 -> 140
+ * tokens/s); for 256-byte rows the two are even. */
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx512(const int8_t *w, const float *ws,
                                                                                    const int8_t *x, const float *xs,
                                                                                    float *out, int rows, int n, int gs)
@@ -695,7 +698,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx51
     const __m512i zero = _mm512_setzero_si512();
     const int groups = n / gs;
     int r = 0;
-    for (; r + Q8_ROWS <= rows; r += Q8_ROWS) {
+    for (; n < 512 && r + Q8_ROWS <= rows; r += Q8_ROWS) {
         const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
         const float *sr = ws + (size_t)r * groups;
         __m512 acc[Q8_ROWS];
