@@ -146,6 +146,8 @@ typedef struct {
     void *map;
     size_t map_len;
     uint8_t *heap;
+    int map_writable;  /* the mapping is writable now (blob_seal makes it read-only again) */
+    int map_anonymous; /* the mapping is anonymous memory (read_huge, blob_to_anonymous), not the file's */
     void **owned;
     size_t n_owned, cap_owned;
 } Blob;
@@ -157,11 +159,10 @@ typedef struct {
  * of zeroing and copying the file at load: 0.2-1.4 s for 440 MB on a KVM guest, hence opt-in.
  * Returns NULL (the caller falls back to mmap) when not asked for, or on any failure. *len gets the
  * mapping's length for munmap. */
-static void *read_huge(int fd, size_t size, size_t *len)
+/* anonymous memory for size bytes in a 2 MiB-aligned window advised MADV_HUGEPAGE; *len: its length */
+static uint8_t *huge_alloc(size_t size, size_t *len)
 {
 #if defined(MADV_HUGEPAGE) && defined(MAP_ANONYMOUS)
-    const char *env = getenv("NANO_HUGEPAGES");
-    if (!env || !*env || !strcmp(env, "0")) return NULL;
     const size_t huge = (size_t)2 << 20;
     size_t want = (size + huge - 1) / huge * huge, over = want + huge;
     if (want < size || over < want) return NULL;
@@ -172,6 +173,21 @@ static void *read_huge(int fd, size_t size, size_t *len)
     if (p > raw) munmap(raw, (size_t)(p - raw));
     if (raw + over > p + want) munmap(p + want, (size_t)(raw + over - (p + want)));
     madvise(p, want, MADV_HUGEPAGE);
+    *len = want;
+    return p;
+#else
+    (void)size, (void)len;
+    return NULL;
+#endif
+}
+
+static void *read_huge(int fd, size_t size, size_t *len)
+{
+    const char *env = getenv("NANO_HUGEPAGES");
+    if (!env || !*env || !strcmp(env, "0")) return NULL;
+    size_t want;
+    uint8_t *p = huge_alloc(size, &want);
+    if (!p) return NULL;
     for (size_t done = 0; done < size;) {
         ssize_t r = pread(fd, p + done, size - done, (off_t)done);
         if (r <= 0) {
@@ -184,10 +200,6 @@ static void *read_huge(int fd, size_t size, size_t *len)
     mprotect(p, want, PROT_READ);
     *len = want;
     return p;
-#else
-    (void)fd, (void)size, (void)len;
-    return NULL;
-#endif
 }
 #endif
 
@@ -213,6 +225,7 @@ static int blob_open(Blob *b, const char *path, char *err)
     }
     size_t size = (size_t)st.st_size;
     void *p = read_huge(fd, size, &b->map_len);
+    b->map_anonymous = p != NULL;
     if (!p) {
         p = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
         b->map_len = size;
@@ -263,6 +276,54 @@ static void blob_close(Blob *b)
 #endif
     free(b->heap);
     memset(b, 0, sizeof *b);
+}
+
+/* Before anything points into it: an mmapped file's bytes moved to anonymous memory on huge pages
+ * (huge_alloc), for a Q8 file whose matrices the loader repacks. Written in place, the file's private
+ * mapping would turn into 4 KiB copy-on-write pages, and their TLB misses cost 110M-shape Q8 decode a
+ * third of its speed (on the 2-core Zen 4 guest: 127-137 tokens/s against 197-211). One copy all the
+ * same: the mapping goes. On failure the blob stays as it was (then blob_writable writes the mapping). */
+static void blob_to_anonymous(Blob *b)
+{
+#ifdef NANO_MMAP
+    if (!b->map || b->map_anonymous) return;
+    size_t len;
+    uint8_t *p = huge_alloc(b->size, &len);
+    if (!p) return;
+    memcpy(p, b->data, b->size);
+    munmap(b->map, b->map_len);
+    b->map = p;
+    b->map_len = len;
+    b->data = p;
+    b->map_anonymous = b->map_writable = 1;
+#else
+    (void)b;
+#endif
+}
+
+/* The file's bytes at p, writable in place (the loader repacks Q8 matrices where they are): a mapping
+ * is private, so its written pages become the process's own copies and the file is not changed. NULL
+ * for a caller's buffer, which must not be written. */
+static uint8_t *blob_writable(Blob *b, const uint8_t *p)
+{
+    size_t off = (size_t)(p - b->data);
+#ifdef NANO_MMAP
+    if (b->map) {
+        if (!b->map_writable && mprotect(b->map, b->map_len, PROT_READ | PROT_WRITE) != 0) return NULL;
+        b->map_writable = 1;
+        return (uint8_t *)b->map + off;
+    }
+#endif
+    return b->heap ? b->heap + off : NULL;
+}
+
+/* after loading: the mapping read-only again, as the engine only reads it */
+static void blob_seal(Blob *b)
+{
+#ifdef NANO_MMAP
+    if (b->map_writable) mprotect(b->map, b->map_len, PROT_READ);
+#endif
+    b->map_writable = 0;
 }
 
 static void *blob_own(Blob *b, size_t bytes)
@@ -336,7 +397,7 @@ static float dot_q8_scalar(const int8_t *w, const float *ws, const int8_t *x, co
     for (int g = 0; g < n / gs; g++) {
         int32_t isum = 0;
         for (int i = g * gs; i < (g + 1) * gs; i++) isum += (int32_t)w[i] * x[i];
-        sum += (float)isum * ws[g] * xs[g];
+        sum += (float)isum * (ws[g] * xs[g]); /* the packed kernels' arithmetic, to the bit (section 2) */
     }
     return sum;
 }
@@ -627,7 +688,10 @@ __attribute__((target("avx2,fma"))) static float dot_q8_avx2(const int8_t *w, co
     return hsum256(acc);
 }
 
-/* dot_q8_avx2 over `rows` consecutive rows, Q8_ROWS at a time (see rows_q8_avx512, below, for why) */
+/* dot_q8_avx2 over `rows` consecutive rows, Q8_ROWS at a time: each 32-byte slice of x, its absolute
+ * value and sign are made once for them, and the per-row costs (the group count, the horizontal sums)
+ * are shared. That matters for short rows: the output head of a small model with a large vocabulary
+ * (GPT-2's 50,304 rows of 256 bytes). Each row's arithmetic is dot_q8_avx2's, in the same order. */
 #define Q8_ROWS 4
 __attribute__((target("avx2,fma"))) static void rows_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
                                                               const float *xs, float *out, int rows, int n, int gs)
@@ -661,68 +725,6 @@ __attribute__((target("avx2,fma"))) static void rows_q8_avx2(const int8_t *w, co
     for (; r < rows; r++) out[r] = dot_q8_avx2(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
 }
 
-/* gs % 64 == 0: VNNI's vpdpbusd (u8 x s8 -> i32, 64 products per instruction), same sign trick */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static float dot_q8_avx512(const int8_t *w, const float *ws,
-                                                                                   const int8_t *x, const float *xs,
-                                                                                   int n, int gs)
-{
-    __m512 acc = _mm512_setzero_ps();
-    const __m512i zero = _mm512_setzero_si512();
-    for (int g = 0; g < n / gs; g++) {
-        __m512i isum = _mm512_setzero_si512();
-        for (int j = g * gs; j < (g + 1) * gs; j += 64) {
-            __m512i wv = _mm512_loadu_si512((const void *)(w + j));
-            __m512i xv = _mm512_loadu_si512((const void *)(x + j));
-            __m512i sw = _mm512_mask_sub_epi8(wv, _mm512_movepi8_mask(xv), zero, wv);
-            isum = _mm512_dpbusd_epi32(isum, _mm512_abs_epi8(xv), sw);
-        }
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(ws[g] * xs[g]), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
-/* dot_q8_avx512 for `rows` consecutive rows (out[r] = w[r] . x), Q8_ROWS rows at a time: each
- * 64-byte slice of x, its absolute value and its sign mask are loaded and made once for them, and the
- * per-call and per-row costs (the group count, the horizontal sums) are shared. It matters for short
- * rows, where those costs are a large part of a row: the output head of a small model with a large
- * vocabulary (GPT-2's 50,304 rows of 256 bytes) took 78% of a Q8 token in dot_q8_avx512. Each row's
- * arithmetic is dot_q8_avx512's, in the same order; the rows stream as one (consecutive), and are
- * prefetched like the fp32 ones. Rows of 512 bytes and more go one at a time instead: four of them
- * are four streams PREFETCH_AHEAD apart, and on a Zen 4 guest that read the 110M shape's weights at
- * 7-9 GB/s where a row at a time reads them at 16-21 GB/s, the memory's speed (Q8 decode 74 -> 140
- * tokens/s); for 256-byte rows the two are even. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx512(const int8_t *w, const float *ws,
-                                                                                   const int8_t *x, const float *xs,
-                                                                                   float *out, int rows, int n, int gs)
-{
-    const __m512i zero = _mm512_setzero_si512();
-    const int groups = n / gs;
-    int r = 0;
-    for (; n < 512 && r + Q8_ROWS <= rows; r += Q8_ROWS) {
-        const int8_t *wr = w + (size_t)r * n; /* row r + k starts at wr + k n, its scales at sr + k groups */
-        const float *sr = ws + (size_t)r * groups;
-        __m512 acc[Q8_ROWS];
-        for (int k = 0; k < Q8_ROWS; k++) acc[k] = _mm512_setzero_ps();
-        for (int g = 0; g < groups; g++) {
-            __m512i isum[Q8_ROWS];
-            for (int k = 0; k < Q8_ROWS; k++) isum[k] = zero;
-            for (int j = g * gs; j < (g + 1) * gs; j += 64) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + j)), ax = _mm512_abs_epi8(xv);
-                __mmask64 neg = _mm512_movepi8_mask(xv);
-                for (int k = 0; k < Q8_ROWS; k++) {
-                    const int8_t *p = wr + (size_t)k * n + j;
-                    PREFETCH(p);
-                    __m512i wv = _mm512_loadu_si512((const void *)p);
-                    isum[k] = _mm512_dpbusd_epi32(isum[k], ax, _mm512_mask_sub_epi8(wv, neg, zero, wv));
-                }
-            }
-            for (int k = 0; k < Q8_ROWS; k++)
-                acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[k]), _mm512_set1_ps(sr[k * groups + g] * xs[g]), acc[k]);
-        }
-        for (int k = 0; k < Q8_ROWS; k++) out[r + k] = _mm512_reduce_add_ps(acc[k]);
-    }
-    for (; r < rows; r++) out[r] = dot_q8_avx512(w + (size_t)r * n, ws + (size_t)r * groups, x, xs, n, gs);
-}
 #endif
 
 /* -- matrix times a block of rows (prefill) ---------------------------------------------------
@@ -747,6 +749,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void rows_q8_avx51
         }                                                                 \
     } while (0)
 #define MM_MAX 4 /* the largest R and TT: the tiles' register arrays are declared this big */
+#define Q8_PACK_ROWS 16 /* rows per tile of the packed Q8 layout (below) */
 
 /* where a CPU has no kernels of this kind (scalar, wasm), mat_block runs the row kernel over tiles of
  * weight rows this large (they stay in L1), for one token row after another */
@@ -780,8 +783,7 @@ __attribute__((target("avx512f"), always_inline)) static inline void store_tile4
 
 /* The sums of a[0..3][t] (and of a[0..3][t + 1] when two) into out[0..3] (and out[ldo ..]), each
  * added in hsum256's order: the two 128-bit halves, then (0 + 1) + (2 + 3). A Q8 sum is then
- * bit for bit the decode kernels' (rows_q8_avx2; rows_q8_avx512's after a fold to 256 bits, the
- * order of _mm512_reduce_add_ps): the prompt quantizes the activations that come out of it, and one
+ * bit for bit the decode kernel's (rows_q8_avx2): the prompt quantizes the activations that come out of it, and one
  * rounding step apart there would move a logit by more than float rounding. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void store_rows4_avx2(float *out, int ldo,
                                                                                        __m256 a[MM_MAX][MM_MAX], int t,
@@ -881,136 +883,147 @@ __attribute__((target("avx2,fma"))) static void mm_f32_avx2(const float *w, cons
 
 /* Q8 tiles, gs % 32 == 0, in 32-byte slices: rows_q8_avx2's arithmetic (the sign trick, |x| times
  * w*sign(x); one 8-lane int32 sum per weight row and token row for each group, then scaled by both
- * groups' scales), for the matrices decoding runs through rows_q8_avx2. With AVX-512 VNNI (and VL)
- * the products go through vpdpbusd on 256-bit registers, 32 of them: 4 x 4 tiles fit (group sizes
- * of 32: n_embd 288). AVX2's maddubs + madd take 4 x 2 tiles. */
-#define Q8_TILE_BODY(DOT)                                                                                   \
-    const int groups = n / gs;                                                                              \
-    __m256 acc[MM_MAX][MM_MAX];                                                                             \
-    for (int r = 0; r < R; r++)                                                                             \
-        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();                                      \
-    for (int g = 0; g < groups; g++) {                                                                      \
-        __m256i isum[MM_MAX][MM_MAX];                                                                       \
-        for (int r = 0; r < R; r++)                                                                         \
-            for (int t = 0; t < TT; t++) isum[r][t] = _mm256_setzero_si256();                              \
-        for (int j = g * gs; j < (g + 1) * gs; j += 32) {                                                   \
-            __m256i xv[MM_MAX], ax[MM_MAX];                                                                 \
-            for (int t = 0; t < TT; t++) {                                                                  \
-                xv[t] = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * ldx + j));                     \
-                ax[t] = _mm256_sign_epi8(xv[t], xv[t]);                                                     \
-            }                                                                                               \
-            for (int r = 0; r < R; r++) {                                                                   \
-                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * n + j));                  \
-                for (int t = 0; t < TT; t++) isum[r][t] = DOT(isum[r][t], ax[t], _mm256_sign_epi8(wv, xv[t])); \
-            }                                                                                               \
-        }                                                                                                   \
-        __m256 xsc[MM_MAX];                                                                                 \
-        for (int t = 0; t < TT; t++) xsc[t] = _mm256_set1_ps(xs[(size_t)t * ldx + g]);                     \
-        for (int r = 0; r < R; r++) {                                                                       \
-            __m256 wsc = _mm256_set1_ps(ws[(size_t)r * groups + g]);                                        \
-            for (int t = 0; t < TT; t++)                                                                    \
-                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_mul_ps(wsc, xsc[t]), acc[r][t]); \
-        }                                                                                                   \
-    }                                                                                                       \
-    store_tile_avx2(out, ldo, acc, R, TT);
-
-#define Q8_DOT_VNNI(sum, ux, sw) _mm256_dpbusd_epi32(sum, ux, sw)
-#define Q8_DOT_AVX2(sum, ux, sw) _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(ux, sw), _mm256_set1_epi16(1)))
-
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
-tile_q8_vnni(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int n,
-             int gs, const int R, const int TT)
-{
-    Q8_TILE_BODY(Q8_DOT_VNNI)
-}
-
+ * groups' scales), for the matrices decoding runs through rows_q8_avx2: 4 x 2 tiles. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void tile_q8_avx2(const int8_t *w, const float *ws,
                                                                                     const int8_t *x, const float *xs,
                                                                                     int ldx, float *out, int ldo, int n,
                                                                                     int gs, const int R, const int TT)
 {
-    Q8_TILE_BODY(Q8_DOT_AVX2)
-}
-
-/* gs % 64 == 0 with VNNI: rows_q8_avx512's arithmetic (512-bit sums per group), 4 x 2 tiles (their
- * sums and the group's int32 sums take 16 of the 32 registers); folded to 256 bits at the end */
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"), always_inline)) static inline void
-tile_q8_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int n,
-               int gs, const int R, const int TT)
-{
     const int groups = n / gs;
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc[MM_MAX][MM_MAX];
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[MM_MAX][MM_MAX];
     for (int r = 0; r < R; r++)
-        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
     for (int g = 0; g < groups; g++) {
-        __m512i isum[MM_MAX][MM_MAX];
+        __m256i isum[MM_MAX][MM_MAX];
         for (int r = 0; r < R; r++)
-            for (int t = 0; t < TT; t++) isum[r][t] = zero;
-        for (int j = g * gs; j < (g + 1) * gs; j += 64) {
-            __m512i ax[MM_MAX];
-            __mmask64 neg[MM_MAX];
+            for (int t = 0; t < TT; t++) isum[r][t] = _mm256_setzero_si256();
+        for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+            __m256i xv[MM_MAX], ax[MM_MAX];
             for (int t = 0; t < TT; t++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + (size_t)t * ldx + j));
-                ax[t] = _mm512_abs_epi8(xv);
-                neg[t] = _mm512_movepi8_mask(xv);
+                xv[t] = _mm256_loadu_si256((const __m256i *)(x + (size_t)t * ldx + j));
+                ax[t] = _mm256_sign_epi8(xv[t], xv[t]);
             }
             for (int r = 0; r < R; r++) {
-                __m512i wv = _mm512_loadu_si512((const void *)(w + (size_t)r * n + j));
-                for (int t = 0; t < TT; t++)
-                    isum[r][t] = _mm512_dpbusd_epi32(isum[r][t], ax[t], _mm512_mask_sub_epi8(wv, neg[t], zero, wv));
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (size_t)r * n + j));
+                for (int t = 0; t < TT; t++) {
+                    __m256i pairs = _mm256_maddubs_epi16(ax[t], _mm256_sign_epi8(wv, xv[t]));
+                    isum[r][t] = _mm256_add_epi32(isum[r][t], _mm256_madd_epi16(pairs, ones));
+                }
             }
         }
-        __m512 xsc[MM_MAX];
-        for (int t = 0; t < TT; t++) xsc[t] = _mm512_set1_ps(xs[(size_t)t * ldx + g]);
+        __m256 xsc[MM_MAX];
+        for (int t = 0; t < TT; t++) xsc[t] = _mm256_set1_ps(xs[(size_t)t * ldx + g]);
         for (int r = 0; r < R; r++) {
-            __m512 wsc = _mm512_set1_ps(ws[(size_t)r * groups + g]);
+            __m256 wsc = _mm256_set1_ps(ws[(size_t)r * groups + g]);
             for (int t = 0; t < TT; t++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][t]), _mm512_mul_ps(wsc, xsc[t]), acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), _mm256_mul_ps(wsc, xsc[t]), acc[r][t]);
         }
     }
-    __m256 half[MM_MAX][MM_MAX];
-    for (int r = 0; r < R; r++)
-        for (int t = 0; t < TT; t++)
-            half[r][t] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][t]),
-                                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r][t]), 1)));
-    store_tile_avx2(out, ldo, half, R, TT);
-}
-
-#define Q8_TILE(kernel, r, t, R, TT) \
-    kernel(w + (size_t)(r) * n, ws + (size_t)(r) * (n / gs), x + (size_t)(t) * ldx, xs + (size_t)(t) * ldx, ldx, \
-           out + (size_t)(t) * ldo + (r), ldo, n, gs, R, TT)
-
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) static void
-mm_q8_vnni(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int rows,
-           int n, int gs, int T)
-{
-#define TILE(r, t, R, TT) Q8_TILE(tile_q8_vnni, r, t, R, TT)
-    MM_TILES(rows, T, 4, 4, TILE);
-#undef TILE
-}
-
-__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) static void
-mm_q8_avx512(const int8_t *w, const float *ws, const int8_t *x, const float *xs, int ldx, float *out, int ldo, int rows,
-             int n, int gs, int T)
-{
-#define TILE(r, t, R, TT) Q8_TILE(tile_q8_avx512, r, t, R, TT)
-    MM_TILES(rows, T, 4, 2, TILE);
-#undef TILE
+    store_tile_avx2(out, ldo, acc, R, TT);
 }
 
 __attribute__((target("avx2,fma"))) static void mm_q8_avx2(const int8_t *w, const float *ws, const int8_t *x,
                                                             const float *xs, int ldx, float *out, int ldo, int rows,
                                                             int n, int gs, int T)
 {
-#define TILE(r, t, R, TT) Q8_TILE(tile_q8_avx2, r, t, R, TT)
+#define TILE(r, t, R, TT) \
+    tile_q8_avx2(w + (size_t)(r) * n, ws + (size_t)(r) * (n / gs), x + (size_t)(t) * ldx, xs + (size_t)(t) * ldx, \
+                 ldx, out + (size_t)(t) * ldo + (r), ldo, n, gs, R, TT)
     MM_TILES(rows, T, 4, 2, TILE);
 #undef TILE
 }
+
+/* -- Q8 repacked for AVX-512 VNNI (q8_pack, section 3, lays it out) ------------------------------
+ * A matrix's rows go in tiles of Q8_PACK_ROWS = 16 (the last tile may be shorter: h rows). For each
+ * tile and group of gs columns come gs / 4 chunks, each the group's next 4 bytes of every row of the
+ * tile in turn (row i's at 4 i), stored unsigned (w + 128), then the h rows' float scales for the
+ * group. So one vpdpbusd multiplies a 64-byte chunk by 4 bytes of a token broadcast to every lane
+ * and adds each row's 4 products into that row's lane: the 16 rows' sums stay in the 16 lanes of
+ * one register, with no sign operations (vpdpbusd takes unsigned x signed bytes) and no horizontal
+ * sums, and one convert-scale-add per group serves 16 rows. The + 128 adds 128 x the group's sum of
+ * the token's bytes to every row; starting the sums from -128 x that (quantize_act computes it) takes
+ * it off again, in integers, exactly. A row's result is then dot_q8_scalar's to the bit: the same
+ * int32 sums, converted, scaled by ws * xs and added group after group (a multiply and an add, not an
+ * FMA: dot_q8_scalar compiles without contraction). The layout takes the bytes of the int8 values
+ * and scales it replaces, so the loader repacks in place. On the 2-core Zen 4 guest, against the
+ * kernels on the file's layout (sign trick, 4 x 4 and 4 x 2 tiles, horizontal sums): a third of the
+ * operations per product in prefill, and the 110M shape's weights read at 16-23 GB/s as a matvec. */
+#define Q8_PACK_TOKENS 8 /* token rows per prefill tile: 8 sums, 8 accumulators, a chunk, its scales */
+
+/* rows [0, h) of a packed tile (w: its first group) against TT token rows (ldx apart in x, xs and
+ * xsum: the quantized tokens, their scales and group sums) into out[t ldo + i] */
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) static inline void
+tile_q8_packed(const uint8_t *w, const int h, const int8_t *x, const float *xs, const int32_t *xsum, int ldx,
+               float *out, int ldo, int n, int gs, const int TT)
+{
+    const int groups = n / gs, chunks = gs / 4;
+    const __mmask16 lanes = (__mmask16)((1u << h) - 1);
+    const size_t chunk_bytes = (size_t)4 * h, group_bytes = (size_t)h * (gs + 4);
+    __m512 acc[Q8_PACK_TOKENS];
+    for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++, w += group_bytes) {
+        __m512i isum[Q8_PACK_TOKENS], odd = _mm512_setzero_si512();
+        for (int t = 0; t < TT; t++) isum[t] = _mm512_set1_epi32(-128 * xsum[(size_t)t * ldx + g]);
+        const int8_t *xg = x + (size_t)g * gs;
+        int c = 0;
+        int32_t four; /* 4 bytes of a token, as vpdpbusd's broadcast operand */
+        if (TT == 1) /* one token (a matvec): two chains of vpdpbusd, or their latency bounds the loop */
+            for (; c + 2 <= chunks; c += 2) {
+                memcpy(&four, xg + 4 * c, 4);
+                isum[0] = _mm512_dpbusd_epi32(isum[0], _mm512_maskz_loadu_epi32(lanes, w + c * chunk_bytes),
+                                              _mm512_set1_epi32(four));
+                memcpy(&four, xg + 4 * c + 4, 4);
+                odd = _mm512_dpbusd_epi32(odd, _mm512_maskz_loadu_epi32(lanes, w + (c + 1) * chunk_bytes),
+                                          _mm512_set1_epi32(four));
+            }
+        for (; c < chunks; c++) {
+            __m512i wv = _mm512_maskz_loadu_epi32(lanes, w + c * chunk_bytes);
+            for (int t = 0; t < TT; t++) {
+                memcpy(&four, xg + (size_t)t * ldx + 4 * c, 4);
+                isum[t] = _mm512_dpbusd_epi32(isum[t], wv, _mm512_set1_epi32(four));
+            }
+        }
+        if (TT == 1) isum[0] = _mm512_add_epi32(isum[0], odd);
+        __m512 wsc = _mm512_maskz_loadu_ps(lanes, w + (size_t)h * gs);
+        for (int t = 0; t < TT; t++) {
+            __m512 scale = _mm512_mul_ps(wsc, _mm512_set1_ps(xs[(size_t)t * ldx + g]));
+            acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(isum[t]), scale));
+        }
+    }
+    for (int t = 0; t < TT; t++) _mm512_mask_storeu_ps(out + (size_t)t * ldo, lanes, acc[t]);
+}
+
+/* out[t ldo + r] = w[r] . x[t ldx] for r < rows, t < T, w packed (its first tile); T = 1 is the
+ * matvec. Row tiles go outermost: a tile (16 rows) stays in L1 while the block's tokens pass it. */
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void mm_q8_packed_avx512(const uint8_t *w, const int8_t *x,
+                                                                                       const float *xs,
+                                                                                       const int32_t *xsum, int ldx,
+                                                                                       float *out, int ldo, int rows,
+                                                                                       int n, int gs, int T)
+{
+    const size_t tile_bytes = (size_t)Q8_PACK_ROWS * (n + 4 * (n / gs));
+    for (int r = 0; r < rows; r += Q8_PACK_ROWS, w += tile_bytes) {
+        const int h = rows - r < Q8_PACK_ROWS ? rows - r : Q8_PACK_ROWS;
+        int t = 0;
+#define TILE(H, TT) \
+    tile_q8_packed(w, H, x + (size_t)t * ldx, xs + (size_t)t * ldx, xsum + (size_t)t * ldx, ldx, \
+                   out + (size_t)t * ldo + r, ldo, n, gs, TT)
+        if (h == Q8_PACK_ROWS) { /* the full tiles, with h a constant: unmasked loads */
+            for (; t + Q8_PACK_TOKENS <= T; t += Q8_PACK_TOKENS) TILE(Q8_PACK_ROWS, Q8_PACK_TOKENS);
+            for (; t + 4 <= T; t += 4) TILE(Q8_PACK_ROWS, 4);
+            for (; t < T; t++) TILE(Q8_PACK_ROWS, 1);
+        } else {
+            for (; t + Q8_PACK_TOKENS <= T; t += Q8_PACK_TOKENS) TILE(h, Q8_PACK_TOKENS);
+            for (; t < T; t++) TILE(h, 1);
+        }
+#undef TILE
+    }
+}
 #endif
 
-/* -- activation quantization (Q8 files): quantize_act's arithmetic on one group -------------------
- * Returns the group's scale and writes its int8 values, bit for bit quantize_act's (section 5):
+/* -- activation quantization (Q8 files): quantize_group's arithmetic on one group -----------------
+ * Returns the group's scale and writes its int8 values, bit for bit quantize_group's (section 5):
  * the largest |x| as the largest bit pattern (NaN skipped), 127 / that, the products clamped to
  * +-127 (NaN to 0), rounded half away from zero. gs a multiple of the lane count. In scalar code
  * this was a quarter of a 15M-shape Q8 prompt. */
@@ -1083,15 +1096,20 @@ static rows_f32_fn g_rows_f32 = rows_f32_scalar;
 static wsum_fn g_wsum = wsum_scalar;
 static softmax_fn g_softmax = softmax_scalar;
 static swiglu_fn g_swiglu = swiglu_scalar;
-static dot_q8_fn g_q8_256, g_q8_512; /* NULL where the CPU lacks them */
+static dot_q8_fn g_q8_256; /* NULL where the CPU lacks it */
 /* Q8 over a range of rows (the matvec kernel); NULL: call the dot_q8_fn row by row */
 typedef void (*rows_q8_fn)(const int8_t *w, const float *ws, const int8_t *x, const float *xs, float *out, int rows,
                            int n, int gs);
-static rows_q8_fn g_rows_q8_256, g_rows_q8_512; /* paired with g_q8_256 and g_q8_512 */
+static rows_q8_fn g_rows_q8_256; /* paired with g_q8_256 */
 /* matrix times a block of token rows (prefill); NULL: the generic one over the row kernels */
 static mm_f32_fn g_mm_f32;
-static mm_q8_fn g_mm_q8_256, g_mm_q8_512; /* paired with g_q8_256 and g_q8_512 */
-static quant_group_fn g_quant_group; /* NULL: quantize_act's scalar loops */
+static mm_q8_fn g_mm_q8_256; /* paired with g_q8_256 */
+/* Q8 repacked (Q8_PACK_ROWS-row tiles) against T >= 1 token rows (x: int8, xs: scales, xsum: group
+ * sums, ldx apart); non-NULL: the loader repacks every Q8 matrix whose group size is a multiple of 4 */
+typedef void (*mm_q8_packed_fn)(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int ldx,
+                                float *out, int ldo, int rows, int n, int gs, int T);
+static mm_q8_packed_fn g_q8_packed;
+static quant_group_fn g_quant_group; /* NULL: quantize_group */
 static int g_quant_lanes;
 static const char *g_kernel_name = "scalar";
 
@@ -1125,15 +1143,10 @@ static void simd_init(void)
         g_wsum = wsum_avx512;
         g_softmax = softmax_avx512;
         g_swiglu = swiglu_avx512;
-        g_q8_512 = dot_q8_avx512;
-        g_rows_q8_512 = rows_q8_avx512;
+        g_q8_packed = mm_q8_packed_avx512;
         g_mm_f32 = mm_f32_avx512;
         g_quant_group = quant_group_avx512;
         g_quant_lanes = 16;
-        if (__builtin_cpu_supports("avx512vl")) {
-            g_mm_q8_256 = mm_q8_vnni;
-            g_mm_q8_512 = mm_q8_avx512;
-        }
         g_kernel_name = "avx512-vnni";
     }
 #endif
@@ -1147,7 +1160,6 @@ const char *nano_kernel_name(void)
 
 static dot_q8_fn pick_q8(int gs)
 {
-    if (gs % 64 == 0 && g_q8_512) return g_q8_512;
     if (gs % 32 == 0 && g_q8_256) return g_q8_256;
     return dot_q8_scalar;
 }
@@ -1162,8 +1174,9 @@ typedef struct {
     rows_q8_fn kr;            /* Q8: a kernel over a range of rows, or NULL (then kq, row by row) */
     mm_q8_fn km;              /* Q8: the kernel against a block of token rows, or NULL (the generic one) */
     const float *w;           /* fp32 [rows*cols] */
-    const int8_t *q;          /* q8 [rows*cols] */
-    const float *s;           /* q8 scales [rows*cols/gs]; groups never span rows */
+    const int8_t *q;          /* q8 [rows*cols] (NULL when packed) */
+    const float *s;           /* q8 scales [rows*cols/gs]; groups never span rows (NULL when packed) */
+    const uint8_t *pk;        /* Q8 repacked for g_q8_packed (q8_pack), or NULL */
 } Mat;
 
 typedef struct {
@@ -1267,8 +1280,9 @@ struct Nano {
     /* run state, all allocated at load. x .. v, aq and as hold a block of prefill_rows token rows, ld
      * apart (a token's forward uses row 0; the prompt goes through in blocks: forward_block) */
     float *x, *xb, *xb2, *hb, *hb2, *q, *k, *v, *att, *logits, *kcache, *vcache, *rope_cos, *rope_sin;
-    int8_t *aq; /* activation quantized for Q8 matmuls */
-    float *as;  /* its scales, ld apart too */
+    int8_t *aq;    /* activation quantized for Q8 matmuls */
+    float *as;     /* its scales, ld apart too */
+    int32_t *asum; /* its groups' sums of int8 values (for the packed kernels), ld apart too */
     int prefill_rows, ld;
     /* generation context */
     int *ids, n_ids, pos, has_logits;
@@ -1325,6 +1339,73 @@ static const float *take_f32(Cur *c, size_t count, size_t align, const char *wha
     return copy;
 }
 
+/* Byte offset of row r0 (a multiple of Q8_PACK_ROWS) in a packed matrix: the tiles before it hold
+ * r0 rows of cols int8 values and cols / gs scales each. */
+static size_t q8_packed_offset(int r0, int cols, int gs) { return (size_t)r0 * ((size_t)cols + 4 * (size_t)(cols / gs)); }
+
+/* A Q8 matrix (q, s: the file's layout) into the layout of section 2's packed kernels at dst:
+ * rows * (cols + 4 cols / gs) bytes, as many as q and s take together. gs % 4 == 0. */
+static void q8_pack(uint8_t *dst, const int8_t *q, const float *s, int rows, int cols, int gs)
+{
+    const int groups = cols / gs;
+    for (int r0 = 0; r0 < rows; r0 += Q8_PACK_ROWS) {
+        const int h = rows - r0 < Q8_PACK_ROWS ? rows - r0 : Q8_PACK_ROWS;
+        uint8_t *b = dst + q8_packed_offset(r0, cols, gs);
+        for (int g = 0; g < groups; g++, b += (size_t)h * (gs + 4)) {
+            for (int c = 0; c < gs / 4; c++)
+                for (int i = 0; i < h; i++)
+                    for (int j = 0; j < 4; j++)
+                        b[((size_t)c * h + i) * 4 + j] = (uint8_t)(q[(size_t)(r0 + i) * cols + (size_t)g * gs + 4 * c + j] + 128);
+            for (int i = 0; i < h; i++) memcpy(b + (size_t)h * gs + 4 * i, s + (size_t)(r0 + i) * groups + g, 4);
+        }
+    }
+}
+
+/* Row `row` of a packed matrix, dequantized (int8 value times its group's scale, as for the file's
+ * layout): the token embedding's lookup. */
+static void q8_packed_row(float *x, const Mat *M, int row)
+{
+    const int gs = M->gs, r0 = row / Q8_PACK_ROWS * Q8_PACK_ROWS, i = row - r0;
+    const int h = M->rows - r0 < Q8_PACK_ROWS ? M->rows - r0 : Q8_PACK_ROWS;
+    const uint8_t *b = M->pk + q8_packed_offset(r0, M->cols, gs);
+    for (int g = 0; g < M->cols / gs; g++, b += (size_t)h * (gs + 4)) {
+        float scale;
+        memcpy(&scale, b + (size_t)h * gs + 4 * i, 4);
+        for (int c = 0; c < gs / 4; c++)
+            for (int j = 0; j < 4; j++)
+                x[g * gs + 4 * c + j] = (float)((int)b[((size_t)c * h + i) * 4 + j] - 128) * scale;
+    }
+}
+
+/* M's int8 values and scales (at q in the file, c's position just past the scales) repacked in their
+ * own bytes: the region from q to the end of the scales holds at least the packed size (more when
+ * alignment left a gap). A caller's buffer cannot be written: then the packed copy is the heap's. */
+static int pack_mat(Cur *c, Mat *M, const uint8_t *q)
+{
+    size_t n = (size_t)M->rows * M->cols, groups = n / M->gs;
+    uint8_t *dst = blob_writable(c->b, q);
+    if (!dst) dst = blob_own(c->b, n + 4 * groups);
+    int8_t *vals = malloc(n ? n : 1);
+    float *scales = malloc(groups ? 4 * groups : 1);
+    if (!dst || !vals || !scales) {
+        free(vals);
+        free(scales);
+        return errf(c->err, "out of memory");
+    }
+    memcpy(vals, M->q, n);
+    memcpy(scales, M->s, 4 * groups);
+    q8_pack(dst, vals, scales, M->rows, M->cols, M->gs);
+    free(vals);
+    free(scales);
+    M->pk = dst;
+    M->q = NULL;
+    M->s = NULL;
+    M->kq = NULL;
+    M->kr = NULL;
+    M->km = NULL;
+    return 0;
+}
+
 static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_t align, const char *what, int layer)
 {
     int ok = 1;
@@ -1340,12 +1421,13 @@ static int take_mat(Cur *c, Mat *M, int rows, int cols, int quant, int gs, size_
     }
     if (n % (size_t)gs) return errf(c->err, "%s: %zu elements are not a multiple of the group size %d", what, n, gs);
     M->kq = pick_q8(gs);
-    M->kr = M->kq == g_q8_512 ? g_rows_q8_512 : M->kq == g_q8_256 ? g_rows_q8_256 : NULL;
-    M->km = M->kq == g_q8_512 ? g_mm_q8_512 : M->kq == g_q8_256 ? g_mm_q8_256 : NULL; /* the same sums as kr */
+    M->kr = M->kq == g_q8_256 ? g_rows_q8_256 : NULL;
+    M->km = M->kq == g_q8_256 ? g_mm_q8_256 : NULL; /* the same sums as kr */
     M->q = (const int8_t *)take(c, n, 1, align, what, layer);
     if (!M->q) return -1;
     M->s = take_f32(c, n / gs, align, what, layer);
     if (!M->s) return -1;
+    if (g_q8_packed && cols % gs == 0 && gs % 4 == 0) return pack_mat(c, M, (const uint8_t *)M->q);
     if (cols % gs) {
         /* 2024.10 files may have groups that span rows (the writer only made n_embd divisible):
          * the row kernels cannot use those, so this matrix becomes fp32 */
@@ -1639,7 +1721,7 @@ static int alloc_state(Nano *m, char *err)
     m->ld = (int)wide;
     size_t block = mul2(wide, (size_t)PB, &ok);
     size_t floats = add2(add2(mul2(kv, 2, &ok), mul2(rope, 2, &ok), &ok), mul2((size_t)c->n_head, B, &ok), &ok);
-    floats = add2(floats, add2(mul2(V, 3, &ok), mul2(block, 9, &ok), &ok), &ok);
+    floats = add2(floats, add2(mul2(V, 3, &ok), mul2(block, 10, &ok), &ok), &ok); /* asum: int32 */
     size_t bytes = add2(add2(mul2(floats, 4, &ok), mul2(V, 5, &ok), &ok), block, &ok);
     if (!ok || (uint64_t)bytes > MAX_STATE_BYTES)
         return errf(err, "run state (KV cache and buffers) would take %s%llu MiB, over the %llu MiB limit",
@@ -1658,6 +1740,7 @@ static int alloc_state(Nano *m, char *err)
     m->vcache = zalloc(kv, 4, &ok);
     m->aq = zalloc(block, 1, &ok);
     m->as = zalloc(block, 4, &ok);
+    m->asum = zalloc(block, 4, &ok);
     m->ids = zalloc(B + 1, sizeof(int), &ok);
     m->distinct = zalloc(B + 1, sizeof(int), &ok);
     m->seen = zalloc(V, 1, &ok);
@@ -1694,7 +1777,7 @@ void nano_free(Nano *m)
 {
     if (!m) return;
     void *bufs[] = {m->x, m->xb, m->xb2, m->hb, m->hb2, m->q, m->k, m->v, m->att, m->logits, m->kcache, m->vcache,
-                    m->rope_cos, m->rope_sin, m->aq, m->as, m->ids, m->distinct, m->seen, m->work, m->probs, m->order,
+                    m->rope_cos, m->rope_sin, m->aq, m->as, m->asum, m->ids, m->distinct, m->seen, m->work, m->probs, m->order,
                     m->layers};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     tok_free(&m->tok);
@@ -1712,6 +1795,7 @@ static Nano *load(Nano *m, int verify, char *err)
         goto fail;
     }
     if (major == 2026 && check_2026_integrity(m->blob.data, m->blob.size, verify, err)) goto fail;
+    if (g_q8_packed && rd_i32(m->blob.data + 56) == NANO_QUANT_Q8) blob_to_anonymous(&m->blob); /* both layouts */
     /* layers are counted before the config is fully checked; bound the allocation by MAX_LAYERS */
     int nl = rd_i32(m->blob.data + 32);
     if (nl < 1 || nl > MAX_LAYERS) {
@@ -1724,6 +1808,7 @@ static Nano *load(Nano *m, int verify, char *err)
         goto fail;
     }
     if ((major == 2026 ? load_2026(m, err) : load_2024(m, err)) || alloc_state(m, err)) goto fail;
+    blob_seal(&m->blob);
     nano_reset(m);
 #ifdef _OPENMP
     const char *tune = getenv("NANO_TUNE_THREADS");
@@ -2833,40 +2918,64 @@ int nano_is_stop(const Nano *m, int token)
  * per element: 14% of a Q8 prompt): the largest |x| is the largest bit pattern (non-negative floats
  * order as integers), NaN skipped; roundf is truncation plus a step away from zero, the same value
  * (checked on 2M random groups, infinities, zeros and denormals among them). */
-static void quantize_act(int8_t *q, float *s, const float *x, int n, int gs)
+static void quantize_group(int8_t *q, float *s, const float *x, int gs)
+{
+    uint32_t top = 0;
+    for (int i = 0; i < gs; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        b &= 0x7FFFFFFFu;
+        b = b > 0x7F800000u ? 0 : b; /* NaN */
+        top = b > top ? b : top;
+    }
+    float amax;
+    memcpy(&amax, &top, 4);
+    float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
+    for (int i = 0; i < gs; i++) {
+        float v = x[i] * inv;
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
+        float t = truncf(v);
+        t = fabsf(v - t) >= 0.5f ? t + copysignf(1.0f, v) : t;
+        q[i] = (int8_t)(int)t;
+    }
+    *s = amax / 127.0f;
+}
+
+/* x (n wide) quantized group by group (g_quant_group where the lanes fit, else quantize_group): int8
+ * values into q, scales into s, and each group's sum of its int8 values into sum */
+static void quantize_act(int8_t *q, float *s, int32_t *sum, const float *x, int n, int gs)
 {
     for (int g = 0; g < n / gs; g++) {
         const float *xg = x + (size_t)g * gs;
+        int8_t *qg = q + (size_t)g * gs;
         if (g_quant_group && gs % g_quant_lanes == 0) {
-            s[g] = g_quant_group(q + (size_t)g * gs, xg, gs);
-            continue;
+            s[g] = g_quant_group(qg, xg, gs);
+        } else {
+            quantize_group(qg, s + g, xg, gs);
         }
-        uint32_t top = 0;
-        for (int i = 0; i < gs; i++) {
-            uint32_t b;
-            memcpy(&b, xg + i, 4);
-            b &= 0x7FFFFFFFu;
-            b = b > 0x7F800000u ? 0 : b; /* NaN */
-            top = b > top ? b : top;
-        }
-        float amax;
-        memcpy(&amax, &top, 4);
-        float inv = amax > 0 && amax < INFINITY ? 127.0f / amax : 0.0f;
-        for (int i = 0; i < gs; i++) {
-            float v = xg[i] * inv;
-            v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v == v ? v : 0.0f;
-            float t = truncf(v);
-            t = fabsf(v - t) >= 0.5f ? t + copysignf(1.0f, v) : t;
-            q[(size_t)g * gs + i] = (int8_t)(int)t;
-        }
-        s[g] = amax / 127.0f;
+        int32_t total = 0; /* for the packed kernels (section 2) */
+        for (int i = 0; i < gs; i++) total += qg[i];
+        sum[g] = total;
     }
 }
+/* x quantized for Q8 matrices (quantize_rows): int8 values, scales and group sums, each ld apart */
+typedef struct {
+    const int8_t *q;
+    const float *s;
+    const int32_t *sum;
+} QuantAct;
 
-/* out[r] = W[r] x for rows [r0, r1) */
-static void mat_rows(const Mat *W, int r0, int r1, float *out, const float *x, const int8_t *xq, const float *xs)
+/* out[r] = W[r] x for rows [r0, r1) (r0 a multiple of Q8_PACK_ROWS for packed matrices) */
+static void mat_rows(const Mat *W, int r0, int r1, float *out, const float *x, QuantAct a)
 {
     size_t c = (size_t)W->cols;
+    const int8_t *xq = a.q;
+    const float *xs = a.s;
+    if (W->pk) {
+        g_q8_packed(W->pk + q8_packed_offset(r0, W->cols, W->gs), xq, xs, a.sum, 0, out + r0, 0, r1 - r0, W->cols,
+                    W->gs, 1);
+        return;
+    }
     if (W->type == NANO_QUANT_F32) {
         g_rows_f32(W->w + r0 * c, x, out + r0, r1 - r0, W->cols);
         return;
@@ -2882,12 +2991,16 @@ static void mat_rows(const Mat *W, int r0, int r1, float *out, const float *x, c
  * ld apart. One token: the matvec kernels (mat_rows). More: the matrix-matrix kernels, or where the
  * CPU has none (scalar, wasm), the row kernel over tiles of rows that stay in L1 while every token
  * row passes them. */
-static void mat_block(const Mat *W, int r0, int r1, float *out, int ldo, const float *x, const int8_t *xq,
-                      const float *xs, int ld, int T)
+static void mat_block(const Mat *W, int r0, int r1, float *out, int ldo, const float *x, QuantAct a, int ld, int T)
 {
     size_t c = (size_t)W->cols;
+    const int8_t *xq = a.q;
+    const float *xs = a.s;
     if (T == 1) {
-        mat_rows(W, r0, r1, out, x, xq, xs);
+        mat_rows(W, r0, r1, out, x, a);
+    } else if (W->pk) {
+        g_q8_packed(W->pk + q8_packed_offset(r0, W->cols, W->gs), xq, xs, a.sum, ld, out + r0, ldo, r1 - r0, W->cols,
+                    W->gs, T);
     } else if (W->type == NANO_QUANT_F32 && g_mm_f32) {
         g_mm_f32(W->w + r0 * c, x, ld, out + r0, ldo, r1 - r0, W->cols, T);
     } else if (W->type == NANO_QUANT_Q8 && W->km) {
@@ -2895,10 +3008,11 @@ static void mat_block(const Mat *W, int r0, int r1, float *out, int ldo, const f
     } else {
         size_t row_bytes = c * (W->type == NANO_QUANT_F32 ? sizeof(float) : 1);
         int tile = row_bytes < MM_GENERIC_TILE_BYTES ? (int)(MM_GENERIC_TILE_BYTES / row_bytes) : 1;
-        for (int a = r0; a < r1; a += tile)
-            for (int t = 0; t < T; t++)
-                mat_rows(W, a, a + tile < r1 ? a + tile : r1, out + (size_t)t * ldo, x + (size_t)t * ld,
-                         xq + (size_t)t * ld, xs + (size_t)t * ld);
+        for (int r = r0; r < r1; r += tile)
+            for (int t = 0; t < T; t++) {
+                QuantAct at = {xq + (size_t)t * ld, xs + (size_t)t * ld, a.sum + (size_t)t * ld};
+                mat_rows(W, r, r + tile < r1 ? r + tile : r1, out + (size_t)t * ldo, x + (size_t)t * ld, at);
+            }
     }
 }
 
@@ -2907,15 +3021,18 @@ static void mat_block(const Mat *W, int r0, int r1, float *out, int ldo, const f
  * contiguous range of the concatenated rows, so it streams its weights sequentially (what the
  * prefetchers follow best: kernels that interleave two or four rows measured about 10% slower, and
  * 8 accumulators instead of 4 no faster). x: T token rows, ld apart, as the outputs' rows (ldo
- * apart); xq/xs: x quantized, for Q8 matrices. A block's ranges start at multiples of 4 rows, the
- * kernels' tiles. */
-static void matmul_multi(const Mat *const *W, float *const *out, int ldo, int n, const float *x, const int8_t *xq,
-                         const float *xs, int ld, int T)
+ * apart); a: x quantized, for Q8 matrices. The rows go out in units that are the kernels' tiles: a
+ * thread's range of a matrix starts on a multiple of Q8_PACK_ROWS rows for packed matrices, of 4
+ * rows for the matrix-matrix kernels. */
+static void matmul_multi(const Mat *const *W, float *const *out, int ldo, int n, const float *x, QuantAct a, int ld,
+                         int T)
 {
-    int total = 0;
-    for (int i = 0; i < n; i++) total += W[i]->rows;
+    int unit = T > 1 ? 4 : 1, units = 0;
+    for (int i = 0; i < n; i++)
+        if (W[i]->pk) unit = Q8_PACK_ROWS;
+    for (int i = 0; i < n; i++) units += (W[i]->rows + unit - 1) / unit;
 #ifdef _OPENMP
-#pragma omp parallel if ((long long)total * W[0]->cols * T >= 32768)
+#pragma omp parallel if ((long long)units * unit * W[0]->cols * T >= 32768)
 #endif
     {
         int nt = 1, t = 0;
@@ -2923,15 +3040,15 @@ static void matmul_multi(const Mat *const *W, float *const *out, int ldo, int n,
         nt = omp_get_num_threads();
         t = omp_get_thread_num();
 #endif
-        int lo = (int)((long long)total * t / nt), hi = (int)((long long)total * (t + 1) / nt), start = 0;
-        if (T > 1) {
-            lo = lo / 4 * 4;
-            hi = t == nt - 1 ? total : hi / 4 * 4;
-        }
-        for (int i = 0; i < n; i++) {
-            int a = lo > start ? lo : start, b = hi < start + W[i]->rows ? hi : start + W[i]->rows;
-            if (a < b) mat_block(W[i], a - start, b - start, out[i], ldo, x, xq, xs, ld, T);
-            start += W[i]->rows;
+        int lo = (int)((long long)units * t / nt), hi = (int)((long long)units * (t + 1) / nt), start = 0;
+        for (int i = 0; i < n; i++) { /* [lo, hi) in units of the matrices one after another */
+            int mine = (W[i]->rows + unit - 1) / unit;
+            int from = lo > start ? lo : start, to = hi < start + mine ? hi : start + mine;
+            if (from < to) {
+                int r1 = (to - start) * unit < W[i]->rows ? (to - start) * unit : W[i]->rows;
+                mat_block(W[i], (from - start) * unit, r1, out[i], ldo, x, a, ld, T);
+            }
+            start += mine;
         }
     }
 }
@@ -2953,7 +3070,7 @@ static void linear(Nano *m, int layer, const int *t, int n, float *const *out, c
     const Mat *W[3] = {NULL, NULL, NULL};
     int ld = m->ld;
     for (int i = 0; i < n; i++) W[i] = &L->mat[t[i]];
-    matmul_multi(W, out, ld, n, x, m->aq, m->as, ld, T);
+    matmul_multi(W, out, ld, n, x, (QuantAct){m->aq, m->as, m->asum}, ld, T);
     for (int i = 0; i < n; i++)
         for (int row = 0; row < T; row++) {
             float *o = out[i] + (size_t)row * ld;
@@ -2968,7 +3085,8 @@ static void quantize_rows(Nano *m, const float *x, int n, int T)
 {
     if (m->c.quant != NANO_QUANT_Q8) return;
     for (int t = 0; t < T; t++)
-        quantize_act(m->aq + (size_t)t * m->ld, m->as + (size_t)t * m->ld, x + (size_t)t * m->ld, n, m->c.group_size);
+        quantize_act(m->aq + (size_t)t * m->ld, m->as + (size_t)t * m->ld, m->asum + (size_t)t * m->ld,
+                     x + (size_t)t * m->ld, n, m->c.group_size);
 }
 
 /* model.RMSNorm: x * rsqrt(mean(x^2) + eps) * weight, in float (the sum in double) */
@@ -2998,6 +3116,8 @@ static void embed_row(float *x, const Mat *E, int row)
     size_t D = (size_t)E->cols;
     if (E->type == NANO_QUANT_F32) {
         memcpy(x, E->w + (size_t)row * D, D * sizeof(float));
+    } else if (E->pk) {
+        q8_packed_row(x, E, row);
     } else {
         const int8_t *q = E->q + (size_t)row * D;
         const float *s = E->s + (size_t)row * (D / E->gs);
@@ -3078,7 +3198,7 @@ static void forward_block(Nano *m, const int *tokens, int T, int pos, float *log
     for (int t = 0; t < n_logits; t++) rmsnorm(m->xb + (size_t)t * ld, last + (size_t)t * ld, m->final_norm, D, eps);
     quantize_rows(m, m->xb, D, n_logits);
     const Mat *head = &m->head;
-    matmul_multi(&head, &logits, c->vocab_size, 1, m->xb, m->aq, m->as, ld, n_logits);
+    matmul_multi(&head, &logits, c->vocab_size, 1, m->xb, (QuantAct){m->aq, m->as, m->asum}, ld, n_logits);
 }
 
 const float *nano_forward(Nano *m, int token, int pos)
