@@ -282,7 +282,7 @@ static void blob_close(Blob *b)
  * (huge_alloc), for a Q8 file whose matrices the loader repacks. Written in place, the file's private
  * mapping would turn into 4 KiB copy-on-write pages, and their TLB misses cost 110M-shape Q8 decode a
  * third of its speed (on the 2-core Zen 4 guest: 127-137 tokens/s against 197-211). One copy all the
- * same: the mapping goes. On failure the blob stays as it was (then blob_writable writes the mapping). */
+ * same: the mapping's pages go as they are copied, and then the mapping. On failure the blob stays as it was (then blob_writable writes the mapping). */
 static void blob_to_anonymous(Blob *b)
 {
 #ifdef NANO_MMAP
@@ -290,7 +290,12 @@ static void blob_to_anonymous(Blob *b)
     size_t len;
     uint8_t *p = huge_alloc(b->size, &len);
     if (!p) return;
-    memcpy(p, b->data, b->size);
+    const size_t step = (size_t)2 << 20; /* the mapping's pages let go as they are copied: one copy at a time */
+    for (size_t off = 0; off < b->size; off += step) {
+        size_t n = b->size - off < step ? b->size - off : step;
+        memcpy(p + off, b->data + off, n);
+        madvise((uint8_t *)b->map + off, n, MADV_DONTNEED);
+    }
     munmap(b->map, b->map_len);
     b->map = p;
     b->map_len = len;
@@ -1352,9 +1357,12 @@ static void q8_pack(uint8_t *dst, const int8_t *q, const float *s, int rows, int
         uint8_t *b = dst + q8_packed_offset(r0, cols, gs);
         for (int g = 0; g < groups; g++, b += (size_t)h * (gs + 4)) {
             for (int c = 0; c < gs / 4; c++)
-                for (int i = 0; i < h; i++)
-                    for (int j = 0; j < 4; j++)
-                        b[((size_t)c * h + i) * 4 + j] = (uint8_t)(q[(size_t)(r0 + i) * cols + (size_t)g * gs + 4 * c + j] + 128);
+                for (int i = 0; i < h; i++) { /* 4 bytes + 128 each: their top bits flipped */
+                    uint32_t four;
+                    memcpy(&four, q + (size_t)(r0 + i) * cols + (size_t)g * gs + 4 * c, 4);
+                    four ^= 0x80808080u;
+                    memcpy(b + ((size_t)c * h + i) * 4, &four, 4);
+                }
             for (int i = 0; i < h; i++) memcpy(b + (size_t)h * gs + 4 * i, s + (size_t)(r0 + i) * groups + g, 4);
         }
     }
