@@ -97,3 +97,18 @@ def test_q8_prompt_batch_equals_token_by_token_exactly(engine, workdir, shape): 
         # the sanitized build (the packed kernels, the loader's in-place repacking, no OpenMP)
         step, batch = batch_and_stepwise_logits(engine["asan"], path, ids, workdir, env={"NANO_PREFILL_ROWS": "7"})
         assert np.array_equal(step, batch), (shape, gs, "asan")
+
+
+def test_q8_repacked_wherever_the_file_is_read(engine, workdir):  # noqa: F811
+    """The loader repacks a mapped file after moving it to anonymous memory, and a file read whole
+    (NANO_HUGEPAGES=1) in place: the same logits, both layouts, release and sanitized builds."""
+    ck = make_checkpoint(seed=3, **SHAPES["w48"][0])
+    ids = [2] + TrieTokenizer(ck["tokenizer"]["tokens"]).encode(MULTILINGUAL)[:30]
+    for fmt in ("2026.11", "2024.10"):
+        path = workdir / f"huge_{fmt}.q8.bin"
+        export.write_model(str(path), ck, "q8", 8, fmt)
+        for binary in (engine["release"], engine["asan"]):
+            mapped, whole = (batch_and_stepwise_logits(binary, path, ids, workdir, env={"NANO_HUGEPAGES": hp})
+                             for hp in ("0", "1"))
+            assert np.array_equal(mapped[0], whole[0]) and np.array_equal(mapped[1], whole[1]), (fmt, binary)
+            assert np.array_equal(mapped[0], mapped[1]), (fmt, binary)
