@@ -9,11 +9,13 @@ bench_eval.py: how long eval.py takes over the task sets, start-up included, and
 One process, timed from its first line:
   1. start-up: import torch, build the model (random weights of --config, on the device; or load
      --checkpoint), read and check the task files, tokenize every request;
-  2. Nano: eval.py's scoring of every request, as `python eval.py` scores them: a multiple-choice item's
-     query forwarded once into the KV cache and its choices from it (--no-shared-prefix: every request
-     in its own row), padded batches through model.py's forward, bf16 autocast on a GPU; then the
-     per-task tables; "total" is from the process's first line to here;
-  3. with --unshared too: the same again with every request in its own row, for comparison;
+  2. Nano: eval.py's scoring of every request, as `python eval.py` scores them: on the CPU a
+     multiple-choice item's query forwarded once into the KV cache and its choices from it, on a GPU
+     every request in its own row (--shared-prefix / --no-shared-prefix choose), padded batches through
+     model.py's forward, bf16 autocast on a GPU; then the per-task tables; "total" is from the
+     process's first line to here;
+  3. with --both: the same again the other way (shared prefixes if step 2 had none, else none), for
+     comparison;
   4. with --compile: the same with torch.compile(dynamic=True), compile time included;
   5. transformers (unless --no-hf): the same weights exported to a Hugging Face directory (hf.export_hf)
      and loaded as a LlamaForCausalLM, every request in its own row through eval.py's scorer (the
@@ -105,8 +107,12 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-tokens", type=int)
     p.add_argument("--compile", action="store_true", help="also time Nano's forward under torch.compile")
-    p.add_argument("--no-shared-prefix", action="store_true", help="Nano: every request in its own row")
-    p.add_argument("--unshared", action="store_true", help="also time Nano with every request in its own row")
+    sharing = p.add_mutually_exclusive_group()  # as eval.py's: by default shared on the CPU only
+    sharing.add_argument("--shared-prefix", dest="shared_prefix", action="store_true", default=None,
+                         help="Nano: a multiple-choice query once, its choices from its KV cache")
+    sharing.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                         help="Nano: every request in its own row")
+    p.add_argument("--both", action="store_true", help="also time Nano's scoring the other way (shared prefixes or not)")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the figures here")
@@ -118,7 +124,7 @@ def main():
 
     model, tok, ck = build(args, device)
     tasks = evaluation.load_tasks(args.tasks, args.tasks_dir, args.limit)
-    ev = nano_scoring(model, tok, device, autocast, batch_tokens, not args.no_shared_prefix)
+    ev = nano_scoring(model, tok, device, autocast, batch_tokens, args.shared_prefix)
     t_tok = time.perf_counter()
     requests = {t.name: ev.requests(t) for t in tasks}
     tokenize_s = time.perf_counter() - t_tok
@@ -151,16 +157,20 @@ def main():
           f"start {total_s:.1f} s = {n_items / total_s:,.1f} items/s; process CPU time {cpu_s:.1f} s; load average "
           f"{os.getloadavg()[0]:.1f}")
 
-    if args.unshared:
-        alone = nano_scoring(model, tok, device, autocast, batch_tokens, False)
-        s, out = timed(lambda: {name: alone.score_requests(r) for name, r in requests.items()}, device)
+    if args.both:
+        shared = ev.model is None  # the other way
+        other = nano_scoring(model, tok, device, autocast, batch_tokens, shared)
+        other_requests = {t.name: other.requests(t) for t in tasks} if shared else requests  # with groups
+        s, out = timed(lambda: {name: other.score_requests(r) for name, r in other_requests.items()}, device)
         diff = max(float(np.abs(nano_out[k][0] - out[k][0]).max()) for k in nano_out)
-        figures.update(unshared_score_s=s, unshared_forwarded=dict(alone.forwarded), shared_vs_unshared_max_difference=diff)
-        print(f"Nano, every request in its own row: scoring {s:.1f} s; {forwarded_text(alone.forwarded)}; largest "
-              f"difference of a summed log-likelihood from the shared scoring: {diff:.2e}")
+        way = "shared prefixes" if shared else "every request in its own row"
+        figures.update(other_way=way, other_score_s=s, other_forwarded=dict(other.forwarded),
+                       shared_vs_unshared_max_difference=diff)
+        print(f"Nano, {way}: scoring {s:.1f} s; {forwarded_text(other.forwarded)}; largest difference of a summed "
+              f"log-likelihood from the first scoring: {diff:.2e}")
 
     if args.compile:
-        compiled = nano_scoring(model, tok, device, autocast, batch_tokens, not args.no_shared_prefix, compile=True)
+        compiled = nano_scoring(model, tok, device, autocast, batch_tokens, args.shared_prefix, compile=True)
         s, _ = timed(lambda: {name: compiled.score_requests(r) for name, r in requests.items()}, device)
         s2, _ = timed(lambda: {name: compiled.score_requests(r) for name, r in requests.items()}, device)
         figures.update(compiled_first_s=s, compiled_second_s=s2)

@@ -193,6 +193,24 @@ def test_shared_prefix_scores_equal_unshared_item_by_item(corpus, chat):
     assert shared.forwarded["tokens"] < 0.7 * alone.forwarded["tokens"], (shared.forwarded, alone.forwarded)
 
 
+def test_shared_prefix_is_the_cpu_default_and_either_flag_chooses():
+    """By default the KV-cache sharing runs on the CPU only (on a GPU the one-request-a-row batches are
+    faster: docs/EVAL.md); --shared-prefix and --no-shared-prefix choose on any device, not both."""
+    model = Transformer(ModelConfig(block_size=32, vocab_size=64, n_layer=1, n_embd=32, n_head=4, n_kv_head=2,
+                                    n_hidden=64)).eval()
+
+    def sharing(device, flags):
+        args = evaluation.parse_args(["-m", "x.pt", *flags])
+        ev = evaluation.Evaluator(evaluation.nano_forward(model), None, 32, device, progress=False, model=model,
+                                  shared_prefix=args.shared_prefix)
+        return ev.model is not None
+
+    assert sharing("cpu", []) and not sharing("cuda", []) and not sharing("cuda:1", [])
+    assert sharing("cuda", ["--shared-prefix"]) and not sharing("cpu", ["--no-shared-prefix"])
+    with pytest.raises(SystemExit):
+        evaluation.parse_args(["-m", "x.pt", "--shared-prefix", "--no-shared-prefix"])
+
+
 def test_shared_prefix_under_bf16_autocast(corpus):
     """The cache in the autocast dtype: under bf16 autocast (the GPU's setting, here on the CPU) the shared
     scores equal the unshared ones within bf16's rounding, and pick the same answers where the margin is
