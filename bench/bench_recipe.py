@@ -3,8 +3,9 @@ Muon and the recipe options against AdamW on one GPU (issue #34; figures in docs
 docs/RECIPES.md). Three parts, each printed as it ends and once more in a summary at the end:
 
   ttl         Tiny Shakespeare, character level, to val loss 1.45 (the time-to-loss config,
-              config/shakespeare_char_*.json): AdamW and Muon runs alternating, --runs of each;
-              the median step and seconds from process start to the crossing eval.
+              config/shakespeare_char_*.json, which ships Muon): AdamW as that config had it before
+              (--ttl-adamw) and Muon as shipped, runs alternating, --runs of each; the median step
+              and seconds from process start to the crossing eval.
   bpe124      the 124M config (config/model_gpt2_124m.json) on the built-in Bible with GPT-2 BPE:
               one AdamW and one Muon run of --bpe-steps steps, eval every --bpe-eval; the steps each
               needs to reach a fixed val loss (--bpe-target, else the best loss both reach) and to
@@ -17,7 +18,8 @@ docs/RECIPES.md). Three parts, each printed as it ends and once more in a summar
     python bench/bench_recipe.py --shakespeare ../shared/data/tinyshakespeare.txt --parts ttl --runs 3
     python bench/bench_recipe.py --parts bpe124 --muon "optimizer=muon muon_lr=0.02"
 
---adamw and --muon are the train-config overrides of the two arms (train.py --set); --model-set adds
+--adamw and --muon are the train-config overrides of the two arms (train.py --set; the ttl part adds
+--ttl-adamw to the AdamW arm, the settings the time-to-loss config had with AdamW); --model-set adds
 model-config keys to the Muon arm through a copy of the model config (e.g. "qk_norm=true activation=relu2").
 Runs write into --out (default /tmp/nano_recipe) and overwrite what an earlier run left there.
 """
@@ -77,8 +79,9 @@ def ttl(args):
     for i in range(args.runs):
         for arm, (train_set, model_set) in arms(args).items():
             model = model_config("config/shakespeare_char_model.json", model_set, args.out, f"ttl_{arm}")
+            extra = args.ttl_adamw.split() if arm == "adamw" else []
             out, _ = run([PY, "train.py", "-m", model, "-t", "config/shakespeare_char_train.json", "--overwrite",
-                          "--set", f"out_dir={args.out}/ttl_{arm}", *train_set])
+                          "--set", f"out_dir={args.out}/ttl_{arm}", *extra, *train_set])
             m = REACHED.search(out)
             results[arm].append((int(m.group(1)), float(m.group(2))) if m else None)
             best = min((v for _, v in curve(out)), default=None)
@@ -145,6 +148,8 @@ def main():
     p.add_argument("--runs", type=int, default=3, help="ttl runs of each arm (alternating)")
     p.add_argument("--adamw", default="optimizer=adamw", help="train-config overrides of the AdamW arm")
     p.add_argument("--muon", default="optimizer=muon", help="train-config overrides of the Muon arm")
+    p.add_argument("--ttl-adamw", default="max_iters=1400 weight_decay=0.3",
+                   help="ttl: what the AdamW arm sets besides --adamw (the config's AdamW settings before Muon)")
     p.add_argument("--model-set", default="", help="model-config keys of the Muon arm, e.g. \"qk_norm=true\"")
     p.add_argument("--bpe-steps", type=int, default=600)
     p.add_argument("--bpe-eval", type=int, default=25)
