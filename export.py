@@ -37,7 +37,7 @@ from merge_lora import merged_checkpoint
 from model import ModelConfig, rope_tables
 from tokenizer import GPT2_PATTERN, SPECIAL_TOKENS, BPETokenizer, HFTokenizer, Llama2cTokenizer, TokenizerError, tokenizer_from_dict
 
-MAGIC = (0x42443453, 0x55524C4D)
+MAGIC = struct.unpack("<II", files.NANO_BIN_MAGIC)  # the two u32 words the header starts with
 VERSION = (2026, 11)
 OLD_VERSION = (2024, 10)
 FORMATS = ("2026.11", "2024.10")

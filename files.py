@@ -26,9 +26,15 @@ import math
 import os
 import pickle
 import shutil
+import sys
 import zipfile
 
 import torch
+
+# the first 8 bytes of every Nano .bin (docs/FORMAT.md; export.py writes it): here, in the bottom layer,
+# because the loaders (infer.py, llama2c.py: "a Nano .bin or llama2.c's?") must tell it apart without
+# importing export.py, which brings gguf_export.py and the gguf package
+NANO_BIN_MAGIC = b"S4DBMLRU"
 
 
 class NanoError(ValueError):
@@ -233,6 +239,21 @@ def save_checkpoint(obj, path):
         if isinstance(e, Exception):
             raise OutputError(f"cannot write {path}: {write_failure(e, path)}") from None
         raise  # Ctrl-C during a write: the temporary file is gone, the old checkpoint whole
+
+
+def import_checkpoint(load, out, detail):
+    """The body of the import commands (hf.py import, llama2c.py import): load() a foreign model as a
+    checkpoint, write it to `out`, and say what was written in one line ending with detail(checkpoint);
+    a NanoError is one line, `error: ...`, and exit status 2."""
+    try:
+        ck = load()
+        save_checkpoint(ck, out)
+    except NanoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    cfg = ck["model_config"]
+    print(f"wrote {out}: {cfg['n_layer']} layers, {cfg['n_embd']} wide, vocab {cfg['vocab_size']}, "
+          f"context {cfg['block_size']}, {detail(ck)}")
 
 
 def write_failure(error, path):

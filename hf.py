@@ -27,11 +27,10 @@ import argparse
 import json
 import os
 import re
-import sys
 
 import torch
 
-from files import ConfigError, NanoError, load_nano_checkpoint, read_folder_json, save_checkpoint
+from files import ConfigError, import_checkpoint, load_nano_checkpoint, read_folder_json
 from llama2c import hf_tokenizer_files, is_llama2c, load_llama2c
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TokenizerError, _gpt2_files, load_tokenizer, load_tokenizer_dir, tokenizer_from_dict
@@ -365,15 +364,8 @@ def main(argv=None):
     p.add_argument("folder", help="the model directory (config.json, model.safetensors, tokenizer.json)")
     p.add_argument("out", help="the checkpoint to write")
     args = p.parse_args(argv)
-    try:
-        ck = load_hf(args.folder)
-        save_checkpoint(ck, args.out)
-    except NanoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cfg = ck["model_config"]
-    print(f"wrote {args.out}: {cfg['n_layer']} layers, {cfg['n_embd']} wide, vocab {cfg['vocab_size']}, "
-          f"context {cfg['block_size']}, chat template {ck['tokenizer'].get('chat') or 'none'}")
+    import_checkpoint(lambda: load_hf(args.folder), args.out,
+                      lambda ck: f"chat template {ck['tokenizer'].get('chat') or 'none'}")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,8 @@ import time
 import torch
 
 from data import chat_encode
-from files import ConfigError, NanoError, load_adapter
+from files import NANO_BIN_MAGIC, ConfigError, NanoError, load_adapter
 from hf import load_checkpoint
-# the first 8 bytes of every Nano .bin (docs/FORMAT.md), from the loaders' layer, not from export.py: eval.py,
-# and so train.py, load models through this file, and export.py brings gguf_export.py and the gguf package
-from llama2c import NANO_BIN_MAGIC
 from model import attach_lora, model_from_checkpoint, set_lora_enabled
 from tokenizer import tokenizer_from_dict
 

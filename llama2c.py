@@ -29,19 +29,17 @@ hf.py needs), SwiGLU and grouped-query attention, no biases.
 import argparse
 import os
 import struct
-import sys
 
 import numpy as np
 import torch
 
-from files import ConfigError, NanoError, save_checkpoint
+from files import NANO_BIN_MAGIC, ConfigError, import_checkpoint
 from model import ModelConfig
 from tokenizer import LLAMA2C_NO_MERGE, TokenizerError, read_llama2c_tokenizer
 
 V1_MAGIC = struct.pack("<I", 0x616B3432)  # llama2.c's "ak42", as its export.py writes it
 V1_HEADER = 256
 LEGACY_HEADER = 7 * 4
-NANO_BIN_MAGIC = struct.pack("<II", 0x42443453, 0x55524C4D)  # export.MAGIC: Nano's own .bin, not llama2.c's
 MAX_SIZE = 1 << 24  # a header number past this (dim, layers, vocab, context) is not a model, it is garbage
 
 
@@ -236,15 +234,8 @@ def main(argv=None):
     p.add_argument("out", help="the checkpoint to write")
     p.add_argument("--tokenizer", help="its tokenizer.bin (default: tok{vocab_size}.bin or tokenizer.bin beside it)")
     args = p.parse_args(argv)
-    try:
-        ck = load_llama2c(args.model, args.tokenizer)
-        save_checkpoint(ck, args.out)
-    except NanoError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    cfg = ck["model_config"]
-    print(f"wrote {args.out}: {cfg['n_layer']} layers, {cfg['n_embd']} wide, vocab {cfg['vocab_size']}, "
-          f"context {cfg['block_size']}, {'tied' if cfg['tie_embeddings'] else 'untied'} classifier")
+    import_checkpoint(lambda: load_llama2c(args.model, args.tokenizer), args.out,
+                      lambda ck: f"{'tied' if ck['model_config']['tie_embeddings'] else 'untied'} classifier")
 
 
 if __name__ == "__main__":
