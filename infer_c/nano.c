@@ -830,8 +830,17 @@ __attribute__((target("avx512f"), always_inline)) static inline void tile_f32_av
     __m512 acc[MM_MAX][MM_MAX];
     for (int r = 0; r < R; r++)
         for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps();
-    for (int i = 0; i < n; i += 16) {
-        __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) { /* unmasked: 10-16% faster than masking every step (n = 288, 768) */
+        __m512 xv[MM_MAX];
+        for (int t = 0; t < TT; t++) xv[t] = _mm512_loadu_ps(x + (size_t)t * ldx + i);
+        for (int r = 0; r < R; r++) {
+            __m512 wv = _mm512_loadu_ps(w + (size_t)r * n + i);
+            for (int t = 0; t < TT; t++) acc[r][t] = _mm512_fmadd_ps(wv, xv[t], acc[r][t]);
+        }
+    }
+    if (i < n) { /* the last n % 16 columns, in the same lanes and order */
+        __mmask16 k = (__mmask16)((1u << (n - i)) - 1);
         __m512 xv[MM_MAX];
         for (int t = 0; t < TT; t++) xv[t] = _mm512_maskz_loadu_ps(k, x + (size_t)t * ldx + i);
         for (int r = 0; r < R; r++) {
