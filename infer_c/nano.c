@@ -282,7 +282,8 @@ static void blob_close(Blob *b)
  * (huge_alloc), for a Q8 file whose matrices the loader repacks. Written in place, the file's private
  * mapping would turn into 4 KiB copy-on-write pages, and their TLB misses cost 110M-shape Q8 decode a
  * third of its speed (on the 2-core Zen 4 guest: 127-137 tokens/s against 197-211). One copy all the
- * same: the mapping's pages go as they are copied, and then the mapping. On failure the blob stays as it was (then blob_writable writes the mapping). */
+ * same: the mapping's pages go as they are copied, and then the mapping. On failure the blob stays
+ * as it was (then blob_writable writes into the mapping). */
 static void blob_to_anonymous(Blob *b)
 {
 #ifdef NANO_MMAP
@@ -788,8 +789,8 @@ __attribute__((target("avx512f"), always_inline)) static inline void store_tile4
 
 /* The sums of a[0..3][t] (and of a[0..3][t + 1] when two) into out[0..3] (and out[ldo ..]), each
  * added in hsum256's order: the two 128-bit halves, then (0 + 1) + (2 + 3). A Q8 sum is then
- * bit for bit the decode kernel's (rows_q8_avx2): the prompt quantizes the activations that come out of it, and one
- * rounding step apart there would move a logit by more than float rounding. */
+ * bit for bit the decode kernel's (rows_q8_avx2): the prompt quantizes the activations that come out
+ * of it, and one rounding step apart there would move a logit by more than float rounding. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void store_rows4_avx2(float *out, int ldo,
                                                                                        __m256 a[MM_MAX][MM_MAX], int t,
                                                                                        int two)
@@ -1010,11 +1011,9 @@ tile_q8_packed(const uint8_t *w, const int h, const int8_t *x, const float *xs, 
 
 /* out[t ldo + r] = w[r] . x[t ldx] for r < rows, t < T, w packed (its first tile); T = 1 is the
  * matvec. Row tiles go outermost: a tile (16 rows) stays in L1 while the block's tokens pass it. */
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void mm_q8_packed_avx512(const uint8_t *w, const int8_t *x,
-                                                                                       const float *xs,
-                                                                                       const int32_t *xsum, int ldx,
-                                                                                       float *out, int ldo, int rows,
-                                                                                       int n, int gs, int T)
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void
+mm_q8_packed_avx512(const uint8_t *w, const int8_t *x, const float *xs, const int32_t *xsum, int ldx, float *out, int ldo,
+                    int rows, int n, int gs, int T)
 {
     const size_t tile_bytes = (size_t)Q8_PACK_ROWS * (n + 4 * (n / gs));
     for (int r = 0; r < rows; r += Q8_PACK_ROWS, w += tile_bytes) {
@@ -1354,7 +1353,10 @@ static const float *take_f32(Cur *c, size_t count, size_t align, const char *wha
 
 /* Byte offset of row r0 (a multiple of Q8_PACK_ROWS) in a packed matrix: the tiles before it hold
  * r0 rows of cols int8 values and cols / gs scales each. */
-static size_t q8_packed_offset(int r0, int cols, int gs) { return (size_t)r0 * ((size_t)cols + 4 * (size_t)(cols / gs)); }
+static size_t q8_packed_offset(int r0, int cols, int gs)
+{
+    return (size_t)r0 * ((size_t)cols + 4 * (size_t)(cols / gs));
+}
 
 /* A Q8 matrix (q, s: the file's layout) into the layout of section 2's packed kernels at dst:
  * rows * (cols + 4 cols / gs) bytes, as many as q and s take together. gs % 4 == 0. */
@@ -1793,8 +1795,8 @@ void nano_free(Nano *m)
 {
     if (!m) return;
     void *bufs[] = {m->x, m->xb, m->xb2, m->hb, m->hb2, m->q, m->k, m->v, m->att, m->logits, m->kcache, m->vcache,
-                    m->rope_cos, m->rope_sin, m->aq, m->as, m->asum, m->ids, m->distinct, m->seen, m->work, m->probs, m->order,
-                    m->layers};
+                    m->rope_cos, m->rope_sin, m->aq, m->as, m->asum, m->ids, m->distinct, m->seen, m->work, m->probs,
+                    m->order, m->layers};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     tok_free(&m->tok);
     blob_close(&m->blob);
