@@ -81,12 +81,15 @@ class Float8Matmul(torch.autograd.Function):
     """x [M, K] @ weight.T with the forward product and the input's gradient in float8, scaled per
     row, and the weight's gradient in x's precision. (float8 products must reduce along both
     operands' contiguous dim; the weight's gradient reduces over the tokens, which would need
-    transposed float8 copies of x and of the gradient: more than the product saves at these sizes.)"""
+    transposed float8 copies of x and of the gradient: more than the product saves at these sizes.)
+    grads: (x needs a gradient, weight needs one), decided by the caller: ctx.needs_input_grad is
+    not to be trusted inside a function torch.compile traces (pytorch/pytorch#159299: False where
+    True, and so silently no gradient)."""
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype, fast_accum):
+    def forward(ctx, x, weight, out_dtype, fast_accum, grads):
         ctx.save_for_backward(x, weight)
-        ctx.fast_accum = fast_accum
+        ctx.fast_accum, ctx.grads = fast_accum, grads
         x8, x_inv = fp8_rows(x)
         w8, w_inv = fp8_rows(weight)
         return scaled_mm(x8, w8.t(), x_inv, w_inv.t(), out_dtype, fast_accum)
@@ -95,13 +98,13 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
+        if ctx.grads[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
             g8, g_inv = fp8_rows(grad.contiguous())
             w8, w_inv = fp8_cast(weight, weight.abs().amax(dim=0, keepdim=True))  # a scale per column
             grad_x = scaled_mm(g8, w8.t().contiguous().t(), g_inv, w_inv, grad.dtype, ctx.fast_accum)
-        if ctx.needs_input_grad[1]:
+        if ctx.grads[1]:
             grad_w = weight_grad(grad.t(), x.to(grad.dtype), weight.dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -120,7 +123,8 @@ class Float8Linear(nn.Linear):
         if not fp8_fits(rows, self.in_features, self.out_features):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = Float8Matmul.apply(x.reshape(rows, -1), self.weight, dtype, self.fast_accum)
+        out = Float8Matmul.apply(x.reshape(rows, -1), self.weight, dtype, self.fast_accum,
+                                 (x.requires_grad, self.weight.requires_grad))
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(dtype)
 
@@ -136,10 +140,12 @@ class HeadCrossEntropy(torch.autograd.Function):
     Their gradient, softmax - one-hot, does not depend on the incoming gradient (but for a scalar),
     so it is made in the forward, right after the logits, and the logits need not live until the
     backward. With fp8 the products run in float8 and the gradient is kept in float8 with a fixed
-    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass."""
+    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass. weight_grad: whether the
+    weight needs a gradient (a frozen head, as in LoRA training, does not), from the caller, as
+    Float8Matmul's grads."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, fp8, fast_accum):
+    def forward(ctx, x, weight, targets, fp8, fast_accum, weight_grad):
         if fp8:
             x_op, x_inv = fp8_cast(x, x.abs().amax())
             w_op, w_inv = fp8_cast(weight, weight.abs().amax())
@@ -156,12 +162,13 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
         if fp8:
             top = torch.finfo(FP8_GRADS).max
-            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if ctx.needs_input_grad[1] else None
+            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if weight_grad else None
             grad, scale = (grad * top).to(FP8_GRADS), 1.0 / top
         else:
             grad, grad_t, scale = grad.to(logits.dtype), None, 1.0
         ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
         ctx.fp8, ctx.scale, ctx.out_dtype, ctx.weight_dtype = fp8, scale, x.dtype, weight.dtype
+        ctx.weight_grad = weight_grad
         ctx.mark_non_differentiable(logits)
         return loss, logits
 
@@ -169,16 +176,16 @@ class HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         x_op, x_inv, w_op, w_inv, grad, grad_t, count = ctx.saved_tensors
         scale = grad_loss.float() * ctx.scale / count
-        grad_x = grad_w = None  # (a frozen head, as in LoRA training, needs no weight gradient)
+        grad_x = grad_w = None
         if ctx.fp8:
             grad_x = scaled_mm(grad, w_op.t().contiguous().t(), scale, w_inv, ctx.out_dtype)
-            if ctx.needs_input_grad[1]:
+            if ctx.weight_grad:
                 grad_w = scaled_mm(grad_t, x_op.t().contiguous().t(), scale, x_inv, torch.float32).to(ctx.weight_dtype)
         else:
             grad_x = ((grad @ w_op).float() * scale).to(ctx.out_dtype)
-            if ctx.needs_input_grad[1]:
+            if ctx.weight_grad:
                 grad_w = (weight_grad(grad.t(), x_op, torch.float32) * scale).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 class FusedLossHead(OutputHead):
@@ -195,7 +202,8 @@ class FusedLossHead(OutputHead):
             return super().forward(x, weight, targets)
         rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), weight.size(0)
         fp8 = self.fp8 and fp8_fits(rows, dim, vocab)
-        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum)
+        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum,
+                                              weight.requires_grad)
         return logits.view(*x.shape[:-1], vocab), loss
 
 
