@@ -789,8 +789,9 @@ def main(argv=None):
         print(format_table(result))
     for path, b in result["bits_per_byte"].items():
         print(f"bits per byte of {path}: {b['bits_per_byte']:.4f} ({b['tokens']:,} tokens, {b['bytes']:,} bytes)")
-    print(f"{n_items:,} items in {seconds:.1f} s ({n_items / seconds:,.0f} items/s) on {ev.device}, start-up included; "
-          f"{ev.forwarded['tokens']:,} tokens forwarded in {ev.forwarded['rows']:,} rows", file=sys.stderr)
+    done = f"{n_items:,} items in {seconds:.1f} s ({n_items / seconds:,.0f} items/s)" if n_items else f"{seconds:.1f} s"
+    print(f"{done} on {ev.device}, start-up included; {ev.forwarded['tokens']:,} tokens forwarded in "
+          f"{ev.forwarded['rows']:,} rows", file=sys.stderr)
     if args.json:
         out = {"model": args.model, "adapter": args.lora, "tasks": result["tasks"], "centred": result["centred"],
                "bits_per_byte": result["bits_per_byte"], "seconds": seconds, "device": str(ev.device),
