@@ -65,7 +65,8 @@ def export_model(out, quant):
         return path
     import torch
     import export
-    from model import ModelConfig, Transformer, read_json
+    from files import read_json
+    from model import ModelConfig, Transformer
     from tokenizer import SPECIAL_TOKENS
     cfg = ModelConfig.from_dict(read_json(str(ROOT / "config" / "model.json"), "model config"))
     torch.manual_seed(0)
