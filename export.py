@@ -51,7 +51,10 @@ TOKENIZER_BPE = 2  # byte-level BPE section (docs/FORMAT.md, "Byte-level BPE sec
 TOKENIZER_LLAMA2C = 3  # llama2.c's scored BPE with byte fallback (docs/FORMAT.md, "llama2.c tokenizer section")
 LLAMA2C_SECTION_VERSION = 1
 LLAMA2C_HEADER = 40  # section bytes before the first token entry
-BPE_SECTION_VERSION = 1
+BPE_SECTION_VERSION = 1  # 2: entries may carry BPE_ENTRY_STOP
+BPE_ENTRY = 8  # bytes of an entry before the token's own bytes: u16 length, u8 kind, u8 flags, u32 rank
+BPE_ENTRY_STOP = 1  # an entry's flag byte: generation ends at this token (besides <|eos|>)
+BPE_MAX_STOP = 16  # nano.c's limit
 BPE_PATTERNS = {"gpt2": 1, "llama3": 2, "qwen2": 3, "smollm": 4}  # pre-tokenization pattern ids
 # the regular expressions of patterns 2 and 3 as Hugging Face tokenizer.json files spell them (a Split
 # pre-tokenizer before ByteLevel); pattern 1 is ByteLevel's own regex (tokenizer.GPT2_PATTERN)
@@ -318,18 +321,25 @@ def tokenizer_section(tokens):
     return struct.pack("<II", 8 + len(body), len(tokens)) + body
 
 
-def bpe_section(tokens, pattern, special_ids, whole_piece_first=True):
+def bpe_section(tokens, pattern, special_ids, whole_piece_first=True, stop_ids=()):
     """The 2026.11 byte-level BPE section (docs/FORMAT.md). tokens: [(bytes, merge rank)] in id order,
     rank None for a special token (matched in the text, never merged); pattern: a key of BPE_PATTERNS;
-    special_ids: the ids of Nano's SPECIAL_TOKENS, in that order (-1 where the tokenizer has none)."""
+    special_ids: the ids of Nano's SPECIAL_TOKENS, in that order (-1 where the tokenizer has none);
+    stop_ids: tokens besides <|eos|> that end generation (an imported model's end-of-turn tokens), which
+    take section version 2 (an engine that reads only version 1 says so rather than run past them)."""
+    stop_ids = set(stop_ids) - {special_ids[SPECIAL_TOKENS.index("<|eos|>")]}
+    if len(stop_ids) > BPE_MAX_STOP:
+        raise ExportError(f"{len(stop_ids)} tokens end generation; the file's BPE section holds at most {BPE_MAX_STOP}")
     parts = []
     for i, (b, rank) in enumerate(tokens):
         if not 1 <= len(b) <= 0xFFFF:
             raise ExportError(f"BPE token {i} is {len(b)} bytes long; the file's BPE section allows 1 to 65535")
-        parts.append(struct.pack("<HBBI", len(b), rank is None, 0, BPE_NO_RANK if rank is None else rank) + b)
+        flags = BPE_ENTRY_STOP if i in stop_ids else 0
+        parts.append(struct.pack("<HBBI", len(b), rank is None, flags, BPE_NO_RANK if rank is None else rank) + b)
     body = b"".join(parts)
     n_special = sum(rank is None for _, rank in tokens)
-    head = struct.pack("<6I6i", BPE_HEADER + len(body), len(tokens), BPE_SECTION_VERSION, BPE_PATTERNS[pattern],
+    version = 2 if stop_ids else BPE_SECTION_VERSION
+    head = struct.pack("<6I6i", BPE_HEADER + len(body), len(tokens), version, BPE_PATTERNS[pattern],
                        BPE_WHOLE_PIECE_FIRST if whole_piece_first else 0, n_special, *special_ids)
     return head + body
 
@@ -483,7 +493,8 @@ def hf_bpe_section(tok):
     for role, i in (("<|padding|>", tok.pad_id), ("<|bos|>", _hf_bos(tok)), ("<|eos|>", tok.eos_id)):
         special_ids[SPECIAL_TOKENS.index(role)] = -1 if i is None else i
     tokens = [tuple(by_id[i]) for i in range(n)]
-    return bpe_section(tokens, pattern, special_ids, whole_piece_first=bool(m.get("ignore_merges"))), n
+    return bpe_section(tokens, pattern, special_ids, whole_piece_first=bool(m.get("ignore_merges")),
+                       stop_ids=tok.stop_ids), n
 
 
 def llama2c_section(tok):

@@ -1205,6 +1205,8 @@ typedef struct {
     uint32_t len;  /* its length in bytes */
 } BpeSlot;
 
+#define BPE_MAX_STOP 16 /* tokens a BPE section may flag as ending generation (Llama 3 has 2, Qwen2 2) */
+
 typedef struct {
     int kind;             /* NANO_TOK_TRIE or NANO_TOK_BPE (the header's tokenizer kind) */
     int n;                /* tokens */
@@ -1231,6 +1233,8 @@ typedef struct {
     int32_t *special;     /* special token ids, sorted by first byte */
     int n_special;
     int32_t special_from[257]; /* special[special_from[b] .. special_from[b + 1]) start with byte b */
+    int32_t stop[BPE_MAX_STOP]; /* BPE section version 2: the tokens flagged as ending generation */
+    int n_stop;
 } Tokenizer;
 
 #ifdef _OPENMP
@@ -2061,6 +2065,7 @@ enum { BPE_GPT2 = 1, BPE_LLAMA3 = 2, BPE_QWEN2 = 3, BPE_SMOLLM = 4 }; /* pre-tok
 #define BPE_FLAG_WHOLE 1u       /* section flag: whole_first */
 #define BPE_HEADER 48           /* section bytes before the first token entry */
 #define BPE_ENTRY 8             /* bytes of an entry before the token's own bytes */
+#define BPE_ENTRY_STOP 1u       /* entry flag (section version 2): generation ends at this token */
 #define PIECE_STACK 128         /* pieces of up to this many bytes merge in stack memory (merge_short) */
 
 static uint32_t rd_u16(const uint8_t *p) { return (uint32_t)p[0] | (uint32_t)p[1] << 8; }
@@ -2560,7 +2565,8 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
     if (size < BPE_HEADER) return errf(err, "BPE tokenizer section: %zu bytes, shorter than its %d-byte header", size, BPE_HEADER);
     size_t n = rd_u32(d + 4), n_special = rd_u32(d + 20);
     uint32_t version = rd_u32(d + 8), pattern = rd_u32(d + 12), flags = rd_u32(d + 16);
-    if (version != 1) return errf(err, "BPE tokenizer section version %u (this engine reads version 1)", version);
+    if (version != 1 && version != 2)
+        return errf(err, "BPE tokenizer section version %u (this engine reads versions 1 and 2)", version);
     if (pattern < BPE_GPT2 || pattern > BPE_SMOLLM)
         return errf(err, "BPE pre-tokenization pattern %u unknown (1 = GPT-2, 2 = Llama-3, 3 = Qwen2, 4 = SmolLM)",
                     pattern);
@@ -2578,11 +2584,17 @@ static int bpe_build(Nano *m, size_t off, size_t size, char *err)
     for (size_t i = 0; i < n; i++) {
         if (size - p < BPE_ENTRY) return errf(err, "BPE tokenizer section: token %zu runs past the section's end", i);
         size_t len = rd_u16(d + p);
-        unsigned kind = d[p + 2], zero = d[p + 3];
+        unsigned kind = d[p + 2], flags = d[p + 3];
         uint32_t rank = rd_u32(d + p + 4);
         if (len == 0) return errf(err, "BPE tokenizer section: token %zu is empty", i);
         if (kind > 1) return errf(err, "BPE tokenizer section: token %zu has kind %u (0 = merged, 1 = special)", i, kind);
-        if (zero) return errf(err, "BPE tokenizer section: token %zu's reserved byte is %u, not 0 (corrupted)", i, zero);
+        if (flags & ~(version == 2 ? BPE_ENTRY_STOP : 0u))
+            return errf(err, "BPE tokenizer section: token %zu's flags 0x%x hold unknown bits (corrupted)", i, flags);
+        if (flags & BPE_ENTRY_STOP) {
+            if (t->n_stop == BPE_MAX_STOP)
+                return errf(err, "BPE tokenizer section: more than %d tokens end generation", BPE_MAX_STOP);
+            t->stop[t->n_stop++] = (int32_t)i;
+        }
         if ((kind == 1) != (rank == BPE_NO_RANK))
             return errf(err, "BPE tokenizer section: token %zu: %s", i, kind ? "a special token with a merge rank"
                                                                               : "a merged token without a merge rank");
@@ -2925,7 +2937,10 @@ const char *nano_token_text(const Nano *m, int id, size_t *len)
 int nano_is_stop(const Nano *m, int token)
 {
     const NanoConfig *c = &m->c;
-    return token == c->special[NANO_EOS] || (c->tok_kind == NANO_TOK_LLAMA2C && token == c->special[NANO_BOS]);
+    if (token == c->special[NANO_EOS] || (c->tok_kind == NANO_TOK_LLAMA2C && token == c->special[NANO_BOS])) return 1;
+    for (int i = 0; i < m->tok.n_stop; i++)
+        if (token == m->tok.stop[i]) return 1;
+    return 0;
 }
 
 /* ============================================================================================

@@ -43,6 +43,8 @@ class NanoLib:
         lib.nano_utf8_stream.argtypes = [ctypes.POINTER(NanoUtf8Stream), ctypes.c_char_p, ctypes.c_size_t, buf]
         lib.nano_utf8_finish.restype = ctypes.c_size_t
         lib.nano_utf8_finish.argtypes = [ctypes.POINTER(NanoUtf8Stream), buf]
+        lib.nano_is_stop.restype = ctypes.c_int
+        lib.nano_is_stop.argtypes = [ctypes.c_void_p, ctypes.c_int]
 
     def load(self, path, verify=True):
         """A Nano* (as an int); raises ValueError with the engine's message when the file is refused."""
@@ -69,6 +71,10 @@ class NanoLib:
         n = self.lib.nano_encode(m, data, len(data), ids, len(ids))
         assert n <= len(ids), "the id buffer is too small"
         return n
+
+    def is_stop(self, m, token):
+        """Whether generation ends at this token (nano_is_stop)."""
+        return bool(self.lib.nano_is_stop(m, token))
 
     def token_bytes(self, m, i):
         n = ctypes.c_size_t()

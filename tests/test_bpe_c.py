@@ -500,6 +500,14 @@ def test_small_tokenizer_works(builds, small_file):
     assert r.stdout.split() == [b"263", b"259", b"267", b"256"]
 
 
+def entry_at(data, s, i):
+    """The offset of token i's entry in the BPE section at s."""
+    p = s + export.BPE_HEADER
+    for _ in range(i):
+        p += export.BPE_ENTRY + struct.unpack_from("<H", data, p)[0]
+    return p
+
+
 def test_bpe_section_errors_are_clear(builds, small_file):
     """Hand-made damage in the BPE section, each with its own message (CRC fixed up, so the
     validators are reached with the checksum on)."""
@@ -511,7 +519,14 @@ def test_bpe_section_errors_are_clear(builds, small_file):
 
     entry0 = s + export.BPE_HEADER  # the first token (byte 0x00): u16 length, u8 kind, u8 0, u32 rank
     cases = [
-        (patched(s + 8, "<I", 2), "BPE tokenizer section version 2"),
+        (patched(s + 8, "<I", 3), "BPE tokenizer section version 3 (this engine reads versions 1 and 2)"),
+        (patched(entry0 + 3, "<B", 1), "token 0's flags 0x1 hold unknown bits"),  # version 1: no flags
+        (bpe_models.with_crc(patch_all(data, [(s + 8, "<I", 2), (entry0 + 3, "<B", 2)])),
+         "token 0's flags 0x2 hold unknown bits"),
+        # version 2 with more tokens flagged as ending generation than the engine holds
+        (bpe_models.with_crc(patch_all(data, [(s + 8, "<I", 2)] + [(entry_at(data, s, i) + 3, "<B", 1)
+                                                                      for i in range(17)])),
+         "more than 16 tokens end generation"),
         (patched(s + 12, "<I", 9), "pattern 9 unknown"),
         (patched(s + 16, "<I", 6), "flags 0x6"),
         (patched(s + 20, "<I", 5), "special tokens, its header says 5"),

@@ -161,8 +161,26 @@ def test_header_and_section_fields(exported, specs):
         assert pattern == export.BPE_PATTERNS[family] and flags == (1 if family == "llama3" else 0)
         special = list(np.frombuffer(data, "<i4", 6, 256 + 24))
         tok = HFTokenizer(specs[family])
+        assert np.frombuffer(data, "<u4", 1, 256 + 8)[0] == 2  # the section version with end-of-generation flags
         bos = tok.tok.token_to_id("<|begin_of_text|>") if family == "llama3" else -1  # Qwen2's spec bos is not put
         assert special == [-1, -1, bos, tok.eos_id, -1, -1], (family, special)
+
+
+def test_the_engine_stops_where_the_tokenizer_does(exported):
+    """Every token of the tokenizer's stop list (its eos and end-of-turn tokens: Llama 3's
+    <|end_of_text|> and <|eot_id|>) ends generation in the C engine, as in infer.py and llama.cpp,
+    and no other token does."""
+    from nanolib import NanoLib
+    lib = NanoLib()
+    for name in CASES:
+        ck, paths = exported[name]
+        tok = HFTokenizer(ck["tokenizer"])
+        assert len(tok.stop_ids) == 2
+        m = lib.load(paths["fp32"])
+        try:
+            assert [i for i in range(ck["model_config"]["vocab_size"]) if lib.is_stop(m, i)] == tok.stop_ids, name
+        finally:
+            lib.free(m)
 
 
 def test_2024_layout_refuses_them(exported, tmp_path):
@@ -192,7 +210,7 @@ def test_logits_and_greedy_ids_equal_pytorch(builds, exported, name):
     tail = Transformer(ModelConfig.from_dict(ck["model_config"]))
     tail.load_state_dict(ck["model"])
     tail.eval()
-    want = tail.generate(ids, max_new_tokens=20, temperature=0, eos_id=spec["eos"])
+    want = tail.generate(ids, max_new_tokens=20, temperature=0, eos_id=HFTokenizer(spec).stop_ids)  # as infer.py
     seq = ids + want
     ref = reference_logits(ck, seq)
     got = engine_logits(builds["release"], paths["fp32"], seq, exported["dir"] / "l.f32")
