@@ -50,10 +50,10 @@ choices continue from it as a batch (shared_prefix_groups says when, and why it 
 every request goes in its own row instead: there the continuations' explicit attention mask and the
 per-choice copies of the cache cost more than the repeated queries (all eleven sets on an H200: 27.3 s
 of scoring shared, 8.9 s unshared; on the 2-core CPU sharing saves 9%). --shared-prefix and
---no-shared-prefix choose either way on any device. The other requests are sorted by length and run as right-padded batches
-of about --batch-tokens tokens through the causal forward (no cache: right padding changes nothing
-before it). Under bf16 autocast on a GPU; only the scored positions' logits go through log_softmax, in
-float32.
+--no-shared-prefix choose either way on any device. The other requests are sorted by length and run
+as right-padded batches of about --batch-tokens tokens through the causal forward (no cache: right
+padding changes nothing before it). Under bf16 autocast on a GPU; only the scored positions' logits
+go through log_softmax, in float32.
 """
 
 import argparse

@@ -51,7 +51,8 @@ TOKENIZER_BPE = 2  # byte-level BPE section (docs/FORMAT.md, "Byte-level BPE sec
 TOKENIZER_LLAMA2C = 3  # llama2.c's scored BPE with byte fallback (docs/FORMAT.md, "llama2.c tokenizer section")
 LLAMA2C_SECTION_VERSION = 1
 LLAMA2C_HEADER = 40  # section bytes before the first token entry
-BPE_SECTION_VERSION = 1  # 2: entries may carry BPE_ENTRY_STOP
+BPE_SECTION_VERSION = 1
+BPE_SECTION_VERSION_STOP = 2  # entries may carry BPE_ENTRY_STOP (written only when one does)
 BPE_ENTRY = 8  # bytes of an entry before the token's own bytes: u16 length, u8 kind, u8 flags, u32 rank
 BPE_ENTRY_STOP = 1  # an entry's flag byte: generation ends at this token (besides <|eos|>)
 BPE_MAX_STOP = 16  # nano.c's limit
@@ -338,7 +339,7 @@ def bpe_section(tokens, pattern, special_ids, whole_piece_first=True, stop_ids=(
         parts.append(struct.pack("<HBBI", len(b), rank is None, flags, BPE_NO_RANK if rank is None else rank) + b)
     body = b"".join(parts)
     n_special = sum(rank is None for _, rank in tokens)
-    version = 2 if stop_ids else BPE_SECTION_VERSION
+    version = BPE_SECTION_VERSION_STOP if stop_ids else BPE_SECTION_VERSION
     head = struct.pack("<6I6i", BPE_HEADER + len(body), len(tokens), version, BPE_PATTERNS[pattern],
                        BPE_WHOLE_PIECE_FIRST if whole_piece_first else 0, n_special, *special_ids)
     return head + body
