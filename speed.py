@@ -58,11 +58,15 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, fast_accum=False):
     """torch._scaled_mm(a, b): a row-major, b column-major, both float8. fast_accum lets the tensor
     cores keep partial sums at reduced precision (1-2% faster, the loss unchanged where measured).
     The CPU kernels take per-tensor scales only: there row scales multiply the float32 product
-    instead, which is the same arithmetic (tests run float8 on the CPU)."""
+    instead, which is the same arithmetic (tests run float8 on the CPU). The product is returned as
+    a new tensor, never through a no-op .to(): torch 2.11's torch.compile gave an autograd.Function
+    whose output was such an alias a zero gradient (every weight of a compiled float8 model on the
+    CPU got none; tests/test_speed.py)."""
     if a.device.type == "cpu" and (scale_a.numel() > 1 or scale_b.numel() > 1):
         one = torch.ones((), device=a.device)
         out = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
-        return (out * scale_a * scale_b).to(out_dtype)
+        out = out * scale_a * scale_b
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
@@ -81,15 +85,12 @@ class Float8Matmul(torch.autograd.Function):
     """x [M, K] @ weight.T with the forward product and the input's gradient in float8, scaled per
     row, and the weight's gradient in x's precision. (float8 products must reduce along both
     operands' contiguous dim; the weight's gradient reduces over the tokens, which would need
-    transposed float8 copies of x and of the gradient: more than the product saves at these sizes.)
-    grads: (x needs a gradient, weight needs one), decided by the caller: ctx.needs_input_grad is
-    not to be trusted inside a function torch.compile traces (pytorch/pytorch#159299: False where
-    True, and so silently no gradient)."""
+    transposed float8 copies of x and of the gradient: more than the product saves at these sizes.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, out_dtype, fast_accum, grads):
+    def forward(ctx, x, weight, out_dtype, fast_accum):
         ctx.save_for_backward(x, weight)
-        ctx.fast_accum, ctx.grads = fast_accum, grads
+        ctx.fast_accum = fast_accum
         x8, x_inv = fp8_rows(x)
         w8, w_inv = fp8_rows(weight)
         return scaled_mm(x8, w8.t(), x_inv, w_inv.t(), out_dtype, fast_accum)
@@ -98,13 +99,13 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad_x = grad_w = None
-        if ctx.grads[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
+        if ctx.needs_input_grad[0]:  # [M, N] @ [N, K]: rows of the gradient, columns of the weight
             g8, g_inv = fp8_rows(grad.contiguous())
             w8, w_inv = fp8_cast(weight, weight.abs().amax(dim=0, keepdim=True))  # a scale per column
             grad_x = scaled_mm(g8, w8.t().contiguous().t(), g_inv, w_inv, grad.dtype, ctx.fast_accum)
-        if ctx.grads[1]:
+        if ctx.needs_input_grad[1]:
             grad_w = weight_grad(grad.t(), x.to(grad.dtype), weight.dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -123,8 +124,7 @@ class Float8Linear(nn.Linear):
         if not fp8_fits(rows, self.in_features, self.out_features):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        out = Float8Matmul.apply(x.reshape(rows, -1), self.weight, dtype, self.fast_accum,
-                                 (x.requires_grad, self.weight.requires_grad))
+        out = Float8Matmul.apply(x.reshape(rows, -1), self.weight, dtype, self.fast_accum)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(dtype)
 
@@ -140,12 +140,10 @@ class HeadCrossEntropy(torch.autograd.Function):
     Their gradient, softmax - one-hot, does not depend on the incoming gradient (but for a scalar),
     so it is made in the forward, right after the logits, and the logits need not live until the
     backward. With fp8 the products run in float8 and the gradient is kept in float8 with a fixed
-    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass. weight_grad: whether the
-    weight needs a gradient (a frozen head, as in LoRA training, does not), from the caller, as
-    Float8Matmul's grads."""
+    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, fp8, fast_accum, weight_grad):
+    def forward(ctx, x, weight, targets, fp8, fast_accum):
         if fp8:
             x_op, x_inv = fp8_cast(x, x.abs().amax())
             w_op, w_inv = fp8_cast(weight, weight.abs().amax())
@@ -162,13 +160,12 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
         if fp8:
             top = torch.finfo(FP8_GRADS).max
-            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if weight_grad else None
+            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if ctx.needs_input_grad[1] else None
             grad, scale = (grad * top).to(FP8_GRADS), 1.0 / top
         else:
             grad, grad_t, scale = grad.to(logits.dtype), None, 1.0
         ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
         ctx.fp8, ctx.scale, ctx.out_dtype, ctx.weight_dtype = fp8, scale, x.dtype, weight.dtype
-        ctx.weight_grad = weight_grad
         ctx.mark_non_differentiable(logits)
         return loss, logits
 
@@ -176,16 +173,16 @@ class HeadCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         x_op, x_inv, w_op, w_inv, grad, grad_t, count = ctx.saved_tensors
         scale = grad_loss.float() * ctx.scale / count
-        grad_x = grad_w = None
+        grad_x = grad_w = None  # (a frozen head, as in LoRA training, needs no weight gradient)
         if ctx.fp8:
             grad_x = scaled_mm(grad, w_op.t().contiguous().t(), scale, w_inv, ctx.out_dtype)
-            if ctx.weight_grad:
+            if ctx.needs_input_grad[1]:
                 grad_w = scaled_mm(grad_t, x_op.t().contiguous().t(), scale, x_inv, torch.float32).to(ctx.weight_dtype)
         else:
             grad_x = ((grad @ w_op).float() * scale).to(ctx.out_dtype)
-            if ctx.weight_grad:
+            if ctx.needs_input_grad[1]:
                 grad_w = (weight_grad(grad.t(), x_op, torch.float32) * scale).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None, None
+        return grad_x, grad_w, None, None, None
 
 
 class FusedLossHead(OutputHead):
@@ -202,8 +199,7 @@ class FusedLossHead(OutputHead):
             return super().forward(x, weight, targets)
         rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), weight.size(0)
         fp8 = self.fp8 and fp8_fits(rows, dim, vocab)
-        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum,
-                                              weight.requires_grad)
+        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum)
         return logits.view(*x.shape[:-1], vocab), loss
 
 
