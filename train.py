@@ -83,7 +83,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # always applied (0 = off)
     dropout: Optional[float] = None  # overrides the model config's dropout for this run
     eval_interval: int = 200
-    eval_iters: int = 20  # batches per evaluation
+    eval_iters: int = 20  # batches per evaluation: eval_iters x batch_size validation windows or rows
+    eval_batch_size: Optional[int] = None  # sequences per forward of an evaluation (None: batch_size); the same
+    # windows either way, and on a GPU one large batch without gradients runs faster than many small ones
     log_interval: int = 10
     save_interval: int = 0  # also write step_<N>.pt every N steps (0 = only last/best)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -120,6 +122,9 @@ class TrainConfig:
                 raise ConfigError(f"{where}: {key} must be positive, got {getattr(self, key)}")
         if self.batch_size > 2 ** 20 or self.grad_accum > 2 ** 20:
             raise ConfigError(f"{where}: batch_size and grad_accum must be at most {2 ** 20:,}")
+        if self.eval_batch_size is not None and not 0 < self.eval_batch_size <= 2 ** 20:
+            raise ConfigError(f"{where}: eval_batch_size must be in [1, {2 ** 20:,}] (or null: batch_size), "
+                              f"got {self.eval_batch_size}")
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"{where}: seq_len must be at least 2 (or null: the model's block_size), got {self.seq_len}")
         for key in ("warmup_iters", "save_interval"):
@@ -191,10 +196,10 @@ OPTIMIZERS = ("adamw", "muon")
 # The train-config keys that --resume lets change: where the run ends, how often it logs, evaluates
 # and saves, and how fast it runs. Every other key (batch, schedule, optimizer, data, dtype, ...)
 # would continue another run than the one in the checkpoint, and is refused.
-SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "log_interval", "save_interval", "save_on_eval",
-                  "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device", "data_on_device",
-                  "compile", "compile_tuning", "cuda_graph", "activation_checkpointing", "data_dir", "out_dir",
-                  "init_from", "eval_tasks", "eval_limit")
+SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "eval_batch_size", "log_interval", "save_interval",
+                  "save_on_eval", "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device",
+                  "data_on_device", "compile", "compile_tuning", "cuda_graph", "activation_checkpointing", "data_dir",
+                  "out_dir", "init_from", "eval_tasks", "eval_limit")
 
 
 def check_resume(ck, path, cfg, model_cfg):
@@ -646,8 +651,8 @@ def evaluate(run):
     shared with every rank."""
     val = None
     if run.env.master or run.engine.eval_on_every_rank:
-        val = eval_loss(run.model, run.data, run.cfg.eval_iters * run.cfg.batch_size, run.cfg.batch_size,
-                        run.autocast, run.to_device)
+        val = eval_loss(run.model, run.data, run.cfg.eval_iters * run.cfg.batch_size,
+                        run.cfg.eval_batch_size or run.cfg.batch_size, run.autocast, run.to_device)
     if run.env.world > 1:
         box = [val]
         dist.broadcast_object_list(box, src=0)

@@ -18,9 +18,10 @@ docs/RECIPES.md). Three parts, each printed as it ends and once more in a summar
     python bench/bench_recipe.py --shakespeare ../shared/data/tinyshakespeare.txt --parts ttl --runs 3
     python bench/bench_recipe.py --parts bpe124 --muon "optimizer=muon muon_lr=0.02"
 
---adamw and --muon are the train-config overrides of the two arms (train.py --set; the ttl part adds
---ttl-adamw to the AdamW arm, the settings the time-to-loss config had with AdamW); --model-set adds
-model-config keys to the Muon arm through a copy of the model config (e.g. "qk_norm=true activation=relu2").
+--adamw and --muon are the train-config overrides of the arms (train.py --set; the ttl part adds
+--ttl-adamw to the AdamW arm, the settings the time-to-loss config had with AdamW); --muon again adds
+another Muon arm (a sweep against one AdamW run); --model-set adds model-config keys to the Muon arms
+through a copy of the model config (e.g. "qk_norm=true activation=relu2").
 Runs write into --out (default /tmp/nano_recipe) and overwrite what an earlier run left there.
 """
 
@@ -68,7 +69,10 @@ def model_config(base, model_set, out_dir, name):
 
 
 def arms(args):
-    return {"adamw": (args.adamw.split(), None), "muon": (args.muon.split(), args.model_set)}
+    """{arm name: (train-config overrides, model-config keys)}: adamw, then muon, muon2, ... (one per --muon)."""
+    muon = args.muon or ["optimizer=muon"]
+    return {"adamw": (args.adamw.split(), None),
+            **{"muon" + (str(i + 1) if i else ""): (m.split(), args.model_set) for i, m in enumerate(muon)}}
 
 
 def ttl(args):
@@ -147,7 +151,8 @@ def main():
     p.add_argument("--parts", default="ttl,bpe124,throughput", help="comma-separated: ttl, bpe124, throughput, cpustep")
     p.add_argument("--runs", type=int, default=3, help="ttl runs of each arm (alternating)")
     p.add_argument("--adamw", default="optimizer=adamw", help="train-config overrides of the AdamW arm")
-    p.add_argument("--muon", default="optimizer=muon", help="train-config overrides of the Muon arm")
+    p.add_argument("--muon", action="append",
+                   help="train-config overrides of a Muon arm (default \"optimizer=muon\"); again for more arms")
     p.add_argument("--ttl-adamw", default="max_iters=1400 weight_decay=0.3",
                    help="ttl: what the AdamW arm sets besides --adamw (the config's AdamW settings before Muon)")
     p.add_argument("--model-set", default="", help="model-config keys of the Muon arm, e.g. \"qk_norm=true\"")
@@ -165,7 +170,7 @@ def main():
         sys.exit(f"error: {args.shakespeare}: no such file (Tiny Shakespeare; give --shakespeare PATH)")
     os.makedirs(args.out, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(f"commit {commit or '?'} | arms: adamw [{args.adamw}] muon [{args.muon}]"
+    print(f"commit {commit or '?'} | arms: " + ", ".join(f"{a} [{' '.join(t)}]" for a, (t, _) in arms(args).items())
           + (f" model [{args.model_set}]" if args.model_set else ""), flush=True)
     start = time.time()
     summary = []
@@ -186,7 +191,7 @@ def main():
     if "throughput" in parts:
         tput = throughput(args)
         summary.append("124M b32 fp8=all tokens/s: " + ", ".join(f"{arm} {v:,.0f}" for arm, v in tput.items())
-                       + f" (muon/adamw {tput['muon'] / tput['adamw']:.3f})")
+                       + "".join(f" ({arm}/adamw {v / tput['adamw']:.3f})" for arm, v in tput.items() if arm != "adamw"))
     if "cpustep" in parts:
         for arm, ms in cpustep(args).items():
             summary.append(f"default model on the CPU, {arm}: median {statistics.median(ms):.0f} ms/step "

@@ -162,6 +162,29 @@ def test_data_on_device_gives_the_same_run(data_dir, tmp_path):
             dataclass_from_dict(TrainConfig, {"data_on_device": bad})
 
 
+def test_eval_batch_size_scores_the_same_windows(data_dir, tmp_path, monkeypatch):
+    # eval_batch_size changes how many validation windows go through one forward, never which: the
+    # same val loss (up to float summation order) whether the 32 windows go as 4 x 8, 1 x 32 or 11 x 3
+    import train as train_module
+    forwards, eval_loss = [], train_module.eval_loss
+    monkeypatch.setattr(train_module, "eval_loss", lambda model, data, n, batch_size, *a:
+                        forwards.append((n, batch_size)) or eval_loss(model, data, n, batch_size, *a))
+    runs = {}
+    for size in (None, 32, 3):
+        out = tmp_path / str(size)
+        forwards.clear()
+        model = train(tiny_model(), tiny_train(data_dir, out, max_iters=20, eval_batch_size=size), quiet=True)
+        assert forwards and set(forwards) == {(32, size or 8)}  # 4 eval_iters x batch 8 windows, in these batches
+        runs[size] = (load_checkpoint(str(out / "last.pt"))["val_loss"], model.state_dict())
+    for size in (32, 3):
+        assert runs[size][0] == pytest.approx(runs[None][0], rel=1e-5)
+        for (name, x), (_, y) in zip(runs[size][1].items(), runs[None][1].items()):
+            assert torch.equal(x, y), name  # evaluation draws nothing from the training's random streams
+    for bad in (0, -8, 2 ** 20 + 1):
+        with pytest.raises(ConfigError, match="eval_batch_size must be in"):
+            TrainConfig(eval_batch_size=bad).validate()
+
+
 def test_cuda_graph_is_refused_where_it_cannot_work(data_dir, tmp_path):
     # the CUDA-graph step is GPU-only (measured in docs/BENCHMARKS.md); here: its guard rails
     with pytest.raises(ConfigError, match="cuda_graph needs one CUDA device"):
