@@ -139,7 +139,8 @@ def test_a_swapped_model_trains_like_the_plain_one(fp8):
     assert curves["plain"][-1] < curves["plain"][0] - 0.1
     tol = dict(rtol=1e-4, atol=1e-4) if fp8 == "off" else dict(rtol=0.03, atol=0.03)
     torch.testing.assert_close(curves["swapped"], curves["plain"], **tol)
-    # compiled and eager float8 may round a few entries a step apart (see the test below): the float8 tolerance
+    # compiled and eager: the same arithmetic, so the curves agree closely, float8 too (a tolerance of
+    # 1e-3 caught torch 2.11 giving the compiled float8 weights zero gradients: the test below)
     torch.testing.assert_close(curves["compiled"], curves["swapped"], rtol=1e-3, atol=1e-3)
 
 
