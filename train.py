@@ -85,7 +85,7 @@ class TrainConfig:
     eval_interval: int = 200
     eval_iters: int = 20  # batches per evaluation: eval_iters x batch_size validation windows or rows
     eval_batch_size: Optional[int] = None  # sequences per forward of an evaluation (None: batch_size); the same
-    # windows either way, and on a GPU one large batch without gradients runs faster than many small ones
+    # windows either way; fewer, larger forwards for a GPU, where a small model's batches wait on kernel launches
     log_interval: int = 10
     save_interval: int = 0  # also write step_<N>.pt every N steps (0 = only last/best)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
