@@ -2976,7 +2976,8 @@ static void quantize_group(int8_t *q, float *s, const float *x, int gs)
 }
 
 /* x (n wide) quantized group by group (g_quant_group where the lanes fit, else quantize_group): int8
- * values into q, scales into s, and each group's sum of its int8 values into sum */
+ * values into q, scales into s, and, where the packed kernels run (g_q8_packed: the only readers), each
+ * group's sum of its int8 values into sum */
 static void quantize_act(int8_t *q, float *s, int32_t *sum, const float *x, int n, int gs)
 {
     for (int g = 0; g < n / gs; g++) {
@@ -2987,6 +2988,7 @@ static void quantize_act(int8_t *q, float *s, int32_t *sum, const float *x, int 
         } else {
             quantize_group(qg, s + g, xg, gs);
         }
+        if (!g_q8_packed) continue;
         int32_t total = 0; /* for the packed kernels (section 2) */
         for (int i = 0; i < gs; i++) total += qg[i];
         sum[g] = total;
