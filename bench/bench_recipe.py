@@ -7,19 +7,20 @@ docs/RECIPES.md). Three parts, each printed as it ends and once more in a summar
               (--ttl-adamw) and Muon as shipped, runs alternating, --runs of each; the median step
               and seconds from process start to the crossing eval.
   bpe124      the 124M config (config/model_gpt2_124m.json) on the built-in Bible with GPT-2 BPE:
-              one AdamW and one Muon run of --bpe-steps steps, eval every --bpe-eval; the steps each
-              needs to reach a fixed val loss (--bpe-target, else the best loss both reach) and to
-              its own best.
+              AdamW (--bpe-steps steps) and Muon (its schedule and weight decay from --bpe-muon),
+              --bpe-runs of each, alternating, eval every --bpe-eval; each arm's median best val loss
+              and the median steps to a fixed val loss (--bpe-target, else AdamW's median best).
   throughput  tokens/s of the 124M b32 fp8=all line (bench.py, compiled, CUDA graph) with AdamW and Muon.
   cpustep     (not in the default parts) ms per step of the README's default run (config/model.json,
               batch 16, on the CPU) with each arm: bench.py, --runs of each, alternating.
 
-    python bench/bench_recipe.py --shakespeare out/tinyshakespeare.txt             # all three, ~8 min on an H200
+    python bench/bench_recipe.py --shakespeare out/tinyshakespeare.txt             # all three, ~12 min on an H200
     python bench/bench_recipe.py --shakespeare ../shared/data/tinyshakespeare.txt --parts ttl --runs 3
-    python bench/bench_recipe.py --parts bpe124 --muon "optimizer=muon muon_lr=0.02"
+    python bench/bench_recipe.py --parts bpe124 --bpe-runs 1 --muon "optimizer=muon max_iters=330"
 
 --adamw and --muon are the train-config overrides of the arms (train.py --set; the ttl part adds
---ttl-adamw to the AdamW arm, the settings the time-to-loss config had with AdamW); --muon again adds
+--ttl-adamw to the AdamW arm, the settings the time-to-loss config had with AdamW; the bpe124 part adds
+--bpe-muon to the Muon arms before their own overrides, so --muon can change it); --muon again adds
 another Muon arm (a sweep against one AdamW run); --model-set adds model-config keys to the Muon arms
 through a copy of the model config (e.g. "qk_norm=true activation=relu2").
 Runs write into --out (default /tmp/nano_recipe) and overwrite what an earlier run left there.
@@ -103,19 +104,45 @@ def first_at(points, target):
 
 
 def bpe124(args):
-    """One run of each arm on the Bible with GPT-2 BPE: {arm: [(step, val loss), ...]}."""
+    """--bpe-runs runs of each arm on the Bible with GPT-2 BPE, alternating: {arm: [[(step, val loss), ...], ...]}."""
     run([PY, "data.py", "--tokenizer", "bpe", "--out", "dataset/pretrain_bpe"])
-    curves = {}
-    for arm, (train_set, model_set) in arms(args).items():
-        model = model_config("config/model_gpt2_124m.json", model_set, args.out, f"bpe_{arm}")
-        out, seconds = run([PY, "train.py", "-m", model, "--overwrite", "--set", "data_dir=dataset/pretrain_bpe",
-                            f"out_dir={args.out}/bpe_{arm}", "batch_size=16", f"max_iters={args.bpe_steps}",
-                            "learning_rate=6e-4", "min_lr=6e-5", "warmup_iters=30", "weight_decay=0.1",
-                            f"eval_interval={args.bpe_eval}", "eval_iters=8", "log_interval=50", "cuda_graph=true",
-                            "save_on_eval=false", "tensorboard=false", *train_set])
-        curves[arm] = curve(out)
-        print(f"bpe124 {arm}: {seconds:.0f} s; val " + ", ".join(f"{s}:{v:.3f}" for s, v in curves[arm]), flush=True)
+    curves = {arm: [] for arm in arms(args)}
+    for i in range(args.bpe_runs):
+        for arm, (train_set, model_set) in arms(args).items():
+            model = model_config("config/model_gpt2_124m.json", model_set, args.out, f"bpe_{arm}")
+            extra = args.bpe_muon.split() if arm != "adamw" else []
+            out, seconds = run([PY, "train.py", "-m", model, "--overwrite", "--set", "data_dir=dataset/pretrain_bpe",
+                                f"out_dir={args.out}/bpe_{arm}", "batch_size=16", f"max_iters={args.bpe_steps}",
+                                "learning_rate=6e-4", "min_lr=6e-5", "warmup_iters=30", "weight_decay=0.1",
+                                f"eval_interval={args.bpe_eval}", "eval_iters=8", "log_interval=50", "cuda_graph=true",
+                                "save_on_eval=false", "tensorboard=false", *extra, *train_set])
+            curves[arm].append(curve(out))
+            print(f"bpe124 run {i + 1} {arm}: {seconds:.0f} s; val "
+                  + ", ".join(f"{s}:{v:.3f}" for s, v in curves[arm][-1]), flush=True)
     return curves
+
+
+def bpe_summary(curves, target=None):
+    """The bpe124 summary lines from {arm: [curve of each run]}: each arm's median best val loss (and the
+    median step of the runs' bests), and the median steps to one fixed val loss: target, else AdamW's
+    median best, so that "fewer steps to the same loss" compares both arms at a loss AdamW reaches."""
+    bests = {arm: [min(c, key=lambda sv: sv[1]) for c in runs] for arm, runs in curves.items()}
+    if target is None:
+        target = statistics.median(v for _, v in bests["adamw"])
+    steps = {arm: [first_at(c, target) for c in runs] for arm, runs in curves.items()}
+    lines = []
+    for arm, runs in curves.items():
+        reached = [s for s in steps[arm] if s is not None]
+        to_target = (f"median {statistics.median(reached):.0f} steps to val <= {target:.3f}" if len(reached) == len(runs)
+                     else f"{len(runs) - len(reached)} of {len(runs)} runs never reached val <= {target:.3f}")
+        ratio = ""
+        if arm != "adamw" and len(reached) == len(runs) and None not in steps["adamw"]:
+            ratio = f" ({statistics.median(steps['adamw']) / statistics.median(reached):.2f}x fewer than adamw)"
+        lines.append(f"124M BPE Bible, {arm}: {to_target}{ratio}; median best {statistics.median(v for _, v in bests[arm]):.3f}"
+                     f" at step {statistics.median(s for s, _ in bests[arm]):.0f} (runs: "
+                     + ", ".join(f"{v:.3f}@{s}/{t if t is not None else '-'}" for (s, v), t in zip(bests[arm], steps[arm]))
+                     + ": best@step/steps to the target)")
+    return lines
 
 
 def throughput(args):
@@ -158,10 +185,15 @@ def main():
     p.add_argument("--model-set", default="", help="model-config keys of the Muon arm, e.g. \"qk_norm=true\"")
     p.add_argument("--bpe-steps", type=int, default=600)
     p.add_argument("--bpe-eval", type=int, default=25)
-    p.add_argument("--bpe-target", type=float, help="bpe124's fixed val loss (default: the best loss both arms reach)")
+    p.add_argument("--bpe-runs", type=int, default=3, help="bpe124 runs of each arm (alternating)")
+    p.add_argument("--bpe-muon", default="max_iters=400 weight_decay=0.2",
+                   help="bpe124: what the Muon arms set besides --muon (a cosine that ends before Muon overfits)")
+    p.add_argument("--bpe-target", type=float, help="bpe124's fixed val loss (default: AdamW's median best)")
     p.add_argument("--tput-repeat", type=int, default=1)
     p.add_argument("--out", default="/tmp/nano_recipe")
     args = p.parse_args()
+    if args.runs < 1 or args.bpe_runs < 1:
+        p.error("--runs and --bpe-runs must be at least 1")
     parts = args.parts.split(",")
     unknown = set(parts) - {"ttl", "bpe124", "throughput", "cpustep"}
     if unknown:
@@ -182,12 +214,7 @@ def main():
             each = ", ".join(f"{r[0]}/{r[1]:.1f}s" if r else "missed" for r in runs)
             summary.append(f"Tiny Shakespeare to 1.45, {arm}: {med} (step/seconds: {each})")
     if "bpe124" in parts:
-        curves = bpe124(args)
-        target = args.bpe_target or max(min(v for _, v in c) for c in curves.values())
-        for arm, c in curves.items():
-            best_step, best = min(c, key=lambda sv: sv[1])
-            summary.append(f"124M BPE Bible, {arm}: val <= {target:.3f} at step {first_at(c, target)}; "
-                           f"best {best:.3f} at step {best_step}")
+        summary += bpe_summary(bpe124(args), args.bpe_target)
     if "throughput" in parts:
         tput = throughput(args)
         summary.append("124M b32 fp8=all tokens/s: " + ", ".join(f"{arm} {v:,.0f}" for arm, v in tput.items())

@@ -37,3 +37,32 @@ def test_busy_and_span_counts_overlaps_once():
     # nested and overlapping intervals (CPU operators nest; kernels on two streams overlap), then a gap
     assert bench.busy_and_span([(5, 8), (0, 10), (9, 12), (20, 25)]) == (17, 25)
     assert bench.busy_and_span([(3, 4), (1, 2)]) == (2, 3)
+
+
+def _bench_recipe():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "bench_recipe.py"
+    spec = importlib.util.spec_from_file_location("bench_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bpe_summary_compares_the_arms_at_adamws_median_best():
+    # the 124M BPE runs of 2026-12-05 (docs/BENCHMARKS.md), cut to the steps around the bests
+    adamw = [[(375, 3.317), (400, 3.321), (425, 3.303), (450, 3.332)],
+             [(375, 3.313), (400, 3.310), (425, 3.285), (450, 3.304)],
+             [(375, 3.327), (400, 3.325), (425, 3.303), (450, 3.331)]]
+    muon = [[(225, 3.354), (250, 3.304), (275, 3.292), (300, 3.298)],
+            [(225, 3.349), (250, 3.305), (275, 3.298), (300, 3.305)],
+            [(225, 3.343), (250, 3.292), (275, 3.296), (300, 3.302)]]
+    summarise = _bench_recipe().bpe_summary
+    a, m = summarise({"adamw": adamw, "muon": muon})
+    assert a.startswith("124M BPE Bible, adamw: median 425 steps to val <= 3.303;") and "median best 3.303 at step 425" in a
+    assert "muon: median 275 steps to val <= 3.303 (1.55x fewer than adamw)" in m
+    assert "median best 3.292 at step 275" in m and "3.292@250/250" in m
+    # a target below one arm's every run: said, not a step count or a ratio
+    a, m = summarise({"adamw": adamw, "muon": muon}, target=3.30)
+    assert "2 of 3 runs never reached val <= 3.300" in a and "median 275 steps to val <= 3.300" in m
+    assert "fewer" not in m
