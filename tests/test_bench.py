@@ -62,7 +62,7 @@ def test_bpe_summary_compares_the_arms_at_adamws_median_best():
     assert a.startswith("124M BPE Bible, adamw: median 425 steps to val <= 3.303;") and "median best 3.303 at step 425" in a
     assert "muon: median 275 steps to val <= 3.303 (1.55x fewer than adamw)" in m
     assert "median best 3.292 at step 275" in m and "3.292@250/250" in m
-    # a target below one arm's every run: said, not a step count or a ratio
+    # a target that some runs of an arm never reach: said, not a step count or a ratio
     a, m = summarise({"adamw": adamw, "muon": muon}, target=3.30)
     assert "2 of 3 runs never reached val <= 3.300" in a and "median 275 steps to val <= 3.300" in m
     assert "fewer" not in m
