@@ -21,8 +21,12 @@ written atomically (temp file, then rename):
   step_<N>.pt      a snapshot every `save_interval` steps (when save_interval > 0)
 """
 
-import os
-import signal
+import time
+
+PROCESS_START = time.time()  # eval lines report seconds since here, before the libraries load (a second or more
+# for torch): time-to-loss figures include the whole start-up
+import os  # noqa: E402
+import signal  # noqa: E402
 
 if __name__ == "__main__":  # Ctrl-C while the libraries load (seconds): exit 130 at once, not a traceback
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # (nothing is written yet; an exception here
@@ -34,14 +38,11 @@ import json
 import math
 import sys
 import threading
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch  # noqa: E402
-
-PROCESS_START = time.time()  # eval lines report seconds since here: time-to-loss includes start-up
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
