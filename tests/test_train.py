@@ -319,19 +319,24 @@ def test_an_edit_to_model_py_is_what_fp8_compiled_training_trains(data_dir, tmp_
 
     monkeypatch.setattr(train_module, "build_model", spy)
     moved = {}
-    for edit in (False, True):
-        if edit:
-            monkeypatch.setattr(model_py.Block, "forward", edited)
-            # (an edit in model.py starts a new process; in this one the compiled code of the first run
-            # is cached against Transformer.forward's code, which did not change: clear it)
-            torch._dynamo.reset()
-        stats = []
-        cfg = tiny_train(data_dir, tmp_path / str(edit), max_iters=12, log_interval=4, eval_interval=12, fp8="all",
-                         compile=True, weight_decay=0.0, **extra)
-        end = train(tiny_model(), cfg, quiet=True, stats=stats).state_dict()
-        start = built[-1]
-        moved[edit] = {k: (end[k].float().cpu() - start[k]).abs().max().item() for k in start if ".ffn." in k}
-        assert stats[-1]["loss"] < stats[0]["loss"]  # it trained
+    # (an edit in model.py starts a new process; in this one compiled code is cached against
+    # Transformer.forward's code, which the edit does not change: clear it when the edit comes in,
+    # and again when it goes, or the tests after this one would train the edited model)
+    try:
+        for edit in (False, True):
+            if edit:
+                monkeypatch.setattr(model_py.Block, "forward", edited)
+                torch._dynamo.reset()
+            stats = []
+            cfg = tiny_train(data_dir, tmp_path / str(edit), max_iters=12, log_interval=4, eval_interval=12,
+                             fp8="all", compile=True, weight_decay=0.0, **extra)
+            end = train(tiny_model(), cfg, quiet=True, stats=stats).state_dict()
+            start = built[-1]
+            moved[edit] = {k: (end[k].float().cpu() - start[k]).abs().max().item() for k in start if ".ffn." in k}
+            assert stats[-1]["loss"] < stats[0]["loss"]  # it trained
+    finally:
+        monkeypatch.undo()
+        torch._dynamo.reset()
     assert all(v > 1e-4 for v in moved[False].values()), moved[False]
     assert all(v == 0.0 for v in moved[True].values()), moved[True]
 
