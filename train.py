@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 import torch  # noqa: E402
+
+TORCH_IMPORTED = time.time()  # (time-to-loss figures before 2026-12-05 were counted from here)
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -1016,8 +1018,9 @@ def eval_and_save(run, log):
     if cfg.save_on_eval or run.step == cfg.max_iters or reached:
         save(run, val, best)
     if reached:
+        now = time.time()
         log.line(f"reached target val loss {cfg.target_val_loss} at step {run.step}, "
-                 f"{time.time() - PROCESS_START:.1f} s after process start")
+                 f"{now - PROCESS_START:.1f} s after process start ({now - TORCH_IMPORTED:.1f} s after torch's import)")
     return reached
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -403,3 +404,21 @@ def test_the_fused_float8_head_is_refused_for_a_soft_capped_model(data_dir, tmp_
     model = train(tiny_model(logit_softcap=10.0), tiny_train(data_dir, tmp_path / "blocks", fp8="blocks", max_iters=2,
                                                              eval_interval=2), quiet=True)
     assert type(model.head).__name__ == "OutputHead" and model.head.softcap == 10.0
+
+
+def test_target_val_loss_stops_at_the_first_eval_that_reaches_it(data_dir, tmp_path):
+    # time-to-loss runs (config/shakespeare_char_train.json): stop at the first eval at or below the
+    # target, save, and say when, counted from process start and from torch's import
+    cfg = tiny_train(data_dir, tmp_path, max_iters=40, eval_interval=5, target_val_loss=3.2)
+    train(tiny_model(), cfg, quiet=False)
+    log = (tmp_path / "train.log").read_text()
+    evals = [line for line in log.splitlines() if line.startswith("eval step")]
+    losses = [float(line.split("val loss ")[1].split()[0]) for line in evals]
+    assert len(losses) > 1 and losses[-1] <= 3.2 and all(v > 3.2 for v in losses[:-1])
+    # (the first crossing, and no eval after it)
+    step = int(evals[-1].split()[2])
+    assert step < 40 and load_checkpoint(str(tmp_path / "last.pt"))["step"] == step
+    reached = [line for line in log.splitlines() if line.startswith("reached target val loss 3.2")]
+    assert len(reached) == 1 and f"at step {step}," in reached[0]
+    total, after_import = (float(x) for x in re.findall(r"([\d.]+) s after", reached[0]))
+    assert 0 < after_import <= total
