@@ -422,3 +422,9 @@ def test_target_val_loss_stops_at_the_first_eval_that_reaches_it(data_dir, tmp_p
     assert len(reached) == 1 and f"at step {step}," in reached[0]
     total, after_import = (float(x) for x in re.findall(r"([\d.]+) s after", reached[0]))
     assert 0 < after_import <= total
+    # bench/bench_recipe.py reads the line
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_recipe", os.path.join(ROOT, "bench", "bench_recipe.py"))
+    bench_recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_recipe)
+    assert bench_recipe.REACHED.search(log).groups() == (str(step), f"{total:.1f}", f"{after_import:.1f}")
