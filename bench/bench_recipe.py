@@ -5,7 +5,7 @@ docs/RECIPES.md). Three parts, each printed as it ends and once more in a summar
   ttl         Tiny Shakespeare, character level, to val loss 1.45 (the time-to-loss config,
               config/shakespeare_char_*.json, which ships Muon): AdamW as that config had it before
               (--ttl-adamw) and Muon as shipped, runs alternating, --runs of each; the median step
-              and seconds from process start to the crossing eval.
+              and seconds to the crossing eval, from process start and from torch's import.
   bpe124      the 124M config (config/model_gpt2_124m.json) on the built-in Bible with GPT-2 BPE:
               AdamW (--bpe-steps steps) and Muon (its schedule and weight decay from --bpe-muon),
               --bpe-runs of each, alternating, eval every --bpe-eval; each arm's median best val loss
