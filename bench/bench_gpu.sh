@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
-#   bash bench/bench_gpu.sh [tests|profile|throughput|ttl|sweep|bench|compare|serve|all]
+#   bash bench/bench_gpu.sh [tests|profile|throughput|floors|ttl|sweep|bench|compare|serve|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -53,6 +53,37 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
     $py bench.py $args --steps 30 --warmup 15 --repeat "${REPEAT:-3}" --json "$out/throughput.jsonl" 2>&1 \
       | grep -E "^(run|median)|Error"
   done
+fi
+
+if [ "$what" = floors ]; then
+  # issue #30's speed table in one call: nanoGPT's yardstick (bench/yardstick_nanogpt.py, b32, batches drawn
+  # from a token file as nanoGPT's bench.py does: $TOKENS, else 200M random GPT-2 ids written once), then the
+  # three lines, each the median of REPEAT runs, then the yardstick again; each line against the mean of the two
+  tokens=${TOKENS:-/tmp/nano_random_tokens.bin}
+  [ -f "$tokens" ] || $py -c "import numpy as np, sys; np.random.default_rng(0).integers(0, 50257, 200_000_000, dtype=np.uint16).tofile(sys.argv[1])" "$tokens"
+  : > "$out/floors.txt"
+  yardstick() { $py bench/yardstick_nanogpt.py 32 "$tokens" 2>&1 | grep -E "yardstick|rror" | tee -a "$out/floors.txt"; }
+  yardstick
+  for args in \
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all" \
+      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true" \
+      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true compile_tuning=true fp8=head"; do
+    echo "== bench.py $args"
+    line=$($py bench.py $args --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | grep -E "^(run|median)|rror" | tee /dev/stderr | grep "^median")
+    echo "line | ${args#-m config/} | ${line#*: }" >> "$out/floors.txt"
+  done
+  yardstick
+  $py - "$out/floors.txt" <<'PY'
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+yard = [float(m.group(1).replace(",", "")) for m in (re.search(r"([\d,]+) tok/s", l) for l in lines if "yardstick" in l) if m]
+print(f"yardstick b32: {' / '.join(f'{v:,.0f}' for v in yard)} tok/s")
+for l in lines:
+    m = re.search(r"([\d,]+) tok/s", l) if l.startswith("line") else None
+    if m and yard:
+        v = float(m.group(1).replace(",", ""))
+        print(f"{l.split(' | ')[1]:75s} {v:>11,.0f} tok/s  {v / (sum(yard) / len(yard)):.3f}x the yardstick")
+PY
 fi
 
 if [ "$what" = bench ]; then
