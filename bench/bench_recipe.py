@@ -92,8 +92,8 @@ def ttl(args):
             m = REACHED.search(out)
             results[arm].append((int(m.group(1)), float(m.group(2)), float(m.group(3))) if m else None)
             best = min((v for _, v in curve(out)), default=None)
-            print(f"ttl run {i + 1} {arm}: " + (f"step {m.group(1)}, {m.group(2)} s ({m.group(3)} s after import)" if m else f"missed (best {best})"),
-                  flush=True)
+            said = f"step {m.group(1)}, {m.group(2)} s ({m.group(3)} s after import)" if m else f"missed (best {best})"
+            print(f"ttl run {i + 1} {arm}: {said}", flush=True)
     return results
 
 
