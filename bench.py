@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -25,7 +26,7 @@ import torch
 
 import train
 import train_ds
-from files import load_json
+from files import NanoError, load_json
 from model import ModelConfig, Transformer
 from tokenizer import SPECIAL_TOKENS, TrieTokenizer
 
@@ -199,4 +200,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # a bad setting or a diverged run is one line, as train.py prints it (exit 2, or 3 for a divergence)
+    try:
+        main()
+    except NanoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3 if isinstance(e, train.Diverged) else 2)

@@ -66,3 +66,22 @@ def test_bpe_summary_compares_the_arms_at_adamws_median_best():
     a, m = summarise({"adamw": adamw, "muon": muon}, target=3.30)
     assert "2 of 3 runs never reached val <= 3.300" in a and "median 275 steps to val <= 3.300" in m
     assert "fewer" not in m
+
+
+def test_bench_reports_a_bad_setting_and_a_diverged_run_in_one_line(tmp_path):
+    # a GPU run that went to NaN under compile_tuning printed a raw traceback (2026-12-05); now bench.py
+    # ends such runs, and unknown settings, as train.py does: one "error:" line and exit 3 (diverged) or 2
+    import os
+    import subprocess
+    import sys
+    cfg = dict(block_size=16, vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, n_hidden=32)
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(cfg))
+    root = os.path.dirname(os.path.abspath(bench.__file__))
+    base = [sys.executable, "bench.py", "-m", str(model_file), "-b", "2", "--device", "cpu", "--steps", "10", "--warmup", "2"]
+    for extra, code, words in ((["--train-set", "bogus=1"], 2, "unknown key 'bogus'"),
+                               (["--train-set", "learning_rate=1e12", "grad_clip=0"], 3, "diverged")):
+        r = subprocess.run(base + extra, capture_output=True, text=True, cwd=root)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == code and "Traceback" not in r.stderr, r.stderr
+        assert lines[-1].startswith("error: ") and words in lines[-1]
