@@ -279,15 +279,16 @@ def busy_cores(cpus, interval=0.25):
     return busy
 
 
-def cpu_threads():
+def cpu_threads(device="cpu"):
     """torch's CPU threads: OMP_NUM_THREADS if set, else this process's cores less those that other
     processes keep busy right now (busy_cores), at least 1. torch's default (every core) collapses
     when another job shares them: its threads wait for each other at every operation
-    (docs/BENCHMARKS.md, threads under contention)."""
+    (docs/BENCHMARKS.md, threads under contention). On a GPU the CPU only gathers batches, so the
+    load average stands in for busy_cores' quarter-second measurement, which every start-up waited for."""
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    busy = busy_cores(cpus)
+    busy = busy_cores(cpus) if device.startswith("cpu") else None
     if busy is None:
         busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(len(cpus), round(len(cpus) - busy)))
@@ -321,8 +322,8 @@ def pick_dtype(name, device):
 def setup_env(cfg):
     """Join the process group under torchrun (RANK / WORLD_SIZE set), pick the device and dtype,
     seed torch's RNG."""
-    torch.set_num_threads(cpu_threads())
     device = pick_device(cfg.device)
+    torch.set_num_threads(cpu_threads(device))
     rank, local_rank, world = 0, 0, 1
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

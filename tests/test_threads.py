@@ -55,3 +55,22 @@ def test_omp_num_threads_wins(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     import torch
     assert train.cpu_threads() == torch.get_num_threads()
+
+
+def test_a_gpu_run_does_not_wait_to_measure_the_cores(monkeypatch):
+    """On a GPU the quarter-second /proc/stat measurement only delays the start-up: the load average
+    decides (every core busy by it gives one thread; an idle machine every core)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def measure(*args, **kwargs):
+        raise AssertionError("a GPU run measured the cores")
+    monkeypatch.setattr(train, "busy_cores", measure)
+    cores = len(os.sched_getaffinity(0))
+    for device in ("cuda", "cuda:1", "mps"):
+        monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+        assert train.cpu_threads(device) == 1
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert train.cpu_threads(device) == cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    with pytest.raises(AssertionError, match="measured the cores"):
+        train.cpu_threads("cpu")  # the CPU still measures
