@@ -49,6 +49,7 @@ def orthogonalise(g, steps=NS_STEPS):
     SVD, approximately, by Newton-Schulz iterations X <- a X + b (X X^T) X + c (X X^T)^2 X."""
     a, b, c = NS_COEFFICIENTS
     x = g.bfloat16() if g.is_cuda else g.float()  # bf16 is accurate enough and fast on tensor cores
+    x = x.reshape(-1, *g.shape[-2:])  # a batch of matrices [n, rows, cols]
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the wide form: X X^T is then the smaller Gram matrix
         x = x.mT
@@ -56,8 +57,11 @@ def orthogonalise(g, steps=NS_STEPS):
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.mT).to(g.dtype)
+        # baddbmm(input, p, q, beta, alpha) = beta input + alpha p @ q: each product scales and adds as it
+        # goes, one kernel where the formula written out is four (a GPU step waits on every kernel)
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b gram + c gram^2
+        x = torch.baddbmm(x, poly, x, beta=a)  # a x + (b gram + c gram^2) x
+    return (x if wide else x.mT).reshape(g.shape).to(g.dtype)
 
 
 def split_parameters(model):
