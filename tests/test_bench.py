@@ -1,4 +1,9 @@
+import importlib.util
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import bench
 from model import ModelConfig, Transformer
@@ -40,8 +45,6 @@ def test_busy_and_span_counts_overlaps_once():
 
 
 def _bench_recipe():
-    import importlib.util
-    import pathlib
     path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "bench_recipe.py"
     spec = importlib.util.spec_from_file_location("bench_recipe", path)
     module = importlib.util.module_from_spec(spec)
@@ -71,9 +74,6 @@ def test_bpe_summary_compares_the_arms_at_adamws_median_best():
 def test_bench_reports_a_bad_setting_and_a_diverged_run_in_one_line(tmp_path):
     # a GPU run that went to NaN under compile_tuning printed a raw traceback (2026-12-05); now bench.py
     # ends such runs, and unknown settings, as train.py does: one "error:" line and exit 3 (diverged) or 2
-    import os
-    import subprocess
-    import sys
     cfg = dict(block_size=16, vocab_size=32, n_layer=1, n_embd=16, n_head=2, n_kv_head=2, n_hidden=32)
     model_file = tmp_path / "model.json"
     model_file.write_text(json.dumps(cfg))
