@@ -37,7 +37,7 @@ from files import ConfigError, check_finite, dataclass_from_dict
 # ---------------------------------------------------------------------------
 # Config: a dataclass that round-trips through plain JSON and is validated on load
 
-SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math")
+SDPA_KERNELS = ("auto", "flash", "mem_efficient", "cudnn", "math", "triton")
 ACTIVATIONS = ("swiglu", "relu2")
 # The recipe options (docs/RECIPES.md) and the value that means "off": today's model. An engine that
 # lacks one refuses a model that has it switched on, by this name (export.py).
@@ -63,7 +63,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     is_causal: bool = True  # False: bidirectional (encoder-style) attention
-    sdpa_kernel: str = "auto"  # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA)
+    # auto | flash | mem_efficient | cudnn | math: SDPA's backends (honoured on CUDA); triton: training on
+    # CUDA runs speed_kernels.py's causal attention where it applies (speed.TritonAttention), SDPA elsewhere
+    sdpa_kernel: str = "auto"
     # the training recipe (docs/RECIPES.md); the defaults are the model as it always was
     qk_norm: bool = False  # RMSNorm (with a learned gain) on each head's q and k before RoPE
     activation: str = "swiglu"  # swiglu: w2(silu(w1 x) * w3 x) | relu2: w2(relu(w1 x)^2), 1.5x wider
@@ -184,38 +186,18 @@ def _sdpa_backends(name):
             "cudnn": [SDPBackend.CUDNN_ATTENTION], "math": [SDPBackend.MATH]}[name]
 
 
-class Attention(nn.Module):
+class ScaledDotProduct(nn.Module):
+    """softmax(q k^T / sqrt(head_dim)) v over the heads, through F.scaled_dot_product_attention (the
+    backend sdpa_kernel names on CUDA), with the KV cache if one is given. It owns no parameters; it
+    is a module so that speed.py can put a faster one with the same contract in its place
+    (sdpa_kernel "triton": speed.TritonAttention, in training)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        qkv_bias = cfg.bias or cfg.qkv_bias
-        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
-        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-        # qk_norm: every head's q and k at unit RMS (times a learned gain), so that attention logits
-        # cannot grow without bound (OLMo 2, Qwen3, the NanoGPT speedrun); one gain for all heads
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rope, cache=None, pos=0):
-        B, T, _ = x.shape
-        # q, k and v token-major, [B, T, heads, head_dim]: RoPE then reads and writes them in order
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self.attend(q, k, v, cache, pos)
-        return self.resid_dropout(self.wo(y.reshape(B, T, self.n_head * self.head_dim)))
-
-    def attend(self, q, k, v, cache=None, pos=0):
-        """Attention through F.scaled_dot_product_attention, with the KV cache if one is given:
-        q [B, T, H, D], k and v [B, T, KV, D]; returns [B, T, H, D] (a transposed view)."""
+    def forward(self, q, k, v, cache=None, pos=0):
+        """q [B, T, H, D], k and v [B, T, KV, D]; returns [B, T, H, D] (a transposed view)."""
         B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views
         mask, causal = None, self.cfg.is_causal
@@ -244,14 +226,44 @@ class Attention(nn.Module):
                 if T > 1:
                     mask = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
 
-        gqa = self.n_head != self.n_kv_head
+        gqa = q.size(1) != k.size(1)
         kernel = self.cfg.sdpa_kernel
-        chosen = kernel != "auto" and q.is_cuda
+        chosen = kernel not in ("auto", "triton") and q.is_cuda
         with nn.attention.sdpa_kernel(_sdpa_backends(kernel)) if chosen else nullcontext():
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal and T > 1,
                 dropout_p=self.cfg.dropout if self.training else 0.0, enable_gqa=gqa)
         return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        # qk_norm: every head's q and k at unit RMS (times a learned gain), so that attention logits
+        # cannot grow without bound (OLMo 2, Qwen3, the NanoGPT speedrun); one gain for all heads
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.sdpa = ScaledDotProduct(cfg)
+
+    def forward(self, x, rope, cache=None, pos=0):
+        B, T, _ = x.shape
+        # q, k and v token-major, [B, T, heads, head_dim]: RoPE then reads and writes them in order
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = self.sdpa(q, k, v, cache, pos)
+        return self.resid_dropout(self.wo(y.reshape(B, T, self.n_head * self.head_dim)))
 
 
 class FeedForward(nn.Module):

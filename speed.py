@@ -8,8 +8,11 @@ one of them on.
         Parameters, the same checkpoint keys), the products in float8 (fp8 blocks / all);
       - FusedLossHead in place of model.OutputHead: the output head and the loss as one step that
         never keeps the logits for the backward (the largest tensor of a step), in float8 with
-        fp8 head / all.
-    make_fast(model, fp8, fused_head) swaps them in; everything else of the model runs as written.
+        fp8 head / all; with train config loss_kernel its loss and gradient are one Triton kernel;
+      - TritonAttention in place of model.ScaledDotProduct (model config sdpa_kernel "triton"):
+        causal attention through Triton kernels written for head_dim 32.
+    The Triton kernels are in speed_kernels.py. make_fast(model, fp8, fused_head, ...) swaps the
+    modules in; everything else of the model runs as written.
   * torch.compile options (compile_options) for train config compile / compile_tuning.
   * CudaGraphStep: train config cuda_graph captures a whole optimizer step once and replays it.
 
@@ -27,8 +30,10 @@ import os
 import torch
 import torch.nn as nn
 
-from model import OutputHead
+import speed_kernels
+from model import OutputHead, ScaledDotProduct
 
+TRITON = speed_kernels.triton is not None  # Triton, which the kernels need, comes with CUDA builds of torch
 FP8_MODES = ("off", "head", "blocks", "all")
 FP8_VALUES, FP8_GRADS = torch.float8_e4m3fn, torch.float8_e5m2  # 3 mantissa bits; a wider range for gradients
 
@@ -140,10 +145,11 @@ class HeadCrossEntropy(torch.autograd.Function):
     Their gradient, softmax - one-hot, does not depend on the incoming gradient (but for a scalar),
     so it is made in the forward, right after the logits, and the logits need not live until the
     backward. With fp8 the products run in float8 and the gradient is kept in float8 with a fixed
-    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass."""
+    scale: softmax - one-hot lies in [-1, 1], so it needs no amax pass. kernel: the loss and the
+    gradient from speed_kernels.py's Triton kernel, else the same arithmetic in PyTorch ops."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, fp8, fast_accum):
+    def forward(ctx, x, weight, targets, fp8, fast_accum, kernel):
         if fp8:
             x_op, x_inv = fp8_cast(x, x.abs().amax())
             w_op, w_inv = fp8_cast(weight, weight.abs().amax())
@@ -151,19 +157,15 @@ class HeadCrossEntropy(torch.autograd.Function):
         else:
             x_op, w_op, x_inv, w_inv = x, weight.to(x.dtype), None, None
             logits = x_op @ w_op.t()
-        valid, logits32 = targets >= 0, logits.float()
-        lse = torch.logsumexp(logits32, dim=-1)
-        target_logit = logits32.gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-        count = valid.sum()
-        loss = torch.where(valid, lse - target_logit, 0.0).sum() / count
-        one_hot = torch.arange(logits.size(-1), device=logits.device) == targets.unsqueeze(1)
-        grad = (torch.exp(logits32 - lse.unsqueeze(1)) - one_hot.float()) * valid.unsqueeze(1)  # ignored rows: 0
-        if fp8:
-            top = torch.finfo(FP8_GRADS).max
-            grad_t = (grad.t() * top).to(FP8_GRADS).contiguous() if ctx.needs_input_grad[1] else None
-            grad, scale = (grad * top).to(FP8_GRADS), 1.0 / top
-        else:
-            grad, grad_t, scale = grad.to(logits.dtype), None, 1.0
+        # the gradient scaled to fill float8's range (softmax - one-hot lies in [-1, 1]) and, for the
+        # head's weight gradient, also as [vocab, rows]: float8 products reduce along both operands'
+        # contiguous dim
+        top = torch.finfo(FP8_GRADS).max if fp8 else 1.0
+        grad_dtype, transposed = (FP8_GRADS, ctx.needs_input_grad[1]) if fp8 else (logits.dtype, False)
+        loss_grad = speed_kernels.cross_entropy_grad if kernel else speed_kernels.cross_entropy_grad_reference
+        row_loss, grad, grad_t = loss_grad(logits, targets, grad_dtype, top, transposed)
+        count = (targets >= 0).sum()
+        loss, scale = row_loss.sum() / count, 1.0 / top
         ctx.save_for_backward(x_op, x_inv, w_op, w_inv, grad, grad_t, count)
         ctx.fp8, ctx.scale, ctx.out_dtype, ctx.weight_dtype = fp8, scale, x.dtype, weight.dtype
         ctx.mark_non_differentiable(logits)
@@ -182,35 +184,58 @@ class HeadCrossEntropy(torch.autograd.Function):
             grad_x = ((grad @ w_op).float() * scale).to(ctx.out_dtype)
             if ctx.needs_input_grad[1]:
                 grad_w = (weight_grad(grad.t(), x_op, torch.float32) * scale).to(ctx.weight_dtype)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 class FusedLossHead(OutputHead):
     """model.OutputHead's contract, (x, weight, targets) -> (logits, loss), with the head and the
-    loss as one HeadCrossEntropy while training (in float8 if fp8); without targets or gradients
-    (evaluation, generation) it is OutputHead."""
+    loss as one HeadCrossEntropy while training (in float8 if fp8; the loss through the Triton kernel
+    if kernel, where it runs); without targets or gradients (evaluation, generation) it is OutputHead."""
 
-    def __init__(self, fp8=False, fast_accum=True):
+    def __init__(self, fp8=False, fast_accum=True, kernel=False):
         super().__init__()
-        self.fp8, self.fast_accum = fp8, fast_accum
+        self.fp8, self.fast_accum, self.kernel = fp8, fast_accum, kernel
 
     def forward(self, x, weight, targets=None):
         if targets is None or not torch.is_grad_enabled():
             return super().forward(x, weight, targets)
         rows, dim, vocab = x.numel() // x.size(-1), x.size(-1), weight.size(0)
         fp8 = self.fp8 and fp8_fits(rows, dim, vocab)
-        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum)
+        kernel = self.kernel and speed_kernels.runs_on(x)
+        loss, logits = HeadCrossEntropy.apply(x.reshape(rows, dim), weight, targets.reshape(rows), fp8, self.fast_accum,
+                                              kernel)
         return logits.view(*x.shape[:-1], vocab), loss
+
+
+# ---------------------------------------------------------------------------
+# Attention through speed_kernels.py's Triton kernels
+
+
+class TritonAttention(ScaledDotProduct):
+    """model.ScaledDotProduct's contract, (q, k, v, cache, pos) -> [B, T, heads, D], through
+    speed_kernels.CausalAttention where its kernels apply: causal attention over a whole sequence (no
+    KV cache), no attention dropout, half-precision inputs on a device the kernels run on. Anything
+    else (generation, float32, a bidirectional model) is ScaledDotProduct."""
+
+    def forward(self, q, k, v, cache=None, pos=0):
+        applies = (cache is None and self.cfg.is_causal and not (self.training and self.cfg.dropout > 0)
+                   and q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+                   and speed_kernels.runs_on(q))
+        if not applies:
+            return super().forward(q, k, v, cache, pos)
+        return speed_kernels.CausalAttention.apply(q, k, v)
 
 
 # ---------------------------------------------------------------------------
 # Applying the swaps
 
 
-def make_fast(model, fp8="off", fused_head=False, fast_accum=True):
+def make_fast(model, fp8="off", fused_head=False, fast_accum=True, loss_kernel=False):
     """Swap model's modules in place for faster ones with the same contract: Float8Linear for every
-    plain nn.Linear of the blocks (fp8 blocks / all; LoRA layers keep their own forward), and
-    FusedLossHead for the head (fused_head, or fp8 head / all). Returns the model."""
+    plain nn.Linear of the blocks (fp8 blocks / all; LoRA layers keep their own forward),
+    FusedLossHead for the head (fused_head, or fp8 head / all; its loss through the Triton kernel if
+    loss_kernel), and TritonAttention for each layer's attention if the model config's sdpa_kernel
+    is "triton". Returns the model."""
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
     if fp8 in ("blocks", "all"):
@@ -220,7 +245,10 @@ def make_fast(model, fp8="off", fused_head=False, fast_accum=True):
                     if type(child) is nn.Linear:
                         setattr(parent, name, Float8Linear(child, fast_accum))
     if fused_head or fp8 in ("head", "all"):
-        model.head = FusedLossHead(fp8 in ("head", "all"), fast_accum)
+        model.head = FusedLossHead(fp8 in ("head", "all"), fast_accum, loss_kernel)
+    if model.cfg.sdpa_kernel == "triton":
+        for layer in model.layers:
+            layer.attn.sdpa = TritonAttention(model.cfg)
     if fp8 in ("blocks", "all") and next(model.parameters()).is_cuda:
         cublaslt_without_workspace()
     return model

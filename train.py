@@ -107,6 +107,7 @@ class TrainConfig:
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (speed.py)
     fp8_fast_accum: bool = True  # fp8: forward products accumulate in the tensor cores' faster mode
+    loss_kernel: bool = False  # on a GPU: the head's loss and its gradient as one Triton kernel (speed_kernels.py)
     # tokens per training window or SFT row (None: the model's block_size); shorter than the model's
     # context for models imported with long ones (hf.py: 8k-32k tokens), which a CPU cannot train whole
     seq_len: Optional[int] = None
@@ -201,8 +202,8 @@ OPTIMIZERS = ("adamw", "muon")
 # would continue another run than the one in the checkpoint, and is refused.
 SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "eval_batch_size", "log_interval", "save_interval",
                   "save_on_eval", "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device",
-                  "data_on_device", "compile", "compile_tuning", "cuda_graph", "activation_checkpointing", "data_dir",
-                  "out_dir", "init_from", "eval_tasks", "eval_limit")
+                  "data_on_device", "compile", "compile_tuning", "cuda_graph", "loss_kernel", "activation_checkpointing",
+                  "data_dir", "out_dir", "init_from", "eval_tasks", "eval_limit")
 
 
 def check_resume(ck, path, cfg, model_cfg):
@@ -361,6 +362,11 @@ def check_devices(cfg, model_cfg, env, engine):
     if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or engine is not TorchEngine):
         raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
                           "turn it off with --set cuda_graph=false")
+    if cfg.loss_kernel and (env.device_type != "cuda" or not speed.TRITON or engine is not TorchEngine
+                            or model_cfg.logit_softcap is not None):
+        raise ConfigError(f"train config: loss_kernel needs a CUDA device with Triton (CUDA builds of torch have it), "
+                          f"train.py or train_ddp.py, and a model without logit_softcap (here: {where}, softcap "
+                          f"{model_cfg.logit_softcap}); turn it off with --set loss_kernel=false")
 
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
@@ -541,7 +547,8 @@ class TorchEngine:
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         # (speed.FusedLossHead computes the loss without logit_softcap: such a model keeps its own head)
         fused_head = env.device_type == "cuda" and run.model_cfg.logit_softcap is None
-        speed.make_fast(run.model, cfg.fp8, fused_head=fused_head, fast_accum=cfg.fp8_fast_accum)
+        speed.make_fast(run.model, cfg.fp8, fused_head=fused_head, fast_accum=cfg.fp8_fast_accum,
+                        loss_kernel=cfg.loss_kernel)
         model = run.model
         if cfg.compile:
             model = torch.compile(model, options=speed.compile_options(cfg.compile_tuning))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
-#   bash bench/bench_gpu.sh [tests|profile|throughput|floors|ttl|sweep|bench|compare|serve|all]
+#   bash bench/bench_gpu.sh [tests|profile|throughput|floors|kernels|ttl|sweep|bench|compare|serve|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -26,6 +26,10 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   echo "== GPU tests"
   timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -o addopts="" -p no:cacheprovider -rfEs tests/test_train.py \
     tests/test_muon.py -k "cuda or fp8_blocks" 2>&1 | grep --line-buffered -vE "^\.+ *(\[ *[0-9]+%\])?$"
+  # speed_kernels.py's Triton kernels compiled for the GPU (on the CPU they run in Triton's interpreter) against
+  # their references and autograd, and the swaps that bring them in
+  timeout "${TEST_TIMEOUT:-600}" $py -m pytest -q -o addopts="" -p no:cacheprovider -rfEs tests/test_speed_kernels.py \
+    2>&1 | grep --line-buffered -vE "^\.+ *(\[ *[0-9]+%\])?$"
 fi
 
 if [ "$what" = profile ] || [ "$what" = all ]; then
@@ -55,25 +59,47 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   done
 fi
 
-if [ "$what" = floors ]; then
-  # issue #30's speed table in one call: nanoGPT's yardstick (bench/yardstick_nanogpt.py, b32, batches drawn
-  # from a token file as nanoGPT's bench.py does: $TOKENS, else 200M random GPT-2 ids written once), then the
-  # three lines, each the median of REPEAT runs, then the yardstick again; each line against the mean of the two
-  # (the 56M fp8=head line without compile_tuning: with it, Inductor's tuned kernels gave a NaN loss at step 5
-  # on an H200, torch 2.11, 2026-12-05, and this line printed nothing on an H100 the same day; docs/BENCHMARKS.md)
+if [ "$what" = floors ] || [ "$what" = kernels ]; then
+  # nanoGPT's yardstick (bench/yardstick_nanogpt.py, b32, batches drawn from a token file as nanoGPT's bench.py
+  # does: $TOKENS, else 200M random GPT-2 ids written once) before and after the lines; each line the median of
+  # REPEAT runs in one process, against the mean of the two yardstick figures
   tokens=${TOKENS:-/tmp/nano_random_tokens.bin}
   [ -f "$tokens" ] || $py -c "import numpy as np, sys; np.random.default_rng(0).integers(0, 50257, 200_000_000, dtype=np.uint16).tofile(sys.argv[1])" "$tokens"
   : > "$out/floors.txt"
   yardstick() { $py bench/yardstick_nanogpt.py 32 "$tokens" 2>&1 | grep -E "yardstick|rror" | tee -a "$out/floors.txt"; }
+  line() {  # bench.py's arguments: one line of the table
+    echo "== bench.py $*"
+    local r a="$*"
+    r=$($py bench.py "$@" --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | grep -E "^(run|median)|rror" | tee /dev/stderr | grep "^median")
+    echo "line | ${a#-m config/} | ${r#*: }" >> "$out/floors.txt"
+  }
   yardstick
-  for args in \
-      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all" \
-      "-m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true" \
-      "-m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head"; do
-    echo "== bench.py $args"
-    line=$($py bench.py $args --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | grep -E "^(run|median)|rror" | tee /dev/stderr | grep "^median")
-    echo "line | ${args#-m config/} | ${line#*: }" >> "$out/floors.txt"
-  done
+  if [ "$what" = floors ]; then
+    # issue #30's speed table (the 56M fp8=head line without compile_tuning: with it, Inductor's tuned kernels
+    # gave a NaN loss at step 5 on an H200, torch 2.11, 2026-12-05; docs/BENCHMARKS.md)
+    line -m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all
+    line -m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true
+    line -m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head
+  else
+    # speed_kernels.py's Triton kernels (opt-in until measured: train config loss_kernel, model config
+    # sdpa_kernel "triton") against the same lines without them, alternating, ROUNDS times; ONLY=124m or
+    # ONLY=56m runs those lines alone (a round of all of them takes longer than one 10-minute device call)
+    for round in $(seq "${ROUNDS:-1}"); do
+      if [[ "${ONLY:-124m}" == *124m* ]]; then
+        for t in "cuda_graph=true compile_tuning=true" "cuda_graph=true fp8=all"; do
+          line -m config/model_gpt2_124m.json -b 32 --compile --train-set $t
+          line -m config/model_gpt2_124m.json -b 32 --compile --train-set $t loss_kernel=true
+        done
+      fi
+      if [[ "${ONLY:-56m}" == *56m* ]]; then
+        t="cuda_graph=true fp8=head"
+        line -m config/model_56m.json -b 128 --compile --train-set $t
+        line -m config/model_56m.json -b 128 --compile --train-set $t loss_kernel=true
+        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=triton --train-set $t
+        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=triton --train-set $t loss_kernel=true
+      fi
+    done
+  fi
   yardstick
   $py - "$out/floors.txt" <<'PY'
 import re, sys
@@ -84,7 +110,7 @@ for l in lines:
     m = re.search(r"([\d,]+) tok/s", l) if l.startswith("line") else None
     if m and yard:
         v = float(m.group(1).replace(",", ""))
-        print(f"{l.split(' | ')[1]:75s} {v:>11,.0f} tok/s  {v / (sum(yard) / len(yard)):.3f}x the yardstick")
+        print(f"{l.split(' | ')[1]:100s} {v:>11,.0f} tok/s  {v / (sum(yard) / len(yard)):.3f}x the yardstick")
 PY
 fi
 

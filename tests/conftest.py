@@ -7,8 +7,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Without a GPU, kernels.py's Triton kernels run on CPU tensors in Triton's interpreter; it is
-# chosen when a kernel is defined, so before the first import of kernels.py (tests/test_kernels.py)
+# Without a GPU, speed_kernels.py's Triton kernels run on CPU tensors in Triton's interpreter; it is
+# chosen when a kernel is defined, so before the first import of speed_kernels.py
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

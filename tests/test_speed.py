@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import speed
+import speed_kernels
 from model import LoRAConfig, ModelConfig, OutputHead, Transformer, add_lora
 from speed import Float8Linear, FusedLossHead, make_fast
 
@@ -60,15 +61,23 @@ def test_float8_product_is_the_product_of_the_scaled_float8_operands():
     assert torch.equal(zero, torch.zeros(16, 48))
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch_loss", "triton_loss"])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_fused_loss_head_matches_the_plain_head(fp8):
+def test_fused_loss_head_matches_the_plain_head(fp8, kernel, monkeypatch):
+    # kernel: the loss through speed_kernels.py's Triton kernel and its custom op, as on CUDA with train
+    # config loss_kernel (on the CPU in Triton's interpreter)
+    monkeypatch.setattr(speed_kernels, "runs_on", lambda t: True)
+    calls = []
+    triton_loss = speed_kernels.cross_entropy_grad_triton
+    monkeypatch.setattr(speed_kernels, "cross_entropy_grad_triton", lambda *a: calls.append(1) or triton_loss(*a))
+    dev = "cuda" if kernel and torch.cuda.is_available() else "cpu"  # the kernel compiled where there is a GPU
     torch.manual_seed(0)
-    x = torch.randn(2, 16, 32, requires_grad=True)
-    weight = torch.randn(64, 32, requires_grad=True)
-    targets = torch.randint(0, 64, (2, 16))
+    x = torch.randn(2, 16, 32, device=dev, requires_grad=True)
+    weight = torch.randn(64, 32, device=dev, requires_grad=True)
+    targets = torch.randint(0, 64, (2, 16), device=dev)
     targets[0, :5] = -1  # ignored positions
     results = []
-    for head in (OutputHead(), FusedLossHead(fp8=fp8)):
+    for head in (OutputHead(), FusedLossHead(fp8=fp8, kernel=kernel)):
         x.grad = weight.grad = None
         logits, loss = head(x, weight, targets)
         (loss * 3.0).backward()  # a scale on the loss reaches both gradients
@@ -83,6 +92,7 @@ def test_fused_loss_head_matches_the_plain_head(fp8):
         assert not torch.equal(loss1, loss0) and abs(loss1 - loss0) < 0.02 * loss0
         assert cosine(gx1, gx0) > 0.98 and cosine(gw1, gw0) > 0.98
     assert gx1[0, :5].abs().max() == 0  # ignored positions get no gradient
+    assert len(calls) == kernel  # the kernel ran where it was asked for, and only there
     # without targets or gradients (evaluation, generation) it is the plain head
     with torch.no_grad():
         assert FusedLossHead(fp8)(x, weight, targets)[1] == OutputHead()(x, weight, targets)[1]

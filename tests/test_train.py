@@ -193,6 +193,11 @@ def test_cuda_graph_is_refused_where_it_cannot_work(data_dir, tmp_path):
     from files import dataclass_from_dict
     with pytest.raises(ConfigError, match="cuda_graph does not support float16"):
         dataclass_from_dict(TrainConfig, {"cuda_graph": True, "dtype": "float16"})
+    # the Triton loss kernel likewise (tests/test_speed_kernels.py holds the kernel itself); a yes/no setting
+    with pytest.raises(ConfigError, match="loss_kernel needs a CUDA device with Triton"):
+        train(tiny_model(), tiny_train(data_dir, tmp_path, loss_kernel=True), quiet=True)
+    with pytest.raises(ConfigError, match="loss_kernel"):
+        dataclass_from_dict(TrainConfig, {"loss_kernel": "yes"})
 
 
 def test_set_lr_fills_a_tensor_learning_rate_in_place():
