@@ -9,7 +9,7 @@ that generate(), serve.py and problem.py share) and sampling, then LoRA.
 This is the only forward: training on a CPU or a GPU, eager or compiled, with or without float8,
 evaluation and generation all run these modules. Speed enters only from outside, with the same call
 contracts (speed.py: a float8 Linear in place of nn.Linear, the head and the loss as one step in
-place of OutputHead), through torch.compile, and through CUDA graphs around the training step; so
+place of OutputHead, Triton attention in place of ScaledDotProduct), through torch.compile, and through CUDA graphs around the training step; so
 an edit here takes effect everywhere.
 
 Conventions every engine (infer_c/, infer/) follows as well:
@@ -507,7 +507,7 @@ class Decoder:
             pos = pos[0]
         # rows at one position take the int path: no mask, no gathered cache writes, and a single
         # row's very arithmetic (the C engine's tests compare generate's tokens with its own);
-        # rows at their own positions go through the [B] tensor path (Attention.attend)
+        # rows at their own positions go through the [B] tensor path (ScaledDotProduct.forward)
         if not isinstance(pos, int):
             pos = torch.tensor(pos, device=self.device)
         logits, _ = self.model(tokens, cache=self.cache, pos=pos, last_only=True)
