@@ -9,8 +9,8 @@ that generate(), serve.py and problem.py share) and sampling, then LoRA.
 This is the only forward: training on a CPU or a GPU, eager or compiled, with or without float8,
 evaluation and generation all run these modules. Speed enters only from outside, with the same call
 contracts (speed.py: a float8 Linear in place of nn.Linear, the head and the loss as one step in
-place of OutputHead, Triton attention in place of ScaledDotProduct), through torch.compile, and through CUDA graphs around the training step; so
-an edit here takes effect everywhere.
+place of OutputHead, Triton attention in place of ScaledDotProduct), through torch.compile, and
+through CUDA graphs around the training step; so an edit here takes effect everywhere.
 
 Conventions every engine (infer_c/, infer/) follows as well:
   * RoPE rotates adjacent pairs (2i, 2i+1) of each head as (real, imaginary), with

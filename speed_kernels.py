@@ -34,15 +34,17 @@ def runs_on(t):
     """Whether the kernels serve tensor t's computation (the swaps ask; tests widen it to the CPU)."""
     return triton is not None and t.is_cuda
 
+
 # ---------------------------------------------------------------------------
 # The head's loss and its gradient
 #
 # Compiled, speed.HeadCrossEntropy's loss in PyTorch ops is Inductor's: it reads the logits twice from
 # memory and writes the gradient, and the float8 transposed copy costs a pass of its own (5.1 ms a step
-# at the 124M config on an H200, docs/BENCHMARKS.md). One program per row here: pass 1 the row's log-sum-exp (online max and sum), pass 2, right after
-# while the row (100 KB at a 50k vocabulary) is still in L2, softmax - one-hot written in the
-# gradient's dtype; then a tiled transpose for the float8 copy (2.25 ms in all where Inductor took
-# 5.07, one H200, 2026-12-04). cross_entropy_grad_reference is the same arithmetic in PyTorch ops.
+# at the 124M config on an H200, docs/BENCHMARKS.md). One program per row here: pass 1 the row's
+# log-sum-exp (online max and sum), pass 2, right after while the row (100 KB at a 50k vocabulary) is
+# still in L2, softmax - one-hot written in the gradient's dtype; then a tiled transpose for the
+# float8 copy (2.25 ms in all where Inductor took 5.07, one H200, 2026-12-04).
+# cross_entropy_grad_reference is the same arithmetic in PyTorch ops.
 
 # vocabulary columns per inner step, warps, pipeline stages (tuned on an H100 for the 124M config)
 LOSS_COLS, LOSS_WARPS, LOSS_STAGES = 8192, 16, 3
@@ -50,7 +52,8 @@ LOSS_COLS, LOSS_WARPS, LOSS_STAGES = 8192, 16, 3
 
 def hardware_float8(t):
     """The GPU's own float8 conversion instruction (compute capability 8.9+; not in the interpreter)."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(t.device) >= (8, 9)
+    return (t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(t.device) >= (8, 9))
 
 
 def cross_entropy_grad_reference(logits, targets, grad_dtype, grad_scale, transposed):
@@ -165,8 +168,8 @@ def _(logits, targets, grad_dtype, grad_scale, transposed):
 # Causal attention
 
 if triton is not None:
-    # Causal attention (speed.TritonAttention, model config sdpa_kernel "triton"): q [B, T, heads, D] and k, v
-    # [B, T, kv heads, D] read in the layout the q/k/v product makes (no transposed copies), the
+    # Causal attention (speed.TritonAttention, model config sdpa_kernel "triton"): q [B, T, heads, D]
+    # and k, v [B, T, kv heads, D] read in the layout the q/k/v product makes (no transposed copies), the
     # output written as [B, T, heads, D] (what the out-projection reads). Scores are kept in log2
     # units (the softmax scale times log2(e) folded into one multiply), so exp2 serves for exp.
     # Blocks on the diagonal need the causal mask; the others are left of it and need none, so

@@ -202,8 +202,8 @@ OPTIMIZERS = ("adamw", "muon")
 # would continue another run than the one in the checkpoint, and is refused.
 SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "eval_batch_size", "log_interval", "save_interval",
                   "save_on_eval", "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device",
-                  "data_on_device", "compile", "compile_tuning", "cuda_graph", "loss_kernel", "activation_checkpointing",
-                  "data_dir", "out_dir", "init_from", "eval_tasks", "eval_limit")
+                  "data_on_device", "compile", "compile_tuning", "cuda_graph", "loss_kernel",
+                  "activation_checkpointing", "data_dir", "out_dir", "init_from", "eval_tasks", "eval_limit")
 
 
 def check_resume(ck, path, cfg, model_cfg):
