@@ -107,7 +107,9 @@ class TrainConfig:
     cuda_graph: bool = False  # capture the whole optimizer step as one CUDA graph and replay it (one GPU)
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (speed.py)
     fp8_fast_accum: bool = True  # fp8: forward products accumulate in the tensor cores' faster mode
-    loss_kernel: bool = False  # on a GPU: the head's loss and its gradient as one Triton kernel (speed_kernels.py)
+    # the head's loss and its gradient as one Triton kernel (speed_kernels.py; CUDA with Triton). None: on
+    # with the float8 head (fp8 head / all), where it pays (+4.6% on the 124M fp8=all step, docs/BENCHMARKS.md)
+    loss_kernel: Optional[bool] = None
     # tokens per training window or SFT row (None: the model's block_size); shorter than the model's
     # context for models imported with long ones (hf.py: 8k-32k tokens), which a CPU cannot train whole
     seq_len: Optional[int] = None
@@ -211,9 +213,10 @@ def check_resume(ck, path, cfg, model_cfg):
     that is not SAFE_ON_RESUME; the message names each such key. (The data is checked by prepare:
     data_dir may move, but its tokens must be the same.)"""
     # a checkpoint from before a model-config key existed trained with that key's default (issue #34's options)
+    # sdpa_kernel picks how attention is computed, not what: it may change (config/model_56m.json took "triton")
     saved_model = {**{f.name: f.default for f in fields(ModelConfig)}, **ck.get("model_config", {})}
-    if saved_model != model_cfg.to_dict():
-        differ = sorted(k for k, v in model_cfg.to_dict().items() if saved_model.get(k) != v)
+    differ = sorted(k for k, v in model_cfg.to_dict().items() if saved_model.get(k) != v and k != "sdpa_kernel")
+    if differ:
         raise ConfigError(f"--resume {path}: the model config differs from the checkpoint's in {', '.join(differ)}: "
                           "resume without -m (the checkpoint's own model), or start a new run in another out_dir")
     saved, now = ck.get("train_config", {}), asdict(cfg)
@@ -362,7 +365,7 @@ def check_devices(cfg, model_cfg, env, engine):
     if cfg.cuda_graph and (env.device_type != "cuda" or env.world > 1 or engine is not TorchEngine):
         raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
                           "turn it off with --set cuda_graph=false")
-    if cfg.loss_kernel and (env.device_type != "cuda" or not speed.TRITON or engine is not TorchEngine
+    if cfg.loss_kernel is True and (env.device_type != "cuda" or not speed.TRITON or engine is not TorchEngine
                             or model_cfg.logit_softcap is not None):
         raise ConfigError(f"train config: loss_kernel needs a CUDA device with Triton (CUDA builds of torch have it), "
                           f"train.py or train_ddp.py, and a model without logit_softcap (here: {where}, softcap "
@@ -547,8 +550,11 @@ class TorchEngine:
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         # (speed.FusedLossHead computes the loss without logit_softcap: such a model keeps its own head)
         fused_head = env.device_type == "cuda" and run.model_cfg.logit_softcap is None
+        loss_kernel = cfg.loss_kernel
+        if loss_kernel is None:  # (where it pays: with the float8 head, whose gradient it writes twice in one pass)
+            loss_kernel = env.device_type == "cuda" and speed.TRITON and cfg.fp8 in ("head", "all")
         speed.make_fast(run.model, cfg.fp8, fused_head=fused_head, fast_accum=cfg.fp8_fast_accum,
-                        loss_kernel=cfg.loss_kernel)
+                        loss_kernel=loss_kernel)
         model = run.model
         if cfg.compile:
             model = torch.compile(model, options=speed.compile_options(cfg.compile_tuning))

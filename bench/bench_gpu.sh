@@ -81,23 +81,23 @@ if [ "$what" = floors ] || [ "$what" = kernels ]; then
     line -m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true
     line -m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head
   else
-    # speed_kernels.py's Triton kernels (opt-in until measured: train config loss_kernel, model config
-    # sdpa_kernel "triton") against the same lines without them, alternating, ROUNDS times. ONLY picks the
-    # lines among bf16, fp8 and 56m (default all three; a 124M pair with compilation takes ~5 minutes, so
-    # give each its own 10-minute device call: ONLY=bf16, ONLY=fp8, ONLY=56m)
+    # speed_kernels.py's Triton kernels against the same lines without them, alternating, ROUNDS times (the
+    # loss kernel is on by default with the float8 head, the attention kernels in config/model_56m.json: the
+    # lines without them turn them off). ONLY picks the lines among bf16, fp8 and 56m (default all three; a
+    # 124M pair with compilation takes ~5 minutes, so give each its own 10-minute device call)
     only=${ONLY:-bf16 fp8 56m}
     for round in $(seq "${ROUNDS:-1}"); do
       for t in "cuda_graph=true compile_tuning=true:bf16" "cuda_graph=true fp8=all:fp8"; do
         [[ "$only" == *${t#*:}* ]] || continue
-        line -m config/model_gpt2_124m.json -b 32 --compile --train-set ${t%:*}
+        line -m config/model_gpt2_124m.json -b 32 --compile --train-set ${t%:*} loss_kernel=false
         line -m config/model_gpt2_124m.json -b 32 --compile --train-set ${t%:*} loss_kernel=true
       done
       if [[ "$only" == *56m* ]]; then
         t="cuda_graph=true fp8=head"
+        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=auto --train-set $t loss_kernel=false
+        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=auto --train-set $t loss_kernel=true
+        line -m config/model_56m.json -b 128 --compile --train-set $t loss_kernel=false
         line -m config/model_56m.json -b 128 --compile --train-set $t
-        line -m config/model_56m.json -b 128 --compile --train-set $t loss_kernel=true
-        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=triton --train-set $t
-        line -m config/model_56m.json -b 128 --compile --set sdpa_kernel=triton --train-set $t loss_kernel=true
       fi
     done
   fi

@@ -231,6 +231,17 @@ def test_a_run_checkpointed_before_the_recipe_keys_existed_resumes(data_dir, tmp
         train(tiny_model(qk_norm=True), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
 
 
+def test_resume_may_change_how_attention_is_computed(data_dir, tmp_path):  # noqa: F811
+    # sdpa_kernel names a kernel, not a model (config/model_56m.json moved to "triton" on 2026-12-05): a run
+    # resumes with another one, and any other model key still refuses
+    cfg = tiny_train(data_dir, tmp_path, max_iters=10)
+    train(tiny_model(), cfg, stop_at=5, quiet=True)
+    train(tiny_model(sdpa_kernel="triton"), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 10
+    with pytest.raises(ConfigError, match="model config differs from the checkpoint.s in n_layer: "):
+        train(tiny_model(sdpa_kernel="math", n_layer=3), cfg, resume=str(tmp_path / "last.pt"), quiet=True)
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only path: run on a CUDA machine")
 
 

@@ -198,6 +198,11 @@ def test_cuda_graph_is_refused_where_it_cannot_work(data_dir, tmp_path):
         train(tiny_model(), tiny_train(data_dir, tmp_path, loss_kernel=True), quiet=True)
     with pytest.raises(ConfigError, match="loss_kernel"):
         dataclass_from_dict(TrainConfig, {"loss_kernel": "yes"})
+    # null (the default) picks it where it pays, the float8 head on CUDA: on the CPU that is off, and fp8 trains
+    assert dataclass_from_dict(TrainConfig, {"loss_kernel": None}).loss_kernel is None
+    assert dataclass_from_dict(TrainConfig, {"loss_kernel": False}).loss_kernel is False
+    model = train(tiny_model(), tiny_train(data_dir, tmp_path, fp8="head", max_iters=2), quiet=True)
+    assert type(model.head).__name__ == "FusedLossHead" and model.head.kernel is False
 
 
 def test_set_lr_fills_a_tensor_learning_rate_in_place():
