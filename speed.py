@@ -8,9 +8,10 @@ one of them on.
         Parameters, the same checkpoint keys), the products in float8 (fp8 blocks / all);
       - FusedLossHead in place of model.OutputHead: the output head and the loss as one step that
         never keeps the logits for the backward (the largest tensor of a step), in float8 with
-        fp8 head / all; with train config loss_kernel its loss and gradient are one Triton kernel;
-      - TritonAttention in place of model.ScaledDotProduct (model config sdpa_kernel "triton"):
-        causal attention through Triton kernels written for head_dim 32.
+        fp8 head / all; with train config loss_kernel (by default: with the float8 head) its loss and
+        gradient are one Triton kernel;
+      - TritonAttention in place of model.ScaledDotProduct (model config sdpa_kernel "triton", as
+        config/model_56m.json has it): causal attention through Triton kernels written for head_dim 32.
     The Triton kernels are in speed_kernels.py. make_fast(model, fp8, fused_head, ...) swaps the
     modules in; everything else of the model runs as written.
   * torch.compile options (compile_options) for train config compile / compile_tuning.
