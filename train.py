@@ -366,7 +366,7 @@ def check_devices(cfg, model_cfg, env, engine):
         raise ConfigError(f"train config: cuda_graph needs one CUDA device and no DDP or DeepSpeed (here: {where}); "
                           "turn it off with --set cuda_graph=false")
     if cfg.loss_kernel is True and (env.device_type != "cuda" or not speed.TRITON or engine is not TorchEngine
-                            or model_cfg.logit_softcap is not None):
+                                    or model_cfg.logit_softcap is not None):
         raise ConfigError(f"train config: loss_kernel needs a CUDA device with Triton (CUDA builds of torch have it), "
                           f"train.py or train_ddp.py, and a model without logit_softcap (here: {where}, softcap "
                           f"{model_cfg.logit_softcap}); turn it off with --set loss_kernel=false")
