@@ -231,6 +231,16 @@ class TritonAttention(ScaledDotProduct):
 # Applying the swaps
 
 
+def loss_kernel_on(setting, device_type, fp8):
+    """Train config loss_kernel: true or false as given; null (the default) where it pays, with the
+    float8 head on CUDA: there the PyTorch reference writes the float8 gradient and its transposed copy
+    in two passes over the logits, the kernel in one (+4.6% on the 124M fp8=all step; in bf16 Inductor's
+    kernel is as fast: docs/BENCHMARKS.md, 2026-12-05)."""
+    if setting is not None:
+        return setting
+    return device_type == "cuda" and TRITON and fp8 in ("head", "all")
+
+
 def make_fast(model, fp8="off", fused_head=False, fast_accum=True, loss_kernel=False):
     """Swap model's modules in place for faster ones with the same contract: Float8Linear for every
     plain nn.Linear of the blocks (fp8 blocks / all; LoRA layers keep their own forward),

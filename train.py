@@ -108,7 +108,7 @@ class TrainConfig:
     fp8: str = "off"  # off | head | blocks | all: training products in float8 (speed.py)
     fp8_fast_accum: bool = True  # fp8: forward products accumulate in the tensor cores' faster mode
     # the head's loss and its gradient as one Triton kernel (speed_kernels.py; CUDA with Triton). None: on
-    # with the float8 head (fp8 head / all), where it pays (+4.6% on the 124M fp8=all step, docs/BENCHMARKS.md)
+    # with the float8 head (fp8 head / all), where it pays (speed.loss_kernel_on)
     loss_kernel: Optional[bool] = None
     # tokens per training window or SFT row (None: the model's block_size); shorter than the model's
     # context for models imported with long ones (hf.py: 8k-32k tokens), which a CPU cannot train whole
@@ -550,11 +550,8 @@ class TorchEngine:
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         # (speed.FusedLossHead computes the loss without logit_softcap: such a model keeps its own head)
         fused_head = env.device_type == "cuda" and run.model_cfg.logit_softcap is None
-        loss_kernel = cfg.loss_kernel
-        if loss_kernel is None:  # (where it pays: with the float8 head, whose gradient it writes twice in one pass)
-            loss_kernel = env.device_type == "cuda" and speed.TRITON and cfg.fp8 in ("head", "all")
         speed.make_fast(run.model, cfg.fp8, fused_head=fused_head, fast_accum=cfg.fp8_fast_accum,
-                        loss_kernel=loss_kernel)
+                        loss_kernel=speed.loss_kernel_on(cfg.loss_kernel, env.device_type, cfg.fp8))
         model = run.model
         if cfg.compile:
             model = torch.compile(model, options=speed.compile_options(cfg.compile_tuning))
