@@ -199,13 +199,15 @@ LR_SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 
 
-# The train-config keys that --resume lets change: where the run ends, how often it logs, evaluates
-# and saves, and how fast it runs. Every other key (batch, schedule, optimizer, data, dtype, ...)
-# would continue another run than the one in the checkpoint, and is refused.
+# The config keys that --resume lets change: where the run ends, how often it logs, evaluates and
+# saves, and how fast it runs (of the model config, sdpa_kernel: how attention is computed, not what;
+# config/model_56m.json took "triton"). Every other key (batch, schedule, optimizer, data, dtype, the
+# model's shape, ...) would continue another run than the one in the checkpoint, and is refused.
 SAFE_ON_RESUME = ("max_iters", "eval_interval", "eval_iters", "eval_batch_size", "log_interval", "save_interval",
                   "save_on_eval", "save_checkpoints", "tensorboard", "target_val_loss", "peak_flops", "device",
                   "data_on_device", "compile", "compile_tuning", "cuda_graph", "loss_kernel",
-                  "activation_checkpointing", "data_dir", "out_dir", "init_from", "eval_tasks", "eval_limit")
+                  "activation_checkpointing", "data_dir", "out_dir", "init_from", "eval_tasks", "eval_limit",
+                  "sdpa_kernel")
 
 
 def check_resume(ck, path, cfg, model_cfg):
@@ -213,9 +215,8 @@ def check_resume(ck, path, cfg, model_cfg):
     that is not SAFE_ON_RESUME; the message names each such key. (The data is checked by prepare:
     data_dir may move, but its tokens must be the same.)"""
     # a checkpoint from before a model-config key existed trained with that key's default (issue #34's options)
-    # sdpa_kernel picks how attention is computed, not what: it may change (config/model_56m.json took "triton")
     saved_model = {**{f.name: f.default for f in fields(ModelConfig)}, **ck.get("model_config", {})}
-    differ = sorted(k for k, v in model_cfg.to_dict().items() if saved_model.get(k) != v and k != "sdpa_kernel")
+    differ = sorted(k for k, v in model_cfg.to_dict().items() if saved_model.get(k) != v and k not in SAFE_ON_RESUME)
     if differ:
         raise ConfigError(f"--resume {path}: the model config differs from the checkpoint's in {', '.join(differ)}: "
                           "resume without -m (the checkpoint's own model), or start a new run in another out_dir")
