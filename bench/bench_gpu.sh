@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-GPU benchmarks behind docs/BENCHMARKS.md (training throughput and Tiny Shakespeare
 # time-to-loss). Run on the GPU machine (from anywhere: it works in the repository it is in):
-#   bash bench/bench_gpu.sh [tests|profile|throughput|floors|kernels|ttl|sweep|bench|compare|serve|all]
+#   bash bench/bench_gpu.sh [tests|profile|throughput|floors|kernels|trials|ttl|sweep|bench|compare|serve|all]
 # Tiny Shakespeare is read from $SHAKESPEARE (default ../shared/data/tinyshakespeare.txt).
 # REPEAT (default 3) sets the runs per throughput figure (the median is reported).
 set -u
@@ -59,7 +59,7 @@ if [ "$what" = throughput ] || [ "$what" = all ]; then
   done
 fi
 
-if [ "$what" = floors ] || [ "$what" = kernels ]; then
+if [ "$what" = floors ] || [ "$what" = kernels ] || [ "$what" = trials ]; then
   # nanoGPT's yardstick (bench/yardstick_nanogpt.py, b32, batches drawn from a token file as nanoGPT's bench.py
   # does: $TOKENS, else 200M random GPT-2 ids written once) before and after the lines; each line the median of
   # REPEAT runs in one process, against the mean of the two yardstick figures
@@ -67,11 +67,12 @@ if [ "$what" = floors ] || [ "$what" = kernels ]; then
   [ -f "$tokens" ] || $py -c "import numpy as np, sys; np.random.default_rng(0).integers(0, 50257, 200_000_000, dtype=np.uint16).tofile(sys.argv[1])" "$tokens"
   : > "$out/floors.txt"
   yardstick() { $py bench/yardstick_nanogpt.py 32 "$tokens" 2>&1 | grep -E "yardstick|rror" | tee -a "$out/floors.txt"; }
-  line() {  # bench.py's arguments: one line of the table
-    echo "== bench.py $*"
-    local r a="$*"
-    r=$($py bench.py "$@" --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | grep -E "^(run|median)|rror" | tee /dev/stderr | grep "^median")
-    echo "line | ${a#-m config/} | ${r#*: }" >> "$out/floors.txt"
+  line() {  # bench.py's arguments: one line of the table (with $trial set, through bench/bench_trials.py)
+    local r a="$*" script=bench.py
+    [ -n "${trial:-}" ] && script="bench/bench_trials.py $trial"
+    echo "== $script $*"
+    r=$($py $script "$@" --steps 30 --warmup 15 --repeat "${REPEAT:-3}" 2>&1 | grep -E "^(run|median)|rror" | tee /dev/stderr | grep "^median")
+    echo "line | ${trial:+$trial: }${a#-m config/} | ${r#*: }" >> "$out/floors.txt"
   }
   yardstick
   if [ "$what" = floors ]; then
@@ -80,6 +81,13 @@ if [ "$what" = floors ] || [ "$what" = kernels ]; then
     line -m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true fp8=all
     line -m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true
     line -m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head
+  elif [ "$what" = trials ]; then
+    # the speed ideas measured and not adopted (bench/bench_trials.py) against the baseline, trial none:
+    # TRIALS (default all three) on the line ARGS (default the 124M bf16 floor line)
+    for trial in ${TRIALS:-none maxat stack}; do
+      line ${ARGS:--m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true}
+    done
+    trial=
   else
     # speed_kernels.py's Triton kernels against the same lines without them, alternating, ROUNDS times (the
     # loss kernel is on by default with the float8 head, the attention kernels in config/model_56m.json: the

@@ -1,9 +1,13 @@
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
+
+import pytest
+import torch
 
 import bench
 from model import ModelConfig, Transformer
@@ -44,13 +48,54 @@ def test_busy_and_span_counts_overlaps_once():
     assert bench.busy_and_span([(3, 4), (1, 2)]) == (2, 3)
 
 
-def _bench_recipe():
-    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "bench_recipe.py"
-    spec = importlib.util.spec_from_file_location("bench_recipe", path)
+def _bench_script(name):
+    """One of bench/'s scripts as a module (bench/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
+
+
+def test_stack_trial_is_model_py_with_stacked_products(tmp_path, monkeypatch, capsys):
+    # bench/bench_trials.py stack (measured -5.7% on the GPU, docs/BENCHMARKS.md): given the separate
+    # weights concatenated, its one-product Attention and FeedForward compute what model.py's did (the
+    # patch is on the classes, so the reference runs first), with GQA and qk_norm; bench.py trains through it; a relu2 model and an unknown trial are refused
+    trials = _bench_script("bench_trials")
+    cfg = ModelConfig(block_size=16, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=48,
+                      qk_norm=True)
+    torch.manual_seed(0)
+    base = Transformer(cfg).eval()
+    tokens = torch.randint(0, 64, (3, 16))
+    with torch.no_grad():
+        expected = base(tokens)[0]
+    for owner, name, value in trials.TRIALS["stack"]:
+        monkeypatch.setattr(owner, name, value)
+    trial = Transformer(cfg).eval()
+    names = {n for n, _ in trial.named_parameters()}
+    assert "layers.0.attn.wqkv.weight" in names and "layers.0.ffn.w13.weight" in names
+    assert not any(n.endswith((".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight")) for n in names)
+    assert sum(p.numel() for p in trial.parameters()) == sum(p.numel() for p in base.parameters())
+    weights = dict(base.state_dict())
+    for i in range(cfg.n_layer):
+        a, f = f"layers.{i}.attn.", f"layers.{i}.ffn."
+        weights[a + "wqkv.weight"] = torch.cat([weights.pop(a + w + ".weight") for w in ("wq", "wk", "wv")])
+        weights[f + "w13.weight"] = torch.cat([weights.pop(f + w + ".weight") for w in ("w1", "w3")])
+    trial.load_state_dict(weights)
+    with torch.no_grad():
+        assert torch.allclose(trial(tokens)[0], expected, atol=1e-5)
+    model_file = tmp_path / "model.json"
+    model_file.write_text(json.dumps(dict(block_size=32, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2,
+                                          n_hidden=64)))
+    result = bench.main(["-m", str(model_file), "-b", "4", "--steps", "3", "--warmup", "1", "--device", "cpu"])
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("run ")]
+    assert result["tokens_per_sec"] > 0 and len(losses) == 1 and abs(losses[0] - math.log(64)) < 0.3
+    with pytest.raises(SystemExit, match="relu2"):
+        Transformer(ModelConfig(**{**cfg.__dict__, "activation": "relu2"}))
+    with pytest.raises(SystemExit, match="usage"):
+        trials.main(["stacked"])
 
 def test_bpe_summary_compares_the_arms_at_adamws_median_best():
     # the 124M BPE runs of 2026-12-05 (docs/BENCHMARKS.md), cut to the steps around the bests
@@ -60,7 +105,7 @@ def test_bpe_summary_compares_the_arms_at_adamws_median_best():
     muon = [[(225, 3.354), (250, 3.304), (275, 3.292), (300, 3.298)],
             [(225, 3.349), (250, 3.305), (275, 3.298), (300, 3.305)],
             [(225, 3.343), (250, 3.292), (275, 3.296), (300, 3.302)]]
-    summarise = _bench_recipe().bpe_summary
+    summarise = _bench_script("bench_recipe").bpe_summary
     a, m = summarise({"adamw": adamw, "muon": muon})
     assert a.startswith("124M BPE Bible, adamw: median 425 steps to val <= 3.303;") and "median best 3.303 at step 425" in a
     assert "muon: median 275 steps to val <= 3.303 (1.55x fewer than adamw)" in m

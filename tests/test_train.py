@@ -432,5 +432,5 @@ def test_target_val_loss_stops_at_the_first_eval_that_reaches_it(data_dir, tmp_p
     total, after_import = (float(x) for x in re.findall(r"([\d.]+) s after", reached[0]))
     assert 0 < after_import <= total
     # bench/bench_recipe.py reads the line
-    from test_bench import _bench_recipe
-    assert _bench_recipe().REACHED.search(log).groups() == (str(step), f"{total:.1f}", f"{after_import:.1f}")
+    from test_bench import _bench_script
+    assert _bench_script("bench_recipe").REACHED.search(log).groups() == (str(step), f"{total:.1f}", f"{after_import:.1f}")
