@@ -83,7 +83,8 @@ if [ "$what" = floors ] || [ "$what" = kernels ] || [ "$what" = trials ]; then
     line -m config/model_56m.json -b 128 --compile --train-set cuda_graph=true fp8=head
   elif [ "$what" = trials ]; then
     # the speed ideas measured and not adopted (bench/bench_trials.py) against the baseline, trial none:
-    # TRIALS (default all three) on the line ARGS (default the 124M bf16 floor line)
+    # TRIALS (default none maxat stack; the others and "+" joins in bench_trials.py's docstring) on the line
+    # ARGS (default the 124M bf16 floor line)
     for trial in ${TRIALS:-none maxat stack}; do
       line ${ARGS:--m config/model_gpt2_124m.json -b 32 --compile --train-set cuda_graph=true compile_tuning=true}
     done

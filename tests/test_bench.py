@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bench
+import speed
 from model import ModelConfig, Transformer
 
 
@@ -96,6 +97,45 @@ def test_stack_trial_is_model_py_with_stacked_products(tmp_path, monkeypatch, ca
         Transformer(ModelConfig(**{**cfg.__dict__, "activation": "relu2"}))
     with pytest.raises(SystemExit, match="usage"):
         trials.main(["stacked"])
+
+
+def test_wgrad32_trial_trains_what_nn_linear_trains_and_trials_combine(monkeypatch):
+    # bench/bench_trials.py wgrad32 (measured within noise on the GPU, docs/BENCHMARKS.md): the swapped
+    # layers share model.py's Parameters and, under bf16 autocast, give the loss and gradients nn.Linear
+    # gives, the weights' gradients in float32; it refuses float8; trials joined with "+" apply together,
+    # the option trials on top of compile_tuning's options; an unknown one in a join is refused
+    trials = _bench_script("bench_trials")
+    cfg = ModelConfig(block_size=16, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=48)
+    torch.manual_seed(0)
+    plain = Transformer(cfg)
+    swapped = Transformer(cfg)
+    swapped.load_state_dict(plain.state_dict())
+    trials.apply("wgrad32+combo", monkeypatch.setattr)
+    assert speed.make_fast(swapped) is swapped
+    assert {type(m).__name__ for layer in swapped.layers for m in (layer.attn.wq, layer.attn.wo, layer.ffn.w2)} \
+        == {"Float32GradLinear"}
+    assert [n for n, _ in swapped.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    tokens = torch.randint(0, 64, (3, 17))
+    grads = []
+    for m in (plain, swapped):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad for n, p in m.named_parameters()}))
+    (loss_a, ga), (loss_b, gb) = grads
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    assert all(gb[n].dtype == torch.float32 for n in gb)
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], rtol=1e-3, atol=1e-6), n  # (on the CPU the same bf16 products)
+    with pytest.raises(SystemExit, match="without fp8"):
+        speed.make_fast(Transformer(cfg), "all")
+    assert speed.compile_options(True) == {"combo_kernels": True, "coordinate_descent_tuning": True}
+    assert speed.compile_options(False) == {"combo_kernels": True}
+    trials.apply("ndtile", monkeypatch.setattr)
+    assert speed.compile_options(True) == {"triton.prefer_nd_tiling": True, "coordinate_descent_tuning": True}
+    with pytest.raises(SystemExit, match="usage"):
+        trials.apply("wgrad32+nothing", monkeypatch.setattr)
+
 
 def test_bpe_summary_compares_the_arms_at_adamws_median_best():
     # the 124M BPE runs of 2026-12-05 (docs/BENCHMARKS.md), cut to the steps around the bests
