@@ -250,11 +250,7 @@ def make_fast(model, fp8="off", fused_head=False, fast_accum=True, loss_kernel=F
     if fp8 not in FP8_MODES:
         raise ValueError(f"fp8 must be one of {FP8_MODES}, got {fp8!r}")
     if fp8 in ("blocks", "all"):
-        for layer in model.layers:
-            for parent in (layer.attn, layer.ffn):
-                for name, child in parent.named_children():
-                    if type(child) is nn.Linear:
-                        setattr(parent, name, Float8Linear(child, fast_accum))
+        swap_block_linears(model, lambda linear: Float8Linear(linear, fast_accum))
     if fused_head or fp8 in ("head", "all"):
         model.head = FusedLossHead(fp8 in ("head", "all"), fast_accum, loss_kernel)
     if model.cfg.sdpa_kernel == "triton":
@@ -263,6 +259,16 @@ def make_fast(model, fp8="off", fused_head=False, fast_accum=True, loss_kernel=F
     if fp8 in ("blocks", "all") and next(model.parameters()).is_cuda:
         cublaslt_without_workspace()
     return model
+
+
+def swap_block_linears(model, swap):
+    """Replace every plain nn.Linear of the blocks' attention and feed-forward with swap(linear) (LoRA
+    layers, not plain, keep their own forward)."""
+    for layer in model.layers:
+        for parent in (layer.attn, layer.ffn):
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear:
+                    setattr(parent, name, swap(child))
 
 
 def cublaslt_without_workspace():

@@ -113,15 +113,16 @@ class Float32GradLinear(nn.Linear):
 
 
 def make_fast_wgrad32(model_, fp8="off", _make_fast=speed.make_fast, **kw):
-    model_ = _make_fast(model_, fp8, **kw)
     if fp8 != "off":
         raise SystemExit("bench_trials.py wgrad32 is a bf16 trial: run it without fp8")
-    for layer in model_.layers:
-        for parent in (layer.attn, layer.ffn):
-            for name, child in parent.named_children():
-                if type(child) is nn.Linear:
-                    setattr(parent, name, Float32GradLinear(child))
+    model_ = _make_fast(model_, fp8, **kw)
+    speed.swap_block_linears(model_, Float32GradLinear)
     return model_
+
+
+def with_tuning(extra, _options=speed.compile_options):
+    """compile_options replaced by compile_tuning's options (speed.py's own) plus extra."""
+    return lambda compile_tuning: {**extra, **(_options(compile_tuning) or {})}
 
 
 # each trial: the attributes it replaces, as (owner, name, new value)
@@ -132,12 +133,8 @@ TRIALS = {
     "stack": [(model.Attention, "__init__", attention_init), (model.Attention, "forward", attention_forward),
               (model.FeedForward, "__init__", feed_forward_init), (model.FeedForward, "forward", feed_forward_forward)],
     "wgrad32": [(speed, "make_fast", make_fast_wgrad32)],
-    "ndtile": [(speed, "compile_options",
-                lambda compile_tuning, _options=speed.compile_options: {"triton.prefer_nd_tiling": True,
-                                                                         **(_options(compile_tuning) or {})})],
-    "combo": [(speed, "compile_options",
-               lambda compile_tuning, _options=speed.compile_options: {"combo_kernels": True,
-                                                                        **(_options(compile_tuning) or {})})],
+    "ndtile": [(speed, "compile_options", with_tuning({"triton.prefer_nd_tiling": True}))],
+    "combo": [(speed, "compile_options", with_tuning({"combo_kernels": True}))],
 }
 
 

@@ -58,11 +58,11 @@ def _bench_script(name):
     return module
 
 
-
 def test_stack_trial_is_model_py_with_stacked_products(tmp_path, monkeypatch, capsys):
     # bench/bench_trials.py stack (measured -5.7% on the GPU, docs/BENCHMARKS.md): given the separate
     # weights concatenated, its one-product Attention and FeedForward compute what model.py's did (the
-    # patch is on the classes, so the reference runs first), with GQA and qk_norm; bench.py trains through it; a relu2 model and an unknown trial are refused
+    # patch is on the classes, so the reference runs first), with GQA and qk_norm; bench.py trains through
+    # it; a relu2 model and an unknown trial are refused
     trials = _bench_script("bench_trials")
     cfg = ModelConfig(block_size=16, vocab_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_hidden=48,
                       qk_norm=True)
