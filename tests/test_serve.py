@@ -433,7 +433,9 @@ def test_requests_past_max_waiting_get_503_and_the_queue_moves_on(checkpoint):
                     first.close()  # the row frees; the waiting request is served in full
                     lines = [line for line in second.iter_lines() if line.startswith("data: ")]
                     assert lines[-1] == "data: [DONE]" and json.loads(lines[-2][6:])["usage"]["completion_tokens"] == 3
-        r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 2})
+        # served in full: greedy and past <|eos|> (a sampled first token may be <|eos|>: 0 tokens by chance)
+        r = post(s, "/v1/completions", {"model": "nano-ck", "prompt": "x", "max_tokens": 2, "temperature": 0,
+                                        "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         log = s.stop()
