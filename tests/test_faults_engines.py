@@ -350,10 +350,7 @@ def test_adapter_header_fields_are_checked_against_the_base(engine, files, tmp_p
 
 
 def test_page_server_headers_and_no_listing(tmp_path):
-    import importlib.util  # infer/serve.py by its path: a plain "import serve" is the API server, serve.py
-    spec = importlib.util.spec_from_file_location("page_serve", ROOT / "infer" / "serve.py")
-    serve = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(serve)
+    from test_browser import serve  # infer/serve.py, loaded there by its path (serve.py is the API server)
     folder = tmp_path / "page"
     (folder / "sub").mkdir(parents=True)
     (folder / "index.html").write_text((ROOT / "infer" / "index.html").read_text())
